@@ -1,0 +1,3 @@
+from vera_cli.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Parameter-efficient adapters for nn.Linear layers: VeRA and LoRA."""

@@ -1,0 +1,70 @@
+"""The frozen random projections VeRA shares between layers.
+
+A (r x in) and B (out x r) come from one CPU generator seeded with
+`projection_seed`, filled in a fixed order (A then B, pairs in order of first
+use), so the same seed gives the same bits on any machine. The bank is one
+module registered once on the model: `.to(device)` moves it, the state dict
+holds each pair once, and every layer reads the very same tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from torch import nn
+
+SHARING_MODES = ("per-shape", "sliced")
+
+
+def kaiming_uniform(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """U(-b, b) with b = sqrt(6 / fan_in), fan_in being the number of columns (the input side)."""
+    bound = math.sqrt(6.0 / cols)
+    return torch.empty(rows, cols).uniform_(-bound, bound, generator=generator)
+
+
+class ProjectionBank(nn.Module):
+    """Owns the A/B pairs. `shapes` are the (in, out) of the adapted layers in model order."""
+
+    def __init__(self, shapes: list[tuple[int, int]], rank: int, sharing: str, seed: int) -> None:
+        super().__init__()
+        if sharing not in SHARING_MODES:
+            raise ValueError(f"unknown sharing mode {sharing}")
+        self.rank = rank
+        self.sharing = sharing
+        self.seed = seed
+        if sharing == "sliced":
+            pair_shapes = {"shared": (max(i for i, _ in shapes), max(o for _, o in shapes))}
+        else:
+            pair_shapes = {self._shape_key(i, o): (i, o) for i, o in shapes}
+        self.pair_shapes = pair_shapes
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        for key, (fan_in, fan_out) in pair_shapes.items():
+            self.register_buffer(f"A_{key}", kaiming_uniform(rank, fan_in, generator))
+            self.register_buffer(f"B_{key}", kaiming_uniform(fan_out, rank, generator))
+
+    @staticmethod
+    def _shape_key(fan_in: int, fan_out: int) -> str:
+        return f"{fan_in}x{fan_out}"
+
+    def key_for(self, fan_in: int, fan_out: int) -> str:
+        return "shared" if self.sharing == "sliced" else self._shape_key(fan_in, fan_out)
+
+    def pair(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"A_{key}"), getattr(self, f"B_{key}")
+
+    def projections(self, fan_in: int, fan_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (r x in) and B (out x r) for a layer: the pair itself, or its top-left slice."""
+        a, b = self.pair(self.key_for(fan_in, fan_out))
+        return a[:, :fan_in], b[:fan_out, :]
+
+    def num_values(self) -> int:
+        return sum(buf.numel() for buf in self.buffers())
+
+    def checksum(self) -> str:
+        digest = hashlib.sha256()
+        for name, buf in sorted(self.named_buffers()):
+            digest.update(name.encode())
+            digest.update(buf.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()

@@ -1,0 +1,230 @@
+"""The `vera` command line: parse options, call one library function, print.
+
+Errors the user can fix (VeraError, bad options) end as one line on stderr and
+exit code 2; `--debug` or VERA_DEBUG=1 shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from vera_cli import config as cfg
+from vera_cli.errors import VeraError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="VeRA and LoRA fine-tuning experiments on CIFAR-10.")
+out = Console()
+err = Console(stderr=True)
+
+# Options that take several values after one flag (`--classes cat bird dog`).
+LIST_OPTIONS = {"--classes", "--adapter", "--target"}
+
+ConfigOpt = typer.Option(None, "--config", help="YAML config (default: configs/<command>.yaml)")
+EpochsOpt = typer.Option(None, "--epochs", help="training epochs")
+BatchOpt = typer.Option(None, "--batch-size", help="batch size")
+LrOpt = typer.Option(None, "--lr", help="peak learning rate")
+DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda")
+SeedOpt = typer.Option(None, "--seed", help="random seed")
+DataDirOpt = typer.Option(None, "--data-dir", help="folder that holds cifar-10-batches-py/")
+RunDirOpt = typer.Option(None, "--run-dir", help="where to write the run (must not exist)")
+SetOpt = typer.Option([], "--set", help="override any config key: --set train.label_smoothing=0.1")
+NoProgressOpt = typer.Option(False, "--no-progress", help="hide progress bars")
+
+
+def _log(message: str) -> None:
+    err.print(message, highlight=False, soft_wrap=True)
+
+
+def _common(epochs, batch_size, lr, device, seed, data_dir, run_dir, sets, train_key: str = "train") -> dict[str, Any]:
+    return {
+        f"{train_key}.epochs": epochs,
+        f"{train_key}.batch_size": batch_size,
+        f"{train_key}.lr": lr,
+        "device": device,
+        "seed": seed,
+        "data.dir": data_dir,
+        "run_dir": run_dir,
+        **cfg.parse_set_options(sets),
+    }
+
+
+def _load(cls, name: str, config_path: Optional[Path], overrides: dict[str, Any]):
+    return cfg.load(cls, config_path or cfg.default_config_path(name), overrides)
+
+
+@app.command()
+def pretrain(
+    config: Optional[Path] = ConfigOpt, epochs: Optional[int] = EpochsOpt, batch_size: Optional[int] = BatchOpt,
+    lr: Optional[float] = LrOpt, device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
+    data_dir: Optional[str] = DataDirOpt, run_dir: Optional[str] = RunDirOpt, set_: list[str] = SetOpt,
+    no_progress: bool = NoProgressOpt,
+) -> None:
+    """Train the base ConvNet on CIFAR-10 and print its per-class test accuracy."""
+    from vera_cli.pretrain import run_pretrain
+    from vera_cli.report import accuracy_table
+
+    settings = _load(cfg.PretrainConfig, "pretrain", config,
+                     _common(epochs, batch_size, lr, device, seed, data_dir, run_dir, set_))
+    result = run_pretrain(settings, log=_log, progress=not no_progress)
+    out.print(accuracy_table(result.summary["test"], f"Test accuracy, {result.run.path}"))
+    _log(f"run written to {result.run.path} in {result.summary['wall_seconds']:.1f}s")
+
+
+@app.command()
+def adapt(
+    classes: list[str] = typer.Option([], "--classes", help="classes to fine-tune on: --classes cat bird dog"),
+    method: str = typer.Option("vera", "--method", help="vera, lora, full or head (picks configs/adapt-<method>.yaml)"),
+    rank: Optional[int] = typer.Option(None, "--rank", help="adapter rank"),
+    sharing: Optional[str] = typer.Option(None, "--sharing", help="VeRA projection sharing: per-shape or sliced"),
+    base: Optional[str] = typer.Option(None, "--base", help="pretrain run to adapt (default: the latest)"),
+    config: Optional[Path] = ConfigOpt, epochs: Optional[int] = EpochsOpt, batch_size: Optional[int] = BatchOpt,
+    lr: Optional[float] = LrOpt, device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
+    data_dir: Optional[str] = DataDirOpt, run_dir: Optional[str] = RunDirOpt, set_: list[str] = SetOpt,
+    no_progress: bool = NoProgressOpt,
+) -> None:
+    """Fine-tune a pretrained run on some classes with an adapter; print base vs adapted accuracy."""
+    from vera_cli.adapt import run_adapt
+    from vera_cli.report import comparison_table
+
+    overrides = {**_common(epochs, batch_size, lr, device, seed, data_dir, run_dir, set_),
+                 "classes": classes or None, "adapter.method": method, "adapter.rank": rank,
+                 "adapter.sharing": sharing, "base": base}
+    settings = _load(cfg.AdaptConfig, _adapt_config_name(method), config, overrides)
+    result = run_adapt(settings, log=_log, progress=not no_progress)
+    summary = result.summary
+    out.print(comparison_table({"base": summary["base"], summary["method"]: summary["test"]},
+                               f"Adapted {summary['base_run']} -> {result.run.path}"))
+    _log(f"{summary['trainable_parameters']:,} trainable parameters, adapter file {summary['adapter_bytes']:,} bytes, "
+         f"{summary['wall_seconds']:.1f}s")
+
+
+def _adapt_config_name(method: str) -> str:
+    methods = ("vera", "lora", "full", "head")
+    if method not in methods:
+        raise VeraError(f"unknown method {method!r}: choose one of {', '.join(methods)}")
+    return f"adapt-{method}"
+
+
+@app.command(name="eval")
+def eval_(
+    run: Optional[str] = typer.Argument(None, help="run directory (default: the latest run)"),
+    adapter: list[str] = typer.Option([], "--adapter", help="adapt runs to apply over a pretrain run, side by side"),
+    merge: bool = typer.Option(False, "--merge", help="fold adapters into the weights before evaluating"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON on stdout and nothing else there"),
+    data_dir: Optional[str] = DataDirOpt, device: Optional[str] = DeviceOpt,
+) -> None:
+    """Evaluate a run on the test set: per-class table, adapters against their base."""
+    from vera_cli.evaluation import evaluate_runs
+    from vera_cli.report import accuracy_table, comparison_table
+
+    result = evaluate_runs(run, adapter, merge, data_dir, device)
+    if as_json:
+        print(json.dumps({"base_run": str(result.base_run.path), "merged": merge, "reports": result.reports}, indent=2))
+        return
+    if len(result.reports) == 1:
+        out.print(accuracy_table(result.reports["base"], f"Test accuracy, {result.base_run.path}"))
+    else:
+        title = f"Test accuracy over base {result.base_run.path}" + (" (adapters merged)" if merge else "")
+        out.print(comparison_table(result.reports, title))
+
+
+@app.command(name="count-params")
+def count_params(
+    method: str = typer.Option("vera", "--method", help="vera, lora, full or head"),
+    rank: Optional[int] = typer.Option(None, "--rank", help="adapter rank"),
+    sharing: Optional[str] = typer.Option(None, "--sharing", help="per-shape or sliced"),
+    target: list[str] = typer.Option([], "--target", help="layer names or regexes to adapt (default: every Linear)"),
+    model: str = typer.Option("convnet", "--model", help="model to count"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON on stdout"),
+    config: Optional[Path] = ConfigOpt, set_: list[str] = SetOpt,
+) -> None:
+    """Count trainable and frozen parameters (projections included) and the adapter file size."""
+    from vera_cli.counting import count_params as count
+    from vera_cli.models import build_model
+    from vera_cli.report import count_tables
+
+    overrides = {"adapter.method": method, "adapter.rank": rank, "adapter.sharing": sharing,
+                 "adapter.targets": target or None, **cfg.parse_set_options(set_)}
+    settings = _load(cfg.AdaptConfig, _adapt_config_name(method), config, overrides)
+    result = count(build_model(model), settings.adapter)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    for table in count_tables(result):
+        out.print(table)
+
+
+@app.command()
+def experiment(
+    classes: list[str] = typer.Option([], "--classes", help="classes to fine-tune on"),
+    base: Optional[str] = typer.Option(None, "--base", help="pretrain run to start from (default: pretrain one)"),
+    config: Optional[Path] = ConfigOpt, device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
+    data_dir: Optional[str] = DataDirOpt, run_dir: Optional[str] = RunDirOpt, set_: list[str] = SetOpt,
+    no_progress: bool = NoProgressOpt,
+) -> None:
+    """The whole write-up: pretrain, count parameters, adapt on the chosen classes, before/after table."""
+    from vera_cli.experiment import run_experiment
+    from vera_cli.report import comparison_table, count_tables
+
+    overrides = {"device": device, "seed": seed, "data.dir": data_dir, "run_dir": run_dir,
+                 "classes": classes or None, "base": base, **cfg.parse_set_options(set_)}
+    settings = _load(cfg.ExperimentConfig, "experiment", config, overrides)
+    result = run_experiment(settings, log=_log, progress=not no_progress)
+    for table in count_tables(result.counts):
+        out.print(table)
+    adapt = result.adapt.summary
+    out.print(comparison_table({"base": adapt["base"], adapt["method"]: adapt["test"]},
+                               f"Experiment {result.path}: before and after adaptation"))
+    _log(f"experiment written to {result.path} in {result.seconds:.1f}s")
+
+
+def expand_list_options(argv: list[str]) -> list[str]:
+    """`--classes cat bird dog` -> `--classes cat --classes bird --classes dog` (also `cat,bird`)."""
+    expanded: list[str] = []
+    current: str | None = None
+    for token in argv:
+        if token.startswith("-"):
+            current = token if token in LIST_OPTIONS else None
+            if current is None:
+                expanded.append(token)
+            continue
+        if current is not None:
+            for value in filter(None, token.split(",")):
+                expanded += [current, value]
+            continue
+        expanded.append(token)
+    return expanded
+
+
+def run(argv: list[str]) -> int:
+    """Run the CLI on `argv`; returns the exit code instead of exiting."""
+    debug = "--debug" in argv or os.environ.get("VERA_DEBUG", "") not in ("", "0")
+    argv = expand_list_options([a for a in argv if a != "--debug"])
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="vera", standalone_mode=False)
+        return 0
+    except typer.Exit as exc:
+        return exc.exit_code
+    except (KeyboardInterrupt, typer.Abort):
+        err.print("interrupted", highlight=False)
+        return 130
+    except Exception as exc:
+        # Typer's usage errors (bad option, wrong type) carry format_message() and an exit code.
+        is_usage = hasattr(exc, "format_message") and hasattr(exc, "exit_code")
+        if debug or not (isinstance(exc, VeraError) or is_usage):
+            raise
+        message = str(exc) if isinstance(exc, VeraError) else f"{exc.format_message()} (see vera --help)"
+        err.print(f"error: {' '.join(message.split())}", highlight=False, markup=False, soft_wrap=True)
+        return 2
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))

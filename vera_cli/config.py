@@ -1,0 +1,254 @@
+"""Typed configuration: YAML in, validated dataclasses out.
+
+Every command reads one YAML file from `configs/` (or `--config PATH`), applies
+command-line overrides as dotted keys, and validates the result once. Code past
+this module trusts the dataclasses it receives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from vera_cli.errors import VeraError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+Device = Literal["auto", "cpu", "cuda"]
+Method = Literal["vera", "lora", "full", "head"]
+Sharing = Literal["per-shape", "sliced"]
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data"
+    download: bool = True
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 0.05
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: Literal["constant", "onecycle", "cosine"] = "onecycle"
+    warmup: float = 0.2
+    label_smoothing: float = 0.0
+    crop: bool = True
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "train.epochs must be at least 1")
+        _require(self.batch_size >= 1, "train.batch_size must be at least 1")
+        _require(self.lr > 0, "train.lr must be positive")
+        _require(0 <= self.warmup < 1, "train.warmup is a fraction of the steps: use a value in [0, 1)")
+        _require(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
+        _require(self.weight_decay >= 0, "train.weight_decay must not be negative")
+
+
+@dataclass
+class AdapterConfig:
+    method: Method = "vera"
+    rank: int = 32
+    sharing: Sharing = "per-shape"
+    d_init: float = 0.1
+    alpha: float = 16.0
+    dropout: float = 0.0
+    projection_seed: int = 0
+    # Regexes matched in full against module names; empty means every nn.Linear.
+    targets: list[str] = field(default_factory=list)
+    # Modules kept fully trainable beside the adapters (for example the classifier).
+    trainable: list[str] = field(default_factory=list)
+    store_projections: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, f"adapter.rank must be a positive integer, got {self.rank}")
+        _require(0 <= self.dropout < 1, "adapter.dropout must be in [0, 1)")
+
+
+@dataclass
+class PretrainConfig:
+    model: str = "convnet"
+    seed: int = 0
+    device: Device = "auto"
+    run_dir: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class AdaptConfig:
+    base: Optional[str] = None
+    classes: list[str] = field(default_factory=lambda: ["cat", "bird", "dog"])
+    seed: int = 0
+    device: Device = "auto"
+    run_dir: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(crop=False, flip=False))
+    # Without augmentation the frozen conv prefix gives the same output every epoch: compute it once.
+    cache_features: bool = True
+
+    def __post_init__(self) -> None:
+        _require(len(self.classes) > 0, "classes is empty: name at least one class, e.g. --classes cat bird dog")
+
+
+@dataclass
+class ExperimentConfig:
+    """The write-up in one run: pretrain (unless `base` is given), count, adapt."""
+
+    base: Optional[str] = None
+    model: str = "convnet"
+    classes: list[str] = field(default_factory=lambda: ["cat", "bird", "dog"])
+    seed: int = 0
+    device: Device = "auto"
+    run_dir: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    adapt: TrainConfig = field(default_factory=lambda: TrainConfig(crop=False, flip=False))
+
+    def pretrain_config(self, run_dir: str) -> PretrainConfig:
+        return PretrainConfig(model=self.model, seed=self.seed, device=self.device, run_dir=run_dir,
+                              data=self.data, train=self.pretrain)
+
+    def adapt_config(self, base: str, run_dir: str) -> AdaptConfig:
+        return AdaptConfig(base=base, classes=self.classes, seed=self.seed, device=self.device,
+                           run_dir=run_dir, data=self.data, adapter=self.adapter, train=self.adapt)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise VeraError(message)
+
+
+def default_config_path(name: str) -> Path:
+    return CONFIG_DIR / f"{name}.yaml"
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise VeraError(f"config file {path} does not exist: pass an existing file with --config")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise VeraError(f"config file {path} is not valid YAML{where}: {problem}") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise VeraError(f"config file {path} must hold a mapping of keys to values, got {type(raw).__name__}")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (`train.lr`) in a copy of `raw`; None values mean 'not given'."""
+    result = _deep_copy(raw)
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = result
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise VeraError(f"cannot set {dotted}: {part} is not a section")
+            node = child
+        node[leaf] = value
+    return result
+
+
+def parse_set_options(items: list[str]) -> dict[str, Any]:
+    """`--set key=value` pairs; values are read as YAML so that numbers and lists keep their type."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise VeraError(f"--set {item!r} is not key=value: write e.g. --set train.label_smoothing=0.1")
+        try:
+            parsed[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise VeraError(f"--set {item!r}: the value is not valid YAML") from exc
+    return parsed
+
+
+T = typing.TypeVar("T")
+
+
+def build(cls: type[T], raw: dict[str, Any], where: str = "") -> T:
+    """Turn a mapping into the dataclass `cls`, naming any unknown key or wrong type."""
+    if not isinstance(raw, dict):
+        raise VeraError(f"{where.rstrip('.') or 'config'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {where}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise VeraError(f"unknown config key {where}{key}{hint}")
+        kwargs[key] = _convert(value, hints[key], f"{where}{key}")
+    return cls(**kwargs)
+
+
+def load(cls: type[T], path: Path, overrides: dict[str, Any]) -> T:
+    return build(cls, apply_overrides(read_yaml(path), overrides))
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value if value is not None else {}, f"{key}.")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint_text = f" (did you mean {close[0]}?)" if close else ""
+            raise VeraError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}{hint_text}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, list):
+            raise VeraError(f"{key} must be a list of {args[0].__name__}, got {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML reads "1e-3" (no dot) as a string; accept it as the number it plainly is.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise VeraError(f"{key} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}

@@ -1,0 +1,116 @@
+"""`vera count-params`: what an adapter trains and stores, layer by layer, projections included."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from safetensors.torch import save
+from torch import nn
+
+from vera_cli.adapters.files import adapter_tensors
+from vera_cli.adapters.inject import BANK_NAME, adapted_layers, inject, projection_bank
+from vera_cli.adapters.layer import AdaptedLinear
+from vera_cli.config import AdapterConfig
+
+
+@dataclass
+class LayerCount:
+    name: str
+    shape: str
+    trainable: int
+    frozen: int
+
+
+@dataclass
+class PairCount:
+    key: str
+    a_shape: list[int]
+    b_shape: list[int]
+    values: int
+    layers: list[str]
+    one_tensor: bool  # every layer reads this pair's storage, not a copy
+
+
+@dataclass
+class ParamCount:
+    method: str
+    rank: int
+    sharing: str
+    layers: list[LayerCount]
+    pairs: list[PairCount] = field(default_factory=list)
+    trainable: int = 0
+    frozen_base: int = 0
+    frozen_projections: int = 0
+    adapter_bytes: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen_base + self.frozen_projections
+
+    @property
+    def percent_trainable(self) -> float:
+        return 100.0 * self.trainable / self.total
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total": self.total, "percent_trainable": self.percent_trainable}
+
+
+def _layer_shape(module: nn.Module) -> str:
+    weight = getattr(module, "weight", None)
+    if isinstance(module, AdaptedLinear):
+        weight = module.base.weight
+    return "x".join(str(d) for d in weight.shape) if weight is not None else "-"
+
+
+def _layer_rows(model: nn.Module) -> list[LayerCount]:
+    rows = []
+    adapted = adapted_layers(model)
+    for name, module in model.named_modules():
+        if name == BANK_NAME or any(name.startswith(prefix + ".") for prefix in adapted):
+            continue
+        params = list(module.parameters()) if name in adapted else list(module.parameters(recurse=False))
+        if not params:
+            continue
+        rows.append(LayerCount(name, _layer_shape(module), sum(p.numel() for p in params if p.requires_grad),
+                               sum(p.numel() for p in params if not p.requires_grad)))
+    return rows
+
+
+def _pair_rows(model: nn.Module) -> list[PairCount]:
+    bank = projection_bank(model)
+    if bank is None:
+        return []
+    users: dict[str, list[str]] = {key: [] for key in bank.pair_shapes}
+    one_tensor: dict[str, bool] = {key: True for key in bank.pair_shapes}
+    for name, layer in adapted_layers(model).items():
+        key = bank.key_for(layer.in_features, layer.out_features)
+        users[key].append(name)
+        a, b = layer.projections()
+        pair_a, pair_b = bank.pair(key)
+        same = (a.untyped_storage().data_ptr() == pair_a.untyped_storage().data_ptr()
+                and b.untyped_storage().data_ptr() == pair_b.untyped_storage().data_ptr())
+        one_tensor[key] = one_tensor[key] and same
+    rows = []
+    for key in bank.pair_shapes:
+        a, b = bank.pair(key)
+        rows.append(PairCount(key, list(a.shape), list(b.shape), a.numel() + b.numel(), users[key], one_tensor[key]))
+    return rows
+
+
+def count_params(model: nn.Module, spec: AdapterConfig) -> ParamCount:
+    """Convert `model` in place per `spec` and count what trains, what stays frozen, and the file size."""
+    inject(model, spec)
+    bank = projection_bank(model)
+    params = list(model.parameters())
+    return ParamCount(
+        method=spec.method,
+        rank=spec.rank,
+        sharing=spec.sharing,
+        layers=_layer_rows(model),
+        pairs=_pair_rows(model),
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        frozen_base=sum(p.numel() for p in params if not p.requires_grad),
+        frozen_projections=bank.num_values() if bank is not None else 0,
+        adapter_bytes=len(save({k: v.contiguous() for k, v in adapter_tensors(model, spec).items()})),
+    )

@@ -1,0 +1,217 @@
+"""CIFAR-10 from disk into one uint8 tensor, class subsets, and batched augmentation.
+
+The whole split lives on the training device as uint8 (N, 3, 32, 32); batches are
+index selections of it, normalised and augmented with tensor ops over the whole
+batch at once. Nothing here loops over images in Python.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from vera_cli.errors import VeraError
+
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_FILE = "test_batch"
+META_FILE = "batches.meta"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# Per-channel statistics of the CIFAR-10 training images (0-1 scale).
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+CROP_PADDING = 4
+
+# The batch files are pickles of dicts of numpy arrays: these are the only globals
+# such a file needs. Anything else (os.system, builtins.eval, ...) is refused.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):  # noqa: D401 - pickle's hook
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of the CIFAR-10 format")
+
+
+def read_batch_file(path: Path) -> dict:
+    try:
+        payload = _RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+    except pickle.UnpicklingError as exc:
+        raise VeraError(f"{path} is not a CIFAR-10 batch file ({exc}); re-create the data directory") from exc
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise VeraError(f"{path} is truncated or corrupted ({type(exc).__name__}); delete it and fetch CIFAR-10 again") from exc
+    if not isinstance(payload, dict):
+        raise VeraError(f"{path} does not hold a CIFAR-10 batch (expected a dict, got {type(payload).__name__})")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in payload.items()}
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, 3, 32, 32)
+    labels: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
+    def subset(self, class_ids: list[int]) -> "Split":
+        keep = torch.isin(self.labels, torch.tensor(class_ids, device=self.labels.device))
+        return Split(self.images[keep], self.labels[keep])
+
+
+@dataclass
+class Cifar10:
+    train: Split
+    test: Split
+    classes: list[str]
+
+    def to(self, device: torch.device) -> "Cifar10":
+        return Cifar10(self.train.to(device), self.test.to(device), self.classes)
+
+
+def _read_split(folder: Path, files: list[str]) -> Split:
+    images, labels = [], []
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise VeraError(f"{path} is missing: the CIFAR-10 folder needs {', '.join(TRAIN_FILES)}, {TEST_FILE} and {META_FILE}")
+        batch = read_batch_file(path)
+        data, batch_labels = batch.get("data"), batch.get("labels")
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            shape = getattr(data, "shape", None)
+            raise VeraError(f"{path}: 'data' must be an N x 3072 uint8 array, got {type(data).__name__} of shape {shape}")
+        if batch_labels is None or len(batch_labels) != data.shape[0]:
+            count = None if batch_labels is None else len(batch_labels)
+            raise VeraError(f"{path}: expected {data.shape[0]} labels (one per image), got {count}")
+        label_array = np.asarray(batch_labels, dtype=np.int64)
+        if label_array.size and (label_array.min() < 0 or label_array.max() >= len(CLASSES)):
+            raise VeraError(f"{path}: labels must lie in 0..{len(CLASSES) - 1}, found {label_array.min()}..{label_array.max()}")
+        images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
+        labels.append(torch.from_numpy(label_array))
+    return Split(torch.cat(images), torch.cat(labels))
+
+
+def _read_classes(folder: Path) -> list[str]:
+    path = folder / META_FILE
+    if not path.is_file():
+        raise VeraError(f"{path} is missing: the CIFAR-10 folder needs {META_FILE}")
+    names = read_batch_file(path).get("label_names")
+    decoded = [n.decode() if isinstance(n, bytes) else n for n in (names or [])]
+    if decoded != CLASSES:
+        raise VeraError(f"{path}: class names {decoded} are not CIFAR-10's {CLASSES}")
+    return decoded
+
+
+def load_cifar10(data_dir: str | Path, download: bool = True) -> Cifar10:
+    """Read `<data_dir>/cifar-10-batches-py`, fetching it first when absent and allowed."""
+    root = Path(data_dir)
+    folder = root / FOLDER
+    if not folder.is_dir():
+        if not download:
+            raise VeraError(
+                f"no CIFAR-10 found at {folder}: pass --data-dir with the folder that holds {FOLDER}/, "
+                "or set data.download: true to fetch it"
+            )
+        _download(root)
+    return Cifar10(_read_split(folder, TRAIN_FILES), _read_split(folder, [TEST_FILE]), _read_classes(folder))
+
+
+def _download(root: Path) -> None:
+    from torchvision.datasets import CIFAR10
+
+    try:
+        CIFAR10(str(root), train=True, download=True)
+    except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError... when offline
+        raise VeraError(
+            f"could not download CIFAR-10 into {root} ({type(exc).__name__}); if this machine is offline, "
+            f"copy the python release so that {root / FOLDER}/data_batch_1 exists, or pass --data-dir"
+        ) from exc
+
+
+def class_ids(names: list[str], classes: list[str] = CLASSES) -> list[int]:
+    """Case-insensitive class names -> label ids, in the order given."""
+    if not names:
+        raise VeraError("no classes given: name at least one, e.g. --classes cat bird dog")
+    lowered = [c.lower() for c in classes]
+    ids: list[int] = []
+    for name in names:
+        key = name.strip().lower()
+        if key not in lowered:
+            close = difflib.get_close_matches(key, lowered, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"choose from {', '.join(classes)}"
+            raise VeraError(f"unknown class {name!r}: {hint}")
+        index = lowered.index(key)
+        if index in ids:
+            raise VeraError(f"class {name!r} is named twice: list each class once")
+        ids.append(index)
+    return ids
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 standardised per channel."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Pad every image with zeros and cut a random same-sized window from each, in one gather."""
+    batch, channels, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=generator.device).to(images.device)
+    dx = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=generator.device).to(images.device)
+    rows = (dy[:, None] + torch.arange(height, device=images.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(width, device=images.device))[:, None, None, :]
+    index_b = torch.arange(batch, device=images.device)[:, None, None, None]
+    index_c = torch.arange(channels, device=images.device)[None, :, None, None]
+    return padded[index_b, index_c, rows, cols]
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(images.shape[0], generator=generator, device=generator.device).to(images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def batch_indices(count: int, batch_size: int, generator: torch.Generator | None,
+                  device: torch.device) -> Iterator[torch.Tensor]:
+    """Index batches over `count` items: in order without a generator, shuffled with one."""
+    if generator is None:
+        order = torch.arange(count, device=device)
+    else:
+        order = torch.randperm(count, generator=generator, device=generator.device).to(device)
+    for start in range(0, count, batch_size):
+        yield order[start:start + batch_size]
+
+
+def batches(
+    split: Split,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    crop: bool = False,
+    flip: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield normalised (images, labels) batches; shuffled and augmented when a generator is given."""
+    for index in batch_indices(len(split), batch_size, generator, split.labels.device):
+        images = split.images[index]
+        if generator is not None and crop:
+            images = random_crop(images, CROP_PADDING, generator)
+        if generator is not None and flip:
+            images = random_flip(images, generator)
+        yield normalize(images), split.labels[index]

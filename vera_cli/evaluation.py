@@ -1,0 +1,72 @@
+"""`vera eval`: load a run back (base model, adapters over it) and measure it on the test set."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import yaml
+
+from vera_cli.adapters.files import apply_adapter, read_adapter_meta
+from vera_cli.adapters.inject import merge
+from vera_cli.data import class_ids, load_cifar10
+from vera_cli.evaluate import accuracy_report, predict_logits
+from vera_cli.errors import VeraError
+from vera_cli.pretrain import fingerprint, load_pretrained
+from vera_cli.runs import Run, latest_run, open_run
+from vera_cli.train import resolve_device
+
+
+@dataclass
+class EvalResult:
+    base_run: Run
+    reports: dict[str, dict[str, Any]]  # "base" first, then one per adapter run
+    seconds: dict[str, float]
+
+
+def _run_defaults(run: Run) -> dict[str, Any]:
+    raw = yaml.safe_load(run.file("config.yaml").read_text()) or {}
+    return {"data_dir": raw.get("data", {}).get("dir", "data"), "download": raw.get("data", {}).get("download", True),
+            "device": raw.get("device", "auto")}
+
+
+def evaluate_runs(run_path: str | None, adapter_paths: list[str], do_merge: bool = False,
+                  data_dir: str | None = None, device_name: str | None = None) -> EvalResult:
+    """Evaluate a pretrain run (with any `adapter_paths` over it) or an adapt run against its base."""
+    run = open_run(run_path, ("pretrain", "adapt")) if run_path else latest_run(("pretrain", "adapt"))
+    adapter_runs = [open_run(path, ("adapt",)) for path in adapter_paths]
+    base_run = run
+    if run.kind == "adapt":
+        adapter_runs.insert(0, run)
+        base_run = open_run(read_adapter_meta(run.path)["base_run"], ("pretrain",))
+    if do_merge and not adapter_runs:
+        raise VeraError("--merge needs an adapter: evaluate an adapt run or add --adapter RUN")
+    defaults = _run_defaults(base_run)
+    device = resolve_device(device_name or defaults["device"])
+    data = load_cifar10(data_dir or defaults["data_dir"], defaults["download"]).to(device)
+    base, _ = load_pretrained(base_run, device)
+    base_fingerprint = fingerprint(base)
+    metas = {adapter.path: read_adapter_meta(adapter.path) for adapter in adapter_runs}
+    first_classes = next(iter(metas.values()))["classes"] if metas else None
+    chosen = class_ids(first_classes, data.classes) if first_classes else None
+
+    reports: dict[str, dict[str, Any]] = {}
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    reports["base"] = accuracy_report(predict_logits(base, data.test), data.test.labels, data.classes, chosen)
+    seconds["base"] = time.perf_counter() - started
+    for adapter in adapter_runs:
+        model = copy.deepcopy(base)
+        meta = apply_adapter(model, adapter.path, base_fingerprint)
+        if do_merge:
+            merge(model)
+        model.eval()
+        started = time.perf_counter()
+        logits = predict_logits(model, data.test)
+        seconds[str(adapter.path)] = time.perf_counter() - started
+        reports[str(adapter.path)] = accuracy_report(logits, data.test.labels, data.classes,
+                                                     class_ids(meta["classes"], data.classes))
+    return EvalResult(base_run, reports, seconds)

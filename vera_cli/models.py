@@ -1,0 +1,61 @@
+"""The baseline ConvNet of the write-up, and a registry of models by name."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vera_cli.errors import VeraError
+
+
+class ConvNet(nn.Module):
+    """conv(3->6,5) pool conv(6->16,5) pool -> fc1 400->120 -> fc2 ->84 -> fc3 -> fc4 -> fc5 ->10.
+
+    76,286 parameters. The write-up's unused conv3 is left out. `features` is the
+    convolutional prefix and `classifier` the fully connected part, so that a
+    frozen prefix can be run once and its output cached.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 84)
+        self.fc4 = nn.Linear(84, 84)
+        self.fc5 = nn.Linear(84, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return torch.flatten(x, 1)
+
+    def classifier(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        x = F.relu(self.fc3(x))
+        x = F.relu(self.fc4(x))
+        return self.fc5(x)
+
+    def feature_modules(self) -> list[nn.Module]:
+        return [self.conv1, self.conv2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"convnet": ConvNet}
+
+
+def build_model(name: str) -> nn.Module:
+    if name not in MODELS:
+        raise VeraError(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
+    return MODELS[name]()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,91 @@
+"""Rich tables for what the commands measured."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+
+def _pct(value: float) -> str:
+    return f"{value:.2%}"
+
+
+def _change(value: float) -> str:
+    points = value * 100
+    colour = "green" if points > 0 else "red" if points < 0 else "white"
+    return f"[{colour}]{points:+.2f}[/{colour}]"
+
+
+def accuracy_table(report: dict[str, Any], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("class")
+    table.add_column("correct", justify="right")
+    table.add_column("total", justify="right")
+    table.add_column("accuracy", justify="right")
+    for row in report["per_class"]:
+        table.add_row(row["class"], str(row["correct"]), str(row["total"]), _pct(row["accuracy"]))
+    table.add_section()
+    table.add_row("[bold]overall[/bold]", str(report["correct"]), str(report["total"]), f"[bold]{_pct(report['overall'])}[/bold]")
+    return table
+
+
+def comparison_table(reports: dict[str, dict[str, Any]], title: str) -> Table:
+    """Per-class accuracy of several models side by side; the first is the reference for the changes."""
+    names = list(reports)
+    reference = reports[names[0]]
+    chosen = set(next((r["chosen_classes"] for r in reports.values() if "chosen_classes" in r), []))
+    table = Table(title=title)
+    table.add_column("class")
+    for index, name in enumerate(names):
+        table.add_column(name, justify="right")
+        if index > 0:
+            table.add_column("change", justify="right")
+
+    def add(label: str, values: list[float]) -> None:
+        cells = [_pct(values[0])]
+        for value in values[1:]:
+            cells += [_pct(value), _change(value - values[0])]
+        table.add_row(label, *cells)
+
+    for index, row in enumerate(reference["per_class"]):
+        label = f"[bold]{row['class']}[/bold] *" if row["class"] in chosen else row["class"]
+        add(label, [r["per_class"][index]["accuracy"] for r in reports.values()])
+    table.add_section()
+    if chosen:
+        add("chosen classes (10-way)", [r["chosen"] for r in reports.values()])
+        add("chosen classes (task)", [r["task"] for r in reports.values()])
+        add("other classes", [r["rest"] for r in reports.values()])
+    add("[bold]overall[/bold]", [r["overall"] for r in reports.values()])
+    if chosen:
+        table.caption = "* trained on. task: the chosen classes' images classified among the chosen classes only"
+    return table
+
+
+def count_tables(count: Any) -> list[Table]:
+    """Per-layer counts, the shared projection pairs, and the totals of a `ParamCount`."""
+    layers = Table(title=f"{count.method} parameters" + (f", rank {count.rank}" if count.method in ("vera", "lora") else ""))
+    for column in ("layer", "shape", "trainable", "frozen"):
+        layers.add_column(column, justify="left" if column in ("layer", "shape") else "right")
+    for row in count.layers:
+        layers.add_row(row.name, row.shape, f"{row.trainable:,}", f"{row.frozen:,}")
+    tables = [layers]
+    if count.pairs:
+        pairs = Table(title=f"Shared frozen projections ({count.sharing}): {len(count.pairs)} pair(s)")
+        for column in ("pair", "A", "B", "values", "used by", "one tensor"):
+            pairs.add_column(column, justify="right" if column == "values" else "left")
+        for pair in count.pairs:
+            pairs.add_row(pair.key, "x".join(map(str, pair.a_shape)), "x".join(map(str, pair.b_shape)),
+                          f"{pair.values:,}", ", ".join(pair.layers), "yes" if pair.one_tensor else "[red]NO[/red]")
+        tables.append(pairs)
+    totals = Table(title="Totals", show_header=False)
+    totals.add_column("what")
+    totals.add_column("count", justify="right")
+    totals.add_row("trainable", f"{count.trainable:,}")
+    totals.add_row("frozen base weights", f"{count.frozen_base:,}")
+    totals.add_row("frozen projections", f"{count.frozen_projections:,}")
+    totals.add_row("total", f"{count.total:,}")
+    totals.add_row("trainable share", f"{count.percent_trainable:.3f} %")
+    totals.add_row("adapter file", f"{count.adapter_bytes:,} bytes")
+    tables.append(totals)
+    return tables
