@@ -17,7 +17,7 @@ from vera_cli.config import AdaptConfig
 from vera_cli.data import Cifar10, Split, batch_indices, batches, class_ids, load_cifar10, normalize
 from vera_cli.evaluate import accuracy_report, predict_logits
 from vera_cli.pretrain import Log, epoch_line, fingerprint, load_pretrained
-from vera_cli.runs import Run, append_jsonl, create_run, environment, latest_run, open_run, write_json, write_yaml
+from vera_cli.runs import ensure_new, Run, append_jsonl, create_run, environment, latest_run, open_run, write_json, write_yaml
 from vera_cli.train import Trainer, make_generator, resolve_device
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -62,6 +62,7 @@ def training_source(model: nn.Module, split: Split, cfg: AdaptConfig) -> tuple[F
 def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: Cifar10 | None = None) -> AdaptResult:
     device = resolve_device(cfg.device)
     chosen = class_ids(cfg.classes)
+    ensure_new(cfg.run_dir)
     base_run = resolve_base(cfg.base)
     data = (data or load_cifar10(cfg.data.dir, cfg.data.download)).to(device)
     model, _ = load_pretrained(base_run, device)

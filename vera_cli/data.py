@@ -41,19 +41,23 @@ _ALLOWED_GLOBALS = {
 }
 
 
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    pass
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):  # noqa: D401 - pickle's hook
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of the CIFAR-10 format")
+        raise _ForbiddenGlobal(f"refusing to load {module}.{name}: not part of the CIFAR-10 format")
 
 
 def read_batch_file(path: Path) -> dict:
     try:
         payload = _RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
-    except pickle.UnpicklingError as exc:
+    except _ForbiddenGlobal as exc:
         raise VeraError(f"{path} is not a CIFAR-10 batch file ({exc}); re-create the data directory") from exc
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
         raise VeraError(f"{path} is truncated or corrupted ({type(exc).__name__}); delete it and fetch CIFAR-10 again") from exc
     if not isinstance(payload, dict):
         raise VeraError(f"{path} does not hold a CIFAR-10 batch (expected a dict, got {type(payload).__name__})")

@@ -12,7 +12,7 @@ from vera_cli.counting import ParamCount, count_params
 from vera_cli.data import class_ids, load_cifar10
 from vera_cli.models import build_model
 from vera_cli.pretrain import Log, run_pretrain
-from vera_cli.runs import create_run, write_json
+from vera_cli.runs import ensure_new, create_run, write_json
 
 
 @dataclass
@@ -25,6 +25,7 @@ class ExperimentResult:
 
 def run_experiment(cfg: ExperimentConfig, log: Log = print, progress: bool = True) -> ExperimentResult:
     class_ids(cfg.classes)
+    ensure_new(cfg.run_dir)
     data = load_cifar10(cfg.data.dir, cfg.data.download)
     run = create_run("experiment", cfg.run_dir)
     with run.recording():

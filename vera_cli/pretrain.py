@@ -18,7 +18,7 @@ from vera_cli.data import Cifar10, batches, load_cifar10
 from vera_cli.errors import VeraError
 from vera_cli.evaluate import accuracy_report, predict_logits
 from vera_cli.models import build_model, count_parameters
-from vera_cli.runs import Run, append_jsonl, create_run, environment, read_tensors, write_json, write_tensors, write_yaml
+from vera_cli.runs import ensure_new, Run, append_jsonl, create_run, environment, read_tensors, write_json, write_tensors, write_yaml
 from vera_cli.train import EpochStats, Trainer, make_generator, resolve_device
 
 WEIGHTS_FILE = "model.safetensors"
@@ -58,6 +58,7 @@ def epoch_line(stats: EpochStats, accuracy: float, prefix: str = "") -> str:
 def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, data: Cifar10 | None = None) -> PretrainResult:
     device = resolve_device(cfg.device)
     build_model(cfg.model)
+    ensure_new(cfg.run_dir)
     # Everything that can fail on bad input is checked before the run directory exists.
     data = (data or load_cifar10(cfg.data.dir, cfg.data.download)).to(device)
     run = create_run("pretrain", cfg.run_dir)

@@ -117,12 +117,17 @@ class Run:
             raise
 
 
+def ensure_new(run_dir: str | None) -> None:
+    """Refuse an explicit run directory that exists; called before any slow work starts."""
+    if run_dir is not None and Path(run_dir).exists():
+        raise VeraError(f"run directory {run_dir} already exists: choose another --run-dir or remove it")
+
+
 def create_run(kind: str, run_dir: str | None) -> Run:
     """Make a fresh run directory; an explicit one that exists is refused, a default one gets a suffix."""
+    ensure_new(run_dir)
     if run_dir is not None:
         path = Path(run_dir)
-        if path.exists():
-            raise VeraError(f"run directory {path} already exists: choose another --run-dir or remove it")
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path = RUNS_ROOT / f"{kind}-{stamp}"

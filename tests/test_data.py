@@ -1,0 +1,155 @@
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vera_cli import data
+from vera_cli.data import CLASSES, FOLDER, Split, batches, class_ids, load_cifar10, random_crop, random_flip
+from vera_cli.errors import VeraError
+
+from conftest import TEST_SIZE, TRAIN_SIZES, synthetic_batch
+
+
+def test_loads_the_real_layout_into_one_uint8_tensor(cifar_root):
+    cifar = load_cifar10(cifar_root, download=False)
+    assert cifar.train.images.shape == (sum(TRAIN_SIZES), 3, 32, 32)
+    assert cifar.train.images.dtype == torch.uint8
+    assert cifar.test.images.shape == (TEST_SIZE, 3, 32, 32)
+    assert cifar.train.labels.dtype == torch.int64
+    assert cifar.classes == CLASSES
+    # Channel-major rows: the first 1024 values of a row are the red plane.
+    raw = synthetic_batch(TRAIN_SIZES[0], 0)[b"data"]
+    assert torch.equal(cifar.train.images[0, 0].flatten(), torch.from_numpy(raw[0, :1024]))
+    assert torch.equal(cifar.train.images[0, 2].flatten(), torch.from_numpy(raw[0, 2048:]))
+
+
+def test_missing_data_without_download_says_what_to_do(tmp_path):
+    with pytest.raises(VeraError, match=r"no CIFAR-10 found at .*cifar-10-batches-py: pass --data-dir"):
+        load_cifar10(tmp_path / "nowhere", download=False)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_offline_download_failure_is_explained(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    class Offline:
+        def __init__(self, *args, **kwargs):
+            raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    with pytest.raises(VeraError, match=r"could not download CIFAR-10 into .* \(OSError\); if this machine is offline"):
+        load_cifar10(tmp_path, download=True)
+
+
+def _rewrite(root: Path, name: str, payload) -> None:
+    (root / FOLDER / name).write_bytes(pickle.dumps(payload))
+
+
+def test_wrong_shape_is_refused(fresh_cifar):
+    batch = synthetic_batch(10, 0)
+    batch[b"data"] = batch[b"data"][:, :100]
+    _rewrite(fresh_cifar, "data_batch_2", batch)
+    with pytest.raises(VeraError, match=r"data_batch_2: 'data' must be an N x 3072 uint8 array.*\(10, 100\)"):
+        load_cifar10(fresh_cifar, download=False)
+
+
+def test_labels_out_of_range_are_refused(fresh_cifar):
+    batch = synthetic_batch(10, 0)
+    batch[b"labels"][3] = 12
+    _rewrite(fresh_cifar, "test_batch", batch)
+    with pytest.raises(VeraError, match=r"test_batch: labels must lie in 0..9, found 0..12"):
+        load_cifar10(fresh_cifar, download=False)
+
+
+def test_label_count_must_match_images(fresh_cifar):
+    batch = synthetic_batch(10, 0)
+    batch[b"labels"] = batch[b"labels"][:7]
+    _rewrite(fresh_cifar, "data_batch_1", batch)
+    with pytest.raises(VeraError, match="expected 10 labels"):
+        load_cifar10(fresh_cifar, download=False)
+
+
+def test_wrong_class_names_are_refused(fresh_cifar):
+    _rewrite(fresh_cifar, "batches.meta", {b"label_names": [b"a"] * 10})
+    with pytest.raises(VeraError, match="class names"):
+        load_cifar10(fresh_cifar, download=False)
+
+
+def test_truncated_file_is_reported(fresh_cifar):
+    path = fresh_cifar / FOLDER / "data_batch_3"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(VeraError, match=r"data_batch_3 is truncated or corrupted"):
+        load_cifar10(fresh_cifar, download=False)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))
+
+
+def test_pickle_that_would_run_code_is_refused_and_nothing_runs(fresh_cifar, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _rewrite(fresh_cifar, "data_batch_1", {b"data": _RunsCode(), b"labels": []})
+    with pytest.raises(VeraError, match=r"refusing to load posix.system|refusing to load os.system"):
+        load_cifar10(fresh_cifar, download=False)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_class_names_are_case_insensitive_and_keep_order():
+    assert class_ids(["Cat", "BIRD", "dog"]) == [3, 2, 5]
+
+
+@pytest.mark.parametrize("names, message", [
+    (["cta"], r"unknown class 'cta': did you mean cat\?"),
+    (["cat", "Cat"], r"class 'Cat' is named twice"),
+    ([], r"no classes given"),
+    (["zebra"], r"unknown class 'zebra': choose from airplane"),
+])
+def test_bad_class_lists_are_refused(names, message):
+    with pytest.raises(VeraError, match=message):
+        class_ids(names)
+
+
+def test_subset_keeps_only_chosen_classes(cifar_root):
+    train = load_cifar10(cifar_root, download=False).train
+    subset = train.subset([3, 5])
+    assert set(subset.labels.tolist()) == {3, 5}
+    assert len(subset) == int(((train.labels == 3) | (train.labels == 5)).sum())
+
+
+def test_random_crop_is_a_shifted_window_and_deterministic():
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    first = random_crop(images, 4, torch.Generator().manual_seed(1))
+    again = random_crop(images, 4, torch.Generator().manual_seed(1))
+    assert first.shape == images.shape and first.dtype == torch.uint8
+    assert torch.equal(first, again)
+    assert torch.equal(random_crop(images, 0, torch.Generator().manual_seed(1)), images)
+    padded = torch.nn.functional.pad(images, (4,) * 4)
+    for i in range(16):
+        windows = [padded[i, :, y:y + 32, x:x + 32] for y in range(9) for x in range(9)]
+        assert any(torch.equal(first[i], w) for w in windows)
+
+
+def test_random_flip_mirrors_about_half_of_a_batch():
+    images = torch.randint(0, 256, (400, 3, 32, 32), dtype=torch.uint8)
+    flipped = random_flip(images, torch.Generator().manual_seed(0))
+    mirrored = (flipped == images.flip(3)).flatten(1).all(1)
+    unchanged = (flipped == images).flatten(1).all(1)
+    assert bool((mirrored | unchanged).all())
+    assert 150 < int(mirrored.sum()) < 250
+
+
+def test_batches_cover_every_image_once_and_normalise():
+    split = Split(torch.randint(0, 256, (70, 3, 32, 32), dtype=torch.uint8), torch.arange(70) % 10)
+    seen = torch.cat([labels for _, labels in batches(split, 32, torch.Generator().manual_seed(0))])
+    assert sorted(seen.tolist()) == sorted(split.labels.tolist())
+    ordered = list(batches(split, 32))
+    assert [len(y) for _, y in ordered] == [32, 32, 6]
+    x, _ = ordered[0]
+    assert x.dtype == torch.float32
+    expected = (split.images[:32].float() / 255 - torch.tensor(data.MEAN).view(1, 3, 1, 1)) / torch.tensor(data.STD).view(1, 3, 1, 1)
+    assert torch.allclose(x, expected, atol=1e-5)
