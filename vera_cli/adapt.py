@@ -14,11 +14,12 @@ from vera_cli import config as config_module
 from vera_cli.adapters.files import ADAPTER_FILE, save_adapter
 from vera_cli.adapters.inject import inject
 from vera_cli.config import AdaptConfig
-from vera_cli.data import Cifar10, Split, batch_indices, batches, class_ids, load_cifar10, normalize
+from vera_cli.data import Cifar10, Split, batch_indices, batches, class_ids, load_cifar10
 from vera_cli.evaluate import accuracy_report, predict_logits
-from vera_cli.pretrain import Log, epoch_line, fingerprint, load_pretrained
-from vera_cli.runs import ensure_new, Run, append_jsonl, create_run, environment, latest_run, open_run, write_json, write_yaml
-from vera_cli.train import Trainer, make_generator, resolve_device
+from vera_cli.checkpoint import EpochRecorder, restore
+from vera_cli.pretrain import Log, fingerprint, load_pretrained
+from vera_cli.runs import Run, create_run, ensure_new, environment, latest_run, open_run, write_json, write_yaml
+from vera_cli.train import Trainer, fit, make_generator, resolve_device
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 BatchSource = Callable[[torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]]
@@ -59,10 +60,36 @@ def training_source(model: nn.Module, split: Split, cfg: AdaptConfig) -> tuple[F
     return model, lambda generator: batches(split, train.batch_size, generator, train.crop, train.flip)
 
 
-def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: Cifar10 | None = None) -> AdaptResult:
+def training_split(train: Split, chosen: list[int], cfg: AdaptConfig, generator: torch.Generator) -> Split:
+    """The chosen classes' images, plus replayed images of the other classes when asked."""
+    split = train.subset(chosen)
+    if cfg.forgetting != "replay" or cfg.replay_fraction == 0:
+        return split
+    others = train.subset([c for c in range(int(train.labels.max()) + 1) if c not in chosen])
+    return split + others.sample(min(len(others), round(cfg.replay_fraction * len(split))), generator)
+
+
+def masked_to(chosen: list[int], forward: Forward, source: BatchSource,
+              device: torch.device) -> tuple[Forward, BatchSource]:
+    """Train on the chosen classes' logits only: the other classes' logits get no gradient."""
+    chosen_ids = torch.tensor(chosen, device=device)
+    remap = torch.full((max(chosen) + 1,), -1, dtype=torch.long, device=device)
+    remap[chosen_ids] = torch.arange(len(chosen), device=device)
+
+    def masked_source(generator: torch.Generator):
+        for inputs, labels in source(generator):
+            yield inputs, remap[labels]
+
+    return (lambda x: forward(x).index_select(1, chosen_ids)), masked_source
+
+
+def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: Cifar10 | None = None,
+              resume: Run | None = None) -> AdaptResult:
+    """Adapt into a new run directory, or continue the unfinished run `resume`."""
     device = resolve_device(cfg.device)
     chosen = class_ids(cfg.classes)
-    ensure_new(cfg.run_dir)
+    if resume is None:
+        ensure_new(cfg.run_dir)
     base_run = resolve_base(cfg.base)
     data = (data or load_cifar10(cfg.data.dir, cfg.data.download)).to(device)
     model, _ = load_pretrained(base_run, device)
@@ -70,32 +97,33 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
     base_report = accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes, chosen)
     torch.manual_seed(cfg.seed)
     inject(model, cfg.adapter)
-    run = create_run("adapt", cfg.run_dir)
+    run = resume or create_run("adapt", cfg.run_dir)
     with run.recording():
+        run.set_status("running")
         write_yaml(run.file("config.yaml"), {**config_module.to_dict(cfg), "base": str(base_run.path)})
         started = time.perf_counter()
-        train_split = data.train.subset(chosen)
+        generator = make_generator(cfg.seed, device)
+        train_split = training_split(data.train, chosen, cfg, generator)
         forward, source = training_source(model, train_split, cfg)
+        if cfg.forgetting == "mask":
+            forward, source = masked_to(chosen, forward, source, device)
         trainer = Trainer(forward, model, cfg.train, steps_per_epoch=math.ceil(len(train_split) / cfg.train.batch_size))
         trainable = sum(p.numel() for p in trainer.params)
+        start = restore(run, model, trainer, generator) if resume else 1
         log(f"adapting {base_run.path} with {cfg.adapter.method} (rank {cfg.adapter.rank}, {trainable:,} trainable) on "
-            f"{', '.join(data.classes[i] for i in chosen)}: {len(train_split):,} images, {device}, run {run.path}")
-        generator = make_generator(cfg.seed, device)
-        report = base_report
-        for epoch in range(1, cfg.train.epochs + 1):
-            model.train()
-            stats = trainer.epoch(epoch, source(generator), len(train_split), progress)
-            model.eval()
-            report = accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes, chosen)
-            append_jsonl(run.file("metrics.jsonl"), {
-                "epoch": epoch, "loss": stats.loss, "test_accuracy": report["overall"], "chosen": report["chosen"],
-                "task": report["task"], "rest": report["rest"], "seconds": stats.seconds})
-            log(epoch_line(stats, report["overall"]) + f"; chosen {report['chosen']:.2%}, rest {report['rest']:.2%}")
+            f"{', '.join(data.classes[i] for i in chosen)} (forgetting: {cfg.forgetting}): {len(train_split):,} images, "
+            f"{device}, run {run.path}" + (f", resuming at epoch {start}" if resume else ""))
+        recorder = EpochRecorder(run, model, trainer, generator, log)
+        report = fit(trainer, model, source, len(train_split), generator,
+            lambda: accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes, chosen),
+            recorder, start, progress)
         adapter_bytes = save_adapter(run.path, model, cfg.adapter, base_fingerprint, {
             "base_run": str(base_run.path), "classes": [data.classes[i] for i in chosen]})
         summary = {
             "kind": "adapt",
             "base_run": str(base_run.path),
+            "forgetting": cfg.forgetting,
+            "train_images": len(train_split),
             "method": cfg.adapter.method,
             "rank": cfg.adapter.rank,
             "classes": [data.classes[i] for i in chosen],
@@ -111,5 +139,5 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
             "environment": environment(),
         }
         write_json(run.file("summary.json"), summary)
-        run.set_status("finished")
+        run.finish()
         return AdaptResult(run, summary)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -16,7 +17,7 @@ import typer
 from rich.console import Console
 
 from vera_cli import config as cfg
-from vera_cli.errors import VeraError
+from vera_cli.errors import RunInterrupted, VeraError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="VeRA and LoRA fine-tuning experiments on CIFAR-10.")
@@ -36,6 +37,7 @@ DataDirOpt = typer.Option(None, "--data-dir", help="folder that holds cifar-10-b
 RunDirOpt = typer.Option(None, "--run-dir", help="where to write the run (must not exist)")
 SetOpt = typer.Option([], "--set", help="override any config key: --set train.label_smoothing=0.1")
 NoProgressOpt = typer.Option(False, "--no-progress", help="hide progress bars")
+ResumeOpt = typer.Option(None, "--resume", help="continue an interrupted run (its own config; only --device and --data-dir apply)")
 
 
 def _log(message: str) -> None:
@@ -59,20 +61,35 @@ def _load(cls, name: str, config_path: Optional[Path], overrides: dict[str, Any]
     return cfg.load(cls, config_path or cfg.default_config_path(name), overrides)
 
 
+def _resumed(cls, kind: str, resume: str, overrides: dict[str, Any]):
+    """The run to continue and its own config; options other than --device and --data-dir are refused."""
+    from vera_cli.runs import open_resumable
+
+    allowed = {"device", "data.dir"}
+    given = sorted(k for k, v in overrides.items() if v is not None and k not in allowed)
+    if given:
+        raise VeraError(f"--resume continues a run with its own config; drop {', '.join(given)} (only --device and --data-dir apply)")
+    run = open_resumable(resume, kind)
+    return run, cfg.load(cls, run.file("config.yaml"), overrides)
+
+
 @app.command()
 def pretrain(
     config: Optional[Path] = ConfigOpt, epochs: Optional[int] = EpochsOpt, batch_size: Optional[int] = BatchOpt,
     lr: Optional[float] = LrOpt, device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
     data_dir: Optional[str] = DataDirOpt, run_dir: Optional[str] = RunDirOpt, set_: list[str] = SetOpt,
-    no_progress: bool = NoProgressOpt,
+    no_progress: bool = NoProgressOpt, resume: Optional[str] = ResumeOpt,
 ) -> None:
     """Train the base ConvNet on CIFAR-10 and print its per-class test accuracy."""
     from vera_cli.pretrain import run_pretrain
     from vera_cli.report import accuracy_table
 
-    settings = _load(cfg.PretrainConfig, "pretrain", config,
-                     _common(epochs, batch_size, lr, device, seed, data_dir, run_dir, set_))
-    result = run_pretrain(settings, log=_log, progress=not no_progress)
+    overrides = _common(epochs, batch_size, lr, device, seed, data_dir, run_dir, set_)
+    if resume:
+        run, settings = _resumed(cfg.PretrainConfig, "pretrain", resume, {**overrides, "config": config})
+    else:
+        run, settings = None, _load(cfg.PretrainConfig, "pretrain", config, overrides)
+    result = run_pretrain(settings, log=_log, progress=not no_progress, resume=run)
     out.print(accuracy_table(result.summary["test"], f"Test accuracy, {result.run.path}"))
     _log(f"run written to {result.run.path} in {result.summary['wall_seconds']:.1f}s")
 
@@ -80,24 +97,28 @@ def pretrain(
 @app.command()
 def adapt(
     classes: list[str] = typer.Option([], "--classes", help="classes to fine-tune on: --classes cat bird dog"),
-    method: str = typer.Option("vera", "--method", help="vera, lora, full or head (picks configs/adapt-<method>.yaml)"),
+    method: Optional[str] = typer.Option(None, "--method", help="vera (default), lora, full or head: picks configs/adapt-<method>.yaml"),
     rank: Optional[int] = typer.Option(None, "--rank", help="adapter rank"),
     sharing: Optional[str] = typer.Option(None, "--sharing", help="VeRA projection sharing: per-shape or sliced"),
     base: Optional[str] = typer.Option(None, "--base", help="pretrain run to adapt (default: the latest)"),
     config: Optional[Path] = ConfigOpt, epochs: Optional[int] = EpochsOpt, batch_size: Optional[int] = BatchOpt,
     lr: Optional[float] = LrOpt, device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
     data_dir: Optional[str] = DataDirOpt, run_dir: Optional[str] = RunDirOpt, set_: list[str] = SetOpt,
-    no_progress: bool = NoProgressOpt,
+    no_progress: bool = NoProgressOpt, resume: Optional[str] = ResumeOpt,
 ) -> None:
     """Fine-tune a pretrained run on some classes with an adapter; print base vs adapted accuracy."""
     from vera_cli.adapt import run_adapt
     from vera_cli.report import comparison_table
 
     overrides = {**_common(epochs, batch_size, lr, device, seed, data_dir, run_dir, set_),
-                 "classes": classes or None, "adapter.method": method, "adapter.rank": rank,
-                 "adapter.sharing": sharing, "base": base}
-    settings = _load(cfg.AdaptConfig, _adapt_config_name(method), config, overrides)
-    result = run_adapt(settings, log=_log, progress=not no_progress)
+                 "classes": classes or None, "adapter.rank": rank, "adapter.sharing": sharing, "base": base}
+    if resume:
+        run, settings = _resumed(cfg.AdaptConfig, "adapt", resume, {**overrides, "config": config, "method": method})
+    else:
+        run = None
+        settings = _load(cfg.AdaptConfig, _adapt_config_name(method or "vera"), config,
+                         {**overrides, "adapter.method": method})
+    result = run_adapt(settings, log=_log, progress=not no_progress, resume=run)
     summary = result.summary
     out.print(comparison_table({"base": summary["base"], summary["method"]: summary["test"]},
                                f"Adapted {summary['base_run']} -> {result.run.path}"))
@@ -208,11 +229,16 @@ def run(argv: list[str]) -> int:
     debug = "--debug" in argv or os.environ.get("VERA_DEBUG", "") not in ("", "0")
     argv = expand_list_options([a for a in argv if a != "--debug"])
     command = typer.main.get_command(app)
+    # SIGTERM (a scheduler, `kill`) stops a run as cleanly as Ctrl-C does.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         command.main(args=argv, prog_name="vera", standalone_mode=False)
         return 0
     except typer.Exit as exc:
         return exc.exit_code
+    except RunInterrupted as exc:
+        err.print(str(exc), highlight=False, markup=False, soft_wrap=True)
+        return 130
     except (KeyboardInterrupt, typer.Abort):
         err.print("interrupted", highlight=False)
         return 130
@@ -224,6 +250,12 @@ def run(argv: list[str]) -> int:
         message = str(exc) if isinstance(exc, VeraError) else f"{exc.format_message()} (see vera --help)"
         err.print(f"error: {' '.join(message.split())}", highlight=False, markup=False, soft_wrap=True)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> None:

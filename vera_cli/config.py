@@ -98,8 +98,14 @@ class AdaptConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(crop=False, flip=False))
     # Without augmentation the frozen conv prefix gives the same output every epoch: compute it once.
     cache_features: bool = True
+    # How to keep the classes not trained on: none; mask (the loss sees only the chosen
+    # classes' logits); replay (add images of the other classes, replay_fraction times
+    # as many as the chosen classes have, with their own labels).
+    forgetting: Literal["none", "mask", "replay"] = "replay"
+    replay_fraction: float = 0.2
 
     def __post_init__(self) -> None:
+        _require(self.replay_fraction >= 0, "replay_fraction must not be negative")
         _require(len(self.classes) > 0, "classes is empty: name at least one class, e.g. --classes cat bird dog")
 
 
@@ -117,6 +123,8 @@ class ExperimentConfig:
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     adapt: TrainConfig = field(default_factory=lambda: TrainConfig(crop=False, flip=False))
+    forgetting: Literal["none", "mask", "replay"] = "replay"
+    replay_fraction: float = 0.2
 
     def pretrain_config(self, run_dir: str) -> PretrainConfig:
         return PretrainConfig(model=self.model, seed=self.seed, device=self.device, run_dir=run_dir,
@@ -124,7 +132,8 @@ class ExperimentConfig:
 
     def adapt_config(self, base: str, run_dir: str) -> AdaptConfig:
         return AdaptConfig(base=base, classes=self.classes, seed=self.seed, device=self.device,
-                           run_dir=run_dir, data=self.data, adapter=self.adapter, train=self.adapt)
+                           run_dir=run_dir, data=self.data, adapter=self.adapter, train=self.adapt,
+                           forgetting=self.forgetting, replay_fraction=self.replay_fraction)
 
 
 def _require(condition: bool, message: str) -> None:

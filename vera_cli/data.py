@@ -79,6 +79,13 @@ class Split:
         keep = torch.isin(self.labels, torch.tensor(class_ids, device=self.labels.device))
         return Split(self.images[keep], self.labels[keep])
 
+    def sample(self, count: int, generator: torch.Generator) -> "Split":
+        pick = torch.randperm(len(self), generator=generator, device=generator.device)[:count].to(self.labels.device)
+        return Split(self.images[pick], self.labels[pick])
+
+    def __add__(self, other: "Split") -> "Split":
+        return Split(torch.cat([self.images, other.images]), torch.cat([self.labels, other.labels]))
+
 
 @dataclass
 class Cifar10:

@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import yaml
 
 from vera_cli.adapters.files import apply_adapter, read_adapter_meta

@@ -18,8 +18,9 @@ from vera_cli.data import Cifar10, batches, load_cifar10
 from vera_cli.errors import VeraError
 from vera_cli.evaluate import accuracy_report, predict_logits
 from vera_cli.models import build_model, count_parameters
-from vera_cli.runs import ensure_new, Run, append_jsonl, create_run, environment, read_tensors, write_json, write_tensors, write_yaml
-from vera_cli.train import EpochStats, Trainer, make_generator, resolve_device
+from vera_cli.runs import Run, create_run, ensure_new, environment, read_tensors, write_json, write_tensors, write_yaml
+from vera_cli.checkpoint import EpochRecorder, restore
+from vera_cli.train import Trainer, fit, make_generator, resolve_device
 
 WEIGHTS_FILE = "model.safetensors"
 Log = Callable[[str], None]
@@ -50,19 +51,18 @@ def load_pretrained(run: Run, device: torch.device) -> tuple[nn.Module, Pretrain
     return model.to(device).eval(), cfg
 
 
-def epoch_line(stats: EpochStats, accuracy: float, prefix: str = "") -> str:
-    return (f"{prefix}epoch {stats.epoch}: loss {stats.loss:.4f}, test accuracy {accuracy:.2%}, "
-            f"{stats.seconds:.1f}s ({stats.images_per_second:,.0f} img/s)")
-
-
-def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, data: Cifar10 | None = None) -> PretrainResult:
+def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, data: Cifar10 | None = None,
+                 resume: Run | None = None) -> PretrainResult:
+    """Train from scratch into a new run directory, or continue the unfinished run `resume`."""
     device = resolve_device(cfg.device)
     build_model(cfg.model)
-    ensure_new(cfg.run_dir)
+    if resume is None:
+        ensure_new(cfg.run_dir)
     # Everything that can fail on bad input is checked before the run directory exists.
     data = (data or load_cifar10(cfg.data.dir, cfg.data.download)).to(device)
-    run = create_run("pretrain", cfg.run_dir)
+    run = resume or create_run("pretrain", cfg.run_dir)
     with run.recording():
+        run.set_status("running")
         write_yaml(run.file("config.yaml"), config_module.to_dict(cfg))
         started = time.perf_counter()
         torch.manual_seed(cfg.seed)
@@ -70,18 +70,13 @@ def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, d
         generator = make_generator(cfg.seed, device)
         train = cfg.train
         trainer = Trainer(model, model, train, steps_per_epoch=math.ceil(len(data.train) / train.batch_size))
+        start = restore(run, model, trainer, generator) if resume else 1
         log(f"pretraining {cfg.model} ({count_parameters(model):,} parameters) on {len(data.train):,} images, "
-            f"{device}, run {run.path}")
-        report: dict[str, Any] = {}
-        for epoch in range(1, train.epochs + 1):
-            model.train()
-            stats = trainer.epoch(epoch, batches(data.train, train.batch_size, generator, train.crop, train.flip),
-                                  len(data.train), progress)
-            model.eval()
-            report = accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes)
-            append_jsonl(run.file("metrics.jsonl"), {"epoch": epoch, "loss": stats.loss, "test_accuracy": report["overall"],
-                                                     "seconds": stats.seconds, "images_per_second": stats.images_per_second})
-            log(epoch_line(stats, report["overall"]))
+            f"{device}, run {run.path}" + (f", resuming at epoch {start}" if resume else ""))
+        recorder = EpochRecorder(run, model, trainer, generator, log)
+        report = fit(trainer, model, lambda g: batches(data.train, train.batch_size, g, train.crop, train.flip), len(data.train),
+            generator, lambda: accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes),
+            recorder, start, progress)
         write_tensors(run.file(WEIGHTS_FILE), model.state_dict())
         summary = {
             "kind": "pretrain",
@@ -96,5 +91,5 @@ def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, d
             "environment": environment(),
         }
         write_json(run.file("summary.json"), summary)
-        run.set_status("finished")
+        run.finish()
         return PretrainResult(run, summary)

@@ -22,10 +22,11 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from vera_cli.errors import VeraError
+from vera_cli.errors import RunInterrupted, VeraError
 
 RUNS_ROOT = Path("runs")
 STATUS_FILE = "status.json"
+CHECKPOINT_FILE = "checkpoint.pt"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -101,6 +102,11 @@ class Run:
         status.update(status=state, updated=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
         write_json(self.path / STATUS_FILE, status)
 
+    def finish(self) -> None:
+        """Mark the run finished; the resume checkpoint has served its purpose and is removed."""
+        self.set_status("finished")
+        self.file(CHECKPOINT_FILE).unlink(missing_ok=True)
+
     def file(self, name: str) -> Path:
         return self.path / name
 
@@ -109,9 +115,11 @@ class Run:
         """Mark the run interrupted or failed if the body does not finish; the caller marks success."""
         try:
             yield
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, RunInterrupted):
             self.set_status("interrupted")
-            raise
+            kind = self.status.get("kind")
+            raise RunInterrupted(f"interrupted: {self.path} keeps its last completed epoch; "
+                                 f"continue it with: vera {kind} --resume {self.path}") from None
         except BaseException as exc:
             self.set_status("failed", error=str(exc))
             raise
@@ -156,6 +164,20 @@ def open_run(path: str | Path, kinds: tuple[str, ...] | None = None) -> Run:
         raise VeraError(f"{path} is a {status.get('kind')} run; this needs a {' or '.join(kinds)} run")
     if status.get("status") != "finished":
         raise VeraError(f"{path} is {status.get('status')}, not finished: resume or repeat it before using it")
+    return run
+
+
+def open_resumable(path: str | Path, kind: str) -> Run:
+    """An unfinished run of `kind` that `--resume` can continue."""
+    path = Path(path)
+    if not (path / STATUS_FILE).is_file():
+        raise VeraError(f"{path} is not a run directory (no {STATUS_FILE}): pass the run to resume")
+    run = Run(path)
+    status = run.status
+    if status.get("kind") != kind:
+        raise VeraError(f"{path} is a {status.get('kind')} run; resume it with vera {status.get('kind')} --resume")
+    if status.get("status") == "finished":
+        raise VeraError(f"{path} is already finished; there is nothing to resume")
     return run
 
 

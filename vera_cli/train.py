@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +14,6 @@ from tqdm import tqdm
 
 from vera_cli.config import TrainConfig
 from vera_cli.errors import VeraError
-
-BatchSource = Callable[[torch.Generator], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,3 +100,24 @@ class Trainer:
             raise VeraError(f"the loss became non-finite at epoch {epoch}, step {step}: the learning rate "
                             f"({self.cfg.lr}) is probably too high; lower it with --lr")
         return EpochStats(epoch, float(stacked.mean()), seen, time.perf_counter() - start)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def fit(trainer: Trainer, model: nn.Module, source: Callable[[torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+        num_images: int, generator: torch.Generator, evaluate: Callable[[], dict],
+        on_epoch: Callable[[EpochStats, dict], None], start_epoch: int = 1, progress: bool = True) -> dict:
+    """Train from `start_epoch` to the configured last epoch, evaluating after each one; returns the last evaluation."""
+    report = None
+    for epoch in range(start_epoch, trainer.cfg.epochs + 1):
+        model.train()
+        stats = trainer.epoch(epoch, source(generator), num_images, progress)
+        model.eval()
+        report = evaluate()
+        on_epoch(stats, report)
+    return report if report is not None else evaluate()

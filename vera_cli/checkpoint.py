@@ -1,0 +1,80 @@
+"""Per-epoch checkpoints of a run, so that an interrupted run resumes bit for bit.
+
+A checkpoint holds the model and optimiser state, the schedule position and both
+random generators. It is written with torch.save and read back with
+`weights_only=True`, whose unpickler admits only tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from vera_cli.errors import VeraError
+from vera_cli.runs import CHECKPOINT_FILE, Run, append_jsonl, write_bytes_atomic
+from vera_cli.train import EpochStats, Trainer
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def epoch_line(stats: EpochStats, report: dict[str, Any]) -> str:
+    line = (f"epoch {stats.epoch}: loss {stats.loss:.4f}, test accuracy {report['overall']:.2%}, "
+            f"{stats.seconds:.1f}s ({stats.images_per_second:,.0f} img/s)")
+    if "chosen" in report:
+        line += f"; chosen {report['chosen']:.2%}, task {report['task']:.2%}, rest {report['rest']:.2%}"
+    return line
+
+
+class EpochRecorder:
+    """After each epoch: a metrics line, then the checkpoint, then a log line.
+
+    In that order a resumed run drops metrics lines past its checkpoint and writes them again.
+    """
+
+    def __init__(self, run: Run, model: nn.Module, trainer: Trainer, generator: torch.Generator,
+                 log: Callable[[str], None]) -> None:
+        self.run, self.model, self.trainer, self.generator, self.log = run, model, trainer, generator, log
+
+    def __call__(self, stats: EpochStats, report: dict[str, Any]) -> None:
+        record = {"epoch": stats.epoch, "loss": stats.loss, "test_accuracy": report["overall"],
+                  "seconds": stats.seconds, "images_per_second": stats.images_per_second}
+        record.update({k: report[k] for k in ("chosen", "task", "rest") if k in report})
+        append_jsonl(self.run.file(METRICS_FILE), record)
+        state = {
+            "epoch": stats.epoch,
+            "model": self.model.state_dict(),
+            "trainer": self.trainer.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_bytes_atomic(self.run.file(CHECKPOINT_FILE), buffer.getvalue())
+        self.log(epoch_line(stats, report))
+
+
+def restore(run: Run, model: nn.Module, trainer: Trainer, generator: torch.Generator) -> int:
+    """Load the last checkpoint into the fresh objects; returns the epoch to continue from."""
+    path = run.file(CHECKPOINT_FILE)
+    if not path.is_file():
+        run.file(METRICS_FILE).unlink(missing_ok=True)
+        return 1
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        trainer.load_state_dict(state["trainer"])
+    except Exception as exc:  # torch raises several types for a damaged file
+        raise VeraError(f"{path} is truncated or corrupted ({type(exc).__name__}); the run cannot resume, repeat it") from exc
+    generator.set_state(state["generator"].to(generator.get_state().device))
+    torch.set_rng_state(state["torch_rng"])
+    epoch = int(state["epoch"])
+    metrics = run.file(METRICS_FILE)
+    if metrics.is_file():
+        # Lines past the checkpoint belong to an epoch that runs again.
+        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["epoch"] <= epoch]
+        write_bytes_atomic(metrics, "".join(line + "\n" for line in kept).encode())
+    return epoch + 1
