@@ -15,7 +15,7 @@ from vera_cli.adapters.files import ADAPTER_FILE, save_adapter
 from vera_cli.adapters.inject import inject
 from vera_cli.config import AdaptConfig
 from vera_cli.data import Cifar10, Split, batch_indices, batches, class_ids, load_cifar10
-from vera_cli.evaluate import accuracy_report, predict_logits
+from vera_cli.evaluate import accuracy_report, predict_features, predict_logits
 from vera_cli.checkpoint import EpochRecorder, restore
 from vera_cli.pretrain import Log, fingerprint, load_pretrained
 from vera_cli.runs import Run, create_run, ensure_new, environment, latest_run, open_run, write_json, write_yaml
@@ -46,18 +46,36 @@ def cached_features(model: nn.Module, split: Split, batch_size: int = 1000) -> t
     return torch.cat([model.features(images) for images, _ in batches(split, batch_size)])
 
 
-def training_source(model: nn.Module, split: Split, cfg: AdaptConfig) -> tuple[Forward, BatchSource]:
-    """What the training loop feeds: cached prefix features when nothing before the adapters can change."""
+@dataclass
+class Pipeline:
+    """How adaptation feeds the model: whole images, or cached features of a frozen prefix."""
+
+    forward: Forward
+    train_batches: BatchSource
+    test_logits: Callable[[], torch.Tensor]
+
+
+def build_pipeline(model: nn.Module, train_split: Split, test_split: Split, cfg: AdaptConfig) -> Pipeline:
+    """Cache the frozen conv prefix's output once when nothing before the adapters can change.
+
+    The test images' features never change then; the training images' features
+    do not either unless augmentation is on.
+    """
     train = cfg.train
-    if cfg.cache_features and not (train.crop or train.flip) and prefix_is_frozen(model):
-        features = cached_features(model, split)
+    image_batches = lambda generator: batches(train_split, train.batch_size, generator, train.crop, train.flip)  # noqa: E731
+    if not (cfg.cache_features and prefix_is_frozen(model)):
+        return Pipeline(model, image_batches, lambda: predict_logits(model, test_split))
+    test_features = cached_features(model, test_split)
+    test_logits = lambda: predict_features(model.classifier, test_features)  # noqa: E731
+    if train.crop or train.flip:
+        return Pipeline(model, image_batches, test_logits)
+    features = cached_features(model, train_split)
 
-        def feature_batches(generator: torch.Generator):
-            for index in batch_indices(len(split), train.batch_size, generator, split.labels.device):
-                yield features[index], split.labels[index]
+    def feature_batches(generator: torch.Generator):
+        for index in batch_indices(len(train_split), train.batch_size, generator, train_split.labels.device):
+            yield features[index], train_split.labels[index]
 
-        return model.classifier, feature_batches
-    return model, lambda generator: batches(split, train.batch_size, generator, train.crop, train.flip)
+    return Pipeline(model.classifier, feature_batches, test_logits)
 
 
 def training_split(train: Split, chosen: list[int], cfg: AdaptConfig, generator: torch.Generator) -> Split:
@@ -104,7 +122,8 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
         started = time.perf_counter()
         generator = make_generator(cfg.seed, device)
         train_split = training_split(data.train, chosen, cfg, generator)
-        forward, source = training_source(model, train_split, cfg)
+        pipeline = build_pipeline(model, train_split, data.test, cfg)
+        forward, source = pipeline.forward, pipeline.train_batches
         if cfg.forgetting == "mask":
             forward, source = masked_to(chosen, forward, source, device)
         trainer = Trainer(forward, model, cfg.train, steps_per_epoch=math.ceil(len(train_split) / cfg.train.batch_size))
@@ -115,7 +134,7 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
             f"{device}, run {run.path}" + (f", resuming at epoch {start}" if resume else ""))
         recorder = EpochRecorder(run, model, trainer, generator, log)
         report = fit(trainer, model, source, len(train_split), generator,
-            lambda: accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes, chosen),
+            lambda: accuracy_report(pipeline.test_logits(), data.test.labels, data.classes, chosen),
             recorder, start, progress)
         adapter_bytes = save_adapter(run.path, model, cfg.adapter, base_fingerprint, {
             "base_run": str(base_run.path), "classes": [data.classes[i] for i in chosen]})

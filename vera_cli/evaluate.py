@@ -20,6 +20,13 @@ def predict_logits(forward: Callable[[torch.Tensor], torch.Tensor], split: Split
     return torch.cat([forward(images).float() for images, _ in batches(split, batch_size)])
 
 
+@torch.no_grad()
+def predict_features(forward: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor,
+                     batch_size: int = 1000) -> torch.Tensor:
+    """Logits from precomputed inputs (cached prefix features), in the same batches as predict_logits."""
+    return torch.cat([forward(chunk).float() for chunk in features.split(batch_size)])
+
+
 def _rate(correct: int, total: int) -> float:
     return correct / total if total else 0.0
 

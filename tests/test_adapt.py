@@ -1,0 +1,87 @@
+"""Adaptation internals: the feature cache equals the plain path; the forgetting options do what they say."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vera_cli.adapt import build_pipeline, masked_to, run_adapt, training_split
+from vera_cli.config import AdaptConfig, AdapterConfig, TrainConfig
+from vera_cli.data import load_cifar10
+from vera_cli.models import ConvNet
+from vera_cli.adapters.inject import inject
+
+from conftest import QUICK
+
+
+def adapt_config(**kwargs) -> AdaptConfig:
+    train = TrainConfig(epochs=2, batch_size=16, lr=0.02, optimizer="adamw", crop=False, flip=False)
+    return AdaptConfig(base="runs/base", device="cpu", train=train, **kwargs)
+
+
+def test_feature_cache_gives_the_same_adapter_and_accuracy_as_the_plain_path(vera, pretrained, cifar_root):
+    data = load_cifar10(cifar_root, download=False)
+    cached = run_adapt(adapt_config(run_dir="runs/cached"), log=lambda m: None, progress=False, data=data)
+    plain = run_adapt(adapt_config(run_dir="runs/plain", cache_features=False), log=lambda m: None, progress=False, data=data)
+    first, second = load_file("runs/cached/adapter.safetensors"), load_file("runs/plain/adapter.safetensors")
+    for key in first:
+        assert torch.allclose(first[key], second[key], atol=1e-5), key
+    assert cached.summary["test"]["per_class"] == plain.summary["test"]["per_class"]
+
+
+def test_pipeline_uses_the_classifier_only_when_the_prefix_is_frozen(cifar_root):
+    data = load_cifar10(cifar_root, download=False)
+    model = inject(ConvNet(), adapt_config().adapter)
+    pipeline = build_pipeline(model, data.train, data.test, adapt_config())
+    assert pipeline.forward == model.classifier
+    inputs, _ = next(iter(pipeline.train_batches(torch.Generator().manual_seed(0))))
+    assert inputs.shape == (16, 400)
+    full = inject(ConvNet(), AdapterConfig(method="full"))
+    assert build_pipeline(full, data.train, data.test, adapt_config()).forward is full
+
+
+def test_replay_adds_the_asked_share_of_other_class_images(cifar_root):
+    train = load_cifar10(cifar_root, download=False).train
+    chosen = [3, 2, 5]
+    only = training_split(train, chosen, adapt_config(forgetting="none"), torch.Generator().manual_seed(0))
+    assert set(only.labels.tolist()) == set(chosen)
+    mixed = training_split(train, chosen, adapt_config(forgetting="replay", replay_fraction=0.5),
+                           torch.Generator().manual_seed(0))
+    others = [label for label in mixed.labels.tolist() if label not in chosen]
+    assert len(mixed) == len(only) + len(others)
+    assert len(others) == round(0.5 * len(only))
+    assert len(set(others)) > 1
+
+
+def test_mask_gives_gradient_to_the_chosen_logits_only():
+    logits_seen = {}
+
+    def forward(x):
+        out = x @ torch.ones(4, 10)
+        out.retain_grad()
+        logits_seen["out"] = out
+        return out
+
+    def source(generator):
+        yield torch.randn(6, 4, requires_grad=True), torch.tensor([3, 2, 5, 3, 2, 5])
+
+    masked_forward, masked_source = masked_to([3, 2, 5], forward, source, torch.device("cpu"))
+    inputs, labels = next(masked_source(None))
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2]
+    loss = torch.nn.functional.cross_entropy(masked_forward(inputs), labels)
+    loss.backward()
+    grad = logits_seen["out"].grad
+    assert grad[:, [2, 3, 5]].abs().sum() > 0
+    assert grad[:, [0, 1, 4, 6, 7, 8, 9]].abs().sum() == 0
+
+
+@pytest.mark.parametrize("forgetting", ["mask", "replay"])
+def test_forgetting_options_reach_the_summary(vera, pretrained, cifar_root, forgetting):
+    result = vera("adapt", *QUICK, "--set", f"forgetting={forgetting}", "--run-dir", f"runs/{forgetting}")
+    assert result.code == 0, result.err
+    summary = json.loads(Path(f"runs/{forgetting}/summary.json").read_text())
+    assert summary["forgetting"] == forgetting
+    chosen = sum(1 for label in load_cifar10(cifar_root, download=False).train.labels.tolist() if label in (2, 3, 5))
+    assert summary["train_images"] == (chosen if forgetting == "mask" else chosen + round(0.2 * chosen))
