@@ -62,7 +62,7 @@ class Cli:
 
     def __call__(self, *args: str, data: bool = True):
         argv = list(args)
-        if data and argv and argv[0] in ("pretrain", "adapt", "experiment"):
+        if data and argv and argv[0] in ("pretrain", "adapt", "experiment", "compare"):
             # Given first so that a test's own options win (the last occurrence counts).
             argv[1:1] = ["--data-dir", str(self.data_dir), "--device", "cpu", "--no-progress"]
         code = cli.run(argv)

@@ -84,4 +84,4 @@ def test_forgetting_options_reach_the_summary(vera, pretrained, cifar_root, forg
     summary = json.loads(Path(f"runs/{forgetting}/summary.json").read_text())
     assert summary["forgetting"] == forgetting
     chosen = sum(1 for label in load_cifar10(cifar_root, download=False).train.labels.tolist() if label in (2, 3, 5))
-    assert summary["train_images"] == (chosen if forgetting == "mask" else chosen + round(0.2 * chosen))
+    assert summary["train_images"] == (chosen if forgetting == "mask" else chosen + round(0.5 * chosen))

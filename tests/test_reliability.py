@@ -45,7 +45,7 @@ def test_interrupted_pretrain_resumes_to_identical_weights(vera, interrupt_after
     interrupt_after_epoch(1)
     stopped = vera("pretrain", *args, "--run-dir", "runs/cut")
     assert stopped.code == 130
-    assert "interrupted: runs/cut keeps its last completed epoch; continue it with: vera pretrain --resume runs/cut" in stopped.err
+    assert "interrupted: runs/cut keeps what it completed; continue it with: vera pretrain --resume runs/cut" in stopped.err
     assert status("runs/cut") == "interrupted"
     assert Path("runs/cut/checkpoint.pt").is_file() and not Path("runs/cut/summary.json").exists()
     refused = vera("eval", "runs/cut")

@@ -21,7 +21,8 @@ from vera_cli.errors import RunInterrupted, VeraError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="VeRA and LoRA fine-tuning experiments on CIFAR-10.")
-out = Console()
+# Piped output gets room for the wide tables instead of rich's 80-column default.
+out = Console(width=None if sys.stdout.isatty() else 130)
 err = Console(stderr=True)
 
 # Options that take several values after one flag (`--classes cat bird dog`).
@@ -204,6 +205,33 @@ def experiment(
     out.print(comparison_table({"base": adapt["base"], adapt["method"]: adapt["test"]},
                                f"Experiment {result.path}: before and after adaptation"))
     _log(f"experiment written to {result.path} in {result.seconds:.1f}s")
+
+
+@app.command()
+def compare(
+    classes: list[str] = typer.Option([], "--classes", help="classes to fine-tune on"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="comma list of vera, vera-sliced, lora, full, head"),
+    ranks: Optional[str] = typer.Option(None, "--ranks", help="comma list of ranks, e.g. 4,16,64,256"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="number of seeds per setting (mean and spread)"),
+    base: Optional[str] = typer.Option(None, "--base", help="pretrain run to adapt (default: the latest)"),
+    epochs: Optional[int] = EpochsOpt, config: Optional[Path] = ConfigOpt, device: Optional[str] = DeviceOpt,
+    data_dir: Optional[str] = DataDirOpt, run_dir: Optional[str] = RunDirOpt, set_: list[str] = SetOpt,
+    no_progress: bool = NoProgressOpt, resume: Optional[str] = ResumeOpt,
+) -> None:
+    """VeRA against LoRA, full fine-tuning and head-only on one base: a table and a plot."""
+    from vera_cli.compare import run_compare
+    from vera_cli.report import compare_table
+
+    overrides = {"classes": classes or None, "methods": methods, "ranks": ranks, "seeds": seeds, "base": base,
+                 "epochs": epochs, "device": device, "data.dir": data_dir, "run_dir": run_dir,
+                 **cfg.parse_set_options(set_)}
+    if resume:
+        run, settings = _resumed(cfg.CompareConfig, "compare", resume, {**overrides, "config": config})
+    else:
+        run, settings = None, _load(cfg.CompareConfig, "compare", config, overrides)
+    result = run_compare(settings, log=_log, progress=not no_progress, resume=run)
+    out.print(compare_table(result.rows, f"Comparison {result.run.path} on {', '.join(settings.classes)}"))
+    _log(f"table: {result.run.file('table.csv')}, plot: {result.plot}, {result.seconds:.1f}s")
 
 
 def expand_list_options(argv: list[str]) -> list[str]:

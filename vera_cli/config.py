@@ -24,6 +24,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 Device = Literal["auto", "cpu", "cuda"]
 Method = Literal["vera", "lora", "full", "head"]
 Sharing = Literal["per-shape", "sliced"]
+Forgetting = Literal["none", "mask", "replay"]
 
 
 @dataclass
@@ -101,12 +102,36 @@ class AdaptConfig:
     # How to keep the classes not trained on: none; mask (the loss sees only the chosen
     # classes' logits); replay (add images of the other classes, replay_fraction times
     # as many as the chosen classes have, with their own labels).
-    forgetting: Literal["none", "mask", "replay"] = "replay"
-    replay_fraction: float = 0.2
+    forgetting: Forgetting = "replay"
+    replay_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         _require(self.replay_fraction >= 0, "replay_fraction must not be negative")
         _require(len(self.classes) > 0, "classes is empty: name at least one class, e.g. --classes cat bird dog")
+
+
+@dataclass
+class CompareConfig:
+    """A grid over methods, ranks, forgetting options and seeds; each method keeps its own adapt config."""
+
+    base: Optional[str] = None
+    classes: list[str] = field(default_factory=lambda: ["cat", "bird", "dog"])
+    methods: list[Literal["vera", "vera-sliced", "lora", "full", "head"]] = field(
+        default_factory=lambda: ["vera", "lora", "full", "head"])
+    ranks: list[int] = field(default_factory=lambda: [4, 16, 64, 256])
+    forgetting: list[Forgetting] = field(default_factory=lambda: ["replay"])
+    seeds: int = 1
+    epochs: Optional[int] = None  # None: each method's own config decides
+    device: Device = "auto"
+    run_dir: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        _require(len(self.classes) > 0, "classes is empty: name at least one class, e.g. --classes cat bird dog")
+        _require(len(self.methods) > 0, "methods is empty: name at least one, e.g. --methods vera,lora")
+        _require(all(rank >= 1 for rank in self.ranks), f"ranks must be positive integers, got {self.ranks}")
+        _require(self.seeds >= 1, "seeds must be at least 1")
+        _require(self.epochs is None or self.epochs >= 1, "epochs must be at least 1")
 
 
 @dataclass
@@ -123,8 +148,8 @@ class ExperimentConfig:
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     adapt: TrainConfig = field(default_factory=lambda: TrainConfig(crop=False, flip=False))
-    forgetting: Literal["none", "mask", "replay"] = "replay"
-    replay_fraction: float = 0.2
+    forgetting: Forgetting = "replay"
+    replay_fraction: float = 0.5
 
     def pretrain_config(self, run_dir: str) -> PretrainConfig:
         return PretrainConfig(model=self.model, seed=self.seed, device=self.device, run_dir=run_dir,
@@ -238,7 +263,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         return value
     if origin is list:
         if isinstance(value, str):
-            value = [v for v in value.replace(",", " ").split() if v]
+            # "4,16,64" or "cat bird" from the command line: each item read as YAML keeps its type.
+            value = [yaml.safe_load(v) for v in value.replace(",", " ").split()]
         if not isinstance(value, list):
             raise VeraError(f"{key} must be a list of {args[0].__name__}, got {value!r}")
         return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]

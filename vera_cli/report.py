@@ -89,3 +89,23 @@ def count_tables(count: Any) -> list[Table]:
     totals.add_row("adapter file", f"{count.adapter_bytes:,} bytes")
     tables.append(totals)
     return tables
+
+
+def compare_table(table: list[dict[str, Any]], title: str) -> Table:
+    """One line per setting (mean over seeds, with the spread when there are several), base first."""
+    result = Table(title=title)
+    for column in ("method", "rank", "forgetting", "trainable", "adapter bytes", "chosen (10-way)", "task",
+                   "rest", "overall", "seconds"):
+        result.add_column(column, justify="left" if column in ("method", "forgetting") else "right")
+
+    def cell(line: dict[str, Any], metric: str) -> str:
+        spread = line.get(f"{metric}_std", 0.0)
+        return _pct(line[metric]) + (f" ± {100 * spread:.1f}" if line.get("seeds", 1) > 1 else "")
+
+    for index, line in enumerate(table):
+        result.add_row(line["method"], "-" if line["rank"] is None else str(line["rank"]), line["forgetting"],
+                       f"{line['trainable']:,}", f"{line['adapter_bytes']:,}", cell(line, "chosen"), cell(line, "task"),
+                       cell(line, "rest"), cell(line, "overall"), f"{line['seconds']:.1f}")
+        if index == 0:
+            result.add_section()
+    return result

@@ -118,7 +118,7 @@ class Run:
         except (KeyboardInterrupt, RunInterrupted):
             self.set_status("interrupted")
             kind = self.status.get("kind")
-            raise RunInterrupted(f"interrupted: {self.path} keeps its last completed epoch; "
+            raise RunInterrupted(f"interrupted: {self.path} keeps what it completed; "
                                  f"continue it with: vera {kind} --resume {self.path}") from None
         except BaseException as exc:
             self.set_status("failed", error=str(exc))

@@ -1,0 +1,85 @@
+"""`vera compare` end to end on the synthetic data: rows, counts, plot, resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vera_cli import compare as compare_module
+from vera_cli.config import AdapterConfig, CompareConfig
+from vera_cli.counting import count_params
+from vera_cli.models import ConvNet
+
+GRID = ["--methods", "vera,lora,head", "--ranks", "2,4", "--seeds", "2", "--epochs", "1"]
+
+
+def test_grid_names_every_setting_once():
+    points = compare_module.grid(CompareConfig(methods=["vera", "full"], ranks=[4, 8], seeds=2,
+                                               forgetting=["none", "replay"]))
+    names = [p.name for p in points]
+    assert len(names) == len(set(names)) == (2 + 1) * 2 * 2
+    assert "vera-r8-none-s1" in names and "full-replay-s0" in names
+
+
+def test_compare_runs_the_grid_and_writes_table_csv_and_plot(vera, pretrained):
+    result = vera("compare", *GRID, "--run-dir", "runs/cmp")
+    assert result.code == 0, result.err
+    run = Path("runs/cmp")
+    table = json.loads((run / "table.json").read_text())
+    assert [(r["method"], r["rank"]) for r in table] == [
+        ("base", None), ("vera", 2), ("vera", 4), ("lora", 2), ("lora", 4), ("head", None)]
+    assert all(r["seeds"] == 2 for r in table[1:])
+    for row in table[1:]:
+        assert 0 <= row["chosen"] <= 1 and 0 <= row["task"] <= 1 and 0 <= row["rest"] <= 1
+        expected = count_params(ConvNet(), AdapterConfig(method=row["method"], rank=row["rank"] or 1))
+        assert row["trainable"] == expected.trainable
+    assert table[0]["overall"] == json.loads((pretrained / "summary.json").read_text())["test"]["overall"]
+    rows = [json.loads(line) for line in (run / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 10
+    csv_lines = (run / "table.csv").read_text().splitlines()
+    assert len(csv_lines) == 7 and csv_lines[0].startswith("method,rank,forgetting")
+    png = (run / "accuracy-vs-parameters.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert width > 1000 and height > 400
+    assert "accuracy-vs-parameters.png" in result.err
+    assert "lora" in result.out and "head" in result.out
+
+
+def test_interrupted_compare_keeps_finished_rows_and_resume_runs_only_the_rest(vera, pretrained, monkeypatch):
+    calls = []
+    armed = [True]
+    original = compare_module.run_adapt
+
+    def counting(cfg, *args, **kwargs):
+        calls.append(Path(cfg.run_dir).name)
+        if armed[0] and len(calls) == 3:
+            armed[0] = False
+            raise KeyboardInterrupt
+        return original(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "run_adapt", counting)
+    stopped = vera("compare", *GRID, "--run-dir", "runs/cmp")
+    assert stopped.code == 130
+    assert "vera compare --resume runs/cmp" in stopped.err
+    finished = [json.loads(line)["name"] for line in Path("runs/cmp/rows.jsonl").read_text().splitlines()]
+    assert finished == calls[:2]
+    assert len(json.loads(Path("runs/cmp/table.json").read_text())) == 2  # base + the one finished setting
+
+    calls.clear()
+    resumed = vera("compare", "--resume", "runs/cmp")
+    assert resumed.code == 0, resumed.err
+    assert len(calls) == 8 and not set(calls) & set(finished)
+    assert len(Path("runs/cmp/rows.jsonl").read_text().splitlines()) == 10
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "vera,dora"], "error: methods[1] must be one of vera, vera-sliced, lora, full, head; got 'dora'"),
+    (["--ranks", "4,0"], "error: ranks must be positive integers"),
+    (["--classes", "cat,cta"], "error: unknown class 'cta': did you mean cat?"),
+])
+def test_bad_compare_input_is_refused_before_anything_runs(vera, pretrained, args, message):
+    result = vera("compare", *args, "--run-dir", "runs/never")
+    assert result.code == 2
+    assert result.err.startswith(message), result.err
+    assert not Path("runs/never").exists()

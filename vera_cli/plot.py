@@ -1,0 +1,54 @@
+"""The comparison picture: accuracy against trainable parameters, one series per method.
+
+matplotlib (Agg backend, no display needed) draws it: a log axis, error bars,
+legends and a PNG writer are a lot of hand-written code otherwise.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from vera_cli.runs import write_bytes_atomic  # noqa: E402
+
+PANELS = (("chosen", "chosen classes, 10-way"), ("task", "chosen classes, task"), ("rest", "other classes"))
+STYLES = {"vera": ("tab:blue", "o"), "vera-sliced": ("tab:cyan", "D"), "lora": ("tab:orange", "s"),
+          "full": ("tab:red", "^"), "head": ("tab:green", "v")}
+
+
+def plot_comparison(table: list[dict[str, Any]], classes: list[str], path: Path) -> Path:
+    base = table[0]
+    rows = table[1:]
+    figure, axes = plt.subplots(1, len(PANELS), figsize=(15, 4.8), sharex=True)
+    for axis, (metric, title) in zip(axes, PANELS):
+        series: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for row in rows:
+            series.setdefault((row["method"], row["forgetting"]), []).append(row)
+        for (method, forgetting), members in series.items():
+            members.sort(key=lambda r: r["trainable"])
+            colour, marker = STYLES.get(method, ("black", "x"))
+            label = method if len({r["forgetting"] for r in rows}) == 1 else f"{method} ({forgetting})"
+            axis.errorbar([r["trainable"] for r in members], [100 * r[metric] for r in members],
+                          yerr=[100 * r.get(f"{metric}_std", 0.0) for r in members], color=colour, marker=marker,
+                          linestyle="--" if forgetting == "none" else "-", capsize=3, label=label)
+        axis.axhline(100 * base[metric], color="grey", linestyle=":", label="base model")
+        axis.set_xscale("log")
+        axis.set_title(title)
+        axis.set_xlabel("trainable parameters (log scale)")
+        axis.grid(True, which="major", alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
+    figure.suptitle(f"Adapting on {', '.join(classes)}: accuracy against trainable parameters")
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    write_bytes_atomic(path, buffer.getvalue())
+    return path
