@@ -62,12 +62,16 @@ def _load(cls, name: str, config_path: Optional[Path], overrides: dict[str, Any]
     return cfg.load(cls, config_path or cfg.default_config_path(name), overrides)
 
 
-def _resumed(cls, kind: str, resume: str, overrides: dict[str, Any]):
-    """The run to continue and its own config; options other than --device and --data-dir are refused."""
+def _settings(cls, kind: str, config_name: str, config_path: Optional[Path], overrides: dict[str, Any],
+              resume: Optional[str]):
+    """(run to resume or None, validated config). A resumed run keeps its own config:
+    options other than --device and --data-dir are refused then."""
+    if not resume:
+        return None, _load(cls, config_name, config_path, overrides)
     from vera_cli.runs import open_resumable
 
     allowed = {"device", "data.dir"}
-    given = sorted(k for k, v in overrides.items() if v is not None and k not in allowed)
+    given = sorted(k for k, v in {**overrides, "config": config_path}.items() if v is not None and k not in allowed)
     if given:
         raise VeraError(f"--resume continues a run with its own config; drop {', '.join(given)} (only --device and --data-dir apply)")
     run = open_resumable(resume, kind)
@@ -86,10 +90,7 @@ def pretrain(
     from vera_cli.report import accuracy_table
 
     overrides = _common(epochs, batch_size, lr, device, seed, data_dir, run_dir, set_)
-    if resume:
-        run, settings = _resumed(cfg.PretrainConfig, "pretrain", resume, {**overrides, "config": config})
-    else:
-        run, settings = None, _load(cfg.PretrainConfig, "pretrain", config, overrides)
+    run, settings = _settings(cfg.PretrainConfig, "pretrain", "pretrain", config, overrides, resume)
     result = run_pretrain(settings, log=_log, progress=not no_progress, resume=run)
     out.print(accuracy_table(result.summary["test"], f"Test accuracy, {result.run.path}"))
     _log(f"run written to {result.run.path} in {result.summary['wall_seconds']:.1f}s")
@@ -111,14 +112,9 @@ def adapt(
     from vera_cli.adapt import run_adapt
     from vera_cli.report import comparison_table
 
-    overrides = {**_common(epochs, batch_size, lr, device, seed, data_dir, run_dir, set_),
-                 "classes": classes or None, "adapter.rank": rank, "adapter.sharing": sharing, "base": base}
-    if resume:
-        run, settings = _resumed(cfg.AdaptConfig, "adapt", resume, {**overrides, "config": config, "method": method})
-    else:
-        run = None
-        settings = _load(cfg.AdaptConfig, _adapt_config_name(method or "vera"), config,
-                         {**overrides, "adapter.method": method})
+    overrides = {**_common(epochs, batch_size, lr, device, seed, data_dir, run_dir, set_), "classes": classes or None,
+                 "adapter.method": method, "adapter.rank": rank, "adapter.sharing": sharing, "base": base}
+    run, settings = _settings(cfg.AdaptConfig, "adapt", _adapt_config_name(method or "vera"), config, overrides, resume)
     result = run_adapt(settings, log=_log, progress=not no_progress, resume=run)
     summary = result.summary
     out.print(comparison_table({"base": summary["base"], summary["method"]: summary["test"]},
@@ -225,10 +221,7 @@ def compare(
     overrides = {"classes": classes or None, "methods": methods, "ranks": ranks, "seeds": seeds, "base": base,
                  "epochs": epochs, "device": device, "data.dir": data_dir, "run_dir": run_dir,
                  **cfg.parse_set_options(set_)}
-    if resume:
-        run, settings = _resumed(cfg.CompareConfig, "compare", resume, {**overrides, "config": config})
-    else:
-        run, settings = None, _load(cfg.CompareConfig, "compare", config, overrides)
+    run, settings = _settings(cfg.CompareConfig, "compare", "compare", config, overrides, resume)
     result = run_compare(settings, log=_log, progress=not no_progress, resume=run)
     out.print(compare_table(result.rows, f"Comparison {result.run.path} on {', '.join(settings.classes)}"))
     _log(f"table: {result.run.file('table.csv')}, plot: {result.plot}, {result.seconds:.1f}s")
