@@ -227,6 +227,23 @@ def compare(
     _log(f"table: {result.run.file('table.csv')}, plot: {result.plot}, {result.seconds:.1f}s")
 
 
+@app.command()
+def export(
+    run: str = typer.Argument(..., help="adapt run to export"),
+    format_: str = typer.Option("peft", "--format", help="peft: adapter_config.json + adapter_model.safetensors"),
+    out_dir: str = typer.Option(..., "--out", help="folder to write the adapter into (new or empty)"),
+    base_out: Optional[str] = typer.Option(None, "--base-out", help="also write the base weights and preprocessing here"),
+) -> None:
+    """Export an adapter in a format another tool loads (Hugging Face PEFT)."""
+    from vera_cli.export import export_peft
+
+    if format_ != "peft":
+        raise VeraError(f"unknown export format {format_!r}: the supported format is peft")
+    result = export_peft(run, out_dir, base_out)
+    for path, size in result.files.items():
+        out.print(f"{path}  {size:,} bytes", highlight=False)
+
+
 def expand_list_options(argv: list[str]) -> list[str]:
     """`--classes cat bird dog` -> `--classes cat --classes bird --classes dog` (also `cat,bird`)."""
     expanded: list[str] = []

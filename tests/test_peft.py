@@ -1,0 +1,88 @@
+"""Our VeRA and LoRA against Hugging Face PEFT: same logits, and exports PEFT loads."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vera_cli.adapters.inject import adapted_layers, inject, projection_bank
+from vera_cli.config import AdapterConfig
+from vera_cli.data import load_cifar10
+from vera_cli.evaluate import accuracy_report, predict_logits
+from vera_cli.models import ConvNet
+
+peft = pytest.importorskip("peft", reason="peft is not installed: pip install -e '.[peft]' to run these")
+
+TARGETS = ["fc1", "fc2", "fc3", "fc4", "fc5"]
+INPUT = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def base_model() -> ConvNet:
+    torch.manual_seed(0)
+    return ConvNet().eval()
+
+
+def trained(model) -> None:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * 0.2)
+
+
+def test_vera_projections_and_logits_equal_peft():
+    ours = inject(base_model(), AdapterConfig(method="vera", rank=16, sharing="sliced", projection_seed=3))
+    theirs = peft.get_peft_model(base_model(), peft.VeraConfig(r=16, target_modules=TARGETS, projection_prng_key=3))
+    # Same seed, same generator order: the initial projections agree bit for bit.
+    a, b = projection_bank(ours).pair("shared")
+    assert torch.equal(a, theirs.base_model.vera_A["default"])
+    assert torch.equal(b, theirs.base_model.vera_B["default"])
+    trained(ours)
+    with torch.no_grad():
+        for name, layer in adapted_layers(ours).items():
+            peft_layer = theirs.base_model.model.get_submodule(name)
+            peft_layer.vera_lambda_d["default"].copy_(layer.vera_d)
+            peft_layer.vera_lambda_b["default"].copy_(layer.vera_b)
+    difference = (ours(INPUT) - theirs(INPUT)).abs().max()
+    assert difference < 1e-5
+
+
+def test_lora_logits_equal_peft():
+    ours = inject(base_model(), AdapterConfig(method="lora", rank=8, alpha=16))
+    theirs = peft.get_peft_model(base_model(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    trained(ours)
+    with torch.no_grad():
+        for name, layer in adapted_layers(ours).items():
+            peft_layer = theirs.base_model.model.get_submodule(name)
+            peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
+            peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
+    assert (ours(INPUT) - theirs(INPUT)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("method_args", [["--sharing", "sliced"], ["--method", "lora", "--rank", "4"]])
+def test_exported_adapter_loads_in_peft_and_matches_vera_eval(vera, pretrained, cifar_root, method_args):
+    assert vera("adapt", "--epochs", "1", "--batch-size", "32", *method_args, "--run-dir", "runs/a").code == 0
+    result = vera("export", "runs/a", "--format", "peft", "--out", "exported", "--base-out", "base")
+    assert result.code == 0, result.err
+    assert sorted(p.name for p in Path("exported").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    preprocessing = json.loads(Path("base/preprocessing.json").read_text())
+    assert len(preprocessing["mean"]) == 3
+
+    from safetensors.torch import load_file
+
+    rebuilt = ConvNet()
+    rebuilt.load_state_dict(load_file("base/model.safetensors"))
+    model = peft.PeftModel.from_pretrained(rebuilt, "exported").eval()
+    data = load_cifar10(cifar_root, download=False)
+    theirs = accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes, [3, 2, 5])
+    ours = vera("eval", "runs/a", "--json").json()["reports"]["runs/a"]
+    assert theirs["per_class"] == ours["per_class"]
+
+
+def test_per_shape_vera_is_refused_with_the_option_to_use(vera, pretrained):
+    assert vera("adapt", "--epochs", "1", "--run-dir", "runs/p").code == 0
+    result = vera("export", "runs/p", "--out", "exported")
+    assert result.code == 2
+    assert "re-run adapt with --sharing sliced to export it" in result.err
+    assert not Path("exported").exists()
