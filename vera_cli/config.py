@@ -35,7 +35,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = 30
     batch_size: int = 256
     lr: float = 0.05
     optimizer: Literal["sgd", "adamw"] = "sgd"

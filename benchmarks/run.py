@@ -1,0 +1,317 @@
+#!/usr/bin/env python3
+"""vera-cli benchmarks on real CIFAR-10, side by side with the classic pipeline, in one run.
+
+    python benchmarks/run.py --data-dir DIR [--classic-epochs 6] [--out benchmarks/results]
+
+Measures, on whatever machine runs it (see benchmarks/README.md for the targets):
+  1. the classic pipeline (torchvision dataset + DataLoader + per-image PIL transforms,
+     batch 4, SGD lr 1e-3 momentum 0.9) against `configs/pretrain-fast.yaml`: time to
+     the classic pipeline's final accuracy;
+  2. `vera experiment` with the defaults (default pretrain + VeRA adapt): wall time,
+     accuracy, peak RSS;
+  3. one VeRA adaptation epoch on cat/bird/dog against evaluating the base on the
+     same images, and against a PEFT-VeRA training loop (when peft is installed);
+  4. inference at batch 64: base, merged VeRA, unmerged VeRA (ours and PEFT's);
+  5. pretrain step throughput against the arithmetic limit of this machine.
+Prints a markdown report and writes it to the output folder. The classic pipeline
+is part of the benchmark only, not of the product.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vera_cli import config as config_module
+from vera_cli.adapt import cached_features
+from vera_cli.adapters.inject import inject, merge
+from vera_cli.config import AdapterConfig, PretrainConfig, TrainConfig
+from vera_cli.data import batches, class_ids, load_cifar10
+from vera_cli.evaluate import predict_logits
+from vera_cli.models import ConvNet
+from vera_cli.pretrain import load_pretrained, run_pretrain
+from vera_cli.runs import Run, environment
+from vera_cli.train import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+FLOP_PER_IMAGE = 3 * 2 * (28 * 28 * 6 * 75 + 10 * 10 * 16 * 150 + 400 * 120 + 120 * 84 + 2 * 84 * 84 + 84 * 10)
+CLASSES = ["cat", "bird", "dog"]
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def classic_pipeline(data_dir: str, epochs: int) -> dict:
+    """The PyTorch-tutorial recipe, timed per training epoch; evaluation is not counted."""
+    import torchvision
+    import torchvision.transforms as T
+
+    class LocalCIFAR10(torchvision.datasets.CIFAR10):
+        # The local copy is a re-encoding whose md5 sums differ from the release's.
+        def _check_integrity(self) -> bool:
+            return True
+
+    transform = T.Compose([T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    train = LocalCIFAR10(data_dir, train=True, transform=transform)
+    test = LocalCIFAR10(data_dir, train=False, transform=transform)
+    train_loader = torch.utils.data.DataLoader(train, batch_size=4, shuffle=True, num_workers=2)
+    test_loader = torch.utils.data.DataLoader(test, batch_size=100, shuffle=False, num_workers=2)
+    torch.manual_seed(0)
+    model = ConvNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    curve, elapsed = [], 0.0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        start = time.perf_counter()
+        for images, labels in train_loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+        elapsed += time.perf_counter() - start
+        model.eval()
+        with torch.no_grad():
+            correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in test_loader)
+        curve.append({"epoch": epoch, "train_seconds": elapsed, "accuracy": correct / len(test)})
+        print(f"  classic epoch {epoch}: {elapsed:.1f}s, {correct / len(test):.2%}", flush=True)
+    return {"curve": curve, "seconds": elapsed, "accuracy": curve[-1]["accuracy"]}
+
+
+def ours_to_accuracy(data_dir: str, target: float, workdir: Path) -> dict:
+    """`configs/pretrain-fast.yaml`: training seconds until the test accuracy first reaches `target`."""
+    cfg = config_module.load(PretrainConfig, REPO / "configs/pretrain-fast.yaml",
+                             {"data.dir": data_dir, "device": "cpu", "run_dir": str(workdir / "fast")})
+    started = time.perf_counter()
+    result = run_pretrain(cfg, log=quiet, progress=False)
+    wall = time.perf_counter() - started
+    metrics = [json.loads(line) for line in result.run.file("metrics.jsonl").read_text().splitlines()]
+    elapsed, reached = 0.0, None
+    for record in metrics:
+        elapsed += record["seconds"]
+        if reached is None and record["test_accuracy"] >= target:
+            reached = {"epoch": record["epoch"], "train_seconds": elapsed}
+    return {"wall": wall, "train_seconds": elapsed, "accuracy": result.summary["test"]["overall"], "reached": reached}
+
+
+def experiment(data_dir: str, workdir: Path) -> dict:
+    """`vera experiment` with the defaults in a child process, for its wall time and peak RSS."""
+    run_dir = workdir / "experiment"
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "vera_cli", "experiment", "--data-dir", data_dir, "--device", "cpu",
+                    "--run-dir", str(run_dir), "--no-progress"], check=True, cwd=workdir,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - started
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    summary = json.loads((run_dir / "summary.json").read_text())
+    pretrain = json.loads((run_dir / "pretrain" / "summary.json").read_text())
+    adapt = json.loads((run_dir / "adapt" / "summary.json").read_text())
+    return {"wall": wall, "peak_rss_mb": peak_kib / 1024, "pretrain_seconds": pretrain["wall_seconds"],
+            "pretrain_epochs": pretrain["epochs"], "pretrain": pretrain["test"], "adapt": adapt,
+            "base_run": str(run_dir / "pretrain"), "summary": summary}
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def adaptation(base_run: str, data_dir: str) -> dict:
+    data = load_cifar10(data_dir, download=False)
+    subset = data.train.subset(class_ids(CLASSES))
+    base, _ = load_pretrained(Run(Path(base_run)), torch.device("cpu"))
+    eval_seconds = median_seconds(lambda: predict_logits(base, subset), 3)
+    model = inject(copy.deepcopy(base), AdapterConfig(method="vera", rank=32))
+    cache_seconds = median_seconds(lambda: cached_features(model, subset), 3)
+    features = cached_features(model, subset)
+    train = config_module.load(config_module.AdaptConfig, REPO / "configs/adapt-vera.yaml", {}).train
+    trainer = Trainer(model.classifier, model, train, steps_per_epoch=len(subset) // train.batch_size + 1)
+    generator = torch.Generator().manual_seed(0)
+
+    def one_epoch():
+        order = torch.randperm(len(subset), generator=generator)
+        feature_batches = ((features[i], subset.labels[i]) for i in order.split(train.batch_size))
+        trainer.epoch(1, feature_batches, len(subset), progress=False)
+
+    one_epoch()  # warm-up: first optimiser step pays for lazy imports
+    epoch_seconds = median_seconds(one_epoch, 5)
+    result = {"images": len(subset), "base_eval_seconds": eval_seconds, "feature_cache_seconds": cache_seconds,
+              "vera_epoch_seconds": epoch_seconds, "peft_step_ms": None}
+    try:
+        import peft
+    except ImportError:
+        return result
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(r=32, target_modules=["fc1", "fc2", "fc3", "fc4", "fc5"]))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    steps = [(x, y) for x, y in batches(subset, 64, torch.Generator().manual_seed(0))][:100]
+
+    def peft_loop():
+        for x, y in steps:
+            optimizer.zero_grad()
+            F.cross_entropy(peft_model(x), y).backward()
+            optimizer.step()
+
+    peft_loop()
+    result["peft_step_ms"] = 1000 * median_seconds(peft_loop, 3) / len(steps)
+    result["peft_epoch_seconds"] = result["peft_step_ms"] / 1000 * (len(subset) / 64)
+    return result
+
+
+def inference(base_run: str) -> dict:
+    base, _ = load_pretrained(Run(Path(base_run)), torch.device("cpu"))
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    models = {"base": base}
+    for rank in (32, 256):
+        adapted = inject(copy.deepcopy(base), AdapterConfig(method="vera", rank=rank, sharing="sliced"))
+        with torch.no_grad():
+            for p in adapted.parameters():
+                if p.requires_grad:
+                    p.normal_()
+        models[f"vera r{rank} unmerged"] = adapted
+        merged = copy.deepcopy(adapted)
+        merge(merged)
+        models[f"vera r{rank} merged"] = merged
+    try:
+        import peft
+
+        for rank in (32, 256):
+            config = peft.VeraConfig(r=rank, target_modules=["fc1", "fc2", "fc3", "fc4", "fc5"])
+            models[f"PEFT vera r{rank} unmerged"] = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    except ImportError:
+        pass
+    timings = {}
+    with torch.no_grad():
+        for _ in range(3):  # interleaved rounds so that drift of the machine hits every model alike
+            for name, model in models.items():
+                model.eval()
+                timings.setdefault(name, []).append(median_seconds(lambda: model(x), 200))
+    times = {name: min(values) for name, values in timings.items()}
+    return {name: {"ms": 1000 * t, "ratio": t / times["base"]} for name, t in times.items()}
+
+
+def throughput(data_dir: str) -> dict:
+    data = load_cifar10(data_dir, download=False)
+    rows = []
+    for batch_size in (128, 256, 512):
+        torch.manual_seed(0)
+        model = ConvNet()
+        cfg = TrainConfig(batch_size=batch_size, lr=0.01)
+        trainer = Trainer(model, model, cfg, steps_per_epoch=100)
+        generator = torch.Generator().manual_seed(0)
+        source = batches(data.train, batch_size, generator, crop=True, flip=True)
+        warm = [next(source) for _ in range(3)]
+        trainer.epoch(0, iter(warm), 3 * batch_size, progress=False)
+        count = 12_800
+        stats = trainer.epoch(1, (b for _, b in zip(range(count // batch_size), source)), count, progress=False)
+        rows.append({"batch_size": batch_size, "images_per_second": stats.images_per_second})
+    a = torch.randn(2048, 2048)
+    seconds = median_seconds(lambda: a @ a, 10)
+    gflops = 2 * 2048 ** 3 / seconds / 1e9
+    return {"rows": rows, "sgemm_gflops": gflops, "limit_images_per_second": gflops * 1e9 / FLOP_PER_IMAGE}
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "date": datetime.date.today().isoformat(), **environment()}
+
+
+def report(results: dict) -> str:
+    c, f, e, a, i, t = (results[k] for k in ("classic", "fast", "experiment", "adapt", "inference", "throughput"))
+    m = results["machine"]
+    lines = [f"# vera-cli benchmark, {m['date']}", "",
+             f"Machine: {m['cpu']}, {m['cpu_threads']} torch threads, {m['platform']}; Python {m['python']}, "
+             f"torch {m['torch']}, torchvision {m['torchvision']}, vera-cli {m['vera_cli']}.", "",
+             "| measure | ours | reference | ratio | target |", "|---|---|---|---|---|"]
+    reached = f["reached"]
+    to_acc = reached["train_seconds"] if reached else float("nan")
+    lines.append(f"| time to the classic pipeline's {len(c['curve'])}-epoch accuracy ({c['accuracy']:.2%}) | "
+                 f"{to_acc:.1f} s training (epoch {reached['epoch'] if reached else '-'} of pretrain-fast; "
+                 f"whole run {f['wall']:.1f} s, {f['accuracy']:.2%}) | classic {c['seconds']:.1f} s | "
+                 f"{c['seconds'] / to_acc:.1f}x faster | >= 15x |")
+    lines.append(f"| default `vera pretrain` (inside `vera experiment`) | {e['pretrain']['overall']:.2%} in "
+                 f"{e['pretrain_seconds']:.1f} s ({e['pretrain_epochs']} epochs) | classic {c['seconds']:.1f} s, "
+                 f"{c['accuracy']:.2%} | {e['pretrain_seconds'] / c['seconds']:.2f} of its time | >= 68 % in < 0.5 |")
+    lines.append(f"| VeRA adaptation epoch, {a['images']:,} cat/bird/dog images | {a['vera_epoch_seconds']:.3f} s "
+                 f"(+ {a['feature_cache_seconds']:.3f} s once for the feature cache) | base eval on them "
+                 f"{a['base_eval_seconds']:.3f} s | {a['vera_epoch_seconds'] / a['base_eval_seconds']:.2f} | <= 1 |")
+    if a["peft_step_ms"] is not None:
+        lines.append(f"| same epoch against a PEFT-VeRA loop (batch 64, {a['peft_step_ms']:.2f} ms/step) | "
+                     f"{a['vera_epoch_seconds']:.3f} s | {a['peft_epoch_seconds']:.3f} s | "
+                     f"{a['peft_epoch_seconds'] / a['vera_epoch_seconds']:.1f}x faster | >= 5x |")
+    for name, row in i.items():
+        if name != "base":
+            lines.append(f"| inference, batch 64: {name} | {row['ms']:.3f} ms | base {i['base']['ms']:.3f} ms | "
+                         f"{row['ratio']:.3f} | merged within 1.02 |")
+    best = max(t["rows"], key=lambda r: r["images_per_second"])
+    lines.append(f"| pretrain step throughput (augmented) | {best['images_per_second']:,.0f} img/s at batch "
+                 f"{best['batch_size']} | limit {t['limit_images_per_second']:,.0f} img/s (sgemm "
+                 f"{t['sgemm_gflops']:.0f} GFLOP/s / {FLOP_PER_IMAGE / 1e6:.2f} MFLOP per image) | "
+                 f"{best['images_per_second'] / t['limit_images_per_second']:.0%} of the limit | as high as it goes |")
+    lines.append(f"| peak RSS of `vera experiment` | {e['peak_rss_mb']:.0f} MB | dataset as uint8 184 MB | "
+                 f"{e['peak_rss_mb'] / 184:.1f} | dataset the largest allocation |")
+    lines += ["", "Throughput by batch size: " + ", ".join(
+        f"{r['batch_size']}: {r['images_per_second']:,.0f} img/s" for r in t["rows"]), "",
+        "Classic pipeline per epoch: " + ", ".join(
+            f"{p['epoch']}: {p['train_seconds']:.0f} s {p['accuracy']:.1%}" for p in c["curve"]), "",
+        f"`vera experiment` wall {e['wall']:.1f} s; adapt (VeRA, cat/bird/dog): chosen "
+        f"{e['adapt']['base']['chosen']:.2%} -> {e['adapt']['test']['chosen']:.2%}, task "
+        f"{e['adapt']['base']['task']:.2%} -> {e['adapt']['test']['task']:.2%}, other classes "
+        f"{e['adapt']['base']['rest']:.2%} -> {e['adapt']['test']['rest']:.2%}, overall "
+        f"{e['adapt']['base']['overall']:.2%} -> {e['adapt']['test']['overall']:.2%}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", required=True, help="folder holding cifar-10-batches-py/")
+    parser.add_argument("--classic-epochs", type=int, default=6)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args()
+    data_dir = str(Path(args.data_dir).resolve())
+    results = {"machine": machine()}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        print("classic pipeline ...", flush=True)
+        results["classic"] = classic_pipeline(data_dir, args.classic_epochs)
+        print("pretrain-fast ...", flush=True)
+        results["fast"] = ours_to_accuracy(data_dir, results["classic"]["accuracy"], workdir)
+        print("vera experiment ...", flush=True)
+        results["experiment"] = experiment(data_dir, workdir)
+        print("adaptation ...", flush=True)
+        results["adapt"] = adaptation(results["experiment"]["base_run"], data_dir)
+        print("inference ...", flush=True)
+        results["inference"] = inference(results["experiment"]["base_run"])
+        print("throughput ...", flush=True)
+        results["throughput"] = throughput(data_dir)
+    text = report(results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
+    (out / f"{stamp}-cpu.md").write_text(text)
+    (out / f"{stamp}-cpu.json").write_text(json.dumps(results, indent=2, default=str))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
