@@ -133,3 +133,11 @@ def test_cuda_without_cuda_is_refused(vera):
     result = vera("pretrain", "--device", "cuda", "--run-dir", "runs/x")
     assert result.code == 2 and "CUDA is not available here: use --device cpu or auto" in result.err
     assert not Path("runs/x").exists()
+
+
+def test_an_interrupted_experiment_names_the_inner_run_to_resume(vera, interrupt_after_epoch):
+    interrupt_after_epoch(1)
+    result = vera("experiment", "--run-dir", "runs/exp", "--set", "pretrain.epochs=2")
+    assert result.code == 130
+    assert "continue it with: vera pretrain --resume runs/exp/pretrain" in result.err
+    assert status("runs/exp") == "interrupted" and status("runs/exp/pretrain") == "interrupted"

@@ -8,7 +8,6 @@ batch at once. Nothing here loops over images in Python.
 from __future__ import annotations
 
 import difflib
-import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def read_batch_file(path: Path) -> dict:
     try:
-        payload = _RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+        with path.open("rb") as handle:
+            payload = _RestrictedUnpickler(handle, encoding="bytes").load()
     except _ForbiddenGlobal as exc:
         raise VeraError(f"{path} is not a CIFAR-10 batch file ({exc}); re-create the data directory") from exc
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
@@ -98,25 +98,33 @@ class Cifar10:
 
 
 def _read_split(folder: Path, files: list[str]) -> Split:
-    images, labels = [], []
-    for name in files:
-        path = folder / name
+    """All batch files of a split into one preallocated tensor: no second copy of the split is ever made."""
+    paths = [folder / name for name in files]
+    for path in paths:
         if not path.is_file():
             raise VeraError(f"{path} is missing: the CIFAR-10 folder needs {', '.join(TRAIN_FILES)}, {TEST_FILE} and {META_FILE}")
+    # A file of N images holds at least N * 3072 bytes: an upper bound for the allocation.
+    capacity = sum(path.stat().st_size // 3072 for path in paths)
+    images = torch.empty((capacity, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.empty(capacity, dtype=torch.int64)
+    count = 0
+    for path in paths:
         batch = read_batch_file(path)
         data, batch_labels = batch.get("data"), batch.get("labels")
         if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
             shape = getattr(data, "shape", None)
             raise VeraError(f"{path}: 'data' must be an N x 3072 uint8 array, got {type(data).__name__} of shape {shape}")
         if batch_labels is None or len(batch_labels) != data.shape[0]:
-            count = None if batch_labels is None else len(batch_labels)
-            raise VeraError(f"{path}: expected {data.shape[0]} labels (one per image), got {count}")
+            found = None if batch_labels is None else len(batch_labels)
+            raise VeraError(f"{path}: expected {data.shape[0]} labels (one per image), got {found}")
         label_array = np.asarray(batch_labels, dtype=np.int64)
         if label_array.size and (label_array.min() < 0 or label_array.max() >= len(CLASSES)):
             raise VeraError(f"{path}: labels must lie in 0..{len(CLASSES) - 1}, found {label_array.min()}..{label_array.max()}")
-        images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
-        labels.append(torch.from_numpy(label_array))
-    return Split(torch.cat(images), torch.cat(labels))
+        size = data.shape[0]
+        images[count:count + size] = torch.from_numpy(data).view(size, 3, 32, 32)
+        labels[count:count + size] = torch.from_numpy(label_array)
+        count += size
+    return Split(images[:count], labels[:count])
 
 
 def _read_classes(folder: Path) -> list[str]:

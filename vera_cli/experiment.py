@@ -28,7 +28,7 @@ def run_experiment(cfg: ExperimentConfig, log: Log = print, progress: bool = Tru
     ensure_new(cfg.run_dir)
     data = load_cifar10(cfg.data.dir, cfg.data.download)
     run = create_run("experiment", cfg.run_dir)
-    with run.recording():
+    with run.recording(resumable=False):
         started = time.perf_counter()
         base = cfg.base
         if base is None:

@@ -111,15 +111,21 @@ class Run:
         return self.path / name
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator[None]:
-        """Mark the run interrupted or failed if the body does not finish; the caller marks success."""
+    def recording(self, resumable: bool = True) -> Iterator[None]:
+        """Mark the run interrupted or failed if the body does not finish; the caller marks success.
+
+        An interruption names the command that continues the run; a run that cannot
+        resume passes on the message of the inner run that can.
+        """
         try:
             yield
-        except (KeyboardInterrupt, RunInterrupted):
+        except (KeyboardInterrupt, RunInterrupted) as exc:
             self.set_status("interrupted")
+            if not resumable and isinstance(exc, RunInterrupted):
+                raise
             kind = self.status.get("kind")
-            raise RunInterrupted(f"interrupted: {self.path} keeps what it completed; "
-                                 f"continue it with: vera {kind} --resume {self.path}") from None
+            hint = f"continue it with: vera {kind} --resume {self.path}" if resumable else "start it again"
+            raise RunInterrupted(f"interrupted: {self.path} keeps what it completed; {hint}") from None
         except BaseException as exc:
             self.set_status("failed", error=str(exc))
             raise
@@ -200,8 +206,7 @@ def latest_run(kinds: tuple[str, ...] | None = None, root: Path = RUNS_ROOT) -> 
 def environment() -> dict[str, str]:
     """Versions and machine facts recorded with every run, so a figure can be traced to its setup."""
     import platform
-
-    import torchvision
+    from importlib.metadata import version
 
     from vera_cli import __version__
 
@@ -209,7 +214,8 @@ def environment() -> dict[str, str]:
         "vera_cli": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        # Read from the package metadata: importing torchvision costs about 160 MB of memory.
+        "torchvision": version("torchvision"),
         "platform": platform.platform(),
         "cpu_threads": str(torch.get_num_threads()),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",

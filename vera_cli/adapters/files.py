@@ -7,7 +7,6 @@ differs (another torch build, say) is caught instead of giving wrong results.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ def save_adapter(folder: Path, model: nn.Module, spec: AdapterConfig, base_finge
     size = write_tensors(folder / ADAPTER_FILE, adapter_tensors(model, spec))
     write_json(folder / META_FILE, {
         "format": FORMAT_VERSION,
-        "adapter": dataclasses.asdict(spec),
+        "adapter": config_module.to_dict(spec),
         "base_fingerprint": base_fingerprint,
         "projection_checksum": bank.checksum() if bank is not None else None,
         "torch": torch.__version__,
