@@ -23,7 +23,6 @@ import argparse
 import copy
 import datetime
 import json
-import platform
 import resource
 import statistics
 import subprocess
