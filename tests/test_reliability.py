@@ -141,3 +141,55 @@ def test_an_interrupted_experiment_names_the_inner_run_to_resume(vera, interrupt
     assert result.code == 130
     assert "continue it with: vera pretrain --resume runs/exp/pretrain" in result.err
     assert status("runs/exp") == "interrupted" and status("runs/exp/pretrain") == "interrupted"
+
+
+def _write(path: str, text: str) -> str:
+    Path(path).write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "bad.yaml"], r"error: config file bad.yaml is not valid YAML at line 4: expected ',' or '\]', "
+                              r"but got '<stream end>' \(while parsing a flow sequence that starts at line 3\)"),
+    (["--config", "missing.yaml"], r"error: config file missing.yaml does not exist: pass an existing file with --config"),
+    (["--set", "classes=[]"], r"error: classes is empty: name at least one class"),
+    (["--rank", "two"], r"error: Invalid value for '--rank'"),
+    (["--set", "adapter.rank=2.5"], r"error: adapter.rank must be an integer, got 2.5 \(float\)"),
+    (["--set", "adapter.sharing=diagonal"], r"error: adapter.sharing must be one of per-shape, sliced; got 'diagonal'"),
+])
+def test_bad_adapt_configs_are_one_line_errors(vera, pretrained, args, message):
+    _write("bad.yaml", "train:\n  epochs: 2\n  lr: [0.1\n")
+    result = vera("adapt", *args, "--run-dir", "runs/never")
+    assert result.code == 2
+    assert re.match(message, result.err), result.err
+    assert result.err.count("\n") == 1 and "Traceback" not in result.err
+    assert not Path("runs/never").exists()
+
+
+def test_damaged_data_is_reported_through_the_cli(vera, fresh_cifar):
+    path = fresh_cifar / "cifar-10-batches-py" / "data_batch_2"
+    path.write_bytes(path.read_bytes()[:3000])
+    result = vera("pretrain", "--data-dir", str(fresh_cifar), "--run-dir", "runs/never")
+    assert result.code == 2 and "data_batch_2 is truncated or corrupted" in result.err
+    assert not Path("runs/never").exists()
+
+
+def test_offline_download_is_explained_through_the_cli(vera, tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    result = vera("pretrain", "--data-dir", str(tmp_path / "fresh"), "--run-dir", "runs/never")
+    assert result.code == 2
+    assert "could not download CIFAR-10" in result.err and "if this machine is offline" in result.err
+    assert not Path("runs/never").exists()
+
+
+def test_an_adapter_on_another_base_is_refused_through_the_cli(vera, pretrained):
+    assert vera("adapt", *QUICK, "--run-dir", "runs/a").code == 0
+    assert vera("pretrain", *QUICK, "--seed", "7", "--run-dir", "runs/other-base").code == 0
+    result = vera("eval", "runs/other-base", "--adapter", "runs/a")
+    assert result.code == 2
+    assert "the adapter in runs/a was trained on another base model (its base run was runs/base)" in result.err

@@ -45,16 +45,20 @@ def _log(message: str) -> None:
     err.print(message, highlight=False, soft_wrap=True)
 
 
-def _common(epochs, batch_size, lr, device, seed, data_dir, run_dir, sets, train_key: str = "train") -> dict[str, Any]:
+def _overrides(named: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+    """Options the user gave (None means not given), then `--set` pairs, which win over them."""
+    return {**{key: value for key, value in named.items() if value is not None}, **cfg.parse_set_options(sets)}
+
+
+def _common(epochs, batch_size, lr, device, seed, data_dir, run_dir) -> dict[str, Any]:
     return {
-        f"{train_key}.epochs": epochs,
-        f"{train_key}.batch_size": batch_size,
-        f"{train_key}.lr": lr,
+        "train.epochs": epochs,
+        "train.batch_size": batch_size,
+        "train.lr": lr,
         "device": device,
         "seed": seed,
         "data.dir": data_dir,
         "run_dir": run_dir,
-        **cfg.parse_set_options(sets),
     }
 
 
@@ -89,7 +93,7 @@ def pretrain(
     from vera_cli.pretrain import run_pretrain
     from vera_cli.report import accuracy_table
 
-    overrides = _common(epochs, batch_size, lr, device, seed, data_dir, run_dir, set_)
+    overrides = _overrides(_common(epochs, batch_size, lr, device, seed, data_dir, run_dir), set_)
     run, settings = _settings(cfg.PretrainConfig, "pretrain", "pretrain", config, overrides, resume)
     result = run_pretrain(settings, log=_log, progress=not no_progress, resume=run)
     out.print(accuracy_table(result.summary["test"], f"Test accuracy, {result.run.path}"))
@@ -112,8 +116,8 @@ def adapt(
     from vera_cli.adapt import run_adapt
     from vera_cli.report import comparison_table
 
-    overrides = {**_common(epochs, batch_size, lr, device, seed, data_dir, run_dir, set_), "classes": classes or None,
-                 "adapter.method": method, "adapter.rank": rank, "adapter.sharing": sharing, "base": base}
+    overrides = _overrides({**_common(epochs, batch_size, lr, device, seed, data_dir, run_dir), "classes": classes or None,
+                            "adapter.method": method, "adapter.rank": rank, "adapter.sharing": sharing, "base": base}, set_)
     run, settings = _settings(cfg.AdaptConfig, "adapt", _adapt_config_name(method or "vera"), config, overrides, resume)
     result = run_adapt(settings, log=_log, progress=not no_progress, resume=run)
     summary = result.summary
@@ -168,8 +172,8 @@ def count_params(
     from vera_cli.models import build_model
     from vera_cli.report import count_tables
 
-    overrides = {"adapter.method": method, "adapter.rank": rank, "adapter.sharing": sharing,
-                 "adapter.targets": target or None, **cfg.parse_set_options(set_)}
+    overrides = _overrides({"adapter.method": method, "adapter.rank": rank, "adapter.sharing": sharing,
+                            "adapter.targets": target or None}, set_)
     settings = _load(cfg.AdaptConfig, _adapt_config_name(method), config, overrides)
     result = count(build_model(model), settings.adapter)
     if as_json:
@@ -191,8 +195,8 @@ def experiment(
     from vera_cli.experiment import run_experiment
     from vera_cli.report import comparison_table, count_tables
 
-    overrides = {"device": device, "seed": seed, "data.dir": data_dir, "run_dir": run_dir,
-                 "classes": classes or None, "base": base, **cfg.parse_set_options(set_)}
+    overrides = _overrides({"device": device, "seed": seed, "data.dir": data_dir, "run_dir": run_dir,
+                            "classes": classes or None, "base": base}, set_)
     settings = _load(cfg.ExperimentConfig, "experiment", config, overrides)
     result = run_experiment(settings, log=_log, progress=not no_progress)
     for table in count_tables(result.counts):
@@ -218,9 +222,9 @@ def compare(
     from vera_cli.compare import run_compare
     from vera_cli.report import compare_table
 
-    overrides = {"classes": classes or None, "methods": methods, "ranks": ranks, "seeds": seeds, "base": base,
-                 "epochs": epochs, "device": device, "data.dir": data_dir, "run_dir": run_dir,
-                 **cfg.parse_set_options(set_)}
+    overrides = _overrides({"classes": classes or None, "methods": methods, "ranks": ranks, "seeds": seeds,
+                            "base": base, "epochs": epochs, "device": device, "data.dir": data_dir,
+                            "run_dir": run_dir}, set_)
     run, settings = _settings(cfg.CompareConfig, "compare", "compare", config, overrides, resume)
     result = run_compare(settings, log=_log, progress=not no_progress, resume=run)
     out.print(compare_table(result.rows, f"Comparison {result.run.path} on {', '.join(settings.classes)}"))

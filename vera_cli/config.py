@@ -179,7 +179,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise VeraError(f"config file {path} is not valid YAML{where}: {problem}") from exc
+        context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        opened = f" ({context} that starts at line {start.line + 1})" if context and start is not None else ""
+        raise VeraError(f"config file {path} is not valid YAML{where}: {problem}{opened}") from exc
     if raw is None:
         return {}
     if not isinstance(raw, dict):
