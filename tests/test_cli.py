@@ -163,7 +163,7 @@ def test_bad_adapt_input_is_refused_before_anything_is_written(vera, pretrained,
 def test_adapting_an_adapt_run_is_refused(vera, pretrained):
     assert vera("adapt", *QUICK, "--run-dir", "runs/first").code == 0
     result = vera("adapt", "--base", "runs/first", "--run-dir", "runs/second")
-    assert result.code == 2 and "runs/first is a adapt run; this needs a pretrain run" in result.err
+    assert result.code == 2 and "runs/first is an adapt run; this needs a pretrain run" in result.err
 
 
 def test_experiment_runs_the_whole_write_up(vera):

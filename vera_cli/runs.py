@@ -167,7 +167,9 @@ def open_run(path: str | Path, kinds: tuple[str, ...] | None = None) -> Run:
     run = Run(path)
     status = run.status
     if kinds is not None and status.get("kind") not in kinds:
-        raise VeraError(f"{path} is a {status.get('kind')} run; this needs a {' or '.join(kinds)} run")
+        kind = status.get("kind")
+        article = "an" if str(kind)[:1] in "aeiou" else "a"
+        raise VeraError(f"{path} is {article} {kind} run; this needs a {' or '.join(kinds)} run")
     if status.get("status") != "finished":
         raise VeraError(f"{path} is {status.get('status')}, not finished: resume or repeat it before using it")
     return run
