@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from vera_cli import config as config_module
 from vera_cli.adapt import cached_features
-from vera_cli.adapters.inject import inject, merge
+from vera_cli.adapters.inject import inject, merged_plain
 from vera_cli.config import AdapterConfig, PretrainConfig, TrainConfig
 from vera_cli.data import batches, class_ids, load_cifar10
 from vera_cli.evaluate import predict_logits
@@ -198,9 +198,7 @@ def inference(base_run: str) -> dict:
                 if p.requires_grad:
                     p.normal_()
         models[f"vera r{rank} unmerged"] = adapted
-        merged = copy.deepcopy(adapted)
-        merge(merged)
-        models[f"vera r{rank} merged"] = merged
+        models[f"vera r{rank} merged"] = merged_plain(copy.deepcopy(adapted))
     try:
         import peft
 
@@ -211,10 +209,10 @@ def inference(base_run: str) -> dict:
         pass
     timings = {}
     with torch.no_grad():
-        for _ in range(3):  # interleaved rounds so that drift of the machine hits every model alike
+        for _ in range(7):  # interleaved rounds so that drift of the machine hits every model alike
             for name, model in models.items():
                 model.eval()
-                timings.setdefault(name, []).append(median_seconds(lambda: model(x), 200))
+                timings.setdefault(name, []).append(median_seconds(lambda: model(x), 300))
     times = {name: min(values) for name, values in timings.items()}
     return {name: {"ms": 1000 * t, "ratio": t / times["base"]} for name, t in times.items()}
 

@@ -248,3 +248,16 @@ def test_projection_checksum_mismatch_is_refused(tmp_path):
     write_json(tmp_path / "adapter.json", meta)
     with pytest.raises(VeraError, match="regenerated from the seed differ .*checksum mismatch"):
         apply_adapter(copy.deepcopy(base), tmp_path, fingerprint(base))
+
+
+@pytest.mark.parametrize("method", ["vera", "lora"])
+def test_merged_plain_model_is_the_base_architecture_with_the_same_outputs(method):
+    from vera_cli.adapters.inject import merged_plain
+
+    model = adapted(method)
+    nudge(model)
+    expected = model(INPUT)
+    plain = merged_plain(model)
+    assert not adapted_layers(plain) and projection_bank(plain) is None
+    assert set(plain.state_dict()) == set(convnet().state_dict())
+    assert torch.allclose(plain(INPUT), expected, atol=1e-5)

@@ -155,6 +155,8 @@ def eval_(
     else:
         title = f"Test accuracy over base {result.base_run.path}" + (" (adapters merged)" if merge else "")
         out.print(comparison_table(result.reports, title))
+    _log("time over the test set: " + ", ".join(f"{name} {seconds:.2f}s" for name, seconds in result.seconds.items())
+         + (" (adapters merged into the weights)" if merge else ""))
 
 
 @app.command(name="count-params")

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from vera_cli.adapters.files import apply_adapter, read_adapter_meta
-from vera_cli.adapters.inject import merge
+from vera_cli.adapters.inject import merged_plain
 from vera_cli.data import class_ids, load_cifar10
 from vera_cli.evaluate import accuracy_report, predict_logits
 from vera_cli.errors import VeraError
@@ -61,7 +61,7 @@ def evaluate_runs(run_path: str | None, adapter_paths: list[str], do_merge: bool
         model = copy.deepcopy(base)
         meta = apply_adapter(model, adapter.path, base_fingerprint)
         if do_merge:
-            merge(model)
+            merged_plain(model)
         model.eval()
         started = time.perf_counter()
         logits = predict_logits(model, data.test)

@@ -101,6 +101,17 @@ def merge(model: nn.Module) -> None:
         layer.merge()
 
 
+def merged_plain(model: nn.Module) -> nn.Module:
+    """Merge, then put each layer's plain nn.Linear back and drop the projections: the base model's
+    own architecture and speed, with the adapter folded into its weights. Cannot be unmerged."""
+    merge(model)
+    for name, layer in adapted_layers(model).items():
+        _replace(model, name, layer.base)
+    if projection_bank(model) is not None:
+        delattr(model, BANK_NAME)
+    return model
+
+
 def unmerge(model: nn.Module) -> None:
     for layer in adapted_layers(model).values():
         layer.unmerge()

@@ -16,7 +16,8 @@ class AdaptedLinear(nn.Module):
         self.base = base
         self.in_features = base.in_features
         self.out_features = base.out_features
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # None rather than nn.Identity: a module call per forward costs measurable time on small layers.
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.merged = False
         base.weight.requires_grad_(False)
         if base.bias is not None:
@@ -34,7 +35,7 @@ class AdaptedLinear(nn.Module):
         output = self.base(x)
         if self.merged:
             return output
-        return output + self.delta(self.dropout(x))
+        return output + self.delta(x if self.dropout is None else self.dropout(x))
 
     @torch.no_grad()
     def merge(self) -> None:

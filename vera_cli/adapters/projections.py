@@ -39,6 +39,8 @@ class ProjectionBank(nn.Module):
         else:
             pair_shapes = {self._shape_key(i, o): (i, o) for i, o in shapes}
         self.pair_shapes = pair_shapes
+        # Slices are views: cached per layer shape, rebuilt only when .to() has replaced the buffers.
+        self._slices: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         generator = torch.Generator(device="cpu").manual_seed(seed)
         for key, (fan_in, fan_out) in pair_shapes.items():
             self.register_buffer(f"A_{key}", kaiming_uniform(rank, fan_in, generator))
@@ -57,7 +59,11 @@ class ProjectionBank(nn.Module):
     def projections(self, fan_in: int, fan_out: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A (r x in) and B (out x r) for a layer: the pair itself, or its top-left slice."""
         a, b = self.pair(self.key_for(fan_in, fan_out))
-        return a[:, :fan_in], b[:fan_out, :]
+        cached = self._slices.get((fan_in, fan_out))
+        if cached is None or cached[0] is not a or cached[1] is not b:
+            cached = (a, b, a[:, :fan_in], b[:fan_out, :])
+            self._slices[(fan_in, fan_out)] = cached
+        return cached[2], cached[3]
 
     def num_values(self) -> int:
         return sum(buf.numel() for buf in self.buffers())

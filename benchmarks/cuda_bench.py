@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Time pretrain and adapt on CUDA through the same code path as the CPU runs.
 
-    python benchmarks/cuda.py --data-dir DIR
+    python benchmarks/cuda_bench.py --data-dir DIR
 
 Checks first that the whole dataset sits on the GPU and that batches are drawn there
 (no host-device copy per batch), then runs `configs/pretrain.yaml` and
