@@ -23,7 +23,6 @@ import argparse
 import copy
 import datetime
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -121,14 +120,18 @@ def ours_to_accuracy(data_dir: str, target: float, workdir: Path) -> dict:
 
 
 def experiment(data_dir: str, workdir: Path) -> dict:
-    """`vera experiment` with the defaults in a child process, for its wall time and peak RSS."""
+    """`vera experiment` with the defaults in a child process, for its wall time and its own peak RSS."""
     run_dir = workdir / "experiment"
+    rss_file = workdir / "experiment-peak-rss-kib"
+    # The child reports its own peak: RUSAGE_CHILDREN would also count the classic pipeline's DataLoader workers.
+    child = ("import resource, sys; from vera_cli.cli import run; code = run(sys.argv[2:]); "
+             "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); sys.exit(code)")
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "vera_cli", "experiment", "--data-dir", data_dir, "--device", "cpu",
+    subprocess.run([sys.executable, "-c", child, str(rss_file), "experiment", "--data-dir", data_dir, "--device", "cpu",
                     "--run-dir", str(run_dir), "--no-progress"], check=True, cwd=workdir,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - started
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    peak_kib = int(rss_file.read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     pretrain = json.loads((run_dir / "pretrain" / "summary.json").read_text())
     adapt = json.loads((run_dir / "adapt" / "summary.json").read_text())
@@ -207,13 +210,18 @@ def inference(base_run: str) -> dict:
             models[f"PEFT vera r{rank} unmerged"] = peft.get_peft_model(copy.deepcopy(base), config).eval()
     except ImportError:
         pass
-    timings = {}
+    models["base (a second copy: the noise floor)"] = copy.deepcopy(base)
+    for model in models.values():
+        model.eval()
+    timings: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
-        for _ in range(7):  # interleaved rounds so that drift of the machine hits every model alike
+        # One call of each model in turn, many times over: drift of a shared machine hits every model alike.
+        for _ in range(2000):
             for name, model in models.items():
-                model.eval()
-                timings.setdefault(name, []).append(median_seconds(lambda: model(x), 300))
-    times = {name: min(values) for name, values in timings.items()}
+                start = time.perf_counter()
+                model(x)
+                timings[name].append(time.perf_counter() - start)
+    times = {name: statistics.median(values) for name, values in timings.items()}
     return {name: {"ms": 1000 * t, "ratio": t / times["base"]} for name, t in times.items()}
 
 
