@@ -50,6 +50,7 @@ class EpochRecorder:
             "trainer": self.trainer.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
         buffer = io.BytesIO()
         torch.save(state, buffer)
@@ -71,6 +72,8 @@ def restore(run: Run, model: nn.Module, trainer: Trainer, generator: torch.Gener
         raise VeraError(f"{path} is truncated or corrupted ({type(exc).__name__}); the run cannot resume, repeat it") from exc
     generator.set_state(state["generator"].to(generator.get_state().device))
     torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     epoch = int(state["epoch"])
     metrics = run.file(METRICS_FILE)
     if metrics.is_file():
