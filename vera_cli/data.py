@@ -8,6 +8,7 @@ batch at once. Nothing here loops over images in Python.
 from __future__ import annotations
 
 import difflib
+import functools
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,10 +184,17 @@ def class_ids(names: list[str], classes: list[str] = CLASSES) -> list[int]:
     return ids
 
 
+@functools.lru_cache(maxsize=None)
+def _channel_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std on the 0-255 scale, made once per device rather than once per batch."""
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+    return mean, std
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32 standardised per channel."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
+    mean, std = _channel_stats(images.device)
     return (images.float() - mean) / std
 
 
