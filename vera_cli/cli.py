@@ -298,7 +298,7 @@ def run(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _interrupt(signum, frame) -> None:
+def _interrupt(_signum, _frame) -> None:
     raise KeyboardInterrupt
 
 

@@ -45,10 +45,6 @@ class GridPoint:
         rank = f"-r{self.rank}" if self.rank is not None else ""
         return f"{self.method}{rank}-{self.forgetting}-s{self.seed}"
 
-    @property
-    def setting(self) -> tuple:
-        return (self.method, self.rank, self.forgetting)
-
 
 @dataclass
 class CompareResult:
