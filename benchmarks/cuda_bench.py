@@ -5,7 +5,8 @@
 
 Checks first that the whole dataset sits on the GPU and that batches are drawn there
 (no host-device copy per batch), then runs `configs/pretrain.yaml` and
-`configs/adapt-vera.yaml` with device cuda and prints wall times and accuracies.
+`configs/adapt-vera.yaml` with device cuda (pretrain also in bf16 mixed precision, to
+see whether it costs accuracy) and prints wall times and accuracies.
 Meant for one short session on a lent GPU; about a minute of GPU time.
 """
 
@@ -42,6 +43,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, cls, path, extra in [
             ("pretrain", PretrainConfig, "configs/pretrain.yaml", {}),
+            ("pretrain bf16", PretrainConfig, "configs/pretrain.yaml", {"train.precision": "bf16"}),
             ("pretrain-fast", PretrainConfig, "configs/pretrain-fast.yaml", {}),
             ("adapt vera", AdaptConfig, "configs/adapt-vera.yaml", {"base": f"{tmp}/pretrain"}),
             ("adapt lora", AdaptConfig, "configs/adapt-lora.yaml", {"base": f"{tmp}/pretrain"}),

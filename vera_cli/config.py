@@ -47,6 +47,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     crop: bool = True
     flip: bool = True
+    # bf16: forward and loss under autocast (mixed precision; meant for CUDA, where it is cheap).
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs must be at least 1")

@@ -80,8 +80,11 @@ class Trainer:
         losses = []
         seen = 0
         bar = tqdm(total=num_images, desc=f"epoch {epoch}", unit="img", leave=False, disable=not progress)
+        device_type = self.params[0].device.type
         for inputs, labels in batches:
-            loss = F.cross_entropy(self.forward(inputs), labels, label_smoothing=self.cfg.label_smoothing)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+                logits = self.forward(inputs)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
