@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from vera_cli import config as config_module
-from vera_cli.adapt import run_adapt
+from vera_cli.commands.adapt import run_adapt
 from vera_cli.config import AdaptConfig, PretrainConfig
 from vera_cli.data import batches, load_cifar10
-from vera_cli.pretrain import run_pretrain
+from vera_cli.commands.pretrain import run_pretrain
 from vera_cli.train import make_generator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,13 +42,13 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name(0)}; dataset resident: {data.train.images.numel() / 1e6:.0f} MB uint8")
     with tempfile.TemporaryDirectory() as tmp:
         for name, cls, path, extra in [
-            ("pretrain", PretrainConfig, "configs/pretrain.yaml", {}),
-            ("pretrain bf16", PretrainConfig, "configs/pretrain.yaml", {"train.precision": "bf16"}),
-            ("pretrain-fast", PretrainConfig, "configs/pretrain-fast.yaml", {}),
-            ("adapt vera", AdaptConfig, "configs/adapt-vera.yaml", {"base": f"{tmp}/pretrain"}),
-            ("adapt lora", AdaptConfig, "configs/adapt-lora.yaml", {"base": f"{tmp}/pretrain"}),
+            ("pretrain", PretrainConfig, "pretrain", {}),
+            ("pretrain bf16", PretrainConfig, "pretrain", {"train.precision": "bf16"}),
+            ("pretrain-fast", PretrainConfig, "pretrain-fast", {}),
+            ("adapt vera", AdaptConfig, "adapt-vera", {"base": f"{tmp}/pretrain"}),
+            ("adapt lora", AdaptConfig, "adapt-lora", {"base": f"{tmp}/pretrain"}),
         ]:
-            cfg = config_module.load(cls, REPO / path, {"device": "cuda", "run_dir": f"{tmp}/{name.replace(' ', '-')}",
+            cfg = config_module.load(cls, path, {"device": "cuda", "run_dir": f"{tmp}/{name.replace(' ', '-')}",
                                                          **extra})
             runner = run_pretrain if cls is PretrainConfig else run_adapt
             torch.cuda.synchronize()
@@ -56,10 +56,10 @@ def main() -> None:
             result = runner(cfg, log=lambda m: None, progress=False, data=data)
             torch.cuda.synchronize()
             seconds = time.perf_counter() - started
-            test = result.summary["test"]
-            extra_text = (f", chosen {test['chosen']:.2%}, task {test['task']:.2%}, rest {test['rest']:.2%}"
-                          if "chosen" in test else "")
-            print(f"{name}: {seconds:.1f} s, {cfg.train.epochs} epochs, test {test['overall']:.2%}{extra_text}")
+            test = result.test
+            extra_text = (f", chosen {test.chosen:.2%}, task {test.task:.2%}, rest {test.rest:.2%}"
+                          if test.chosen_classes else "")
+            print(f"{name}: {seconds:.1f} s, {cfg.train.epochs} epochs, test {test.overall:.2%}{extra_text}")
     print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 
 

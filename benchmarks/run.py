@@ -34,13 +34,14 @@ import torch
 import torch.nn.functional as F
 
 from vera_cli import config as config_module
-from vera_cli.adapt import cached_features
+from vera_cli.commands.adapt import cached_features
 from vera_cli.adapters.inject import inject, merged_plain
 from vera_cli.config import AdapterConfig, PretrainConfig, TrainConfig
 from vera_cli.data import batches, class_ids, load_cifar10
-from vera_cli.evaluate import predict_logits
+from vera_cli.metrics import predict_logits
 from vera_cli.models import ConvNet
-from vera_cli.pretrain import load_pretrained, run_pretrain
+from vera_cli.bases import load_pretrained
+from vera_cli.commands.pretrain import run_pretrain
 from vera_cli.runs import Run, environment
 from vera_cli.train import Trainer
 
@@ -105,7 +106,7 @@ def classic_pipeline(data_dir: str, epochs: int) -> dict:
 
 def ours_to_accuracy(data_dir: str, target: float, workdir: Path) -> dict:
     """`configs/pretrain-fast.yaml`: training seconds until the test accuracy first reaches `target`."""
-    cfg = config_module.load(PretrainConfig, REPO / "configs/pretrain-fast.yaml",
+    cfg = config_module.load(PretrainConfig, "pretrain-fast",
                              {"data.dir": data_dir, "device": "cpu", "run_dir": str(workdir / "fast")})
     started = time.perf_counter()
     result = run_pretrain(cfg, log=quiet, progress=False)
@@ -116,7 +117,7 @@ def ours_to_accuracy(data_dir: str, target: float, workdir: Path) -> dict:
         elapsed += record["seconds"]
         if reached is None and record["test_accuracy"] >= target:
             reached = {"epoch": record["epoch"], "train_seconds": elapsed}
-    return {"wall": wall, "train_seconds": elapsed, "accuracy": result.summary["test"]["overall"], "reached": reached}
+    return {"wall": wall, "train_seconds": elapsed, "accuracy": result.test.overall, "reached": reached}
 
 
 def experiment(data_dir: str, workdir: Path) -> dict:
@@ -157,7 +158,7 @@ def adaptation(base_run: str, data_dir: str) -> dict:
     model = inject(copy.deepcopy(base), AdapterConfig(method="vera", rank=32))
     cache_seconds = median_seconds(lambda: cached_features(model, subset), 3)
     features = cached_features(model, subset)
-    train = config_module.load(config_module.AdaptConfig, REPO / "configs/adapt-vera.yaml", {}).train
+    train = config_module.load(config_module.AdaptConfig, "adapt-vera", {}).train
     trainer = Trainer(model.classifier, model, train, steps_per_epoch=len(subset) // train.batch_size + 1)
     generator = torch.Generator().manual_seed(0)
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from vera_cli import cli
+from vera_cli.checkpoint import EpochRecorder
 from vera_cli.data import CLASSES, FOLDER, TEST_FILE, TRAIN_FILES
 
 # Uneven on purpose: the loader must accept any number of images per batch file.
@@ -93,3 +94,18 @@ def pretrained(vera) -> Path:
     result = vera("pretrain", *QUICK, "--run-dir", "runs/base")
     assert result.code == 0, result.err
     return Path("runs/base")
+
+
+@pytest.fixture
+def interrupt_after_epoch(monkeypatch):
+    """Make the next run stop as if Ctrl-C were pressed right after epoch `n` was recorded."""
+    def arm(n: int) -> None:
+        original = EpochRecorder.__call__
+
+        def recorder(self, stats, report):
+            original(self, stats, report)
+            if stats.epoch == n:
+                monkeypatch.setattr(EpochRecorder, "__call__", original)
+                raise KeyboardInterrupt
+        monkeypatch.setattr(EpochRecorder, "__call__", recorder)
+    return arm

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vera_cli.adapt import build_pipeline, masked_to, run_adapt, training_split
+from vera_cli.commands.adapt import build_pipeline, masked_to, run_adapt, training_split
 from vera_cli.config import AdaptConfig, AdapterConfig, TrainConfig
 from vera_cli.data import load_cifar10
 from vera_cli.models import ConvNet
@@ -28,7 +28,7 @@ def test_feature_cache_gives_the_same_adapter_and_accuracy_as_the_plain_path(ver
     first, second = load_file("runs/cached/adapter.safetensors"), load_file("runs/plain/adapter.safetensors")
     for key in first:
         assert torch.allclose(first[key], second[key], atol=1e-5), key
-    assert cached.summary["test"]["per_class"] == plain.summary["test"]["per_class"]
+    assert cached.test.per_class == plain.test.per_class
 
 
 def test_pipeline_uses_the_classifier_only_when_the_prefix_is_frozen(cifar_root):

@@ -8,6 +8,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import QUICK
+from vera_cli.errors import VeraError
 
 
 def summary(run: Path) -> dict:
@@ -97,9 +98,29 @@ def test_missing_data_with_download_off_is_a_clear_error(vera, tmp_path):
 
 
 def test_debug_shows_the_traceback(vera):
-    with pytest.raises(Exception, match="already exists"):
-        Path("runs/x").mkdir(parents=True)
+    Path("runs/x").mkdir(parents=True)
+    with pytest.raises(VeraError, match="already exists"):
         vera("pretrain", "--debug", "--run-dir", "runs/x")
+
+
+def test_config_list_and_show_give_the_shipped_configs_resolved(vera):
+    listed = vera("config", "list").out.split()
+    assert {"pretrain", "adapt-vera", "adapt-lora", "experiment", "seed-replica"} <= set(listed)
+    shown = yaml.safe_load(vera("config", "show", "adapt-lora", "--set", "train.lr=0.02").out)
+    assert shown["adapter"]["method"] == "lora" and shown["train"]["lr"] == 0.02 and shown["train"]["epochs"] == 6
+    assert "extends" not in shown
+
+
+def test_print_config_prints_the_effective_config_and_runs_nothing(vera):
+    result = vera("adapt", "--method", "lora", "--rank", "4", "--print-config", "--run-dir", "runs/never")
+    assert result.code == 0, result.err
+    printed = yaml.safe_load(result.out)
+    assert printed["adapter"] == {**printed["adapter"], "method": "lora", "rank": 4}
+    assert printed["run_dir"] == "runs/never" and not Path("runs/never").exists()
+    # What it prints is a config that the command accepts as it is.
+    Path("printed.yaml").write_text(result.out)
+    again = vera("adapt", "--config", "printed.yaml", "--print-config")
+    assert yaml.safe_load(again.out) == printed
 
 
 def test_count_params_json_reproduces_the_write_up(vera):
@@ -167,7 +188,7 @@ def test_adapting_an_adapt_run_is_refused(vera, pretrained):
 
 
 def test_experiment_runs_the_whole_write_up(vera):
-    result = vera("experiment", "--run-dir", "runs/exp", "--set", "pretrain.epochs=1", "--set", "adapt.epochs=1")
+    result = vera("experiment", "--run-dir", "runs/exp", "--set", "pretrain.train.epochs=1", "--set", "adapt.train.epochs=1")
     assert result.code == 0, result.err
     run = Path("runs/exp")
     assert (run / "pretrain" / "model.safetensors").is_file()

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from vera_cli import compare as compare_module
+from vera_cli.commands import compare as compare_module
 from vera_cli.config import AdapterConfig, CompareConfig
-from vera_cli.counting import count_params
+from vera_cli.commands.count_params import count_params
 from vera_cli.models import ConvNet
 
 GRID = ["--methods", "vera,lora,head", "--ranks", "2,4", "--seeds", "2", "--epochs", "1"]
@@ -74,7 +74,7 @@ def test_interrupted_compare_keeps_finished_rows_and_resume_runs_only_the_rest(v
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--methods", "vera,dora"], "error: methods[1] must be one of vera, vera-sliced, lora, full, head; got 'dora'"),
+    (["--methods", "vera,dora"], "error: methods[1] must be one of vera, lora, full, head, vera-sliced; got 'dora'"),
     (["--ranks", "4,0"], "error: ranks must be positive integers"),
     (["--classes", "cat,cta"], "error: unknown class 'cta': did you mean cat?"),
 ])

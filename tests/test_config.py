@@ -8,13 +8,43 @@ from vera_cli.errors import VeraError
 
 
 def test_every_shipped_config_parses():
-    assert config.load(PretrainConfig, config.default_config_path("pretrain"), {}).train.crop is True
-    for method in ("vera", "lora", "full", "head"):
-        parsed = config.load(AdaptConfig, config.default_config_path(f"adapt-{method}"), {})
+    assert config.load(PretrainConfig, "pretrain", {}).train.crop is True
+    for method in config.METHODS:
+        parsed = config.load(AdaptConfig, f"adapt-{method}", {})
         assert parsed.adapter.method == method
         assert parsed.classes == ["cat", "bird", "dog"]
     for name in ("experiment", "seed-replica"):
-        assert isinstance(config.load(ExperimentConfig, config.default_config_path(name), {}), ExperimentConfig)
+        assert isinstance(config.load(ExperimentConfig, name, {}), ExperimentConfig)
+
+
+def test_per_method_configs_state_only_what_differs_from_the_shared_adapt_config():
+    vera, lora, head = (config.load(AdaptConfig, f"adapt-{m}", {}) for m in ("vera", "lora", "head"))
+    assert (vera.train.lr, lora.train.lr, head.train.lr) == (0.05, 0.001, 0.01)
+    assert vera.train.epochs == lora.train.epochs == 6 and vera.forgetting == lora.forgetting == "replay"
+    assert "epochs" not in config.config_source("adapt-vera")[1]
+
+
+def test_the_experiment_holds_whole_pretrain_and_adapt_sections():
+    replica = config.load(ExperimentConfig, "seed-replica", {"adapt.cache_features": False})
+    assert replica.pretrain.train.batch_size == 4 and replica.pretrain.train.schedule == "constant"
+    assert replica.adapt.adapter.d_init == 1.0 and replica.adapt.forgetting == "none"
+    assert replica.adapt.cache_features is False
+    # What seed-replica does not change comes from the configs it extends.
+    assert replica.pretrain.train.momentum == config.load(PretrainConfig, "pretrain", {}).train.momentum
+
+
+def test_extends_reads_a_sibling_file_first_and_refuses_cycles(tmp_path: Path):
+    (tmp_path / "mine.yaml").write_text("extends: pretrain\ntrain:\n  epochs: 2\n")
+    (tmp_path / "child.yaml").write_text("extends: mine.yaml\nseed: 5\n")
+    child = config.load(PretrainConfig, tmp_path / "child.yaml", {})
+    assert (child.seed, child.train.epochs, child.train.lr) == (5, 2, 0.05)
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(VeraError, match="extends itself"):
+        config.load(PretrainConfig, tmp_path / "loop.yaml", {})
+
+
+def test_old_runs_with_the_onecycle_schedule_still_load():
+    assert config.build(PretrainConfig, {"train": {"schedule": "onecycle"}}).train.schedule == "linear"
 
 
 def test_unknown_key_names_the_nearest_valid_key():
@@ -64,12 +94,12 @@ def test_yaml_syntax_error_reports_the_line(tmp_path: Path):
     path = tmp_path / "bad.yaml"
     path.write_text("train:\n  epochs: 3\n  lr: [0.1\n")
     with pytest.raises(VeraError, match=r"bad.yaml is not valid YAML at line \d+"):
-        config.read_yaml(path)
+        config.read_config(path)
 
 
 def test_missing_config_file(tmp_path: Path):
     with pytest.raises(VeraError, match="does not exist"):
-        config.read_yaml(tmp_path / "nope.yaml")
+        config.read_config(tmp_path / "nope.yaml")
 
 
 def test_config_round_trips_through_its_dict():

@@ -9,7 +9,7 @@ import torch
 from vera_cli.adapters.inject import adapted_layers, inject, projection_bank
 from vera_cli.config import AdapterConfig
 from vera_cli.data import load_cifar10
-from vera_cli.evaluate import accuracy_report, predict_logits
+from vera_cli.metrics import accuracy_report, predict_logits
 from vera_cli.models import ConvNet
 
 peft = pytest.importorskip("peft", reason="peft is not installed: pip install -e '.[peft]' to run these")
@@ -77,7 +77,7 @@ def test_exported_adapter_loads_in_peft_and_matches_vera_eval(vera, pretrained, 
     data = load_cifar10(cifar_root, download=False)
     theirs = accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes, [3, 2, 5])
     ours = vera("eval", "runs/a", "--json").json()["reports"]["runs/a"]
-    assert theirs["per_class"] == ours["per_class"]
+    assert [c.to_dict() for c in theirs.per_class] == ours["per_class"]
 
 
 def test_per_shape_vera_is_refused_with_the_option_to_use(vera, pretrained):

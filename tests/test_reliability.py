@@ -12,27 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vera_cli.checkpoint import EpochRecorder
 from conftest import QUICK
 
 
 def status(run: str) -> str:
     return json.loads((Path(run) / "status.json").read_text())["status"]
-
-
-@pytest.fixture
-def interrupt_after_epoch(monkeypatch):
-    """Make the next run stop as if Ctrl-C were pressed right after epoch `n` was recorded."""
-    def arm(n: int) -> None:
-        original = EpochRecorder.__call__
-
-        def recorder(self, stats, report):
-            original(self, stats, report)
-            if stats.epoch == n:
-                monkeypatch.setattr(EpochRecorder, "__call__", original)
-                raise KeyboardInterrupt
-        monkeypatch.setattr(EpochRecorder, "__call__", recorder)
-    return arm
 
 
 def same_tensors(first: dict, second: dict) -> bool:
@@ -137,7 +121,7 @@ def test_cuda_without_cuda_is_refused(vera):
 
 def test_an_interrupted_experiment_names_the_inner_run_to_resume(vera, interrupt_after_epoch):
     interrupt_after_epoch(1)
-    result = vera("experiment", "--run-dir", "runs/exp", "--set", "pretrain.epochs=2")
+    result = vera("experiment", "--run-dir", "runs/exp", "--set", "pretrain.train.epochs=2")
     assert result.code == 130
     assert "continue it with: vera pretrain --resume runs/exp/pretrain" in result.err
     assert status("runs/exp") == "interrupted" and status("runs/exp/pretrain") == "interrupted"
@@ -151,7 +135,7 @@ def _write(path: str, text: str) -> str:
 @pytest.mark.parametrize("args, message", [
     (["--config", "bad.yaml"], r"error: config file bad.yaml is not valid YAML at line 4: expected ',' or '\]', "
                               r"but got '<stream end>' \(while parsing a flow sequence that starts at line 3\)"),
-    (["--config", "missing.yaml"], r"error: config file missing.yaml does not exist: pass an existing file with --config"),
+    (["--config", "missing.yaml"], r"error: config file missing.yaml does not exist: pass an existing file with --config, or a shipped config"),
     (["--set", "classes=[]"], r"error: classes is empty: name at least one class"),
     (["--rank", "two"], r"error: Invalid value for '--rank'"),
     (["--set", "adapter.rank=2.5"], r"error: adapter.rank must be an integer, got 2.5 \(float\)"),

@@ -9,23 +9,24 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
 from vera_cli.errors import VeraError
+from vera_cli.metrics import AccuracyReport, percent
 from vera_cli.runs import CHECKPOINT_FILE, Run, append_jsonl, write_bytes_atomic
 from vera_cli.train import EpochStats, Trainer
 
 METRICS_FILE = "metrics.jsonl"
 
 
-def epoch_line(stats: EpochStats, report: dict[str, Any]) -> str:
-    line = (f"epoch {stats.epoch}: loss {stats.loss:.4f}, test accuracy {report['overall']:.2%}, "
+def epoch_line(stats: EpochStats, report: AccuracyReport) -> str:
+    line = (f"epoch {stats.epoch}: loss {stats.loss:.4f}, test accuracy {report.overall:.2%}, "
             f"{stats.seconds:.1f}s ({stats.images_per_second:,.0f} img/s)")
-    if "chosen" in report:
-        line += f"; chosen {report['chosen']:.2%}, task {report['task']:.2%}, rest {report['rest']:.2%}"
+    if report.chosen_classes:
+        line += "; " + ", ".join(f"{name} {percent(report.metric(name))}" for name in ("chosen", "task", "rest"))
     return line
 
 
@@ -39,10 +40,11 @@ class EpochRecorder:
                  log: Callable[[str], None]) -> None:
         self.run, self.model, self.trainer, self.generator, self.log = run, model, trainer, generator, log
 
-    def __call__(self, stats: EpochStats, report: dict[str, Any]) -> None:
-        record = {"epoch": stats.epoch, "loss": stats.loss, "test_accuracy": report["overall"],
+    def __call__(self, stats: EpochStats, report: AccuracyReport) -> None:
+        record = {"epoch": stats.epoch, "loss": stats.loss, "test_accuracy": report.overall,
                   "seconds": stats.seconds, "images_per_second": stats.images_per_second}
-        record.update({k: report[k] for k in ("chosen", "task", "rest") if k in report})
+        if report.chosen_classes:
+            record.update({k: report.metric(k) for k in ("chosen", "task", "rest")})
         append_jsonl(self.run.file(METRICS_FILE), record)
         state = {
             "epoch": stats.epoch,

@@ -10,10 +10,10 @@ import json
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import Any, Optional
 
 import typer
+import yaml
 from rich.console import Console
 
 from vera_cli import config as cfg
@@ -28,7 +28,8 @@ err = Console(stderr=True)
 # Options that take several values after one flag (`--classes cat bird dog`).
 LIST_OPTIONS = {"--classes", "--adapter", "--target"}
 
-ConfigOpt = typer.Option(None, "--config", help="YAML config (default: configs/<command>.yaml)")
+ConfigOpt = typer.Option(None, "--config", help="a YAML file, or a shipped config by name (vera config list)")
+PrintConfigOpt = typer.Option(False, "--print-config", help="print the effective config (after overrides) as YAML and stop")
 EpochsOpt = typer.Option(None, "--epochs", help="training epochs")
 BatchOpt = typer.Option(None, "--batch-size", help="batch size")
 LrOpt = typer.Option(None, "--lr", help="peak learning rate")
@@ -62,42 +63,36 @@ def _common(epochs, batch_size, lr, device, seed, data_dir, run_dir) -> dict[str
     }
 
 
-def _load(cls, name: str, config_path: Optional[Path], overrides: dict[str, Any]):
-    return cfg.load(cls, config_path or cfg.default_config_path(name), overrides)
+def _settings(cls, kind: str, config_name: str, config_path: Optional[str], overrides: dict[str, Any],
+              resume: Optional[str] = None, print_config: bool = False):
+    """(run to resume or None, validated config); with --print-config, print the config and stop."""
+    from vera_cli.lifecycle import load_settings
 
-
-def _settings(cls, kind: str, config_name: str, config_path: Optional[Path], overrides: dict[str, Any],
-              resume: Optional[str]):
-    """(run to resume or None, validated config). A resumed run keeps its own config:
-    options other than --device and --data-dir are refused then."""
-    if not resume:
-        return None, _load(cls, config_name, config_path, overrides)
-    from vera_cli.runs import open_resumable
-
-    allowed = {"device", "data.dir"}
-    given = sorted(k for k, v in {**overrides, "config": config_path}.items() if v is not None and k not in allowed)
-    if given:
-        raise VeraError(f"--resume continues a run with its own config; drop {', '.join(given)} (only --device and --data-dir apply)")
-    run = open_resumable(resume, kind)
-    return run, cfg.load(cls, run.file("config.yaml"), overrides)
+    if resume and config_path:
+        raise VeraError("--resume continues a run with its own config; drop --config")
+    run, settings = load_settings(cls, kind, config_path or config_name, overrides, resume)
+    if print_config:
+        print(yaml.safe_dump(cfg.to_dict(settings), sort_keys=False), end="")
+        raise typer.Exit(0)
+    return run, settings
 
 
 @app.command()
 def pretrain(
-    config: Optional[Path] = ConfigOpt, epochs: Optional[int] = EpochsOpt, batch_size: Optional[int] = BatchOpt,
+    config: Optional[str] = ConfigOpt, epochs: Optional[int] = EpochsOpt, batch_size: Optional[int] = BatchOpt,
     lr: Optional[float] = LrOpt, device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
     data_dir: Optional[str] = DataDirOpt, run_dir: Optional[str] = RunDirOpt, set_: list[str] = SetOpt,
-    no_progress: bool = NoProgressOpt, resume: Optional[str] = ResumeOpt,
+    no_progress: bool = NoProgressOpt, resume: Optional[str] = ResumeOpt, print_config: bool = PrintConfigOpt,
 ) -> None:
-    """Train the base ConvNet on CIFAR-10 and print its per-class test accuracy."""
-    from vera_cli.pretrain import run_pretrain
+    """Train the base model on CIFAR-10 and print its per-class test accuracy."""
+    from vera_cli.commands.pretrain import run_pretrain
     from vera_cli.report import accuracy_table
 
     overrides = _overrides(_common(epochs, batch_size, lr, device, seed, data_dir, run_dir), set_)
-    run, settings = _settings(cfg.PretrainConfig, "pretrain", "pretrain", config, overrides, resume)
+    run, settings = _settings(cfg.PretrainConfig, "pretrain", "pretrain", config, overrides, resume, print_config)
     result = run_pretrain(settings, log=_log, progress=not no_progress, resume=run)
-    out.print(accuracy_table(result.summary["test"], f"Test accuracy, {result.run.path}"))
-    _log(f"run written to {result.run.path} in {result.summary['wall_seconds']:.1f}s")
+    out.print(accuracy_table(result.test, f"Test accuracy, {result.run.path}"))
+    _log(f"run written to {result.run.path} in {result.wall_seconds:.1f}s")
 
 
 @app.command()
@@ -107,30 +102,29 @@ def adapt(
     rank: Optional[int] = typer.Option(None, "--rank", help="adapter rank"),
     sharing: Optional[str] = typer.Option(None, "--sharing", help="VeRA projection sharing: per-shape or sliced"),
     base: Optional[str] = typer.Option(None, "--base", help="pretrain run to adapt (default: the latest)"),
-    config: Optional[Path] = ConfigOpt, epochs: Optional[int] = EpochsOpt, batch_size: Optional[int] = BatchOpt,
+    config: Optional[str] = ConfigOpt, epochs: Optional[int] = EpochsOpt, batch_size: Optional[int] = BatchOpt,
     lr: Optional[float] = LrOpt, device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
     data_dir: Optional[str] = DataDirOpt, run_dir: Optional[str] = RunDirOpt, set_: list[str] = SetOpt,
-    no_progress: bool = NoProgressOpt, resume: Optional[str] = ResumeOpt,
+    no_progress: bool = NoProgressOpt, resume: Optional[str] = ResumeOpt, print_config: bool = PrintConfigOpt,
 ) -> None:
     """Fine-tune a pretrained run on some classes with an adapter; print base vs adapted accuracy."""
-    from vera_cli.adapt import run_adapt
+    from vera_cli.commands.adapt import run_adapt
     from vera_cli.report import comparison_table
 
     overrides = _overrides({**_common(epochs, batch_size, lr, device, seed, data_dir, run_dir), "classes": classes or None,
                             "adapter.method": method, "adapter.rank": rank, "adapter.sharing": sharing, "base": base}, set_)
-    run, settings = _settings(cfg.AdaptConfig, "adapt", _adapt_config_name(method or "vera"), config, overrides, resume)
-    result = run_adapt(settings, log=_log, progress=not no_progress, resume=run)
-    summary = result.summary
-    out.print(comparison_table({"base": summary["base"], summary["method"]: summary["test"]},
-                               f"Adapted {summary['base_run']} -> {result.run.path}"))
-    _log(f"{summary['trainable_parameters']:,} trainable parameters, adapter file {summary['adapter_bytes']:,} bytes, "
-         f"{summary['wall_seconds']:.1f}s")
+    run, settings = _settings(cfg.AdaptConfig, "adapt", _adapt_config_name(method or "vera"), config, overrides, resume,
+                              print_config)
+    summary = run_adapt(settings, log=_log, progress=not no_progress, resume=run)
+    out.print(comparison_table({"base": summary.base, summary.method: summary.test},
+                               f"Adapted {summary.base_run} -> {summary.run.path}"))
+    _log(f"{summary.trainable_parameters:,} trainable parameters, adapter file {summary.adapter_bytes:,} bytes, "
+         f"{summary.wall_seconds:.1f}s")
 
 
 def _adapt_config_name(method: str) -> str:
-    methods = ("vera", "lora", "full", "head")
-    if method not in methods:
-        raise VeraError(f"unknown method {method!r}: choose one of {', '.join(methods)}")
+    if method not in cfg.METHODS:
+        raise VeraError(f"unknown method {method!r}: choose one of {', '.join(cfg.METHODS)}")
     return f"adapt-{method}"
 
 
@@ -143,12 +137,12 @@ def eval_(
     data_dir: Optional[str] = DataDirOpt, device: Optional[str] = DeviceOpt,
 ) -> None:
     """Evaluate a run on the test set: per-class table, adapters against their base."""
-    from vera_cli.evaluation import evaluate_runs
+    from vera_cli.commands.evaluate import evaluate_runs
     from vera_cli.report import accuracy_table, comparison_table
 
     result = evaluate_runs(run, adapter, merge, data_dir, device)
     if as_json:
-        print(json.dumps({"base_run": str(result.base_run.path), "merged": merge, "reports": result.reports}, indent=2))
+        print(json.dumps(result.to_dict(), indent=2))
         return
     if len(result.reports) == 1:
         out.print(accuracy_table(result.reports["base"], f"Test accuracy, {result.base_run.path}"))
@@ -167,16 +161,16 @@ def count_params(
     target: list[str] = typer.Option([], "--target", help="layer names or regexes to adapt (default: every Linear)"),
     model: str = typer.Option("convnet", "--model", help="model to count"),
     as_json: bool = typer.Option(False, "--json", help="print JSON on stdout"),
-    config: Optional[Path] = ConfigOpt, set_: list[str] = SetOpt,
+    config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt,
 ) -> None:
     """Count trainable and frozen parameters (projections included) and the adapter file size."""
-    from vera_cli.counting import count_params as count
+    from vera_cli.commands.count_params import count_params as count
     from vera_cli.models import build_model
     from vera_cli.report import count_tables
 
     overrides = _overrides({"adapter.method": method, "adapter.rank": rank, "adapter.sharing": sharing,
                             "adapter.targets": target or None}, set_)
-    settings = _load(cfg.AdaptConfig, _adapt_config_name(method), config, overrides)
+    _, settings = _settings(cfg.AdaptConfig, "adapt", _adapt_config_name(method), config, overrides)
     result = count(build_model(model), settings.adapter)
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -189,24 +183,27 @@ def count_params(
 def experiment(
     classes: list[str] = typer.Option([], "--classes", help="classes to fine-tune on"),
     base: Optional[str] = typer.Option(None, "--base", help="pretrain run to start from (default: pretrain one)"),
-    config: Optional[Path] = ConfigOpt, device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
+    config: Optional[str] = ConfigOpt, device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
     data_dir: Optional[str] = DataDirOpt, run_dir: Optional[str] = RunDirOpt, set_: list[str] = SetOpt,
-    no_progress: bool = NoProgressOpt,
+    no_progress: bool = NoProgressOpt, print_config: bool = PrintConfigOpt,
 ) -> None:
     """The whole write-up: pretrain, count parameters, adapt on the chosen classes, before/after table."""
-    from vera_cli.experiment import run_experiment
+    from vera_cli.commands.experiment import run_experiment
     from vera_cli.report import comparison_table, count_tables
 
-    overrides = _overrides({"device": device, "seed": seed, "data.dir": data_dir, "run_dir": run_dir,
-                            "classes": classes or None, "base": base}, set_)
-    settings = _load(cfg.ExperimentConfig, "experiment", config, overrides)
+    # Options that both sections hold apply to both; --set reaches either one (adapt.cache_features=false).
+    shared = {f"{section}.{key}": value for section in ("pretrain", "adapt")
+              for key, value in {"device": device, "seed": seed, "data.dir": data_dir}.items()}
+    overrides = _overrides({**shared, "run_dir": run_dir, "adapt.classes": classes or None, "base": base}, set_)
+    _, settings = _settings(cfg.ExperimentConfig, "experiment", "experiment", config, overrides,
+                            print_config=print_config)
     result = run_experiment(settings, log=_log, progress=not no_progress)
     for table in count_tables(result.counts):
         out.print(table)
-    adapt = result.adapt.summary
-    out.print(comparison_table({"base": adapt["base"], adapt["method"]: adapt["test"]},
-                               f"Experiment {result.path}: before and after adaptation"))
-    _log(f"experiment written to {result.path} in {result.seconds:.1f}s")
+    adapt = result.adapt
+    out.print(comparison_table({"base": adapt.base, adapt.method: adapt.test},
+                               f"Experiment {result.run.path}: before and after adaptation"))
+    _log(f"experiment written to {result.run.path} in {result.wall_seconds:.1f}s")
 
 
 @app.command()
@@ -216,21 +213,21 @@ def compare(
     ranks: Optional[str] = typer.Option(None, "--ranks", help="comma list of ranks, e.g. 4,16,64,256"),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="number of seeds per setting (mean and spread)"),
     base: Optional[str] = typer.Option(None, "--base", help="pretrain run to adapt (default: the latest)"),
-    epochs: Optional[int] = EpochsOpt, config: Optional[Path] = ConfigOpt, device: Optional[str] = DeviceOpt,
+    epochs: Optional[int] = EpochsOpt, config: Optional[str] = ConfigOpt, device: Optional[str] = DeviceOpt,
     data_dir: Optional[str] = DataDirOpt, run_dir: Optional[str] = RunDirOpt, set_: list[str] = SetOpt,
-    no_progress: bool = NoProgressOpt, resume: Optional[str] = ResumeOpt,
+    no_progress: bool = NoProgressOpt, resume: Optional[str] = ResumeOpt, print_config: bool = PrintConfigOpt,
 ) -> None:
     """VeRA against LoRA, full fine-tuning and head-only on one base: a table and a plot."""
-    from vera_cli.compare import run_compare
+    from vera_cli.commands.compare import run_compare
     from vera_cli.report import compare_table
 
     overrides = _overrides({"classes": classes or None, "methods": methods, "ranks": ranks, "seeds": seeds,
                             "base": base, "epochs": epochs, "device": device, "data.dir": data_dir,
                             "run_dir": run_dir}, set_)
-    run, settings = _settings(cfg.CompareConfig, "compare", "compare", config, overrides, resume)
+    run, settings = _settings(cfg.CompareConfig, "compare", "compare", config, overrides, resume, print_config)
     result = run_compare(settings, log=_log, progress=not no_progress, resume=run)
     out.print(compare_table(result.rows, f"Comparison {result.run.path} on {', '.join(settings.classes)}"))
-    _log(f"table: {result.run.file('table.csv')}, plot: {result.plot}, {result.seconds:.1f}s")
+    _log(f"table: {result.run.file('table.csv')}, plot: {result.plot}, {result.wall_seconds:.1f}s")
 
 
 @app.command()
@@ -241,13 +238,33 @@ def export(
     base_out: Optional[str] = typer.Option(None, "--base-out", help="also write the base weights and preprocessing here"),
 ) -> None:
     """Export an adapter in a format another tool loads (Hugging Face PEFT)."""
-    from vera_cli.export import export_peft
+    from vera_cli.commands.export import export_peft
 
     if format_ != "peft":
         raise VeraError(f"unknown export format {format_!r}: the supported format is peft")
     result = export_peft(run, out_dir, base_out)
     for path, size in result.files.items():
         out.print(f"{path}  {size:,} bytes", highlight=False)
+
+
+config_app = typer.Typer(no_args_is_help=True, help="The shipped configs: list them, print one after overrides.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("list")
+def config_list() -> None:
+    """Names of the shipped configs (each usable as --config NAME)."""
+    for name in cfg.config_names():
+        print(name)
+
+
+@config_app.command("show")
+def config_show(
+    name: str = typer.Argument(..., help="a shipped config (vera config list) or a YAML file"),
+    set_: list[str] = SetOpt,
+) -> None:
+    """Print a config with every `extends` resolved and the --set overrides applied, ready to copy and edit."""
+    print(yaml.safe_dump(cfg.apply_overrides(cfg.read_config(name), cfg.parse_set_options(set_)), sort_keys=False), end="")
 
 
 def expand_list_options(argv: list[str]) -> list[str]:

@@ -1,8 +1,10 @@
 """Typed configuration: YAML in, validated dataclasses out.
 
-Every command reads one YAML file from `configs/` (or `--config PATH`), applies
-command-line overrides as dotted keys, and validates the result once. Code past
-this module trusts the dataclasses it receives.
+Every command reads one YAML config shipped in the package (`vera_cli/configs/`,
+listed by `vera config list`) or a file given with `--config`, applies
+command-line overrides as dotted keys, and validates the result once. A config
+(or any section of one) may start from another with `extends: NAME`, stating
+only what differs. Code past this module trusts the dataclasses it receives.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -19,12 +22,16 @@ import yaml
 
 from vera_cli.errors import VeraError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
 Device = Literal["auto", "cpu", "cuda"]
 Method = Literal["vera", "lora", "full", "head"]
 Sharing = Literal["per-shape", "sliced"]
 Forgetting = Literal["none", "mask", "replay"]
+METHODS: tuple[str, ...] = typing.get_args(Method)
+SHARING_MODES: tuple[str, ...] = typing.get_args(Sharing)
+# compare's method axis: each method, plus VeRA under each sharing mode other than the default.
+CompareMethod = Literal[METHODS + tuple(f"vera-{mode}" for mode in SHARING_MODES[1:])]  # type: ignore[valid-type]
+# Values renamed since runs were first written: old run configs still load.
+RENAMED_VALUES = {"onecycle": "linear"}
 
 
 @dataclass
@@ -42,7 +49,7 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    schedule: Literal["constant", "onecycle", "cosine"] = "onecycle"
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
     warmup: float = 0.2
     label_smoothing: float = 0.0
     crop: bool = True
@@ -118,8 +125,7 @@ class CompareConfig:
 
     base: Optional[str] = None
     classes: list[str] = field(default_factory=lambda: ["cat", "bird", "dog"])
-    methods: list[Literal["vera", "vera-sliced", "lora", "full", "head"]] = field(
-        default_factory=lambda: ["vera", "lora", "full", "head"])
+    methods: list[CompareMethod] = field(default_factory=lambda: ["vera", "lora", "full", "head"])
     ranks: list[int] = field(default_factory=lambda: [4, 16, 64, 256])
     forgetting: list[Forgetting] = field(default_factory=lambda: ["replay"])
     seeds: int = 1
@@ -138,29 +144,13 @@ class CompareConfig:
 
 @dataclass
 class ExperimentConfig:
-    """The write-up in one run: pretrain (unless `base` is given), count, adapt."""
+    """The write-up in one run: pretrain (unless `base` is given), count, adapt. Each section is a whole
+    command config, so anything `vera pretrain` or `vera adapt` accepts can be set here."""
 
     base: Optional[str] = None
-    model: str = "convnet"
-    classes: list[str] = field(default_factory=lambda: ["cat", "bird", "dog"])
-    seed: int = 0
-    device: Device = "auto"
     run_dir: Optional[str] = None
-    data: DataConfig = field(default_factory=DataConfig)
-    pretrain: TrainConfig = field(default_factory=TrainConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    adapt: TrainConfig = field(default_factory=lambda: TrainConfig(crop=False, flip=False))
-    forgetting: Forgetting = "replay"
-    replay_fraction: float = 0.5
-
-    def pretrain_config(self, run_dir: str) -> PretrainConfig:
-        return PretrainConfig(model=self.model, seed=self.seed, device=self.device, run_dir=run_dir,
-                              data=self.data, train=self.pretrain)
-
-    def adapt_config(self, base: str, run_dir: str) -> AdaptConfig:
-        return AdaptConfig(base=base, classes=self.classes, seed=self.seed, device=self.device,
-                           run_dir=run_dir, data=self.data, adapter=self.adapter, train=self.adapt,
-                           forgetting=self.forgetting, replay_fraction=self.replay_fraction)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -168,27 +158,70 @@ def _require(condition: bool, message: str) -> None:
         raise VeraError(message)
 
 
-def default_config_path(name: str) -> Path:
-    return CONFIG_DIR / f"{name}.yaml"
+def config_names() -> list[str]:
+    """The configs shipped in the package, by the name `--config` accepts."""
+    return sorted(entry.name[:-5] for entry in resources.files("vera_cli.configs").iterdir() if entry.name.endswith(".yaml"))
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise VeraError(f"config file {path} does not exist: pass an existing file with --config")
+def config_source(name_or_path: str | Path) -> tuple[str, str]:
+    """(where, text) of a config: an existing file, or a shipped config by name (`adapt-lora`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return str(path), path.read_text()
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if str(path) == path.name and name in config_names():
+        return f"{name} (shipped)", resources.files("vera_cli.configs").joinpath(f"{name}.yaml").read_text()
+    raise VeraError(f"config file {name_or_path} does not exist: pass an existing file with --config, "
+                   f"or a shipped config by name ({', '.join(config_names())})")
+
+
+def read_yaml(where: str, text: str) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
+        at = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
         opened = f" ({context} that starts at line {start.line + 1})" if context and start is not None else ""
-        raise VeraError(f"config file {path} is not valid YAML{where}: {problem}{opened}") from exc
+        raise VeraError(f"config file {where} is not valid YAML{at}: {problem}{opened}") from exc
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise VeraError(f"config file {path} must hold a mapping of keys to values, got {type(raw).__name__}")
+        raise VeraError(f"config file {where} must hold a mapping of keys to values, got {type(raw).__name__}")
     return raw
+
+
+def read_config(name_or_path: str | Path, chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config as one mapping, every `extends:` (at the top or in any section) resolved."""
+    where, text = config_source(name_or_path)
+    if where in chain:
+        raise VeraError(f"config {where} extends itself (through {' -> '.join(chain)}): remove one extends")
+    folder = Path(name_or_path).parent if Path(name_or_path).is_file() else None
+    return _resolve_extends(read_yaml(where, text), folder, (*chain, where))
+
+
+def _resolve_extends(raw: dict[str, Any], folder: Path | None, chain: tuple[str, ...]) -> dict[str, Any]:
+    raw = {key: _resolve_extends(value, folder, chain) if isinstance(value, dict) else value for key, value in raw.items()}
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise VeraError(f"extends must name one config, got {parent!r} in {chain[-1]}")
+    # A file beside the config that extends wins; otherwise a shipped config by that name.
+    source = folder / parent if folder is not None and (folder / parent).is_file() else parent
+    return merge_mappings(read_config(source, chain), raw)
+
+
+def merge_mappings(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`changes` over `base`, section by section; lists and values are replaced whole."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_mappings(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -241,8 +274,8 @@ def build(cls: type[T], raw: dict[str, Any], where: str = "") -> T:
     return cls(**kwargs)
 
 
-def load(cls: type[T], path: Path, overrides: dict[str, Any]) -> T:
-    return build(cls, apply_overrides(read_yaml(path), overrides))
+def load(cls: type[T], name_or_path: str | Path, overrides: dict[str, Any]) -> T:
+    return build(cls, apply_overrides(read_config(name_or_path), overrides))
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -260,6 +293,7 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _convert(value, inner[0], key)
     if origin is Literal:
+        value = RENAMED_VALUES.get(value, value) if isinstance(value, str) else value
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint_text = f" (did you mean {close[0]}?)" if close else ""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -17,27 +17,32 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from vera_cli.runs import write_bytes_atomic  # noqa: E402
 
+if TYPE_CHECKING:
+    from vera_cli.commands.compare import TableLine
+
 PANELS = (("chosen", "chosen classes, 10-way"), ("task", "chosen classes, task"), ("rest", "other classes"))
 STYLES = {"vera": ("tab:blue", "o"), "vera-sliced": ("tab:cyan", "D"), "lora": ("tab:orange", "s"),
           "full": ("tab:red", "^"), "head": ("tab:green", "v")}
 
 
-def plot_comparison(table: list[dict[str, Any]], classes: list[str], path: Path) -> Path:
+def plot_comparison(table: list["TableLine"], classes: list[str], path: Path) -> Path:
     base = table[0]
     rows = table[1:]
     figure, axes = plt.subplots(1, len(PANELS), figsize=(15, 4.8), sharex=True)
     for axis, (metric, title) in zip(axes, PANELS):
-        series: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        series: dict[tuple[str, str], list["TableLine"]] = {}
         for row in rows:
-            series.setdefault((row["method"], row["forgetting"]), []).append(row)
+            if row.mean[metric] is not None:
+                series.setdefault((row.method, row.forgetting), []).append(row)
         for (method, forgetting), members in series.items():
-            members.sort(key=lambda r: r["trainable"])
+            members.sort(key=lambda r: r.trainable)
             colour, marker = STYLES.get(method, ("black", "x"))
-            label = method if len({r["forgetting"] for r in rows}) == 1 else f"{method} ({forgetting})"
-            axis.errorbar([r["trainable"] for r in members], [100 * r[metric] for r in members],
-                          yerr=[100 * r.get(f"{metric}_std", 0.0) for r in members], color=colour, marker=marker,
+            label = method if len({r.forgetting for r in rows}) == 1 else f"{method} ({forgetting})"
+            axis.errorbar([r.trainable for r in members], [100 * r.mean[metric] for r in members],
+                          yerr=[100 * r.std[metric] for r in members], color=colour, marker=marker,
                           linestyle="--" if forgetting == "none" else "-", capsize=3, label=label)
-        axis.axhline(100 * base[metric], color="grey", linestyle=":", label="base model")
+        if base.mean[metric] is not None:
+            axis.axhline(100 * base.mean[metric], color="grey", linestyle=":", label="base model")
         axis.set_xscale("log")
         axis.set_title(title)
         axis.set_xlabel("trainable parameters (log scale)")

@@ -2,39 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Optional
 
 from rich.table import Table
 
+from vera_cli.metrics import AccuracyReport, percent as _pct
 
-def _pct(value: float) -> str:
-    return f"{value:.2%}"
+if TYPE_CHECKING:
+    from vera_cli.commands.compare import TableLine
+    from vera_cli.commands.count_params import ParamCount
 
 
-def _change(value: float) -> str:
+def _change(value: Optional[float]) -> str:
+    if value is None:
+        return "n/a"
     points = value * 100
     colour = "green" if points > 0 else "red" if points < 0 else "white"
     return f"[{colour}]{points:+.2f}[/{colour}]"
 
 
-def accuracy_table(report: dict[str, Any], title: str) -> Table:
+def accuracy_table(report: AccuracyReport, title: str) -> Table:
     table = Table(title=title)
     table.add_column("class")
     table.add_column("correct", justify="right")
     table.add_column("total", justify="right")
     table.add_column("accuracy", justify="right")
-    for row in report["per_class"]:
-        table.add_row(row["class"], str(row["correct"]), str(row["total"]), _pct(row["accuracy"]))
+    for row in report.per_class:
+        table.add_row(row.name, str(row.correct), str(row.total), _pct(row.accuracy))
     table.add_section()
-    table.add_row("[bold]overall[/bold]", str(report["correct"]), str(report["total"]), f"[bold]{_pct(report['overall'])}[/bold]")
+    table.add_row("[bold]overall[/bold]", str(report.correct), str(report.total), f"[bold]{_pct(report.overall)}[/bold]")
     return table
 
 
-def comparison_table(reports: dict[str, dict[str, Any]], title: str) -> Table:
+def comparison_table(reports: dict[str, AccuracyReport], title: str) -> Table:
     """Per-class accuracy of several models side by side; the first is the reference for the changes."""
     names = list(reports)
     reference = reports[names[0]]
-    chosen = set(next((r["chosen_classes"] for r in reports.values() if "chosen_classes" in r), []))
+    chosen = set(next((r.chosen_classes for r in reports.values() if r.chosen_classes), []))
     table = Table(title=title)
     table.add_column("class")
     for index, name in enumerate(names):
@@ -42,27 +46,28 @@ def comparison_table(reports: dict[str, dict[str, Any]], title: str) -> Table:
         if index > 0:
             table.add_column("change", justify="right")
 
-    def add(label: str, values: list[float]) -> None:
+    def add(label: str, values: list[Optional[float]]) -> None:
         cells = [_pct(values[0])]
         for value in values[1:]:
-            cells += [_pct(value), _change(value - values[0])]
+            difference = None if value is None or values[0] is None else value - values[0]
+            cells += [_pct(value), _change(difference)]
         table.add_row(label, *cells)
 
-    for index, row in enumerate(reference["per_class"]):
-        label = f"[bold]{row['class']}[/bold] *" if row["class"] in chosen else row["class"]
-        add(label, [r["per_class"][index]["accuracy"] for r in reports.values()])
+    for index, row in enumerate(reference.per_class):
+        label = f"[bold]{row.name}[/bold] *" if row.name in chosen else row.name
+        add(label, [r.per_class[index].accuracy for r in reports.values()])
     table.add_section()
     if chosen:
-        add("chosen classes (10-way)", [r["chosen"] for r in reports.values()])
-        add("chosen classes (task)", [r["task"] for r in reports.values()])
-        add("other classes", [r["rest"] for r in reports.values()])
-    add("[bold]overall[/bold]", [r["overall"] for r in reports.values()])
+        for label, metric in (("chosen classes (10-way)", "chosen"), ("chosen classes (task)", "task"),
+                              ("other classes", "rest")):
+            add(label, [r.metric(metric) for r in reports.values()])
+    add("[bold]overall[/bold]", [r.overall for r in reports.values()])
     if chosen:
         table.caption = "* trained on. task: the chosen classes' images classified among the chosen classes only"
     return table
 
 
-def count_tables(count: Any) -> list[Table]:
+def count_tables(count: "ParamCount") -> list[Table]:
     """Per-layer counts, the shared projection pairs, and the totals of a `ParamCount`."""
     layers = Table(title=f"{count.method} parameters" + (f", rank {count.rank}" if count.method in ("vera", "lora") else ""))
     for column in ("layer", "shape", "trainable", "frozen"):
@@ -91,21 +96,21 @@ def count_tables(count: Any) -> list[Table]:
     return tables
 
 
-def compare_table(table: list[dict[str, Any]], title: str) -> Table:
+def compare_table(table: list["TableLine"], title: str) -> Table:
     """One line per setting (mean over seeds, with the spread when there are several), base first."""
     result = Table(title=title)
     for column in ("method", "rank", "forgetting", "trainable", "adapter bytes", "chosen (10-way)", "task",
                    "rest", "overall", "seconds"):
         result.add_column(column, justify="left" if column in ("method", "forgetting") else "right")
 
-    def cell(line: dict[str, Any], metric: str) -> str:
-        spread = line.get(f"{metric}_std", 0.0)
-        return _pct(line[metric]) + (f" ± {100 * spread:.1f}" if line.get("seeds", 1) > 1 else "")
+    def cell(line: "TableLine", metric: str) -> str:
+        spread = line.std[metric]
+        return _pct(line.mean[metric]) + (f" ± {100 * spread:.1f}" if line.seeds > 1 and spread is not None else "")
 
     for index, line in enumerate(table):
-        result.add_row(line["method"], "-" if line["rank"] is None else str(line["rank"]), line["forgetting"],
-                       f"{line['trainable']:,}", f"{line['adapter_bytes']:,}", cell(line, "chosen"), cell(line, "task"),
-                       cell(line, "rest"), cell(line, "overall"), f"{line['seconds']:.1f}")
+        result.add_row(line.method, "-" if line.rank is None else str(line.rank), line.forgetting,
+                       f"{line.trainable:,}", f"{line.adapter_bytes:,}", cell(line, "chosen"), cell(line, "task"),
+                       cell(line, "rest"), cell(line, "overall"), f"{line.mean['seconds']:.1f}")
         if index == 0:
             result.add_section()
     return result

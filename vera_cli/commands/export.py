@@ -19,10 +19,10 @@ import torch
 from vera_cli import config as config_module
 from vera_cli.adapters.files import apply_adapter, read_adapter_meta
 from vera_cli.adapters.inject import adapted_layers, projection_bank
+from vera_cli.bases import fingerprint, load_pretrained
 from vera_cli.config import AdapterConfig
 from vera_cli.data import MEAN, STD
 from vera_cli.errors import VeraError
-from vera_cli.pretrain import fingerprint, load_pretrained
 from vera_cli.runs import open_run, write_bytes_atomic, write_tensors
 
 PEFT_WEIGHTS = "adapter_model.safetensors"

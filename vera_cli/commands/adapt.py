@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -13,26 +12,51 @@ from torch import nn
 from vera_cli import config as config_module
 from vera_cli.adapters.files import ADAPTER_FILE, save_adapter
 from vera_cli.adapters.inject import inject
+from vera_cli.bases import fingerprint, load_pretrained, resolve_base
+from vera_cli.checkpoint import EpochRecorder
+from vera_cli.commands.pretrain import Log
 from vera_cli.config import AdaptConfig
 from vera_cli.data import Cifar10, Split, batch_indices, batches, class_ids, load_cifar10
-from vera_cli.evaluate import accuracy_report, predict_features, predict_logits
-from vera_cli.checkpoint import EpochRecorder, restore
-from vera_cli.pretrain import Log, fingerprint, load_pretrained
-from vera_cli.runs import Run, create_run, ensure_new, environment, latest_run, open_run, write_json, write_yaml
-from vera_cli.train import Trainer, fit, make_generator, resolve_device
+from vera_cli.lifecycle import RunLifecycle
+from vera_cli.metrics import AccuracyReport, accuracy_report, predict_features, predict_logits
+from vera_cli.runs import Run, environment
+from vera_cli.train import Trainer, fit, resolve_device
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 BatchSource = Callable[[torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 
 @dataclass
-class AdaptResult:
+class AdaptSummary:
     run: Run
-    summary: dict[str, Any]
+    base_run: str
+    forgetting: str
+    train_images: int
+    method: str
+    rank: int
+    classes: list[str]
+    trainable_parameters: int
+    adapter_bytes: int
+    epochs: int
+    seed: int
+    device: str
+    wall_seconds: float
+    base: AccuracyReport
+    test: AccuracyReport
+    environment: dict[str, str] = field(default_factory=dict)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "adapt", "base_run": self.base_run, "forgetting": self.forgetting,
+                "train_images": self.train_images, "method": self.method, "rank": self.rank, "classes": self.classes,
+                "trainable_parameters": self.trainable_parameters, "adapter_file": ADAPTER_FILE,
+                "adapter_bytes": self.adapter_bytes, "epochs": self.epochs, "seed": self.seed, "device": self.device,
+                "wall_seconds": self.wall_seconds, "base": self.base.to_dict(), "test": self.test.to_dict(),
+                "environment": self.environment}
 
-def resolve_base(base: str | None) -> Run:
-    return open_run(base, ("pretrain",)) if base else latest_run(("pretrain",))
+    @classmethod
+    def from_dict(cls, run: Run, raw: dict[str, Any]) -> "AdaptSummary":
+        fields = {k: v for k, v in raw.items() if k not in ("kind", "adapter_file", "base", "test")}
+        return cls(run=run, base=AccuracyReport.from_dict(raw["base"]), test=AccuracyReport.from_dict(raw["test"]), **fields)
 
 
 def prefix_is_frozen(model: nn.Module) -> bool:
@@ -102,25 +126,19 @@ def masked_to(chosen: list[int], forward: Forward, source: BatchSource,
 
 
 def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: Cifar10 | None = None,
-              resume: Run | None = None) -> AdaptResult:
+              resume: Run | None = None) -> AdaptSummary:
     """Adapt into a new run directory, or continue the unfinished run `resume`."""
     device = resolve_device(cfg.device)
     chosen = class_ids(cfg.classes)
-    if resume is None:
-        ensure_new(cfg.run_dir)
     base_run = resolve_base(cfg.base)
+    life = RunLifecycle("adapt", cfg, resume, recorded={**config_module.to_dict(cfg), "base": str(base_run.path)})
     data = (data or load_cifar10(cfg.data.dir, cfg.data.download)).to(device)
     model, _ = load_pretrained(base_run, device)
     base_fingerprint = fingerprint(model)
     base_report = accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes, chosen)
-    torch.manual_seed(cfg.seed)
+    generator = life.seed(cfg.seed, device)
     inject(model, cfg.adapter)
-    run = resume or create_run("adapt", cfg.run_dir)
-    with run.recording():
-        run.set_status("running")
-        write_yaml(run.file("config.yaml"), {**config_module.to_dict(cfg), "base": str(base_run.path)})
-        started = time.perf_counter()
-        generator = make_generator(cfg.seed, device)
+    with life.open() as run:
         train_split = training_split(data.train, chosen, cfg, generator)
         pipeline = build_pipeline(model, train_split, data.test, cfg)
         forward, source = pipeline.forward, pipeline.train_batches
@@ -128,35 +146,16 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
             forward, source = masked_to(chosen, forward, source, device)
         trainer = Trainer(forward, model, cfg.train, steps_per_epoch=math.ceil(len(train_split) / cfg.train.batch_size))
         trainable = sum(p.numel() for p in trainer.params)
-        start = restore(run, model, trainer, generator) if resume else 1
+        start = life.restore(model, trainer, generator)
         log(f"adapting {base_run.path} with {cfg.adapter.method} (rank {cfg.adapter.rank}, {trainable:,} trainable) on "
             f"{', '.join(data.classes[i] for i in chosen)} (forgetting: {cfg.forgetting}): {len(train_split):,} images, "
             f"{device}, run {run.path}" + (f", resuming at epoch {start}" if resume else ""))
-        recorder = EpochRecorder(run, model, trainer, generator, log)
         report = fit(trainer, model, source, len(train_split), generator,
-            lambda: accuracy_report(pipeline.test_logits(), data.test.labels, data.classes, chosen),
-            recorder, start, progress)
-        adapter_bytes = save_adapter(run.path, model, cfg.adapter, base_fingerprint, {
-            "base_run": str(base_run.path), "classes": [data.classes[i] for i in chosen]})
-        summary = {
-            "kind": "adapt",
-            "base_run": str(base_run.path),
-            "forgetting": cfg.forgetting,
-            "train_images": len(train_split),
-            "method": cfg.adapter.method,
-            "rank": cfg.adapter.rank,
-            "classes": [data.classes[i] for i in chosen],
-            "trainable_parameters": trainable,
-            "adapter_file": ADAPTER_FILE,
-            "adapter_bytes": adapter_bytes,
-            "epochs": cfg.train.epochs,
-            "seed": cfg.seed,
-            "device": str(device),
-            "wall_seconds": time.perf_counter() - started,
-            "base": base_report,
-            "test": report,
-            "environment": environment(),
-        }
-        write_json(run.file("summary.json"), summary)
-        run.finish()
-        return AdaptResult(run, summary)
+                     lambda: accuracy_report(pipeline.test_logits(), data.test.labels, data.classes, chosen),
+                     EpochRecorder(run, model, trainer, generator, log), start, progress)
+        classes = [data.classes[i] for i in chosen]
+        adapter_bytes = save_adapter(run.path, model, cfg.adapter, base_fingerprint,
+                                     {"base_run": str(base_run.path), "classes": classes})
+        return life.finish(AdaptSummary(run, str(base_run.path), cfg.forgetting, len(train_split), cfg.adapter.method,
+                                        cfg.adapter.rank, classes, trainable, adapter_bytes, cfg.train.epochs, cfg.seed,
+                                        str(device), life.elapsed(), base_report, report, environment()))

@@ -7,14 +7,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from vera_cli.adapters.files import apply_adapter, read_adapter_meta
 from vera_cli.adapters.inject import merged_plain
+from vera_cli.bases import fingerprint, load_pretrained, run_config
 from vera_cli.data import class_ids, load_cifar10
-from vera_cli.evaluate import accuracy_report, predict_logits
 from vera_cli.errors import VeraError
-from vera_cli.pretrain import fingerprint, load_pretrained
+from vera_cli.metrics import AccuracyReport, accuracy_report, predict_logits
 from vera_cli.runs import Run, latest_run, open_run
 from vera_cli.train import resolve_device
 
@@ -22,12 +20,17 @@ from vera_cli.train import resolve_device
 @dataclass
 class EvalResult:
     base_run: Run
-    reports: dict[str, dict[str, Any]]  # "base" first, then one per adapter run
+    reports: dict[str, AccuracyReport]  # "base" first, then one per adapter run
     seconds: dict[str, float]
+    merged: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base_run": str(self.base_run.path), "merged": self.merged,
+                "reports": {name: report.to_dict() for name, report in self.reports.items()}}
 
 
 def _run_defaults(run: Run) -> dict[str, Any]:
-    raw = yaml.safe_load(run.file("config.yaml").read_text()) or {}
+    raw = run_config(run)
     return {"data_dir": raw.get("data", {}).get("dir", "data"), "download": raw.get("data", {}).get("download", True),
             "device": raw.get("device", "auto")}
 
@@ -52,7 +55,7 @@ def evaluate_runs(run_path: str | None, adapter_paths: list[str], do_merge: bool
     first_classes = next(iter(metas.values()))["classes"] if metas else None
     chosen = class_ids(first_classes, data.classes) if first_classes else None
 
-    reports: dict[str, dict[str, Any]] = {}
+    reports: dict[str, AccuracyReport] = {}
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     reports["base"] = accuracy_report(predict_logits(base, data.test), data.test.labels, data.classes, chosen)
@@ -68,4 +71,4 @@ def evaluate_runs(run_path: str | None, adapter_paths: list[str], do_merge: bool
         seconds[str(adapter.path)] = time.perf_counter() - started
         reports[str(adapter.path)] = accuracy_report(logits, data.test.labels, data.classes,
                                                      class_ids(meta["classes"], data.classes))
-    return EvalResult(base_run, reports, seconds)
+    return EvalResult(base_run, reports, seconds, do_merge)

@@ -1,0 +1,42 @@
+"""The run lifecycle every command shares: config kept on resume, wall time across interruptions."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from vera_cli import config
+from vera_cli.commands.pretrain import run_pretrain
+from vera_cli.data import load_cifar10
+from vera_cli.errors import VeraError
+from vera_cli.lifecycle import load_settings
+from vera_cli.runs import Run
+
+
+def _cut_run(vera, interrupt_after_epoch) -> Run:
+    interrupt_after_epoch(1)
+    assert vera("pretrain", "--epochs", "2", "--batch-size", "64", "--run-dir", "runs/cut").code == 130
+    return Run(Path("runs/cut"))
+
+
+def test_a_resumed_run_keeps_its_own_config_even_through_the_python_api(vera, interrupt_after_epoch, cifar_root):
+    run = _cut_run(vera, interrupt_after_epoch)
+    _, recorded = load_settings(config.PretrainConfig, "pretrain", "unused", {}, str(run.path))
+    changed = dataclasses.replace(recorded, train=dataclasses.replace(recorded.train, lr=0.5))
+    with pytest.raises(VeraError, match=r"these keys differ from it: train.lr"):
+        run_pretrain(changed, log=lambda m: None, progress=False, data=load_cifar10(cifar_root, download=False), resume=run)
+    assert run.status["status"] == "interrupted"
+    with pytest.raises(VeraError, match=r"drop train.epochs"):
+        load_settings(config.PretrainConfig, "pretrain", "unused", {"train.epochs": 3}, str(run.path))
+
+
+def test_a_resumed_run_reports_the_wall_time_of_all_its_parts(vera, interrupt_after_epoch):
+    run = _cut_run(vera, interrupt_after_epoch)
+    first_part = run.status["wall_seconds"]
+    assert first_part > 0
+    assert vera("pretrain", "--resume", "runs/cut").code == 0
+    summary = json.loads(Path("runs/cut/summary.json").read_text())
+    metrics = [json.loads(line) for line in Path("runs/cut/metrics.jsonl").read_text().splitlines()]
+    # Two epochs were trained, one in each part: the total holds both.
+    assert summary["wall_seconds"] > first_part + metrics[1]["seconds"]

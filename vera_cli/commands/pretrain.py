@@ -1,0 +1,63 @@
+"""`vera pretrain`: train the base model from scratch and record the run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from vera_cli.bases import WEIGHTS_FILE, fingerprint
+from vera_cli.checkpoint import EpochRecorder
+from vera_cli.config import PretrainConfig
+from vera_cli.data import Cifar10, batches, load_cifar10
+from vera_cli.lifecycle import RunLifecycle
+from vera_cli.metrics import AccuracyReport, accuracy_report, predict_logits
+from vera_cli.models import build_model, count_parameters
+from vera_cli.runs import Run, environment, write_tensors
+from vera_cli.train import Trainer, fit, resolve_device
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class PretrainSummary:
+    run: Run
+    model: str
+    parameters: int
+    fingerprint: str
+    epochs: int
+    seed: int
+    device: str
+    wall_seconds: float
+    test: AccuracyReport
+    environment: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "pretrain", "model": self.model, "parameters": self.parameters,
+                "fingerprint": self.fingerprint, "epochs": self.epochs, "seed": self.seed, "device": self.device,
+                "wall_seconds": self.wall_seconds, "test": self.test.to_dict(), "environment": self.environment}
+
+
+def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, data: Cifar10 | None = None,
+                 resume: Run | None = None) -> PretrainSummary:
+    """Train from scratch into a new run directory, or continue the unfinished run `resume`."""
+    device = resolve_device(cfg.device)
+    build_model(cfg.model)
+    # Everything that can fail on bad input is checked before the run directory exists.
+    life = RunLifecycle("pretrain", cfg, resume)
+    data = (data or load_cifar10(cfg.data.dir, cfg.data.download)).to(device)
+    with life.open() as run:
+        generator = life.seed(cfg.seed, device)
+        model = build_model(cfg.model).to(device)
+        train = cfg.train
+        trainer = Trainer(model, model, train, steps_per_epoch=math.ceil(len(data.train) / train.batch_size))
+        start = life.restore(model, trainer, generator)
+        log(f"pretraining {cfg.model} ({count_parameters(model):,} parameters) on {len(data.train):,} images, "
+            f"{device}, run {run.path}" + (f", resuming at epoch {start}" if resume else ""))
+        report = fit(trainer, model, lambda g: batches(data.train, train.batch_size, g, train.crop, train.flip),
+                     len(data.train), generator,
+                     lambda: accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes),
+                     EpochRecorder(run, model, trainer, generator, log), start, progress)
+        write_tensors(run.file(WEIGHTS_FILE), model.state_dict())
+        return life.finish(PretrainSummary(run, cfg.model, count_parameters(model), fingerprint(model), train.epochs,
+                                           cfg.seed, str(device), life.elapsed(), report, environment()))

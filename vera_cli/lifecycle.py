@@ -1,0 +1,128 @@
+"""One run lifecycle for every command that writes a run.
+
+prepare (refuse an existing run directory, or check that a resumed run keeps its
+own config) -> open (create the directory, record status and config) -> seed ->
+restore a checkpoint on resume -> finish (summary, status, drop the checkpoint).
+An interruption or failure inside marks the run and keeps its wall time, so a
+resumed run reports the time of all its parts. Commands own only their logic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional, Protocol, TypeVar
+
+import torch
+from torch import nn
+
+from vera_cli import config as config_module
+from vera_cli.checkpoint import restore
+from vera_cli.errors import VeraError
+from vera_cli.runs import Run, create_run, ensure_new, open_resumable, write_json, write_yaml
+
+# Keys a resumed run may change: where the data is and what it runs on, never what it computes.
+RESUMABLE_CHANGES = ("device", "data.dir", "data.download")
+T = TypeVar("T")
+
+
+class Summary(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+S = TypeVar("S", bound=Summary)
+
+
+def load_settings(cls: type[T], kind: str, source: str | Path, overrides: dict[str, Any],
+                  resume: Optional[str]) -> tuple[Optional[Run], T]:
+    """(run to resume or None, validated config). A resumed run reads its own config.yaml; of the
+    overrides only RESUMABLE_CHANGES apply, anything else is refused with the list to drop."""
+    if not resume:
+        return None, config_module.load(cls, source, overrides)
+    given = sorted(key for key, value in overrides.items() if value is not None and key not in RESUMABLE_CHANGES)
+    if given:
+        raise VeraError(f"--resume continues a run with its own config; drop {', '.join(given)} "
+                        f"(only {', '.join(RESUMABLE_CHANGES)} may change)")
+    run = open_resumable(resume, kind)
+    return run, config_module.load(cls, run.file("config.yaml"), overrides)
+
+
+def _flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume_config(run: Run, recorded: dict[str, Any]) -> None:
+    """Refuse to continue `run` with a config other than the one it started with."""
+    from vera_cli.bases import run_config
+
+    before, now = _flat(run_config(run)), _flat(recorded)
+    changed = sorted(k for k in before.keys() | now.keys()
+                     if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES and k != "run_dir")
+    if changed:
+        raise VeraError(f"{run.path} continues with its own config; these keys differ from it: {', '.join(changed)} "
+                        f"(only {', '.join(RESUMABLE_CHANGES)} may change on --resume)")
+
+
+class RunLifecycle:
+    """A run of `kind` for config `cfg` (which has `run_dir`), new or resumed."""
+
+    def __init__(self, kind: str, cfg: Any, resume: Run | None = None, resumable: bool = True,
+                 recorded: dict[str, Any] | None = None) -> None:
+        self.kind, self.cfg, self.resume, self.resumable = kind, cfg, resume, resumable
+        # What config.yaml holds: the config, with anything resolved at start (the base run) filled in.
+        self.recorded = recorded if recorded is not None else config_module.to_dict(cfg)
+        if resume is None:
+            ensure_new(cfg.run_dir)
+        else:
+            check_resume_config(resume, self.recorded)
+        self._run: Run | None = None
+        self._started = 0.0
+        self._earlier_seconds = 0.0
+
+    @property
+    def run(self) -> Run:
+        if self._run is None:
+            raise RuntimeError("the run is not open yet")
+        return self._run
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[Run]:
+        """Create (or reopen) the run directory; mark it interrupted or failed if the body does not finish."""
+        run = self.resume or create_run(self.kind, self.cfg.run_dir)
+        self._run = run
+        self._earlier_seconds = float(run.status.get("wall_seconds", 0.0)) if self.resume else 0.0
+        self._started = time.perf_counter()
+        try:
+            with run.recording(self.resumable):
+                run.set_status("running")
+                write_yaml(run.file("config.yaml"), self.recorded)
+                yield run
+        except BaseException:
+            with contextlib.suppress(Exception):
+                run.set_status(run.status.get("status", "failed"), wall_seconds=self.elapsed())
+            raise
+
+    def seed(self, seed: int, device: torch.device) -> torch.Generator:
+        """Seed torch's global generator (weights, adapters) and return the run's own data generator."""
+        torch.manual_seed(seed)
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def restore(self, model: nn.Module, trainer: Any, generator: torch.Generator) -> int:
+        """The epoch to start from: 1 for a new run, the one after the last checkpoint on resume."""
+        return restore(self.run, model, trainer, generator) if self.resume else 1
+
+    def elapsed(self) -> float:
+        """Wall seconds of this run, earlier interrupted parts included."""
+        return self._earlier_seconds + time.perf_counter() - self._started
+
+    def finish(self, summary: S) -> S:
+        write_json(self.run.file("summary.json"), summary.to_dict())
+        self.run.finish()
+        return summary

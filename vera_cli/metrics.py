@@ -1,0 +1,112 @@
+"""Accuracy from logits: per class, overall, over chosen classes, over the rest, and task accuracy.
+
+Task accuracy classifies the chosen classes' images among the chosen classes
+only: what an adapter trained on those classes was trained to do. The 10-way
+accuracy on the chosen classes alone rewards a model that simply stops
+predicting the others; the rest's accuracy shows what that cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from vera_cli.data import Split, batches
+
+
+@torch.no_grad()
+def predict_logits(forward: Callable[[torch.Tensor], torch.Tensor], split: Split, batch_size: int = 1000) -> torch.Tensor:
+    return torch.cat([forward(images).float() for images, _ in batches(split, batch_size)])
+
+
+@torch.no_grad()
+def predict_features(forward: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor,
+                     batch_size: int = 1000) -> torch.Tensor:
+    """Logits from precomputed inputs (cached prefix features), in the same batches as predict_logits."""
+    return torch.cat([forward(chunk).float() for chunk in features.split(batch_size)])
+
+
+def _rate(correct: int, total: int) -> Optional[float]:
+    """None when there is nothing to count: a rate of 0 would read as a model that gets all of it wrong."""
+    return correct / total if total else None
+
+
+def percent(value: Optional[float]) -> str:
+    """A rate as text; n/a where there was nothing to count."""
+    return "n/a" if value is None else f"{value:.2%}"
+
+
+@dataclass(frozen=True)
+class ClassAccuracy:
+    name: str
+    correct: int
+    total: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"class": self.name, "correct": self.correct, "total": self.total, "accuracy": self.accuracy}
+
+
+@dataclass(frozen=True)
+class AccuracyReport:
+    """Test accuracy of one model. `chosen`, `task` and `rest` exist when classes were chosen;
+    `rest` is None when the chosen classes are all there are."""
+
+    per_class: list[ClassAccuracy]
+    chosen_classes: list[str] = field(default_factory=list)
+    chosen: Optional[float] = None
+    task: Optional[float] = None
+    rest: Optional[float] = None
+
+    @property
+    def correct(self) -> int:
+        return sum(c.correct for c in self.per_class)
+
+    @property
+    def total(self) -> int:
+        return sum(c.total for c in self.per_class)
+
+    @property
+    def overall(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+    def metric(self, name: str) -> Optional[float]:
+        """`overall`, `chosen`, `task` or `rest` by name, for tables and plots that list metrics as data."""
+        return getattr(self, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"overall": self.overall, "correct": self.correct, "total": self.total,
+                                  "per_class": [c.to_dict() for c in self.per_class]}
+        if self.chosen_classes:
+            result.update(chosen_classes=self.chosen_classes, chosen=self.chosen, rest=self.rest, task=self.task)
+        return result
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "AccuracyReport":
+        return cls([ClassAccuracy(c["class"], c["correct"], c["total"]) for c in raw["per_class"]],
+                   raw.get("chosen_classes", []), raw.get("chosen"), raw.get("task"), raw.get("rest"))
+
+
+def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str],
+                    chosen: list[int] | None = None) -> AccuracyReport:
+    """Per-class counts; `chosen` adds the chosen/rest/task figures."""
+    logits, labels = logits.cpu(), labels.cpu()
+    hits = logits.argmax(1) == labels
+    per_class = [ClassAccuracy(name, int(hits[labels == index].sum()), int((labels == index).sum()))
+                 for index, name in enumerate(classes)]
+    if not chosen:
+        return AccuracyReport(per_class)
+    chosen_ids = torch.tensor(chosen)
+    in_chosen = torch.isin(labels, chosen_ids)
+    task_predictions = chosen_ids[logits[in_chosen][:, chosen_ids].argmax(1)]
+    return AccuracyReport(
+        per_class, [classes[i] for i in chosen],
+        chosen=_rate(int(hits[in_chosen].sum()), int(in_chosen.sum())),
+        task=_rate(int((task_predictions == labels[in_chosen]).sum()), int(in_chosen.sum())),
+        rest=_rate(int(hits[~in_chosen].sum()), int((~in_chosen).sum())),
+    )
