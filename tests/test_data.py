@@ -8,7 +8,7 @@ from vera_cli import data
 from vera_cli.data import CLASSES, FOLDER, Split, batches, class_ids, load_cifar10, random_crop, random_flip
 from vera_cli.errors import VeraError
 
-from conftest import TEST_SIZE, TRAIN_SIZES, synthetic_batch
+from synthetic import TEST_SIZE, TRAIN_SIZES, synthetic_batch
 
 
 def test_loads_the_real_layout_into_one_uint8_tensor(cifar_root):

@@ -8,13 +8,19 @@ from vera_cli.config import TrainConfig
 from vera_cli.train import Trainer, lr_factor
 
 
-def test_one_cycle_warms_up_then_decays_to_zero():
-    cfg = TrainConfig(schedule="onecycle", warmup=0.2)
+def test_linear_schedule_warms_up_then_decays_to_zero_at_every_step():
+    cfg = TrainConfig(schedule="linear", warmup=0.2)
     factors = [lr_factor(step, 100, cfg) for step in range(100)]
-    assert factors[0] == pytest.approx(1 / 20) and factors[19] == pytest.approx(1.0)
-    assert factors[20] == pytest.approx(1.0) and factors[-1] == pytest.approx(1 / 80)
-    assert all(a <= b for a, b in zip(factors[:20], factors[1:20]))
-    assert lr_factor(50, 100, TrainConfig(schedule="constant")) == 1.0
+    # 20 warm-up steps rise by 1/20 each; 80 decay steps fall by 1/80 each from the peak.
+    expected = [(step + 1) / 20 for step in range(20)] + [1 - (step - 20) / 80 for step in range(20, 100)]
+    assert factors == pytest.approx(expected)
+    assert lr_factor(100, 100, cfg) == 0.0
+
+
+def test_cosine_and_constant_schedules():
+    cosine = TrainConfig(schedule="cosine", warmup=0.0)
+    assert [lr_factor(s, 4, cosine) for s in range(5)] == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466, 0.0])
+    assert {lr_factor(s, 100, TrainConfig(schedule="constant")) for s in range(100)} == {1.0}
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
