@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from vera_cli.adapters.files import apply_adapter, save_adapter
+from vera_cli.adapter_files import apply_adapter, save_adapter
+from vera_cli.adapters.errors import AdapterError
 from vera_cli.adapters.inject import adapted_layers, inject, merge, projection_bank, trainable_state, unmerge
 from vera_cli.adapters.lora import LoraLinear
 from vera_cli.adapters.projections import ProjectionBank
@@ -139,15 +140,18 @@ def test_lora_forward_equals_the_explicit_formula():
     assert torch.allclose(lora(x), x @ weight.T + layer.bias, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["vera", "lora"])
-def test_merge_gives_the_same_outputs_and_unmerge_restores_the_weights(method):
-    model = adapted(method)
+@pytest.mark.parametrize("method, kwargs", [
+    ("vera", {}), ("lora", {}),
+    ("vera", {"targets": ["all"]}), ("vera", {"targets": ["all"], "sharing": "sliced"}), ("lora", {"targets": ["all"]})])
+def test_merge_gives_the_same_outputs_and_unmerge_restores_the_weights(method, kwargs):
+    model = adapted(method, **kwargs)
     nudge(model)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     expected = model(INPUT)
     merge(model)
     assert torch.allclose(model(INPUT), expected, atol=1e-5)
-    assert not torch.equal(model.state_dict()["fc1.base.weight"], original["fc1.base.weight"])
+    for name in adapted_layers(model):
+        assert not torch.equal(model.state_dict()[f"{name}.base.weight"], original[f"{name}.base.weight"]), name
     unmerge(model)
     for key, value in model.state_dict().items():
         assert torch.allclose(value, original[key], atol=1e-6), key
@@ -158,21 +162,22 @@ def test_merge_refuses_non_finite_weights():
     model = adapted("vera")
     with torch.no_grad():
         adapted_layers(model)["fc2"].vera_b.fill_(float("nan"))
-    with pytest.raises(VeraError, match="not finite"):
+    with pytest.raises(AdapterError, match="not finite"):
         merge(model)
 
 
 def test_adapting_twice_is_refused():
     model = adapted("vera")
-    with pytest.raises(VeraError, match="already carries adapters"):
+    with pytest.raises(AdapterError, match="already carries adapters"):
         inject(model, AdapterConfig(method="lora"))
 
 
 def test_targets_select_layers_by_name_or_regex():
     model = adapted("lora", targets=["fc[12]", "fc5"])
     assert list(adapted_layers(model)) == ["fc1", "fc2", "fc5"]
-    with pytest.raises(VeraError, match="target 'conv1' matches no linear layer"):
-        adapted("lora", targets=["conv1"])
+    with pytest.raises(AdapterError, match="target 'fc9' matches no adaptable layer; the model's Linear and Conv2d "
+                       "layers are conv1, conv2, fc1, fc2, fc3, fc4, fc5"):
+        adapted("lora", targets=["fc9"])
 
 
 def test_trainable_modules_stay_fully_trainable():
@@ -250,11 +255,11 @@ def test_projection_checksum_mismatch_is_refused(tmp_path):
         apply_adapter(copy.deepcopy(base), tmp_path, fingerprint(base))
 
 
-@pytest.mark.parametrize("method", ["vera", "lora"])
-def test_merged_plain_model_is_the_base_architecture_with_the_same_outputs(method):
+@pytest.mark.parametrize("method, targets", [("vera", []), ("lora", []), ("vera", ["all"]), ("lora", ["all"])])
+def test_merged_plain_model_is_the_base_architecture_with_the_same_outputs(method, targets):
     from vera_cli.adapters.inject import merged_plain
 
-    model = adapted(method)
+    model = adapted(method, targets=targets)
     nudge(model)
     expected = model(INPUT)
     plain = merged_plain(model)

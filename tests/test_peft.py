@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from vera_cli.adapter_files import apply_adapter
 from vera_cli.adapters.inject import adapted_layers, inject, projection_bank
+from vera_cli.bases import fingerprint
 from vera_cli.config import AdapterConfig
 from vera_cli.data import load_cifar10
 from vera_cli.metrics import accuracy_report, predict_logits
@@ -48,19 +50,24 @@ def test_vera_projections_and_logits_equal_peft():
     assert difference < 1e-5
 
 
-def test_lora_logits_equal_peft():
-    ours = inject(base_model(), AdapterConfig(method="lora", rank=8, alpha=16))
-    theirs = peft.get_peft_model(base_model(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+@pytest.mark.parametrize("targets, peft_targets", [([], TARGETS), (["all"], ["conv1", "conv2", *TARGETS])])
+def test_lora_logits_equal_peft(targets, peft_targets):
+    ours = inject(base_model(), AdapterConfig(method="lora", rank=8, alpha=16, targets=targets))
+    theirs = peft.get_peft_model(base_model(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=peft_targets))
     trained(ours)
     with torch.no_grad():
         for name, layer in adapted_layers(ours).items():
             peft_layer = theirs.base_model.model.get_submodule(name)
+            # Conv layers too: our factors have PEFT's shapes, A (r, in, kh, kw) and B (out, r, 1, 1).
             peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
             peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
+    assert sorted(adapted_layers(ours)) == sorted(peft_targets)
     assert (ours(INPUT) - theirs(INPUT)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("method_args", [["--sharing", "sliced"], ["--method", "lora", "--rank", "4"]])
+@pytest.mark.parametrize("method_args", [
+    ["--sharing", "sliced"], ["--method", "lora", "--rank", "4"],
+    ["--method", "lora", "--rank", "4", "--set", "adapter.targets=[all]"]])
 def test_exported_adapter_loads_in_peft_and_matches_vera_eval(vera, pretrained, cifar_root, method_args):
     assert vera("adapt", "--epochs", "1", "--batch-size", "32", *method_args, "--run-dir", "runs/a").code == 0
     result = vera("export", "runs/a", "--format", "peft", "--out", "exported", "--base-out", "base")
@@ -73,8 +80,12 @@ def test_exported_adapter_loads_in_peft_and_matches_vera_eval(vera, pretrained, 
 
     rebuilt = ConvNet()
     rebuilt.load_state_dict(load_file("base/model.safetensors"))
+    ours_model = ConvNet().eval()
+    ours_model.load_state_dict(load_file("base/model.safetensors"))
+    apply_adapter(ours_model, Path("runs/a"), fingerprint(ours_model))
     model = peft.PeftModel.from_pretrained(rebuilt, "exported").eval()
     data = load_cifar10(cifar_root, download=False)
+    assert (predict_logits(model, data.test) - predict_logits(ours_model, data.test)).abs().max() < 1e-5
     theirs = accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes, [3, 2, 5])
     ours = vera("eval", "runs/a", "--json").json()["reports"]["runs/a"]
     assert [c.to_dict() for c in theirs.per_class] == ours["per_class"]
@@ -85,4 +96,13 @@ def test_per_shape_vera_is_refused_with_the_option_to_use(vera, pretrained):
     result = vera("export", "runs/p", "--out", "exported")
     assert result.code == 2
     assert "re-run adapt with --sharing sliced to export it" in result.err
+    assert not Path("exported").exists()
+
+
+def test_vera_on_convolutions_is_refused_with_the_reason(vera, pretrained):
+    assert vera("adapt", "--epochs", "1", "--sharing", "sliced", "--set", "adapter.targets=[conv, fc5]",
+                "--run-dir", "runs/c").code == 0
+    result = vera("export", "runs/c", "--out", "exported")
+    assert result.code == 2
+    assert result.err.startswith("error: PEFT's VeRA adapts Linear layers only and this adapter also adapts conv1, conv2")
     assert not Path("exported").exists()

@@ -17,6 +17,7 @@ import yaml
 from rich.console import Console
 
 from vera_cli import config as cfg
+from vera_cli.adapters.errors import AdapterError
 from vera_cli.errors import RunInterrupted, VeraError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -306,9 +307,11 @@ def run(argv: list[str]) -> int:
     except Exception as exc:
         # Typer's usage errors (bad option, wrong type) carry format_message() and an exit code.
         is_usage = hasattr(exc, "format_message") and hasattr(exc, "exit_code")
-        if debug or not (isinstance(exc, VeraError) or is_usage):
+        # The adapters package stands alone with its own error type: bad input all the same.
+        user_error = isinstance(exc, (VeraError, AdapterError))
+        if debug or not (user_error or is_usage):
             raise
-        message = str(exc) if isinstance(exc, VeraError) else f"{exc.format_message()} (see vera --help)"
+        message = str(exc) if user_error else f"{exc.format_message()} (see vera --help)"
         err.print(f"error: {' '.join(message.split())}", highlight=False, markup=False, soft_wrap=True)
         return 2
     finally:

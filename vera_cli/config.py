@@ -20,14 +20,12 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+# The adapter section is the standalone adapters package's own config, re-exported here.
+from vera_cli.adapters.config import METHODS, SHARING_MODES, AdapterConfig
 from vera_cli.errors import VeraError
 
 Device = Literal["auto", "cpu", "cuda"]
-Method = Literal["vera", "lora", "full", "head"]
-Sharing = Literal["per-shape", "sliced"]
 Forgetting = Literal["none", "mask", "replay"]
-METHODS: tuple[str, ...] = typing.get_args(Method)
-SHARING_MODES: tuple[str, ...] = typing.get_args(Sharing)
 # compare's method axis: each method, plus VeRA under each sharing mode other than the default.
 CompareMethod = Literal[METHODS + tuple(f"vera-{mode}" for mode in SHARING_MODES[1:])]  # type: ignore[valid-type]
 # Values renamed since runs were first written: old run configs still load.
@@ -64,26 +62,6 @@ class TrainConfig:
         _require(0 <= self.warmup < 1, "train.warmup is a fraction of the steps: use a value in [0, 1)")
         _require(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
         _require(self.weight_decay >= 0, "train.weight_decay must not be negative")
-
-
-@dataclass
-class AdapterConfig:
-    method: Method = "vera"
-    rank: int = 32
-    sharing: Sharing = "per-shape"
-    d_init: float = 0.1
-    alpha: float = 16.0
-    dropout: float = 0.0
-    projection_seed: int = 0
-    # Regexes matched in full against module names; empty means every nn.Linear.
-    targets: list[str] = field(default_factory=list)
-    # Modules kept fully trainable beside the adapters (for example the classifier).
-    trainable: list[str] = field(default_factory=list)
-    store_projections: bool = False
-
-    def __post_init__(self) -> None:
-        _require(self.rank >= 1, f"adapter.rank must be a positive integer, got {self.rank}")
-        _require(0 <= self.dropout < 1, "adapter.dropout must be in [0, 1)")
 
 
 @dataclass
@@ -271,7 +249,11 @@ def build(cls: type[T], raw: dict[str, Any], where: str = "") -> T:
             hint = f"; did you mean {where}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
             raise VeraError(f"unknown config key {where}{key}{hint}")
         kwargs[key] = _convert(value, hints[key], f"{where}{key}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        # The adapters package validates with ValueError, its messages starting with the field's name.
+        raise VeraError(f"{where}{exc}") from exc
 
 
 def load(cls: type[T], name_or_path: str | Path, overrides: dict[str, Any]) -> T:

@@ -1,98 +1,105 @@
 """Put adapters into a model: choose targets, wrap them, freeze the rest, merge, move state.
 
 Methods:
-- vera / lora: wrap the target nn.Linear layers; only adapter tensors (and any
-  modules named in `trainable`) train.
+- vera / lora: wrap the target nn.Linear and nn.Conv2d layers; only adapter tensors
+  (and any modules named in `trainable`) train.
 - full: every weight trains (the fine-tuning baseline).
 - head: only the last nn.Linear trains.
 """
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
-from vera_cli.adapters.layer import AdaptedLinear
-from vera_cli.adapters.lora import LoraLinear
+from vera_cli.adapters.config import AdapterConfig
+from vera_cli.adapters.errors import AdapterError
+from vera_cli.adapters.layer import AdaptedLayer, unsupported_reason
+from vera_cli.adapters.lora import LoraConv2d, LoraLinear
 from vera_cli.adapters.projections import ProjectionBank
-from vera_cli.adapters.vera import VeraLinear
-from vera_cli.config import AdapterConfig
-from vera_cli.errors import VeraError
+from vera_cli.adapters.targets import head_name, select_targets
+from vera_cli.adapters.vera import VeraConv2d, VeraLinear
 
 BANK_NAME = "vera_projections"
 
-
-def linear_names(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-
-
-def select_targets(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Names of nn.Linear layers matched in full by any pattern; every nn.Linear when none are given."""
-    candidates = linear_names(model)
-    if not patterns:
-        return candidates
-    chosen = []
-    for pattern in patterns:
-        try:
-            regex = re.compile(pattern)
-        except re.error as exc:
-            raise VeraError(f"target {pattern!r} is not a valid regular expression ({exc})") from exc
-        matched = [name for name in candidates if regex.fullmatch(name)]
-        if not matched:
-            raise VeraError(f"target {pattern!r} matches no linear layer; the model has {', '.join(candidates)}")
-        chosen.extend(name for name in matched if name not in chosen)
-    return [name for name in candidates if name in chosen]
+# The adapted layer class for each method and base layer type.
+LAYER_CLASSES: dict[str, dict[type[nn.Module], type[AdaptedLayer]]] = {
+    "vera": {nn.Linear: VeraLinear, nn.Conv2d: VeraConv2d},
+    "lora": {nn.Linear: LoraLinear, nn.Conv2d: LoraConv2d},
+}
 
 
-def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, AdaptedLinear)}
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, AdaptedLayer)}
+
+
+def _bank_entry(model: nn.Module) -> tuple[str, ProjectionBank] | None:
+    return next(((name, m) for name, m in model.named_modules() if isinstance(m, ProjectionBank)), None)
 
 
 def projection_bank(model: nn.Module) -> ProjectionBank | None:
-    return getattr(model, BANK_NAME, None)
+    entry = _bank_entry(model)
+    return entry[1] if entry else None
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    setattr(*_parent(model, name), new)
 
 
-def _set_trainable(model: nn.Module, names: list[str]) -> None:
+def _register_bank(model: nn.Module, bank: ProjectionBank, first_layer: nn.Module) -> None:
+    """Register the bank once, so that .to() moves it and the state dict holds each pair once:
+    on the model itself, as `vera_projections`; an nn.Sequential would call it as a step,
+    so there the first adapted layer holds it (a layer's forward ignores its children)."""
+    (first_layer if isinstance(model, nn.Sequential) else model).add_module(BANK_NAME, bank)
+
+
+def _layer_class(method: str, layer: nn.Module) -> type[AdaptedLayer]:
+    return next(cls for base_type, cls in LAYER_CLASSES[method].items() if isinstance(layer, base_type))
+
+
+def _check_trainable(model: nn.Module, names: list[str]) -> None:
     known = dict(model.named_modules())
     for name in names:
         if name not in known:
-            raise VeraError(f"adapter.trainable names {name!r}, which is not a module of the model")
-        for param in known[name].parameters():
-            param.requires_grad_(True)
+            raise AdapterError(f"trainable names {name!r}, which is not a module of the model")
+
+
+def _targets(model: nn.Module, spec: AdapterConfig) -> dict[str, nn.Module]:
+    """The layers to wrap, every one checked before the model is touched."""
+    layers = {name: model.get_submodule(name) for name in select_targets(model, spec.targets)}
+    for name, layer in layers.items():
+        reason = unsupported_reason(layer)
+        if reason is not None:
+            raise AdapterError(f"target layer {name} {reason}: leave it out of the targets (a regex that skips it)")
+    return layers
 
 
 def inject(model: nn.Module, spec: AdapterConfig) -> nn.Module:
-    """Convert `model` in place for `spec.method` and return it."""
+    """Convert `model` in place for `spec.method` and return it; on bad input it is left unchanged."""
     if adapted_layers(model) or projection_bank(model) is not None:
-        raise VeraError("this model already carries adapters: load a fresh base model before adapting it again")
-    model.requires_grad_(False)
-    if spec.method == "full":
-        model.requires_grad_(True)
-        return model
+        raise AdapterError("this model already carries adapters: load a fresh base model before adapting it again")
+    _check_trainable(model, spec.trainable)
+    layers = _targets(model, spec) if spec.method in LAYER_CLASSES else {}
+    model.requires_grad_(spec.method == "full")
     if spec.method == "head":
-        model.get_submodule(linear_names(model)[-1]).requires_grad_(True)
-        return model
-    targets = select_targets(model, spec.targets)
-    layers = {name: model.get_submodule(name) for name in targets}
+        model.get_submodule(head_name(model)).requires_grad_(True)
     if spec.method == "vera":
-        shapes = [(layer.in_features, layer.out_features) for layer in layers.values()]
-        bank = ProjectionBank(shapes, spec.rank, spec.sharing, spec.projection_seed)
+        bank = ProjectionBank([(layer.weight[0].numel(), layer.weight.shape[0]) for layer in layers.values()],
+                              spec.rank, spec.sharing, spec.projection_seed)
         bank.to(next(model.parameters()).device)
-        model.add_module(BANK_NAME, bank)
         for name, layer in layers.items():
-            _replace(model, name, VeraLinear(layer, bank, spec.rank, spec.d_init, spec.dropout))
-    else:
+            _replace(model, name, _layer_class("vera", layer)(layer, bank, spec.rank, spec.d_init, spec.dropout))
+        _register_bank(model, bank, model.get_submodule(next(iter(layers))))
+    elif spec.method == "lora":
         for name, layer in layers.items():
-            _replace(model, name, LoraLinear(layer, spec.rank, spec.alpha, spec.dropout))
-    _set_trainable(model, spec.trainable)
+            _replace(model, name, _layer_class("lora", layer)(layer, spec.rank, spec.alpha, spec.dropout))
+    for name in spec.trainable:
+        model.get_submodule(name).requires_grad_(True)
     return model
 
 
@@ -102,13 +109,15 @@ def merge(model: nn.Module) -> None:
 
 
 def merged_plain(model: nn.Module) -> nn.Module:
-    """Merge, then put each layer's plain nn.Linear back and drop the projections: the base model's
-    own architecture and speed, with the adapter folded into its weights. Cannot be unmerged."""
+    """Merge, then put each layer's plain nn.Linear / nn.Conv2d back and drop the projections:
+    the base model's own architecture and speed, with the adapter folded into its weights.
+    Cannot be unmerged."""
     merge(model)
+    bank = _bank_entry(model)
+    if bank is not None:
+        delattr(*_parent(model, bank[0]))
     for name, layer in adapted_layers(model).items():
         _replace(model, name, layer.base)
-    if projection_bank(model) is not None:
-        delattr(model, BANK_NAME)
     return model
 
 
@@ -128,9 +137,9 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     if set(state) != expected:
         missing = sorted(expected - set(state))
         extra = sorted(set(state) - expected)
-        raise VeraError(f"the adapter file does not fit this model (missing {missing}, unexpected {extra})")
+        raise AdapterError(f"the adapter tensors do not fit this model (missing {missing}, unexpected {extra})")
     with torch.no_grad():
         for name, tensor in state.items():
             if params[name].shape != tensor.shape:
-                raise VeraError(f"adapter tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(params[name].shape)}")
+                raise AdapterError(f"adapter tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(params[name].shape)}")
             params[name].copy_(tensor)

@@ -1,29 +1,41 @@
-"""The LoRA layer: h = W0 x + (alpha / r) B A x, with A and B trained."""
+"""The LoRA layer: h = W0 x + (alpha / r) B A x, with A and B trained.
+
+On a Conv2d the factors have PEFT's shapes, A (r, in, kh, kw) and B (out, r, 1, 1),
+so that a layer's tensors are exactly what PEFT stores for it.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vera_cli.adapters.layer import AdaptedLinear
+from vera_cli.adapters.layer import AdaptedLayer, Conv2dGeometry, LinearGeometry
 
 
-class LoraLinear(AdaptedLinear):
-    """Trains `lora_A` (r x in, Kaiming-uniform) and `lora_B` (out x r, zeros: output equals the base)."""
+class LoraLayer(AdaptedLayer):
+    """Trains `lora_A` (Kaiming-uniform over its fan-in) and `lora_B` (zeros: output equals the base)."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__(base, dropout)
-        device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
+        weight = base.weight
+        ones = (1,) * (weight.dim() - 2)
+        self.lora_A = nn.Parameter(torch.empty(rank, *weight.shape[1:], device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, *ones, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling = alpha / rank
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        return self.up(self.down(x, self.lora_A), self.lora_B) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scaling
+        return (self.lora_B.flatten(1) @ self.lora_A.flatten(1)).view_as(self.base.weight) * self.scaling
+
+
+class LoraLinear(LinearGeometry, LoraLayer):
+    """LoRA on an nn.Linear: A (r, in), B (out, r)."""
+
+
+class LoraConv2d(Conv2dGeometry, LoraLayer):
+    """LoRA on an nn.Conv2d: A a conv into r channels with the layer's kernel, B a 1x1 conv."""

@@ -1,10 +1,14 @@
 """The frozen random projections VeRA shares between layers.
 
-A (r x in) and B (out x r) come from one CPU generator seeded with
+A (r x fan_in) and B (out x r) come from one CPU generator seeded with
 `projection_seed`, filled in a fixed order (A then B, pairs in order of first
 use), so the same seed gives the same bits on any machine. The bank is one
 module registered once on the model: `.to(device)` moves it, the state dict
 holds each pair once, and every layer reads the very same tensors.
+
+A layer's shape is (fan_in, out): in and out features for nn.Linear, in * kh * kw
+and out channels for nn.Conv2d, so that a conv and a linear layer of the same
+(fan_in, out) share one pair, and a sliced pair covers both kinds.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import math
 import torch
 from torch import nn
 
-SHARING_MODES = ("per-shape", "sliced")
+from vera_cli.adapters.config import SHARING_MODES
+from vera_cli.adapters.errors import AdapterError
 
 
 def kaiming_uniform(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
@@ -25,12 +30,12 @@ def kaiming_uniform(rows: int, cols: int, generator: torch.Generator) -> torch.T
 
 
 class ProjectionBank(nn.Module):
-    """Owns the A/B pairs. `shapes` are the (in, out) of the adapted layers in model order."""
+    """Owns the A/B pairs. `shapes` are the (fan_in, out) of the adapted layers in model order."""
 
     def __init__(self, shapes: list[tuple[int, int]], rank: int, sharing: str, seed: int) -> None:
         super().__init__()
         if sharing not in SHARING_MODES:
-            raise ValueError(f"unknown sharing mode {sharing}")
+            raise AdapterError(f"sharing must be one of {', '.join(SHARING_MODES)}, got {sharing!r}")
         self.rank = rank
         self.sharing = sharing
         self.seed = seed
@@ -57,7 +62,7 @@ class ProjectionBank(nn.Module):
         return getattr(self, f"A_{key}"), getattr(self, f"B_{key}")
 
     def projections(self, fan_in: int, fan_out: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (r x in) and B (out x r) for a layer: the pair itself, or its top-left slice."""
+        """A (r x fan_in) and B (out x r) for a layer: the pair itself, or its top-left slice."""
         a, b = self.pair(self.key_for(fan_in, fan_out))
         cached = self._slices.get((fan_in, fan_out))
         if cached is None or cached[0] is not a or cached[1] is not b:

@@ -1,19 +1,23 @@
-"""The VeRA layer: h = W0 x + diag(b) B diag(d) A x, with A and B frozen and shared."""
+"""The VeRA layer: h = W0 x + diag(b) B diag(d) A x, with A and B frozen and shared.
+
+On a Conv2d, A (r x in*kh*kw) is viewed as an (r, in, kh, kw) kernel, d scales its r
+output channels, B (out x r) runs as a 1x1 convolution and b scales the out channels:
+delta W = diag(b) B diag(d) A, reshaped to the layer's kernel.
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vera_cli.adapters.layer import AdaptedLinear
+from vera_cli.adapters.layer import AdaptedLayer, Conv2dGeometry, LinearGeometry
 from vera_cli.adapters.projections import ProjectionBank
 
 
-class VeraLinear(AdaptedLinear):
+class VeraLayer(AdaptedLayer):
     """Trains `vera_d` (r, starts at d_init) and `vera_b` (out, starts at 0: output equals the base)."""
 
-    def __init__(self, base: nn.Linear, bank: ProjectionBank, rank: int, d_init: float, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Module, bank: ProjectionBank, rank: int, d_init: float, dropout: float = 0.0) -> None:
         super().__init__(base, dropout)
         device = base.weight.device
         self.vera_d = nn.Parameter(torch.full((rank,), float(d_init), device=device))
@@ -22,12 +26,20 @@ class VeraLinear(AdaptedLinear):
         self._bank = (bank,)
 
     def projections(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._bank[0].projections(self.in_features, self.out_features)
+        return self._bank[0].projections(self.fan_in, self.out_features)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.projections()
-        return self.vera_b * F.linear(self.vera_d * F.linear(x, a), b)
+        return self.per_feature(self.vera_b) * self.up(self.per_feature(self.vera_d) * self.down(x, a), b)
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self.projections()
-        return (self.vera_b[:, None] * b) @ (self.vera_d[:, None] * a)
+        return ((self.vera_b[:, None] * b) @ (self.vera_d[:, None] * a)).view_as(self.base.weight)
+
+
+class VeraLinear(LinearGeometry, VeraLayer):
+    """VeRA on an nn.Linear."""
+
+
+class VeraConv2d(Conv2dGeometry, VeraLayer):
+    """VeRA on an nn.Conv2d, run unmerged as a conv into r channels and a 1x1 conv."""

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vera_cli import config as config_module
-from vera_cli.adapters.files import ADAPTER_FILE, save_adapter
+from vera_cli.adapter_files import ADAPTER_FILE, save_adapter
 from vera_cli.adapters.inject import inject
 from vera_cli.bases import fingerprint, load_pretrained, resolve_base
 from vera_cli.checkpoint import EpochRecorder

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from safetensors.torch import save
 from torch import nn
 
-from vera_cli.adapters.files import adapter_tensors
-from vera_cli.adapters.inject import BANK_NAME, adapted_layers, inject, projection_bank
-from vera_cli.adapters.layer import AdaptedLinear
-from vera_cli.config import AdapterConfig
+from vera_cli.adapters.config import AdapterConfig
+from vera_cli.adapters.inject import adapted_layers, inject, projection_bank
+from vera_cli.adapters.layer import AdaptedLayer
+from vera_cli.adapters.projections import ProjectionBank
+from vera_cli.adapters.state import adapter_tensors
 
 
 @dataclass
@@ -58,7 +60,7 @@ class ParamCount:
 
 def _layer_shape(module: nn.Module) -> str:
     weight = getattr(module, "weight", None)
-    if isinstance(module, AdaptedLinear):
+    if isinstance(module, AdaptedLayer):
         weight = module.base.weight
     return "x".join(str(d) for d in weight.shape) if weight is not None else "-"
 
@@ -67,7 +69,7 @@ def _layer_rows(model: nn.Module) -> list[LayerCount]:
     rows = []
     adapted = adapted_layers(model)
     for name, module in model.named_modules():
-        if name == BANK_NAME or any(name.startswith(prefix + ".") for prefix in adapted):
+        if isinstance(module, ProjectionBank) or any(name.startswith(prefix + ".") for prefix in adapted):
             continue
         params = list(module.parameters()) if name in adapted else list(module.parameters(recurse=False))
         if not params:
@@ -84,7 +86,7 @@ def _pair_rows(model: nn.Module) -> list[PairCount]:
     users: dict[str, list[str]] = {key: [] for key in bank.pair_shapes}
     one_tensor: dict[str, bool] = {key: True for key in bank.pair_shapes}
     for name, layer in adapted_layers(model).items():
-        key = bank.key_for(layer.in_features, layer.out_features)
+        key = bank.key_for(layer.fan_in, layer.out_features)
         users[key].append(name)
         a, b = layer.projections()
         pair_a, pair_b = bank.pair(key)
@@ -99,8 +101,8 @@ def _pair_rows(model: nn.Module) -> list[PairCount]:
 
 
 def count_params(model: nn.Module, spec: AdapterConfig) -> ParamCount:
-    """Convert `model` in place per `spec` and count what trains, what stays frozen, and the file size."""
-    inject(model, spec)
+    """Count what `spec` trains on `model`, what stays frozen, and the file size; `model` is left as it is."""
+    model = inject(copy.deepcopy(model), spec)
     bank = projection_bank(model)
     params = list(model.parameters())
     return ParamCount(

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from vera_cli.adapters.files import apply_adapter, read_adapter_meta
+from vera_cli.adapter_files import apply_adapter, read_adapter_meta
 from vera_cli.adapters.inject import merged_plain
 from vera_cli.bases import fingerprint, load_pretrained, run_config
 from vera_cli.data import class_ids, load_cifar10

@@ -4,7 +4,11 @@ What maps to what (PEFT 0.13+ key layout):
 - VeRA: `<layer>.vera_d` -> `base_model.model.<layer>.vera_lambda_d`, `vera_b` -> `vera_lambda_b`;
   the one sliced projection pair -> `base_model.vera_A` / `base_model.vera_B`, always stored
   (`save_projection: true`) so that loading never depends on regenerating them.
-- LoRA: `<layer>.lora_A` -> `base_model.model.<layer>.lora_A.weight`, `lora_B` -> `lora_B.weight`.
+- LoRA: `<layer>.lora_A` -> `base_model.model.<layer>.lora_A.weight`, `lora_B` -> `lora_B.weight`,
+  for nn.Linear and nn.Conv2d alike (our conv factors have PEFT's shapes: A (r, in, kh, kw),
+  B (out, r, 1, 1)).
+PEFT's VeRA takes nn.Linear layers only, so a VeRA adapter on convolutions is refused;
+`export_merged` writes any adapter folded into a plain model instead.
 This module writes plain JSON and safetensors; it does not need peft installed.
 """
 
@@ -15,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from vera_cli import config as config_module
-from vera_cli.adapters.files import apply_adapter, read_adapter_meta
-from vera_cli.adapters.inject import adapted_layers, projection_bank
+from vera_cli.adapter_files import apply_adapter, read_adapter_meta
+from vera_cli.adapters.inject import adapted_layers, merged_plain, projection_bank
+from vera_cli.adapters.layer import AdaptedLayer
 from vera_cli.bases import fingerprint, load_pretrained
 from vera_cli.config import AdapterConfig
 from vera_cli.data import MEAN, STD
@@ -27,6 +33,7 @@ from vera_cli.runs import open_run, write_bytes_atomic, write_tensors
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
+PLAIN_WEIGHTS = "model.safetensors"
 
 
 @dataclass
@@ -45,6 +52,17 @@ def _check_representable(spec: AdapterConfig) -> None:
                         "re-run adapt without it to export")
 
 
+def _check_layers(spec: AdapterConfig, layers: dict[str, AdaptedLayer]) -> None:
+    convs = {name: layer.base for name, layer in layers.items() if isinstance(layer.base, nn.Conv2d)}
+    if spec.method == "vera" and convs:
+        raise VeraError(f"PEFT's VeRA adapts Linear layers only and this adapter also adapts {', '.join(convs)}: "
+                        "export it folded into the plain model with --merge instead")
+    dilated = [name for name, conv in convs.items() if conv.dilation != (1, 1)]
+    if dilated:
+        raise VeraError(f"PEFT's LoRA ignores the dilation of {', '.join(dilated)}, so it would compute another "
+                        "function: export it folded into the plain model with --merge instead")
+
+
 def peft_config(spec: AdapterConfig, targets: list[str]) -> dict:
     common = {"base_model_name_or_path": None, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
               "layers_pattern": None, "layers_to_transform": None, "modules_to_save": None, "revision": None,
@@ -56,22 +74,45 @@ def peft_config(spec: AdapterConfig, targets: list[str]) -> dict:
             "init_lora_weights": True, "use_rslora": False, "use_dora": False}
 
 
-def export_peft(run_path: str, out: str, base_out: str | None = None) -> Exported:
+def _check_destinations(*folders: str | None) -> None:
+    for folder in filter(None, folders):
+        path = Path(folder)
+        if path.exists() and any(path.iterdir()):
+            raise VeraError(f"{path} already exists and is not empty: choose another folder")
+
+
+def _adapted_model(run_path: str) -> tuple[AdapterConfig, dict[str, torch.Tensor], nn.Module]:
+    """The adapt run's config, its base model's weights, and the base with the adapter applied, on the CPU."""
     run = open_run(run_path, ("adapt",))
     meta = read_adapter_meta(run.path)
     spec = config_module.build(AdapterConfig, meta["adapter"])
-    _check_representable(spec)
-    destinations = [Path(out)] + ([Path(base_out)] if base_out else [])
-    for folder in destinations:
-        if folder.exists() and any(folder.iterdir()):
-            raise VeraError(f"{folder} already exists and is not empty: choose another folder")
-    base_run = open_run(meta["base_run"], ("pretrain",))
-    model, _ = load_pretrained(base_run, torch.device("cpu"))
+    model, _ = load_pretrained(open_run(meta["base_run"], ("pretrain",)), torch.device("cpu"))
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     apply_adapter(model, run.path, fingerprint(model))
+    return spec, base_state, model
+
+
+def _write_plain(folder: Path, state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """A plain model anyone can load with torch alone: its weights and how to prepare its input."""
+    preprocessing = json.dumps({
+        "input": "RGB images as uint8 (N, 3, 32, 32), channel-major like the CIFAR-10 python release",
+        "scale": "divide by 255", "mean": list(MEAN), "std": list(STD),
+        "normalised": "(x / 255 - mean[c]) / std[c] per channel c"}, indent=2).encode()
+    files = {str(folder / PLAIN_WEIGHTS): write_tensors(folder / PLAIN_WEIGHTS, state)}
+    write_bytes_atomic(folder / "preprocessing.json", preprocessing)
+    files[str(folder / "preprocessing.json")] = len(preprocessing)
+    return files
+
+
+def export_peft(run_path: str, out: str, base_out: str | None = None) -> Exported:
+    _check_destinations(out, base_out)
+    spec, base_state, model = _adapted_model(run_path)
+    _check_representable(spec)
+    layers = adapted_layers(model)
+    _check_layers(spec, layers)
 
     tensors = {}
-    for name, layer in adapted_layers(model).items():
+    for name, layer in layers.items():
         prefix = f"base_model.model.{name}"
         if spec.method == "vera":
             tensors[f"{prefix}.vera_lambda_d"] = layer.vera_d
@@ -86,16 +127,17 @@ def export_peft(run_path: str, out: str, base_out: str | None = None) -> Exporte
     files: dict[str, int] = {}
     out_dir = Path(out)
     files[str(out_dir / PEFT_WEIGHTS)] = write_tensors(out_dir / PEFT_WEIGHTS, tensors)
-    config_bytes = json.dumps(peft_config(spec, list(adapted_layers(model))), indent=2).encode()
+    config_bytes = json.dumps(peft_config(spec, list(layers)), indent=2).encode()
     write_bytes_atomic(out_dir / PEFT_CONFIG, config_bytes)
     files[str(out_dir / PEFT_CONFIG)] = len(config_bytes)
     if base_out:
-        base_dir = Path(base_out)
-        files[str(base_dir / "model.safetensors")] = write_tensors(base_dir / "model.safetensors", base_state)
-        preprocessing = json.dumps({
-            "input": "RGB images as uint8 (N, 3, 32, 32), channel-major like the CIFAR-10 python release",
-            "scale": "divide by 255", "mean": list(MEAN), "std": list(STD),
-            "normalised": "(x / 255 - mean[c]) / std[c] per channel c"}, indent=2).encode()
-        write_bytes_atomic(base_dir / "preprocessing.json", preprocessing)
-        files[str(base_dir / "preprocessing.json")] = len(preprocessing)
+        files.update(_write_plain(Path(base_out), base_state))
     return Exported(files)
+
+
+def export_merged(run_path: str, out: str) -> Exported:
+    """Any adapter (VeRA or LoRA, linear or conv targets) folded into the base: the plain model's
+    own architecture, loadable with `load_state_dict` and no vera-cli or PEFT."""
+    _check_destinations(out)
+    _, _, model = _adapted_model(run_path)
+    return Exported(_write_plain(Path(out), merged_plain(model).state_dict()))

@@ -1,0 +1,53 @@
+"""An adapt run's adapter on disk: the trained tensors (safetensors) plus JSON metadata.
+
+The adapters package turns an adapter into tensors and metadata and back
+(`vera_cli.adapters.state`); this module adds what belongs to the application:
+atomic files inside a run, a format version, and the fingerprint of the base model
+the adapter was trained on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from vera_cli.adapters.config import AdapterConfig
+from vera_cli.adapters.errors import AdapterError
+from vera_cli.adapters.state import adapter_metadata, adapter_tensors, load_adapter
+from vera_cli.errors import VeraError
+from vera_cli.runs import read_json, read_tensors, write_json, write_tensors
+
+ADAPTER_FILE = "adapter.safetensors"
+META_FILE = "adapter.json"
+FORMAT_VERSION = 1
+
+
+def save_adapter(folder: Path, model: nn.Module, spec: AdapterConfig, base_fingerprint: str,
+                 extra: dict[str, Any]) -> int:
+    """Write the adapter into `folder`; returns the tensor file's size in bytes."""
+    size = write_tensors(folder / ADAPTER_FILE, adapter_tensors(model, spec))
+    write_json(folder / META_FILE, {"format": FORMAT_VERSION, **adapter_metadata(model, spec),
+                                    "base_fingerprint": base_fingerprint, **extra})
+    return size
+
+
+def read_adapter_meta(folder: Path) -> dict[str, Any]:
+    meta = read_json(folder / META_FILE)
+    if meta.get("format") != FORMAT_VERSION:
+        raise VeraError(f"{folder / META_FILE} has format {meta.get('format')}; this vera-cli reads format {FORMAT_VERSION}")
+    return meta
+
+
+def apply_adapter(model: nn.Module, folder: Path, base_fingerprint: str) -> dict[str, Any]:
+    """Inject and load the adapter stored in `folder` into a fresh copy of its base model."""
+    meta = read_adapter_meta(folder)
+    if meta["base_fingerprint"] != base_fingerprint:
+        raise VeraError(f"the adapter in {folder} was trained on another base model (its base run was "
+                        f"{meta.get('base_run')}); apply it to that base")
+    try:
+        load_adapter(model, meta, read_tensors(folder / ADAPTER_FILE))
+    except AdapterError as exc:
+        raise VeraError(f"cannot apply the adapter in {folder}: {exc}") from exc
+    return meta

@@ -1,0 +1,53 @@
+"""What an adapter is: method, rank, sharing, targets. Validated on construction.
+
+Messages start with the field's name so that an application can prefix where the
+field sits in its own configuration (`adapter.rank must be ...`).
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+from vera_cli.adapters.errors import AdapterError
+
+Method = Literal["vera", "lora", "full", "head"]
+Sharing = Literal["per-shape", "sliced"]
+METHODS: tuple[str, ...] = typing.get_args(Method)
+SHARING_MODES: tuple[str, ...] = typing.get_args(Sharing)
+
+
+@dataclass
+class AdapterConfig:
+    method: Method = "vera"
+    rank: int = 32
+    sharing: Sharing = "per-shape"
+    d_init: float = 0.1
+    alpha: float = 16.0
+    dropout: float = 0.0
+    projection_seed: int = 0
+    # Presets (linear, conv, all, attention, all-linear) or regexes matched in full against
+    # module names; empty means the `linear` preset, every nn.Linear.
+    targets: list[str] = field(default_factory=list)
+    # Modules kept fully trainable beside the adapters (for example the classifier).
+    trainable: list[str] = field(default_factory=list)
+    store_projections: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        _require(self.sharing in SHARING_MODES, f"sharing must be one of {', '.join(SHARING_MODES)}, got {self.sharing!r}")
+        _require(self.rank >= 1, f"rank must be a positive integer, got {self.rank}")
+        _require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        # Every preset name is also a valid regex, so one check covers both kinds of target.
+        for pattern in self.targets:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise AdapterError(f"targets: {pattern!r} is neither a preset nor a valid regular expression ({exc})") from exc
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise AdapterError(message)
