@@ -40,6 +40,8 @@ DataDirOpt = typer.Option(None, "--data-dir", help="folder that holds cifar-10-b
 RunDirOpt = typer.Option(None, "--run-dir", help="where to write the run (must not exist)")
 SetOpt = typer.Option([], "--set", help="override any config key: --set train.label_smoothing=0.1")
 NoProgressOpt = typer.Option(False, "--no-progress", help="hide progress bars")
+TargetOpt = typer.Option([], "--target", help="layers to adapt: presets linear (default), conv, all, all-linear, "
+                         "attention, or regexes over layer names: --target conv fc5")
 ResumeOpt = typer.Option(None, "--resume", help="continue an interrupted run (its own config; only --device and --data-dir apply)")
 
 
@@ -102,6 +104,7 @@ def adapt(
     method: Optional[str] = typer.Option(None, "--method", help="vera (default), lora, full or head: picks configs/adapt-<method>.yaml"),
     rank: Optional[int] = typer.Option(None, "--rank", help="adapter rank"),
     sharing: Optional[str] = typer.Option(None, "--sharing", help="VeRA projection sharing: per-shape or sliced"),
+    target: list[str] = TargetOpt,
     base: Optional[str] = typer.Option(None, "--base", help="pretrain run to adapt (default: the latest)"),
     config: Optional[str] = ConfigOpt, epochs: Optional[int] = EpochsOpt, batch_size: Optional[int] = BatchOpt,
     lr: Optional[float] = LrOpt, device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
@@ -113,7 +116,8 @@ def adapt(
     from vera_cli.report import comparison_table
 
     overrides = _overrides({**_common(epochs, batch_size, lr, device, seed, data_dir, run_dir), "classes": classes or None,
-                            "adapter.method": method, "adapter.rank": rank, "adapter.sharing": sharing, "base": base}, set_)
+                            "adapter.method": method, "adapter.rank": rank, "adapter.sharing": sharing,
+                            "adapter.targets": target or None, "base": base}, set_)
     run, settings = _settings(cfg.AdaptConfig, "adapt", _adapt_config_name(method or "vera"), config, overrides, resume,
                               print_config)
     summary = run_adapt(settings, log=_log, progress=not no_progress, resume=run)
@@ -159,7 +163,7 @@ def count_params(
     method: str = typer.Option("vera", "--method", help="vera, lora, full or head"),
     rank: Optional[int] = typer.Option(None, "--rank", help="adapter rank"),
     sharing: Optional[str] = typer.Option(None, "--sharing", help="per-shape or sliced"),
-    target: list[str] = typer.Option([], "--target", help="layer names or regexes to adapt (default: every Linear)"),
+    target: list[str] = TargetOpt,
     model: str = typer.Option("convnet", "--model", help="model to count"),
     as_json: bool = typer.Option(False, "--json", help="print JSON on stdout"),
     config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt,
@@ -212,6 +216,7 @@ def compare(
     classes: list[str] = typer.Option([], "--classes", help="classes to fine-tune on"),
     methods: Optional[str] = typer.Option(None, "--methods", help="comma list of vera, vera-sliced, lora, full, head"),
     ranks: Optional[str] = typer.Option(None, "--ranks", help="comma list of ranks, e.g. 4,16,64,256"),
+    targets: Optional[str] = typer.Option(None, "--targets", help="comma list of targets for vera and lora, e.g. linear,all"),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="number of seeds per setting (mean and spread)"),
     base: Optional[str] = typer.Option(None, "--base", help="pretrain run to adapt (default: the latest)"),
     epochs: Optional[int] = EpochsOpt, config: Optional[str] = ConfigOpt, device: Optional[str] = DeviceOpt,
@@ -222,7 +227,7 @@ def compare(
     from vera_cli.commands.compare import run_compare
     from vera_cli.report import compare_table
 
-    overrides = _overrides({"classes": classes or None, "methods": methods, "ranks": ranks, "seeds": seeds,
+    overrides = _overrides({"classes": classes or None, "methods": methods, "ranks": ranks, "targets": targets, "seeds": seeds,
                             "base": base, "epochs": epochs, "device": device, "data.dir": data_dir,
                             "run_dir": run_dir}, set_)
     run, settings = _settings(cfg.CompareConfig, "compare", "compare", config, overrides, resume, print_config)
@@ -237,13 +242,16 @@ def export(
     format_: str = typer.Option("peft", "--format", help="peft: adapter_config.json + adapter_model.safetensors"),
     out_dir: str = typer.Option(..., "--out", help="folder to write the adapter into (new or empty)"),
     base_out: Optional[str] = typer.Option(None, "--base-out", help="also write the base weights and preprocessing here"),
+    merge: bool = typer.Option(False, "--merge", help="write the adapter folded into the plain model instead (any adapter)"),
 ) -> None:
-    """Export an adapter in a format another tool loads (Hugging Face PEFT)."""
-    from vera_cli.commands.export import export_peft
+    """Export an adapter in a format another tool loads (Hugging Face PEFT), or merged into the plain model."""
+    from vera_cli.commands.export import export_merged, export_peft
 
     if format_ != "peft":
         raise VeraError(f"unknown export format {format_!r}: the supported format is peft")
-    result = export_peft(run, out_dir, base_out)
+    if merge and base_out:
+        raise VeraError("--merge writes the whole model into --out: drop --base-out")
+    result = export_merged(run, out_dir) if merge else export_peft(run, out_dir, base_out)
     for path, size in result.files.items():
         out.print(f"{path}  {size:,} bytes", highlight=False)
 

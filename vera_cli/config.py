@@ -99,12 +99,14 @@ class AdaptConfig:
 
 @dataclass
 class CompareConfig:
-    """A grid over methods, ranks, forgetting options and seeds; each method keeps its own adapt config."""
+    """A grid over methods, ranks, targets, forgetting options and seeds; each method keeps its own adapt config."""
 
     base: Optional[str] = None
     classes: list[str] = field(default_factory=lambda: ["cat", "bird", "dog"])
     methods: list[CompareMethod] = field(default_factory=lambda: ["vera", "lora", "full", "head"])
     ranks: list[int] = field(default_factory=lambda: [4, 16, 64, 256])
+    # For vera and lora: each entry one adapter.targets setting (a preset such as all, or a regex).
+    targets: list[str] = field(default_factory=lambda: ["linear"])
     forgetting: list[Forgetting] = field(default_factory=lambda: ["replay"])
     seeds: int = 1
     epochs: Optional[int] = None  # None: each method's own config decides
@@ -116,6 +118,7 @@ class CompareConfig:
         _require(len(self.classes) > 0, "classes is empty: name at least one class, e.g. --classes cat bird dog")
         _require(len(self.methods) > 0, "methods is empty: name at least one, e.g. --methods vera,lora")
         _require(all(rank >= 1 for rank in self.ranks), f"ranks must be positive integers, got {self.ranks}")
+        _require(len(self.targets) > 0, "targets is empty: name at least one, e.g. --targets linear,all")
         _require(self.seeds >= 1, "seeds must be at least 1")
         _require(self.epochs is None or self.epochs >= 1, "epochs must be at least 1")
 

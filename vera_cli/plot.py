@@ -1,4 +1,4 @@
-"""The comparison picture: accuracy against trainable parameters, one series per method.
+"""The comparison picture: accuracy against trainable parameters, one series per method and setting.
 
 matplotlib (Agg backend, no display needed) draws it: a log axis, error bars,
 legends and a PNG writer are a lot of hand-written code otherwise.
@@ -25,22 +25,31 @@ STYLES = {"vera": ("tab:blue", "o"), "vera-sliced": ("tab:cyan", "D"), "lora": (
           "full": ("tab:red", "^"), "head": ("tab:green", "v")}
 
 
+def _label(method: str, targets: str | None, forgetting: str, rows: list["TableLine"]) -> str:
+    """The method, with the targets and forgetting option when the table has more than one of them."""
+    details = [value for value, axis in ((targets, "targets"), (forgetting, "forgetting"))
+               if value is not None and len({getattr(r, axis) for r in rows} - {None}) > 1]
+    return f"{method} ({', '.join(details)})" if details else method
+
+
 def plot_comparison(table: list["TableLine"], classes: list[str], path: Path) -> Path:
     base = table[0]
     rows = table[1:]
     figure, axes = plt.subplots(1, len(PANELS), figsize=(15, 4.8), sharex=True)
     for axis, (metric, title) in zip(axes, PANELS):
-        series: dict[tuple[str, str], list["TableLine"]] = {}
+        series: dict[tuple[str, str | None, str], list["TableLine"]] = {}
         for row in rows:
             if row.mean[metric] is not None:
-                series.setdefault((row.method, row.forgetting), []).append(row)
-        for (method, forgetting), members in series.items():
+                series.setdefault((row.method, row.targets, row.forgetting), []).append(row)
+        for (method, targets, forgetting), members in series.items():
             members.sort(key=lambda r: r.trainable)
             colour, marker = STYLES.get(method, ("black", "x"))
-            label = method if len({r.forgetting for r in rows}) == 1 else f"{method} ({forgetting})"
             axis.errorbar([r.trainable for r in members], [100 * r.mean[metric] for r in members],
                           yerr=[100 * r.std[metric] for r in members], color=colour, marker=marker,
-                          linestyle="--" if forgetting == "none" else "-", capsize=3, label=label)
+                          # Hollow markers: the same method on other targets than the default linear layers.
+                          markerfacecolor=colour if targets in (None, "linear") else "white",
+                          linestyle="--" if forgetting == "none" else "-", capsize=3,
+                          label=_label(method, targets, forgetting, rows))
         if base.mean[metric] is not None:
             axis.axhline(100 * base.mean[metric], color="grey", linestyle=":", label="base model")
         axis.set_xscale("log")

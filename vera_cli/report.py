@@ -99,16 +99,16 @@ def count_tables(count: "ParamCount") -> list[Table]:
 def compare_table(table: list["TableLine"], title: str) -> Table:
     """One line per setting (mean over seeds, with the spread when there are several), base first."""
     result = Table(title=title)
-    for column in ("method", "rank", "forgetting", "trainable", "adapter bytes", "chosen (10-way)", "task",
+    for column in ("method", "rank", "targets", "forgetting", "trainable", "adapter bytes", "chosen (10-way)", "task",
                    "rest", "overall", "seconds"):
-        result.add_column(column, justify="left" if column in ("method", "forgetting") else "right")
+        result.add_column(column, justify="left" if column in ("method", "targets", "forgetting") else "right")
 
     def cell(line: "TableLine", metric: str) -> str:
         spread = line.std[metric]
         return _pct(line.mean[metric]) + (f" ± {100 * spread:.1f}" if line.seeds > 1 and spread is not None else "")
 
     for index, line in enumerate(table):
-        result.add_row(line.method, "-" if line.rank is None else str(line.rank), line.forgetting,
+        result.add_row(line.method, "-" if line.rank is None else str(line.rank), line.targets or "-", line.forgetting,
                        f"{line.trainable:,}", f"{line.adapter_bytes:,}", cell(line, "chosen"), cell(line, "task"),
                        cell(line, "rest"), cell(line, "overall"), f"{line.mean['seconds']:.1f}")
         if index == 0:

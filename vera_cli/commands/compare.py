@@ -1,6 +1,6 @@
 """`vera compare`: every method on one base, same data, epochs and evaluation; one row per setting.
 
-Each grid point (method, rank, forgetting option, seed) is an ordinary adapt run
+Each grid point (method, rank, targets, forgetting option, seed) is an ordinary adapt run
 in `<run>/rows/<name>/`, each with its method's own tuned config
 (`configs/adapt-<method>.yaml`). A row is appended to `rows.jsonl` as soon as its
 run finishes, and the aggregated table (CSV, JSON) is rewritten, so an
@@ -9,16 +9,19 @@ interrupted comparison keeps every finished row and `--resume` runs only the res
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import io
 import json
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from vera_cli import config as config_module
+from vera_cli.adapters.inject import inject
 from vera_cli.bases import load_pretrained, resolve_base
 from vera_cli.commands.adapt import AdaptSummary, run_adapt
 from vera_cli.commands.pretrain import Log
@@ -32,7 +35,8 @@ from vera_cli.train import resolve_device
 
 ROWS_FILE = "rows.jsonl"
 METRICS = ("chosen", "task", "rest", "overall")
-RANKLESS = ("full", "head")
+RANKLESS = ("full", "head")  # no rank and no targets: they train whole modules
+DEFAULT_TARGETS = "linear"
 
 
 @dataclass
@@ -41,11 +45,14 @@ class GridPoint:
     rank: int | None
     forgetting: str
     seed: int
+    targets: str | None = None  # a preset or regex; None for the rankless methods
 
     @property
     def name(self) -> str:
         rank = f"-r{self.rank}" if self.rank is not None else ""
-        return f"{self.method}{rank}-{self.forgetting}-s{self.seed}"
+        # The default targets stay out of the name, so rows read as before; a regex becomes a safe folder name.
+        targets = f"-{re.sub(r'[^A-Za-z0-9.-]+', '_', self.targets)}" if self.targets not in (None, DEFAULT_TARGETS) else ""
+        return f"{self.method}{rank}{targets}-{self.forgetting}-s{self.seed}"
 
 
 @dataclass
@@ -56,6 +63,7 @@ class Row:
     method: str
     rank: Optional[int]
     forgetting: str
+    targets: Optional[str]
     seed: int
     trainable: int
     adapter_bytes: int
@@ -76,6 +84,7 @@ class TableLine:
     method: str
     rank: Optional[int]
     forgetting: str
+    targets: Optional[str]
     seeds: int
     trainable: int
     adapter_bytes: int
@@ -105,9 +114,11 @@ class CompareSummary:
 def grid(cfg: CompareConfig) -> list[GridPoint]:
     points = []
     for method in cfg.methods:
-        for rank in ([None] if method in RANKLESS else cfg.ranks):
-            for forgetting in cfg.forgetting:
-                points.extend(GridPoint(method, rank, forgetting, seed) for seed in range(cfg.seeds))
+        rankless = method in RANKLESS
+        for rank in ([None] if rankless else cfg.ranks):
+            for targets in ([None] if rankless else cfg.targets):
+                for forgetting in cfg.forgetting:
+                    points.extend(GridPoint(method, rank, forgetting, seed, targets) for seed in range(cfg.seeds))
     return points
 
 
@@ -120,7 +131,8 @@ def adapt_config(cfg: CompareConfig, own: AdaptConfig, point: GridPoint, base: s
     """The grid point's adapt config: the method's own, with the comparison's shared settings."""
     _, _, sharing = point.method.partition("-")
     adapter = dataclasses.replace(own.adapter, rank=point.rank or own.adapter.rank,
-                                  sharing=sharing or own.adapter.sharing)
+                                  sharing=sharing or own.adapter.sharing,
+                                  targets=[point.targets] if point.targets else own.adapter.targets)
     train = dataclasses.replace(own.train, epochs=cfg.epochs or own.train.epochs)
     return dataclasses.replace(own, base=base, classes=cfg.classes, seed=point.seed, device=cfg.device, data=cfg.data,
                                run_dir=str(run_dir), forgetting=point.forgetting, adapter=adapter, train=train)
@@ -128,7 +140,7 @@ def adapt_config(cfg: CompareConfig, own: AdaptConfig, point: GridPoint, base: s
 
 def row_from_summary(point: GridPoint, summary: AdaptSummary) -> Row:
     test = summary.test
-    return Row(point.name, point.method, point.rank, point.forgetting, point.seed, summary.trainable_parameters,
+    return Row(point.name, point.method, point.rank, point.forgetting, point.targets, point.seed, summary.trainable_parameters,
                summary.adapter_bytes, test.chosen, test.task, test.rest, test.overall, summary.wall_seconds)
 
 
@@ -142,11 +154,11 @@ def aggregate(base_line: TableLine, rows: list[Row]) -> list[TableLine]:
     """One line per setting, base first."""
     groups: dict[tuple, list[Row]] = {}
     for row in rows:
-        groups.setdefault((row.method, row.rank, row.forgetting), []).append(row)
+        groups.setdefault((row.method, row.rank, row.forgetting, row.targets), []).append(row)
     table = [base_line]
-    for (method, rank, forgetting), members in groups.items():
+    for (method, rank, forgetting, targets), members in groups.items():
         stats = {metric: _mean_std([getattr(m, metric) for m in members]) for metric in (*METRICS, "seconds")}
-        table.append(TableLine(method, rank, forgetting, len(members), members[0].trainable, members[0].adapter_bytes,
+        table.append(TableLine(method, rank, forgetting, targets, len(members), members[0].trainable, members[0].adapter_bytes,
                                {k: v[0] for k, v in stats.items()}, {k: v[1] for k, v in stats.items()}))
     return table
 
@@ -177,11 +189,14 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     own = method_configs(cfg)
     configs = {point.name: adapt_config(cfg, own[point.method], point, str(base_run.path), Path("rows") / point.name)
                for point in points}
+    model, _ = load_pretrained(base_run, device)
+    # A target that matches no layer of the base is refused before the comparison starts, not at its first row.
+    for adapter in {repr(c.adapter): c.adapter for c in configs.values()}.values():
+        inject(copy.deepcopy(model), adapter)
     data = load_cifar10(cfg.data.dir, cfg.data.download).to(device)
     with life.open() as run:
-        model, _ = load_pretrained(base_run, device)
         base_report = accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes, chosen)
-        base_line = TableLine("base", None, "-", 1, 0, 0, {**{m: base_report.metric(m) for m in METRICS}, "seconds": 0.0},
+        base_line = TableLine("base", None, "-", None, 1, 0, 0, {**{m: base_report.metric(m) for m in METRICS}, "seconds": 0.0},
                               {m: 0.0 for m in (*METRICS, "seconds")})
         rows = finished_rows(run)
         done = {row.name for row in rows}
