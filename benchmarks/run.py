@@ -14,7 +14,9 @@ Measures, on whatever machine runs it (targets: TARGETS below, one table):
      against a PEFT-VeRA training loop (when peft is installed);
   4. inference at batch 64: base, merged VeRA, unmerged VeRA (ours and PEFT's);
   5. pretrain step throughput against the arithmetic limit of this machine (FLOPs per
-     image counted by torch.utils.flop_counter; the best of several sgemm trials).
+     image counted by torch.utils.flop_counter; the best of several sgemm trials);
+  6. VeRA against LoRA on every conv and linear layer: training step and unmerged
+     inference (conv_adapters.py).
 Prints a markdown report and writes it to the output folder (not in --smoke mode). The
 classic pipeline is part of the benchmark only, not of the product.
 """
@@ -24,9 +26,9 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import itertools
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from conv_adapters import conv_adapter_timing
+from timing import median_seconds, round_robin_ms
 from vera_cli import config as config_module
 from vera_cli.adapters.inject import inject, merged_plain
 from vera_cli.bases import load_pretrained
@@ -65,10 +69,11 @@ class Scale:
     inference_calls: int
     throughput_images: int
     peft_steps: int
+    conv_rounds: int
 
 
-FULL = Scale(6, (), 5, 2000, 12_800, 100)
-SMOKE = Scale(1, ("--set", "pretrain.train.epochs=1", "--set", "adapt.train.epochs=1"), 1, 20, 512, 3)
+FULL = Scale(6, (), 5, 2000, 12_800, 100, 30)
+SMOKE = Scale(1, ("--set", "pretrain.train.epochs=1", "--set", "adapt.train.epochs=1"), 1, 20, 512, 3, 1)
 
 
 @dataclass(frozen=True)
@@ -198,15 +203,6 @@ def experiment(data_dir: str, workdir: Path, scale: Scale) -> dict:
             "base_run": str(run_dir / "pretrain"), "summary": summary}
 
 
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def adaptation(base_run: str, data_dir: str, scale: Scale) -> dict:
     """One VeRA epoch as `vera adapt` runs it: the adapt-vera config, its feature cache, its trainer."""
     data = load_cifar10(data_dir, download=False)
@@ -269,18 +265,10 @@ def inference(base_run: str, scale: Scale) -> dict:
     except ImportError:
         pass
     models["base (a second copy: the noise floor)"] = copy.deepcopy(base)
-    for model in models.values():
-        model.eval()
-    timings: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
-        # One call of each model in turn, many times over: drift of a shared machine hits every model alike.
-        for _ in range(scale.inference_calls):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(x)
-                timings[name].append(time.perf_counter() - start)
-    times = {name: statistics.median(values) for name, values in timings.items()}
-    return {name: {"ms": 1000 * t, "ratio": t / times["base"]} for name, t in times.items()}
+        times = round_robin_ms({name: functools.partial(model.eval(), x) for name, model in models.items()},
+                               scale.inference_calls)
+    return {name: {"ms": t, "ratio": t / times["base"]} for name, t in times.items()}
 
 
 def throughput(data_dir: str, scale: Scale) -> dict:
@@ -363,6 +351,11 @@ def report(results: dict) -> str:
                  f"{verdict('throughput', best['images_per_second'])} |")
     lines.append(f"| peak RSS of `vera experiment` | {e['peak_rss_mb']:.0f} MB | dataset as uint8 {dataset_mb:.0f} MB | "
                  f"{e['peak_rss_mb'] / dataset_mb:.1f} | {TARGETS['peak_rss'].goal} |")
+    conv = results["conv"]
+    for measure, key in (("training step, batch 256", "train_step_ms"), ("unmerged inference, batch 64", "inference_ms")):
+        ms = conv[key]
+        lines.append(f"| conv + linear adapters, {measure}: vera r32 | {ms['vera r32']:.3f} ms | lora r8 "
+                     f"{ms['lora r8']:.3f} ms (r32 {ms['lora r32']:.3f} ms) | {ms['vera r32'] / ms['lora r8']:.2f} | - |")
     adapt_base, adapt_test = e["adapt"]["base"], e["adapt"]["test"]
     lines += ["", "Throughput by batch size: " + ", ".join(
         f"{r['batch_size']}: {r['images_per_second']:,.0f} img/s" for r in t["rows"]), "",
@@ -409,6 +402,8 @@ def main() -> None:
         results["inference"] = inference(results["experiment"]["base_run"], scale)
         print("throughput ...", flush=True)
         results["throughput"] = throughput(data_dir, scale)
+        print("conv adapters ...", flush=True)
+        results["conv"] = conv_adapter_timing(scale.conv_rounds)
     text = report(results)
     if not args.smoke:
         out = Path(args.out)
