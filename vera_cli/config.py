@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 # The adapter section is the standalone adapters package's own config, re-exported here.
-from vera_cli.adapters.config import METHODS, SHARING_MODES, AdapterConfig
+from vera_cli.adapters.config import DEFAULT_TARGETS, METHODS, SHARING_MODES, AdapterConfig
 from vera_cli.errors import VeraError
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -106,7 +106,7 @@ class CompareConfig:
     methods: list[CompareMethod] = field(default_factory=lambda: ["vera", "lora", "full", "head"])
     ranks: list[int] = field(default_factory=lambda: [4, 16, 64, 256])
     # For vera and lora: each entry one adapter.targets setting (a preset such as all, or a regex).
-    targets: list[str] = field(default_factory=lambda: ["linear"])
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     forgetting: list[Forgetting] = field(default_factory=lambda: ["replay"])
     seeds: int = 1
     epochs: Optional[int] = None  # None: each method's own config decides

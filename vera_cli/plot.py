@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from vera_cli.adapters.config import DEFAULT_TARGETS  # noqa: E402
 from vera_cli.runs import write_bytes_atomic  # noqa: E402
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def plot_comparison(table: list["TableLine"], classes: list[str], path: Path) ->
             axis.errorbar([r.trainable for r in members], [100 * r.mean[metric] for r in members],
                           yerr=[100 * r.std[metric] for r in members], color=colour, marker=marker,
                           # Hollow markers: the same method on other targets than the default linear layers.
-                          markerfacecolor=colour if targets in (None, "linear") else "white",
+                          markerfacecolor=colour if targets in (None, *DEFAULT_TARGETS) else "white",
                           linestyle="--" if forgetting == "none" else "-", capsize=3,
                           label=_label(method, targets, forgetting, rows))
         if base.mean[metric] is not None:

@@ -17,6 +17,8 @@ Method = Literal["vera", "lora", "full", "head"]
 Sharing = Literal["per-shape", "sliced"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
 SHARING_MODES: tuple[str, ...] = typing.get_args(Sharing)
+# What an empty `targets` means: the preset of every nn.Linear, as in the write-up.
+DEFAULT_TARGETS = ("linear",)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from vera_cli.adapters.config import DEFAULT_TARGETS
 from vera_cli.adapters.errors import AdapterError
 
 ADAPTABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
@@ -34,7 +35,6 @@ PRESETS: dict[str, Preset] = {
     # PEFT's meaning of all-linear: the output layer stays as it is.
     "all-linear": Preset("every nn.Linear except the classifier head", (nn.Linear,), without_head=True),
 }
-DEFAULT_TARGETS = ["linear"]
 
 
 def head_name(model: nn.Module) -> str:

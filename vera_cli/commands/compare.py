@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from vera_cli import config as config_module
+from vera_cli.adapters.config import DEFAULT_TARGETS
 from vera_cli.adapters.inject import inject
 from vera_cli.bases import load_pretrained, resolve_base
 from vera_cli.commands.adapt import AdaptSummary, run_adapt
@@ -36,7 +37,6 @@ from vera_cli.train import resolve_device
 ROWS_FILE = "rows.jsonl"
 METRICS = ("chosen", "task", "rest", "overall")
 RANKLESS = ("full", "head")  # no rank and no targets: they train whole modules
-DEFAULT_TARGETS = "linear"
 
 
 @dataclass
@@ -51,7 +51,7 @@ class GridPoint:
     def name(self) -> str:
         rank = f"-r{self.rank}" if self.rank is not None else ""
         # The default targets stay out of the name, so rows read as before; a regex becomes a safe folder name.
-        targets = f"-{re.sub(r'[^A-Za-z0-9.-]+', '_', self.targets)}" if self.targets not in (None, DEFAULT_TARGETS) else ""
+        targets = f"-{re.sub(r'[^A-Za-z0-9.-]+', '_', self.targets)}" if self.targets not in (None, *DEFAULT_TARGETS) else ""
         return f"{self.method}{rank}{targets}-{self.forgetting}-s{self.seed}"
 
 
