@@ -1,14 +1,10 @@
-"""The baseline ConvNet of the write-up, and a registry of models by name."""
+"""The baseline ConvNet of the write-up."""
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from vera_cli.errors import VeraError
 
 
 class ConvNet(nn.Module):
@@ -48,16 +44,3 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
-
-
-MODELS: dict[str, Callable[[], nn.Module]] = {"convnet": ConvNet}
-
-
-def build_model(name: str) -> nn.Module:
-    if name not in MODELS:
-        raise VeraError(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
-    return MODELS[name]()
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
