@@ -9,6 +9,7 @@ import pytest
 
 from vera_cli import cli
 from vera_cli.checkpoint import EpochRecorder
+from vera_cli.models import ModelConfig, ViTConfig
 from synthetic import write_cifar
 
 
@@ -56,6 +57,22 @@ def vera(capsys, tmp_path, cifar_root, monkeypatch) -> Cli:
 
 
 QUICK = ["--epochs", "2", "--batch-size", "32"]
+
+
+# A Vision Transformer small enough for a test: 16 tokens of width 16, two blocks.
+TINY_VIT = ModelConfig("vit", ViTConfig(patch_size=8, dim=16, depth=2, heads=2, mlp_ratio=2))
+TINY_VIT_SETTINGS = "model.vit={patch_size: 8, dim: 16, depth: 2, heads: 2, mlp_ratio: 2}"
+# The VeRA paper's targets on a ViT: query and value of every attention block (a preset).
+ATTENTION = "attention"
+
+
+@pytest.fixture
+def vit_base(vera) -> Path:
+    """A finished pretrain run of the tiny ViT in the test's working folder."""
+    result = vera("pretrain", "--config", "pretrain-vit", "--set", TINY_VIT_SETTINGS, "--epochs", "1",
+                   "--batch-size", "32", "--run-dir", "runs/vit")
+    assert result.code == 0, result.err
+    return Path("runs/vit")
 
 
 @pytest.fixture

@@ -2,9 +2,11 @@
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from vera_cli.adapter_files import apply_adapter
 from vera_cli.adapters.inject import adapted_layers, inject, projection_bank
@@ -12,7 +14,7 @@ from vera_cli.bases import fingerprint
 from vera_cli.config import AdapterConfig
 from vera_cli.data import load_cifar10
 from vera_cli.metrics import accuracy_report, predict_logits
-from vera_cli.models import ConvNet
+from vera_cli.models import ConvNet, ViT, ViTConfig
 
 peft = pytest.importorskip("peft", reason="peft is not installed: pip install -e '.[peft]' to run these")
 
@@ -65,30 +67,47 @@ def test_lora_logits_equal_peft(targets, peft_targets):
     assert (ours(INPUT) - theirs(INPUT)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("method_args", [
-    ["--sharing", "sliced"], ["--method", "lora", "--rank", "4"],
-    ["--method", "lora", "--rank", "4", "--set", "adapter.targets=[all]"]])
-def test_exported_adapter_loads_in_peft_and_matches_vera_eval(vera, pretrained, cifar_root, method_args):
-    assert vera("adapt", "--epochs", "1", "--batch-size", "32", *method_args, "--run-dir", "runs/a").code == 0
+EXPORTABLE = [["--sharing", "sliced"], ["--method", "lora", "--rank", "4"]]
+
+
+def adapt_and_export(vera, *adapt_args: str) -> list[dict]:
+    """Adapt the base in the working folder, export to exported/ and base/; `vera eval`'s per-class rows."""
+    assert vera("adapt", "--epochs", "1", "--batch-size", "32", *adapt_args, "--run-dir", "runs/a").code == 0
     result = vera("export", "runs/a", "--format", "peft", "--out", "exported", "--base-out", "base")
     assert result.code == 0, result.err
+    return vera("eval", "runs/a", "--json").json()["reports"]["runs/a"]["per_class"]
+
+
+def peft_per_class(build: Callable[[], torch.nn.Module], cifar_root: Path) -> list[dict]:
+    """The exported base and adapter loaded with torch and PEFT alone (same logits as ours), evaluated
+    like `vera eval`."""
+    rebuilt, ours = build(), build().eval()
+    rebuilt.load_state_dict(load_file("base/model.safetensors"))
+    ours.load_state_dict(load_file("base/model.safetensors"))
+    apply_adapter(ours, Path("runs/a"), fingerprint(ours))
+    model = peft.PeftModel.from_pretrained(rebuilt, "exported").eval()
+    data = load_cifar10(cifar_root, download=False)
+    assert (predict_logits(model, data.test) - predict_logits(ours, data.test)).abs().max() < 1e-5
+    return [c.to_dict() for c in accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes,
+                                                 [3, 2, 5]).per_class]
+
+
+@pytest.mark.parametrize("method_args", [*EXPORTABLE, ["--method", "lora", "--rank", "4", "--set", "adapter.targets=[all]"]])
+def test_exported_adapter_loads_in_peft_and_matches_vera_eval(vera, pretrained, cifar_root, method_args):
+    ours = adapt_and_export(vera, *method_args)
     assert sorted(p.name for p in Path("exported").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     preprocessing = json.loads(Path("base/preprocessing.json").read_text())
     assert len(preprocessing["mean"]) == 3
+    assert json.loads(Path("base/model.json").read_text())["name"] == "convnet"
+    assert peft_per_class(ConvNet, cifar_root) == ours
 
-    from safetensors.torch import load_file
 
-    rebuilt = ConvNet()
-    rebuilt.load_state_dict(load_file("base/model.safetensors"))
-    ours_model = ConvNet().eval()
-    ours_model.load_state_dict(load_file("base/model.safetensors"))
-    apply_adapter(ours_model, Path("runs/a"), fingerprint(ours_model))
-    model = peft.PeftModel.from_pretrained(rebuilt, "exported").eval()
-    data = load_cifar10(cifar_root, download=False)
-    assert (predict_logits(model, data.test) - predict_logits(ours_model, data.test)).abs().max() < 1e-5
-    theirs = accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes, [3, 2, 5])
-    ours = vera("eval", "runs/a", "--json").json()["reports"]["runs/a"]
-    assert [c.to_dict() for c in theirs.per_class] == ours["per_class"]
+@pytest.mark.parametrize("method_args", EXPORTABLE)
+def test_exported_vit_adapter_on_query_value_matches_vera_eval(vera, vit_base, cifar_root, method_args):
+    ours = adapt_and_export(vera, "--target", "attention", *method_args)
+    architecture = json.loads(Path("base/model.json").read_text())
+    assert architecture["name"] == "vit"
+    assert peft_per_class(lambda: ViT(ViTConfig(**architecture["vit"])), cifar_root) == ours
 
 
 def test_per_shape_vera_is_refused_with_the_option_to_use(vera, pretrained):

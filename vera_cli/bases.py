@@ -12,7 +12,7 @@ from torch import nn
 from vera_cli import config as config_module
 from vera_cli.config import PretrainConfig
 from vera_cli.errors import VeraError
-from vera_cli.models import build_model
+from vera_cli.models import ModelConfig, build_model
 from vera_cli.runs import Run, latest_run, open_run, read_tensors
 
 WEIGHTS_FILE = "model.safetensors"
@@ -46,11 +46,20 @@ def fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def pretrain_config(run: Run) -> PretrainConfig:
+    return config_module.build(PretrainConfig, run_config(run))
+
+
+def model_config(run: Run) -> ModelConfig:
+    """The model a pretrain run trained (its architecture, without loading the weights)."""
+    return pretrain_config(run).model
+
+
 def load_pretrained(run: Run, device: torch.device) -> tuple[nn.Module, PretrainConfig]:
-    cfg = config_module.build(PretrainConfig, run_config(run))
+    cfg = pretrain_config(run)
     model = build_model(cfg.model)
     state = read_tensors(run.file(WEIGHTS_FILE))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise VeraError(f"{run.file(WEIGHTS_FILE)} does not fit model {cfg.model} (missing {missing}, unexpected {unexpected})")
+        raise VeraError(f"{run.file(WEIGHTS_FILE)} does not fit model {cfg.model.name} (missing {missing}, unexpected {unexpected})")
     return model.to(device).eval(), cfg

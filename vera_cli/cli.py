@@ -164,19 +164,25 @@ def count_params(
     rank: Optional[int] = typer.Option(None, "--rank", help="adapter rank"),
     sharing: Optional[str] = typer.Option(None, "--sharing", help="per-shape or sliced"),
     target: list[str] = TargetOpt,
-    model: str = typer.Option("convnet", "--model", help="model to count"),
+    model: str = typer.Option("convnet", "--model", help="model to count: convnet or vit (default settings)"),
+    lora_rank: Optional[int] = typer.Option(None, "--versus-lora", help="VeRA: also count LoRA at this rank on the same layers"),
     as_json: bool = typer.Option(False, "--json", help="print JSON on stdout"),
     config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt,
 ) -> None:
     """Count trainable and frozen parameters (projections included) and the adapter file size."""
-    from vera_cli.commands.count_params import count_params as count
+    from vera_cli.commands.count_params import count_params as count, versus_lora
     from vera_cli.models import build_model
     from vera_cli.report import count_tables
 
     overrides = _overrides({"adapter.method": method, "adapter.rank": rank, "adapter.sharing": sharing,
                             "adapter.targets": target or None}, set_)
     _, settings = _settings(cfg.AdaptConfig, "adapt", _adapt_config_name(method), config, overrides)
-    result = count(build_model(model), settings.adapter)
+    base = build_model(model)
+    result = count(base, settings.adapter)
+    if lora_rank is not None:
+        if method != "vera":
+            raise VeraError("--versus-lora sets VeRA beside LoRA: use it with --method vera")
+        result = versus_lora(result, base, settings.adapter, lora_rank)
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return

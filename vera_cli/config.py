@@ -23,6 +23,7 @@ import yaml
 # The adapter section is the standalone adapters package's own config, re-exported here.
 from vera_cli.adapters.config import DEFAULT_TARGETS, METHODS, SHARING_MODES, AdapterConfig
 from vera_cli.errors import VeraError
+from vera_cli.models import ModelConfig
 
 Device = Literal["auto", "cpu", "cuda"]
 Forgetting = Literal["none", "mask", "replay"]
@@ -66,7 +67,7 @@ class TrainConfig:
 
 @dataclass
 class PretrainConfig:
-    model: str = "convnet"
+    model: ModelConfig = field(default_factory=ModelConfig)
     seed: int = 0
     device: Device = "auto"
     run_dir: Optional[str] = None
@@ -271,6 +272,9 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
+        shorthand = getattr(hint, "SHORTHAND", None)
+        if shorthand is not None and isinstance(value, str):
+            value = {shorthand: value}
         return build(hint, value if value is not None else {}, f"{key}.")
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:

@@ -92,6 +92,11 @@ def count_tables(count: "ParamCount") -> list[Table]:
     totals.add_row("total", f"{count.total:,}")
     totals.add_row("trainable share", f"{count.percent_trainable:.3f} %")
     totals.add_row("adapter file", f"{count.adapter_bytes:,} bytes")
+    contrast = count.versus_lora
+    if contrast is not None:
+        totals.add_row(f"LoRA r{contrast.lora_rank}, same layers", f"{contrast.lora:,} ({contrast.ratio:.1f}x VeRA's)")
+        totals.add_row("VeRA paper, ViT-B query|value", f"VeRA r256 {contrast.paper_vera / 1000:.1f}K, LoRA r8 "
+                       f"{contrast.paper_lora / 1000:.1f}K ({contrast.paper_ratio:.1f}x)")
     tables.append(totals)
     return tables
 

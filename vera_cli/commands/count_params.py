@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Optional
 
 from safetensors.torch import save
 from torch import nn
@@ -34,6 +34,29 @@ class PairCount:
     one_tensor: bool  # every layer reads this pair's storage, not a copy
 
 
+# The VeRA paper's ViT-B, query and value adapted, head excluded: VeRA r256 against LoRA r8.
+PAPER_VIT_B = {"vera": 24_600, "lora": 294_900}
+
+
+@dataclass
+class LoraContrast:
+    """What LoRA trains on the same layers, beside the VeRA paper's own pair of numbers."""
+
+    lora_rank: int
+    lora: int
+    vera: int
+    paper_vera: int = PAPER_VIT_B["vera"]
+    paper_lora: int = PAPER_VIT_B["lora"]
+
+    @property
+    def ratio(self) -> float:
+        return self.lora / self.vera
+
+    @property
+    def paper_ratio(self) -> float:
+        return self.paper_lora / self.paper_vera
+
+
 @dataclass
 class ParamCount:
     method: str
@@ -45,6 +68,7 @@ class ParamCount:
     frozen_base: int = 0
     frozen_projections: int = 0
     adapter_bytes: int = 0
+    versus_lora: Optional[LoraContrast] = None
 
     @property
     def total(self) -> int:
@@ -55,7 +79,9 @@ class ParamCount:
         return 100.0 * self.trainable / self.total
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "total": self.total, "percent_trainable": self.percent_trainable}
+        contrast = self.versus_lora and {**asdict(self.versus_lora), "ratio": self.versus_lora.ratio,
+                                         "paper_ratio": self.versus_lora.paper_ratio}
+        return {**asdict(self), "versus_lora": contrast, "total": self.total, "percent_trainable": self.percent_trainable}
 
 
 def _layer_shape(module: nn.Module) -> str:
@@ -111,8 +137,18 @@ def count_params(model: nn.Module, spec: AdapterConfig) -> ParamCount:
         sharing=spec.sharing,
         layers=_layer_rows(model),
         pairs=_pair_rows(model),
-        trainable=sum(p.numel() for p in params if p.requires_grad),
+        trainable=trainable_count(model),
         frozen_base=sum(p.numel() for p in params if not p.requires_grad),
         frozen_projections=bank.num_values() if bank is not None else 0,
         adapter_bytes=len(save({k: v.contiguous() for k, v in adapter_tensors(model, spec).items()})),
     )
+
+
+def trainable_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def versus_lora(count: ParamCount, model: nn.Module, spec: AdapterConfig, lora_rank: int) -> ParamCount:
+    """`count` (a VeRA count of `model`) with what LoRA at `lora_rank` would train on the same targets."""
+    lora = trainable_count(inject(copy.deepcopy(model), replace(spec, method="lora", rank=lora_rank)))
+    return replace(count, versus_lora=LoraContrast(lora_rank, lora, count.trainable))

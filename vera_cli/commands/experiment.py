@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from vera_cli.bases import resolve_base, run_config
+from vera_cli.bases import model_config, resolve_base
 from vera_cli.commands.adapt import AdaptSummary, run_adapt
 from vera_cli.commands.count_params import ParamCount, count_params
 from vera_cli.commands.pretrain import Log, run_pretrain
@@ -32,7 +32,7 @@ class ExperimentSummary:
 
 def run_experiment(cfg: ExperimentConfig, log: Log = print, progress: bool = True) -> ExperimentSummary:
     class_ids(cfg.adapt.classes)
-    model_name = run_config(resolve_base(cfg.base)).get("model", "convnet") if cfg.base else cfg.pretrain.model
+    model = model_config(resolve_base(cfg.base)) if cfg.base else cfg.pretrain.model
     life = RunLifecycle("experiment", cfg, resumable=False)
     data = load_cifar10(cfg.adapt.data.dir, cfg.adapt.data.download)
     with life.open() as run:
@@ -40,7 +40,7 @@ def run_experiment(cfg: ExperimentConfig, log: Log = print, progress: bool = Tru
         if base is None:
             pretrained = run_pretrain(dataclasses.replace(cfg.pretrain, run_dir=str(run.file("pretrain"))), log, progress, data)
             base = str(pretrained.run.path)
-        counts = count_params(build_model(model_name), cfg.adapt.adapter)
+        counts = count_params(build_model(model), cfg.adapt.adapter)
         log(f"{cfg.adapt.adapter.method} rank {cfg.adapt.adapter.rank}: {counts.trainable:,} trainable, "
             f"{counts.frozen_projections:,} frozen projection values in {len(counts.pairs)} pair(s)")
         adapted = run_adapt(dataclasses.replace(cfg.adapt, base=base, run_dir=str(run.file("adapt"))), log, progress, data)

@@ -29,6 +29,7 @@ from vera_cli.bases import fingerprint, load_pretrained
 from vera_cli.config import AdapterConfig
 from vera_cli.data import MEAN, STD
 from vera_cli.errors import VeraError
+from vera_cli.models import ModelConfig
 from vera_cli.runs import open_run, write_bytes_atomic, write_tensors
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -81,19 +82,30 @@ def _check_destinations(*folders: str | None) -> None:
             raise VeraError(f"{path} already exists and is not empty: choose another folder")
 
 
-def _adapted_model(run_path: str) -> tuple[AdapterConfig, dict[str, torch.Tensor], nn.Module]:
-    """The adapt run's config, its base model's weights, and the base with the adapter applied, on the CPU."""
+@dataclass
+class Adapted:
+    """An adapt run on the CPU: its adapter config, its base's architecture and weights, and the base
+    with the adapter applied."""
+
+    spec: AdapterConfig
+    architecture: ModelConfig
+    base_state: dict[str, torch.Tensor]
+    model: nn.Module
+
+
+def _adapted_model(run_path: str) -> Adapted:
     run = open_run(run_path, ("adapt",))
     meta = read_adapter_meta(run.path)
     spec = config_module.build(AdapterConfig, meta["adapter"])
-    model, _ = load_pretrained(open_run(meta["base_run"], ("pretrain",)), torch.device("cpu"))
+    model, base_cfg = load_pretrained(open_run(meta["base_run"], ("pretrain",)), torch.device("cpu"))
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     apply_adapter(model, run.path, fingerprint(model))
-    return spec, base_state, model
+    return Adapted(spec, base_cfg.model, base_state, model)
 
 
-def _write_plain(folder: Path, state: dict[str, torch.Tensor]) -> dict[str, int]:
-    """A plain model anyone can load with torch alone: its weights and how to prepare its input."""
+def _write_plain(folder: Path, state: dict[str, torch.Tensor], architecture: ModelConfig) -> dict[str, int]:
+    """A plain model anyone can load with torch alone: its weights, its architecture
+    (`ViT(ViTConfig(**vit))` or `ConvNet()`) and how to prepare its input."""
     preprocessing = json.dumps({
         "input": "RGB images as uint8 (N, 3, 32, 32), channel-major like the CIFAR-10 python release",
         "scale": "divide by 255", "mean": list(MEAN), "std": list(STD),
@@ -101,12 +113,16 @@ def _write_plain(folder: Path, state: dict[str, torch.Tensor]) -> dict[str, int]
     files = {str(folder / PLAIN_WEIGHTS): write_tensors(folder / PLAIN_WEIGHTS, state)}
     write_bytes_atomic(folder / "preprocessing.json", preprocessing)
     files[str(folder / "preprocessing.json")] = len(preprocessing)
+    model_json = json.dumps(config_module.to_dict(architecture), indent=2).encode()
+    write_bytes_atomic(folder / "model.json", model_json)
+    files[str(folder / "model.json")] = len(model_json)
     return files
 
 
 def export_peft(run_path: str, out: str, base_out: str | None = None) -> Exported:
     _check_destinations(out, base_out)
-    spec, base_state, model = _adapted_model(run_path)
+    adapted = _adapted_model(run_path)
+    spec, model = adapted.spec, adapted.model
     _check_representable(spec)
     layers = adapted_layers(model)
     _check_layers(spec, layers)
@@ -131,7 +147,7 @@ def export_peft(run_path: str, out: str, base_out: str | None = None) -> Exporte
     write_bytes_atomic(out_dir / PEFT_CONFIG, config_bytes)
     files[str(out_dir / PEFT_CONFIG)] = len(config_bytes)
     if base_out:
-        files.update(_write_plain(Path(base_out), base_state))
+        files.update(_write_plain(Path(base_out), adapted.base_state, adapted.architecture))
     return Exported(files)
 
 
@@ -139,5 +155,5 @@ def export_merged(run_path: str, out: str) -> Exported:
     """Any adapter (VeRA or LoRA, linear or conv targets) folded into the base: the plain model's
     own architecture, loadable with `load_state_dict` and no vera-cli or PEFT."""
     _check_destinations(out)
-    _, _, model = _adapted_model(run_path)
-    return Exported(_write_plain(Path(out), merged_plain(model).state_dict()))
+    adapted = _adapted_model(run_path)
+    return Exported(_write_plain(Path(out), merged_plain(adapted.model).state_dict(), adapted.architecture))

@@ -52,12 +52,12 @@ def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, d
         train = cfg.train
         trainer = Trainer(model, model, train, steps_per_epoch=math.ceil(len(data.train) / train.batch_size))
         start = life.restore(model, trainer, generator)
-        log(f"pretraining {cfg.model} ({count_parameters(model):,} parameters) on {len(data.train):,} images, "
+        log(f"pretraining {cfg.model.name} ({count_parameters(model):,} parameters) on {len(data.train):,} images, "
             f"{device}, run {run.path}" + (f", resuming at epoch {start}" if resume else ""))
         report = fit(trainer, model, lambda g: batches(data.train, train.batch_size, g, train.crop, train.flip),
                      len(data.train), generator,
                      lambda: accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes),
                      EpochRecorder(run, model, trainer, generator, log), start, progress)
         write_tensors(run.file(WEIGHTS_FILE), model.state_dict())
-        return life.finish(PretrainSummary(run, cfg.model, count_parameters(model), fingerprint(model), train.epochs,
+        return life.finish(PretrainSummary(run, cfg.model.name, count_parameters(model), fingerprint(model), train.epochs,
                                            cfg.seed, str(device), life.elapsed(), report, environment()))

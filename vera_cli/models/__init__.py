@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, ClassVar, Literal
 
 from torch import nn
 
@@ -18,6 +18,8 @@ IMAGE_SIZE = 32
 class ModelConfig:
     name: Literal["convnet", "vit"] = "convnet"
     vit: ViTConfig = field(default_factory=ViTConfig)
+    # `model: vit` means `model: {name: vit}`: configs written before the section existed still load.
+    SHORTHAND: ClassVar[str] = "name"
 
     def __post_init__(self) -> None:
         vit = self.vit
