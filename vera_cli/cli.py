@@ -276,6 +276,86 @@ def config_show(
     print(yaml.safe_dump(cfg.apply_overrides(cfg.read_config(name), cfg.parse_set_options(set_)), sort_keys=False), end="")
 
 
+runs_app = typer.Typer(help="The runs under runs/: a table, and safe removal.")
+app.add_typer(runs_app, name="runs")
+RunsDirOpt = typer.Option("runs", "--runs-dir", help="folder that holds the runs")
+YesOpt = typer.Option(False, "--yes", "-y", help="remove without asking")
+
+
+@runs_app.callback(invoke_without_command=True)
+def runs_list(
+    ctx: typer.Context,
+    runs_dir: str = RunsDirOpt,
+    kind: Optional[str] = typer.Option(None, "--kind", help="only runs of this kind: pretrain, adapt, compare, experiment"),
+    status: Optional[str] = typer.Option(None, "--status", help="only runs in this state: running, finished, failed, interrupted, unreadable"),
+    classes: list[str] = typer.Option([], "--classes", help="only runs trained on all of these classes"),
+    sort: str = typer.Option("created", "--sort", help="column to sort by (accuracies and wall time: highest first)"),
+    reverse: bool = typer.Option(False, "--reverse", help="reverse the order"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON on stdout and nothing else there"),
+) -> None:
+    """One table of the runs: kind, status, base, method, rank, classes, accuracies, wall time."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from pathlib import Path
+
+    from vera_cli.commands import runs_table as rt
+
+    root = Path(runs_dir)
+    entries = rt.sort_entries(rt.select(rt.find_runs(root), kind, status, classes), sort, reverse)
+    if as_json:
+        print(json.dumps([entry.to_dict() for entry in entries], indent=2))
+        return
+    out.print(rt.runs_table(entries, root))
+
+
+@runs_app.command("rm")
+def runs_rm(
+    runs: list[str] = typer.Argument(..., help="run directories to remove"),
+    yes: bool = YesOpt,
+) -> None:
+    """Remove runs (refuses running ones); asks first unless --yes."""
+    from vera_cli.commands import runs_table as rt
+
+    _remove(rt.runs_to_remove(runs), yes)
+
+
+@runs_app.command("clean")
+def runs_clean(
+    failed: bool = typer.Option(False, "--failed", help="remove runs that failed"),
+    interrupted: bool = typer.Option(False, "--interrupted", help="remove runs that were interrupted (they cannot resume after)"),
+    unreadable: bool = typer.Option(False, "--unreadable", help="remove runs whose files cannot be read"),
+    runs_dir: str = RunsDirOpt, yes: bool = YesOpt,
+) -> None:
+    """Remove the failed (or interrupted, or unreadable) runs under --runs-dir; asks first unless --yes."""
+    from pathlib import Path
+
+    from vera_cli.commands import runs_table as rt
+
+    statuses = tuple(name for name, wanted in (("failed", failed), ("interrupted", interrupted),
+                                               ("unreadable", unreadable)) if wanted)
+    if not statuses:
+        raise VeraError("say what to clean: --failed, --interrupted and/or --unreadable")
+    entries = rt.failed_runs(Path(runs_dir), statuses)
+    if not entries:
+        _log(f"no {' or '.join(statuses)} runs under {runs_dir}")
+        return
+    _remove(entries, yes)
+
+
+def _remove(entries, yes: bool) -> None:
+    from vera_cli.commands.runs_table import directory_bytes, remove
+
+    sizes = {entry.path: directory_bytes(entry.path) for entry in entries}
+    for entry in entries:
+        _log(f"{entry.path}  {entry.kind or '?'}, {entry.status}, {sizes[entry.path]:,} bytes")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise VeraError("not removing without confirmation: add --yes")
+        typer.confirm(f"remove these {len(entries)} run(s)?", abort=True, err=True)
+    remove(entries)
+    _log(f"removed {len(entries)} run(s), {sum(sizes.values()):,} bytes")
+
+
 def expand_list_options(argv: list[str]) -> list[str]:
     """`--classes cat bird dog` -> `--classes cat --classes bird --classes dog` (also `cat,bird`)."""
     expanded: list[str] = []

@@ -1,0 +1,270 @@
+"""`vera runs`: one table of the run directories under a folder, and safe removal of runs.
+
+Only each run's small files are read (status.json, summary.json, config.yaml), never
+weights, and torch is not imported: a folder of hundreds of runs lists in well under
+a second. A run whose files cannot be read is listed as unreadable, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from vera_cli.errors import VeraError
+from vera_cli.runs import STATUS_FILE
+
+UNREADABLE = "unreadable"
+# Where each kind's config keeps the adapter settings and classes, and its summary the test report.
+CONFIG_SECTION = {"adapt": "", "experiment": "adapt.", "compare": ""}
+REPORT_KEY = {"pretrain": "test", "adapt": "test", "experiment": "adapted"}
+METRICS = ("overall", "chosen", "task", "rest")
+# Sorting by these puts the largest first: the best run or the slowest one is what one looks for.
+DESCENDING = (*METRICS, "wall_seconds")
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@dataclass
+class RunEntry:
+    """One row of the runs table; None where the run does not have the value (yet)."""
+
+    path: Path
+    name: str
+    kind: Optional[str] = None
+    status: str = UNREADABLE
+    created: Optional[str] = None
+    base: Optional[str] = None
+    method: Optional[str] = None
+    rank: Optional[int] = None
+    targets: Optional[list[str]] = None
+    classes: Optional[list[str]] = None
+    overall: Optional[float] = None
+    chosen: Optional[float] = None
+    task: Optional[float] = None
+    rest: Optional[float] = None
+    wall_seconds: Optional[float] = None
+    pid: Optional[int] = None
+    problem: Optional[str] = None
+    raw_status: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k != "raw_status"}
+
+
+def _read_mapping(path: Path, parse) -> dict[str, Any]:
+    with path.open("rb") as handle:
+        value = parse(handle)
+    if not isinstance(value, dict):
+        raise ValueError("not a mapping")
+    return value
+
+
+def _dig(mapping: dict[str, Any], dotted: str) -> Any:
+    node: Any = mapping
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def read_entry(path: Path, root: Path) -> RunEntry:
+    """What the run at `path` says about itself; a damaged file makes it unreadable, not an error."""
+    entry = RunEntry(path, str(path.relative_to(root)))
+    try:
+        status = _read_mapping(path / STATUS_FILE, json.load)
+    except (OSError, ValueError) as exc:
+        entry.problem = f"{STATUS_FILE}: {_reason(exc)}"
+        return entry
+    entry.raw_status = status
+    entry.kind, entry.status = status.get("kind"), str(status.get("status", UNREADABLE))
+    entry.created, entry.wall_seconds, entry.pid = status.get("created"), status.get("wall_seconds"), status.get("pid")
+    try:
+        config = _read_mapping(path / "config.yaml", lambda handle: yaml.load(handle, Loader=_Loader))
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        # A run killed between its status and its config has no config yet; that is not damage.
+        if entry.status != "running":
+            entry.status, entry.problem = UNREADABLE, f"config.yaml: {_reason(exc)}"
+        return entry
+    _fill_from_config(entry, config)
+    if entry.status == "finished":
+        try:
+            _fill_from_summary(entry, _read_mapping(path / "summary.json", json.load))
+        except (OSError, ValueError) as exc:
+            entry.status, entry.problem = UNREADABLE, f"summary.json: {_reason(exc)}"
+    return entry
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "missing"
+    return "corrupted" if isinstance(exc, (ValueError, yaml.YAMLError)) else type(exc).__name__
+
+
+def _fill_from_config(entry: RunEntry, config: dict[str, Any]) -> None:
+    entry.base = _dig(config, "base")
+    if entry.kind not in CONFIG_SECTION:
+        return
+    section = CONFIG_SECTION[entry.kind]
+    entry.classes = _dig(config, f"{section}classes")
+    if entry.kind == "compare":
+        entry.method = ",".join(map(str, _dig(config, "methods") or [])) or None
+        return
+    entry.method = _dig(config, f"{section}adapter.method")
+    entry.rank = _dig(config, f"{section}adapter.rank") if entry.method not in ("full", "head") else None
+    entry.targets = _dig(config, f"{section}adapter.targets")
+
+
+def _fill_from_summary(entry: RunEntry, summary: dict[str, Any]) -> None:
+    entry.wall_seconds = summary.get("wall_seconds", entry.wall_seconds)
+    entry.base = summary.get("base_run", entry.base)
+    report = summary.get(REPORT_KEY.get(entry.kind or "", ""))
+    if isinstance(report, dict):
+        for metric in METRICS:
+            setattr(entry, metric, report.get(metric))
+
+
+def find_runs(root: Path) -> list[RunEntry]:
+    """The runs in `root` and one level below it (an experiment's pretrain/ and adapt/), in name order.
+
+    A top-level folder with neither a status.json nor runs inside is listed as unreadable.
+    """
+    if not root.is_dir():
+        raise VeraError(f"{root} is not a folder: pass the folder that holds your runs with --runs-dir")
+    entries = []
+    for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        inner = sorted(child for child in path.iterdir() if (child / STATUS_FILE).is_file())
+        if (path / STATUS_FILE).exists() or not inner:
+            entries.append(read_entry(path, root))
+        entries.extend(read_entry(child, root) for child in inner)
+    return entries
+
+
+def select(entries: list[RunEntry], kind: Optional[str] = None, status: Optional[str] = None,
+           classes: Optional[list[str]] = None) -> list[RunEntry]:
+    """Runs of `kind`, in `status`, trained on (at least) all of `classes`."""
+    return [e for e in entries
+            if (kind is None or e.kind == kind) and (status is None or e.status == status)
+            and (not classes or set(classes) <= set(e.classes or []))]
+
+
+SORT_KEYS = tuple(k for k in RunEntry.__dataclass_fields__ if k not in ("path", "pid", "problem", "raw_status"))
+
+
+def sort_entries(entries: list[RunEntry], key: str, reverse: bool = False) -> list[RunEntry]:
+    """Sorted by `key`; runs without a value go last either way."""
+    if key not in SORT_KEYS:
+        raise VeraError(f"cannot sort by {key!r}: choose one of {', '.join(SORT_KEYS)}")
+    present = [e for e in entries if getattr(e, key) is not None]
+    missing = [e for e in entries if getattr(e, key) is None]
+    descending = (key in DESCENDING) != reverse
+    return sorted(present, key=lambda e: _sortable(getattr(e, key)), reverse=descending) + missing
+
+
+def _sortable(value: Any) -> Any:
+    return ",".join(map(str, value)) if isinstance(value, list) else value
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def is_running(entry: RunEntry) -> bool:
+    """Marked running and, where the run recorded its process, that process still exists.
+
+    A run without a recorded process is taken at its word: removing a live run is worse than
+    asking the user to remove a dead one by hand.
+    """
+    return entry.status == "running" and (entry.pid is None or process_alive(int(entry.pid)))
+
+
+def runs_to_remove(paths: list[str]) -> list[RunEntry]:
+    """The runs at `paths`, checked: each is a run directory and none is running. Nothing is removed."""
+    entries = []
+    for name in paths:
+        path = Path(name)
+        if not (path / STATUS_FILE).exists():
+            raise VeraError(f"{path} is not a run directory (no {STATUS_FILE}); vera removes only runs it made")
+        entries.append(read_entry(path, path.parent))
+    running = [str(e.path) for e in entries if is_running(e)]
+    if running:
+        raise VeraError(f"refusing to remove running run(s): {', '.join(running)}; stop them first "
+                        "(a run whose process died stays marked running: remove that folder by hand)")
+    return entries
+
+
+def failed_runs(root: Path, statuses: tuple[str, ...]) -> list[RunEntry]:
+    """Top-level runs under `root` in one of `statuses` (an experiment's inner runs go with it)."""
+    return [e for e in find_runs(root) if e.status in statuses and len(e.path.relative_to(root).parts) == 1
+            and not is_running(e)]
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def remove(entries: list[RunEntry]) -> None:
+    """Each run is first renamed out of sight, so an interrupted removal never leaves half a run that looks whole."""
+    for entry in entries:
+        hidden = entry.path.with_name(f".removing-{entry.path.name}")
+        os.replace(entry.path, hidden)
+        shutil.rmtree(hidden)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2%}"
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def runs_table(entries: list[RunEntry], root: Path):
+    """The rich table `vera runs` prints; rich is imported here, not by the listing itself."""
+    from rich import box
+    from rich.table import Table
+
+    # No vertical rules: fourteen columns fit a 130-character line.
+    table = Table(title=f"{len(entries)} run(s) under {root}", box=box.SIMPLE_HEAD, pad_edge=False,
+                  padding=(0, 1, 0, 0))
+    columns = ("name", "kind", "status", "created", "base", "method", "rank", "targets", "classes", *METRICS,
+               "wall_seconds")
+    for key in columns:
+        table.add_column("wall" if key == "wall_seconds" else key,
+                         justify="right" if key in (*METRICS, "rank", "wall_seconds") else "left", overflow="fold",
+                         no_wrap=key == "name")
+    for entry in entries:
+        cells = []
+        for key in columns:
+            value = getattr(entry, key)
+            if key == "targets" and value == []:
+                value = "all"
+            elif key == "created" and value:
+                value = value.replace("T", " ")[:16]
+            elif key == "base" and value:
+                value = _relative(value, root)
+            elif key == "wall_seconds" and value is not None:
+                value = f"{value:.0f}s"
+            cells.append(_cell(value))
+        table.add_row(*cells)
+    problems = [f"{entry.name}: {entry.problem}" for entry in entries if entry.problem]
+    if problems:
+        table.caption = "unreadable: " + "; ".join(problems)
+    return table
+
+
+def _relative(path: str, root: Path) -> str:
+    """A base under the listed folder by its name in the table, as the name column shows it."""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return path
