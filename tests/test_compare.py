@@ -50,6 +50,7 @@ def test_compare_runs_the_grid_and_writes_table_csv_and_plot(vera, pretrained):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     assert width > 1000 and height > 400
+    assert not list(run.glob("rows/*/*.png"))  # the rows leave the picture to the comparison
     assert "accuracy-vs-parameters.png" in result.err
     assert "lora" in result.out and "head" in result.out
     progress = re.findall(r"; (\d+)/10 rows done(, about \d+s left)?$", result.err, re.MULTILINE)

@@ -135,8 +135,11 @@ def adapt_config(cfg: CompareConfig, own: AdaptConfig, point: GridPoint, base: s
                                   sharing=sharing or own.adapter.sharing,
                                   targets=[point.targets] if point.targets else own.adapter.targets)
     train = dataclasses.replace(own.train, epochs=cfg.epochs or own.train.epochs)
+    # The comparison draws its own picture; one per row would cost more than a short row's training.
+    logging = dataclasses.replace(own.logging, plots=False)
     return dataclasses.replace(own, base=base, classes=cfg.classes, seed=point.seed, device=cfg.device, data=cfg.data,
-                               run_dir=str(run_dir), forgetting=point.forgetting, adapter=adapter, train=train)
+                               run_dir=str(run_dir), forgetting=point.forgetting, adapter=adapter, train=train,
+                               logging=logging)
 
 
 def row_from_summary(point: GridPoint, summary: AdaptSummary) -> Row:
