@@ -89,8 +89,10 @@ def fake_run(root: Path, name: str, kind: str = "adapt", status: str = "finished
     path.mkdir(parents=True)
     (path / "status.json").write_text(json.dumps({"kind": kind, "status": status, "created": f"2026-01-01T00:00:{len(name):02d}",
                                                   **status_extra}))
-    (path / "config.yaml").write_text(yaml.safe_dump({"base": "runs/base", "classes": list(classes),
-                                                      "adapter": {"method": method, "rank": 8, "targets": []}}))
+    adapter = {"method": method, "rank": 8, "targets": []}
+    (path / "config.yaml").write_text(yaml.safe_dump({"base": "runs/base", "classes": list(classes), "adapter": adapter}))
+    if status == "finished" and kind == "adapt":
+        (path / "adapter.json").write_text(json.dumps({"adapter": adapter, "base_run": "runs/base", "classes": list(classes)}))
     if status == "finished":
         report = {"overall": overall, "chosen": overall + 0.1, "task": 0.9, "rest": overall - 0.1, "per_class": []}
         (path / "summary.json").write_text(json.dumps({"kind": kind, "base_run": "runs/base", "test": report,

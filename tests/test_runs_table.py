@@ -57,6 +57,7 @@ def test_unreadable_runs_are_listed_not_fatal(vera, tmp_path):
     fake_run(root, "good")
     (fake_run(root, "bad-status") / "status.json").write_text("{not json")
     (fake_run(root, "no-summary") / "summary.json").unlink()
+    (fake_run(root, "no-meta") / "adapter.json").unlink()
     (root / "stray").mkdir()
     experiment = fake_run(root, "exp", kind="experiment", status="running")
     fake_run(experiment, "adapt")
@@ -65,9 +66,11 @@ def test_unreadable_runs_are_listed_not_fatal(vera, tmp_path):
     rows = {row["name"]: (row["status"], row["problem"]) for row in result.json()}
     assert rows == {"bad-status": ("unreadable", "status.json: corrupted"), "exp": ("running", None),
                     "exp/adapt": ("finished", None), "good": ("finished", None),
-                    "no-summary": ("unreadable", "summary.json: missing"), "stray": ("unreadable", "status.json: missing")}
+                    "no-summary": ("unreadable", "summary.json: missing"), "stray": ("unreadable", "status.json: missing"),
+                    "no-meta": ("unreadable", "adapter.json: missing")}
     table = vera("runs", "--status", "unreadable")
-    assert table.code == 0 and "3 run(s)" in table.out and "summary.json: missing" in table.out
+    assert table.code == 0 and "4 run(s)" in table.out
+    assert "unreadable: no-summary: summary.json: missing" in table.out.splitlines()
 
 
 def test_rm_refuses_running_runs_and_removes_with_yes(vera, tmp_path):

@@ -344,7 +344,7 @@ def runs_list(
     if as_json:
         print(json.dumps([entry.to_dict() for entry in entries], indent=2))
         return
-    out.print(rt.runs_table(entries, root))
+    print(rt.runs_table(entries, root))
 
 
 @runs_app.command("rm")
@@ -374,14 +374,14 @@ def runs_clean(
                                                ("unreadable", unreadable)) if wanted)
     if not statuses:
         raise VeraError("say what to clean: --failed, --interrupted and/or --unreadable")
-    entries = rt.failed_runs(Path(runs_dir), statuses)
+    entries = rt.runs_in_state(Path(runs_dir), statuses)
     if not entries:
         _log(f"no {' or '.join(statuses)} runs under {runs_dir}")
         return
     _remove(entries, yes)
 
 
-def _remove(entries, yes: bool) -> None:
+def _remove(entries: list, yes: bool) -> None:
     from vera_cli.commands.runs_table import directory_bytes, remove
 
     sizes = {entry.path: directory_bytes(entry.path) for entry in entries}

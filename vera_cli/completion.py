@@ -15,12 +15,15 @@ from __future__ import annotations
 import os
 import shlex
 from pathlib import Path
-from typing import Callable, MutableMapping
+from typing import TYPE_CHECKING, Callable, MutableMapping
 
 import typer
 
 from vera_cli.cifar_classes import CLASSES
 from vera_cli.config import METHODS, CompareMethod
+
+if TYPE_CHECKING:
+    from vera_cli.commands.runs_table import RunEntry
 
 Expand = Callable[[list[str]], list[str]]
 
@@ -45,12 +48,12 @@ def complete_compare_methods(incomplete: str) -> list[str]:
     return _items(list(typing.get_args(CompareMethod)), incomplete)
 
 
-def _run_paths(incomplete: str, keep: Callable[[object], bool]) -> list[str]:
+def _run_paths(incomplete: str, keep: Callable[["RunEntry"], bool]) -> list[str]:
     from vera_cli.commands.runs_table import find_runs
     from vera_cli.runs import RUNS_ROOT
 
-    # Typed below another folder: complete the runs there instead.
-    root = Path(incomplete).parent if "/" in incomplete and Path(incomplete).parent != RUNS_ROOT else RUNS_ROOT
+    # The runs in the folder typed so far (`other/ex` -> other/), else under runs/.
+    root = Path(incomplete.rpartition("/")[0] or RUNS_ROOT)
     if not root.is_dir():
         return []
     return [str(entry.path) for entry in find_runs(root) if keep(entry) and str(entry.path).startswith(incomplete)]
