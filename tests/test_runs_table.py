@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from conftest import QUICK, fake_run
+from vera_cli.adapters.files import META_FILE
+from vera_cli.commands.runs_table import ADAPTER_META_FILE
 
 
 def test_the_table_reads_real_runs(vera, pretrained):
@@ -22,6 +24,7 @@ def test_the_table_reads_real_runs(vera, pretrained):
     assert base["overall"] == json.loads(Path("runs/base/summary.json").read_text())["test"]["overall"]
     assert (adapt["kind"], adapt["base"], adapt["method"], adapt["rank"]) == ("adapt", "runs/base", "lora", 4)
     assert adapt["classes"] == ["cat", "dog"] and adapt["targets"] == []
+    assert ADAPTER_META_FILE == META_FILE  # the table reads the file the adapter code writes
     assert [adapt[m] for m in ("overall", "chosen", "task", "rest", "wall_seconds")] == [
         summary["test"][m] for m in ("overall", "chosen", "task", "rest")] + [summary["wall_seconds"]]
 
@@ -50,6 +53,8 @@ def test_filters_and_sorting(vera, tmp_path):
     assert names("--sort", "name") == ["broken", "high", "low", "pre"]
     wrong = vera("runs", "--sort", "accuracy")
     assert wrong.code == 2 and "cannot sort by 'accuracy': choose one of name, kind" in wrong.err
+    wrong = vera("runs", "--status", "done")
+    assert wrong.code == 2 and "--status 'done': choose one of running, finished, interrupted, failed, unreadable" in wrong.err
 
 
 def test_unreadable_runs_are_listed_not_fatal(vera, tmp_path):

