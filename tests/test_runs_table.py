@@ -1,10 +1,13 @@
 """`vera runs`: the table of runs, its filters and sorting, unreadable runs, safe removal."""
 
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import QUICK, fake_run
 from vera_cli.adapters.files import META_FILE
@@ -113,6 +116,11 @@ def test_clean_removes_only_failed_runs(vera, tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["i", "ok"]
     again = vera("runs", "clean", "--failed", "--yes")
     assert again.code == 0 and "no failed runs under runs" in again.err
+    (fake_run(root, "bad") / "status.json").write_text("{")
+    (root / "notes").mkdir()  # not a run: no status.json
+    unreadable = vera("runs", "clean", "--unreadable", "--yes")
+    assert unreadable.code == 0, unreadable.err
+    assert sorted(p.name for p in root.iterdir()) == ["i", "notes", "ok"]
 
 
 def test_listing_imports_no_torch(tmp_path):
@@ -122,3 +130,19 @@ def test_listing_imports_no_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "runs")], capture_output=True, text=True,
                           timeout=60)
     assert done.stdout.strip().splitlines()[-1] == "False 0", done.stderr
+
+
+class Terminal(io.StringIO):
+    """Typed answers on a stdin that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("answer, code, kept", [("n\n", 1, True), ("y\n", 0, False)])
+def test_rm_asks_at_a_terminal(vera, tmp_path, monkeypatch, answer, code, kept):
+    run = fake_run(tmp_path / "runs", "done")
+    monkeypatch.setattr("sys.stdin", Terminal(answer))
+    result = vera("runs", "rm", str(run))
+    assert result.code == code and "remove these 1 run(s)?" in result.err
+    assert run.is_dir() == kept and ("nothing removed" in result.err) == kept

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -177,8 +178,6 @@ def eval_(
     result = evaluate_runs(run, adapter, merge, data_dir, device)
     title = f"Test accuracy over base {result.base_run.path}" + (" (adapters merged)" if merge else "")
     if plot is not None:
-        from pathlib import Path
-
         from vera_cli.run_plots import write_per_class
 
         _log(f"plot written to {write_per_class(result.reports, title, Path(plot))}")
@@ -335,8 +334,6 @@ def runs_list(
     """One table of the runs: kind, status, base, method, rank, classes, accuracies, wall time."""
     if ctx.invoked_subcommand is not None:
         return
-    from pathlib import Path
-
     from vera_cli.commands import runs_table as rt
 
     root = Path(runs_dir)
@@ -366,8 +363,6 @@ def runs_clean(
     runs_dir: str = RunsDirOpt, yes: bool = YesOpt,
 ) -> None:
     """Remove the failed (or interrupted, or unreadable) runs under --runs-dir; asks first unless --yes."""
-    from pathlib import Path
-
     from vera_cli.commands import runs_table as rt
 
     statuses = tuple(name for name, wanted in (("failed", failed), ("interrupted", interrupted),
@@ -390,7 +385,9 @@ def _remove(entries: list, yes: bool) -> None:
     if not yes:
         if not sys.stdin.isatty():
             raise VeraError("not removing without confirmation: add --yes")
-        typer.confirm(f"remove these {len(entries)} run(s)?", abort=True, err=True)
+        if not typer.confirm(f"remove these {len(entries)} run(s)?", err=True):
+            _log("nothing removed")
+            raise typer.Exit(1)
     remove(entries)
     _log(f"removed {len(entries)} run(s), {sum(sizes.values()):,} bytes")
 
@@ -423,8 +420,9 @@ def run(argv: list[str]) -> int:
     # SIGTERM (a scheduler, `kill`) stops a run as cleanly as Ctrl-C does.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        command.main(args=argv, prog_name="vera", standalone_mode=False)
-        return 0
+        # Outside standalone mode typer returns a typer.Exit's code instead of raising it.
+        code = command.main(args=argv, prog_name="vera", standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
     except RunInterrupted as exc:

@@ -217,9 +217,12 @@ def runs_to_remove(paths: list[str]) -> list[RunEntry]:
 
 
 def runs_in_state(root: Path, statuses: tuple[str, ...]) -> list[RunEntry]:
-    """Top-level runs under `root` in one of `statuses` (an experiment's inner runs go with it)."""
+    """Top-level runs under `root` in one of `statuses` (an experiment's inner runs go with it).
+
+    A folder without a status.json is not one vera made, so it is never among them.
+    """
     return [e for e in find_runs(root) if e.status in statuses and len(e.path.relative_to(root).parts) == 1
-            and not is_running(e)]
+            and (e.path / STATUS_FILE).exists() and not is_running(e)]
 
 
 def directory_bytes(path: Path) -> int:
