@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vera_cli import cli
 from vera_cli.checkpoint import EpochRecorder
@@ -96,3 +97,21 @@ def interrupt_after_epoch(monkeypatch):
                 raise KeyboardInterrupt
         monkeypatch.setattr(EpochRecorder, "__call__", recorder)
     return arm
+
+
+def fake_run(root: Path, name: str, kind: str = "adapt", status: str = "finished", overall: float = 0.5,
+             classes=("cat", "dog"), method: str = "vera", **status_extra) -> Path:
+    """A run directory with the small files vera writes, and no weights: enough for the table."""
+    path = root / name
+    path.mkdir(parents=True)
+    (path / "status.json").write_text(json.dumps({"kind": kind, "status": status, "created": f"2026-01-01T00:00:{len(name):02d}",
+                                                  **status_extra}))
+    adapter = {"method": method, "rank": 8, "targets": []}
+    (path / "config.yaml").write_text(yaml.safe_dump({"base": "runs/base", "classes": list(classes), "adapter": adapter}))
+    if status == "finished" and kind == "adapt":
+        (path / "adapter.json").write_text(json.dumps({"adapter": adapter, "base_run": "runs/base", "classes": list(classes)}))
+    if status == "finished":
+        report = {"overall": overall, "chosen": overall + 0.1, "task": 0.9, "rest": overall - 0.1, "per_class": []}
+        (path / "summary.json").write_text(json.dumps({"kind": kind, "base_run": "runs/base", "test": report,
+                                                       "wall_seconds": 12.5}))
+    return path

@@ -17,7 +17,7 @@ def summary(run: Path) -> dict:
 
 def test_pretrain_writes_a_complete_run_and_eval_reproduces_it(vera, pretrained):
     assert sorted(p.name for p in pretrained.iterdir()) == [
-        "config.yaml", "metrics.jsonl", "model.safetensors", "status.json", "summary.json"]
+        "config.yaml", "metrics.jsonl", "model.safetensors", "status.json", "summary.json", "training-curves.png"]
     assert json.loads((pretrained / "status.json").read_text())["status"] == "finished"
     metrics = [json.loads(line) for line in (pretrained / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]
@@ -139,7 +139,8 @@ def test_adapt_trains_an_adapter_and_eval_reproduces_it(vera, pretrained):
     assert result.code == 0, result.err
     run = Path("runs/vera")
     assert sorted(p.name for p in run.iterdir()) == [
-        "adapter.json", "adapter.safetensors", "config.yaml", "metrics.jsonl", "status.json", "summary.json"]
+        "adapter.json", "adapter.safetensors", "config.yaml", "metrics.jsonl", "per-class-accuracy.png", "status.json",
+        "summary.json", "training-curves.png"]
     result_summary = summary(run)
     assert result_summary["base_run"] == str(pretrained)
     assert result_summary["trainable_parameters"] == 542

@@ -1,11 +1,13 @@
 """`vera compare` end to end on the synthetic data: rows, counts, plot, resume."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from vera_cli.commands import compare as compare_module
+from vera_cli.grid_progress import GridProgress, duration
 from vera_cli.config import AdapterConfig, CompareConfig
 from vera_cli.commands.count_params import count_params
 from vera_cli.models import ConvNet
@@ -48,8 +50,12 @@ def test_compare_runs_the_grid_and_writes_table_csv_and_plot(vera, pretrained):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     assert width > 1000 and height > 400
+    assert not list(run.glob("rows/*/*.png"))  # the rows leave the picture to the comparison
     assert "accuracy-vs-parameters.png" in result.err
     assert "lora" in result.out and "head" in result.out
+    progress = re.findall(r"; (\d+)/10 rows done(, about \d+s left)?$", result.err, re.MULTILINE)
+    assert [int(done) for done, _ in progress] == list(range(1, 11))
+    assert all(left for _, left in progress[:-1]) and not progress[-1][1]
 
 
 def test_interrupted_compare_keeps_finished_rows_and_resume_runs_only_the_rest(vera, pretrained, monkeypatch):
@@ -76,6 +82,7 @@ def test_interrupted_compare_keeps_finished_rows_and_resume_runs_only_the_rest(v
     resumed = vera("compare", "--resume", "runs/cmp")
     assert resumed.code == 0, resumed.err
     assert len(calls) == 8 and not set(calls) & set(finished)
+    assert "; 3/10 rows done, about" in resumed.err and "; 10/10 rows done" in resumed.err
     assert len(Path("runs/cmp/rows.jsonl").read_text().splitlines()) == 10
 
 
@@ -89,3 +96,14 @@ def test_bad_compare_input_is_refused_before_anything_runs(vera, pretrained, arg
     assert result.code == 2
     assert result.err.startswith(message), result.err
     assert not Path("runs/never").exists()
+
+
+def test_grid_progress_estimates_from_the_rows_run_here():
+    now = [100.0]
+    progress = GridProgress(total=5, done=2, clock=lambda: now[0])
+    now[0] += 30
+    assert progress.row_done() == "3/5 rows done, about 1m00s left"
+    assert progress.row_done(ran_here=False) == "4/5 rows done, about 30s left"
+    now[0] += 7230
+    assert progress.row_done() == "5/5 rows done"
+    assert duration(3725) == "1h02m"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from vera_cli.runs import CHECKPOINT_FILE, Run, append_jsonl, write_bytes_atomic
 from vera_cli.train import EpochStats, Trainer
 
 METRICS_FILE = "metrics.jsonl"
+EpochListener = Callable[[EpochStats, AccuracyReport], None]
 
 
 def epoch_line(stats: EpochStats, report: AccuracyReport) -> str:
@@ -31,14 +32,16 @@ def epoch_line(stats: EpochStats, report: AccuracyReport) -> str:
 
 
 class EpochRecorder:
-    """After each epoch: a metrics line, then the checkpoint, then a log line.
+    """After each epoch: a metrics line, then the checkpoint, then a log line, then the `listeners`
+    (TensorBoard and the like).
 
     In that order a resumed run drops metrics lines past its checkpoint and writes them again.
     """
 
     def __init__(self, run: Run, model: nn.Module, trainer: Trainer, generator: torch.Generator,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], listeners: Sequence[EpochListener] = ()) -> None:
         self.run, self.model, self.trainer, self.generator, self.log = run, model, trainer, generator, log
+        self.listeners = listeners
 
     def __call__(self, stats: EpochStats, report: AccuracyReport) -> None:
         record = {"epoch": stats.epoch, "loss": stats.loss, "test_accuracy": report.overall,
@@ -58,6 +61,8 @@ class EpochRecorder:
         torch.save(state, buffer)
         write_bytes_atomic(self.run.file(CHECKPOINT_FILE), buffer.getvalue())
         self.log(epoch_line(stats, report))
+        for listener in self.listeners:
+            listener(stats, report)
 
 
 def restore(run: Run, model: nn.Module, trainer: Trainer, generator: torch.Generator) -> int:

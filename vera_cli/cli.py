@@ -10,17 +10,20 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
 import yaml
 from rich.console import Console
 
+from vera_cli import __version__
+from vera_cli import completion as complete
 from vera_cli import config as cfg
 from vera_cli.adapters.errors import AdapterError
 from vera_cli.errors import RunInterrupted, VeraError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(no_args_is_help=True,
                   help="VeRA and LoRA fine-tuning experiments on CIFAR-10.")
 # Piped output gets room for the wide tables instead of rich's 80-column default.
 out = Console(width=None if sys.stdout.isatty() else 130)
@@ -42,7 +45,22 @@ SetOpt = typer.Option([], "--set", help="override any config key: --set train.la
 NoProgressOpt = typer.Option(False, "--no-progress", help="hide progress bars")
 TargetOpt = typer.Option([], "--target", help="layers to adapt: presets linear (default), conv, all, all-linear, "
                          "attention, or regexes over layer names: --target conv fc5")
-ResumeOpt = typer.Option(None, "--resume", help="continue an interrupted run (its own config; only --device and --data-dir apply)")
+TensorBoardOpt = typer.Option(False, "--tensorboard", help="write TensorBoard event files in the run (logging.tensorboard)")
+ResumeOpt = typer.Option(None, "--resume", help="continue an interrupted run (its own config; only --device and --data-dir apply)",
+                         autocompletion=complete.complete_resumable)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"vera {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version, help="print the version and stop"),
+) -> None:
+    """VeRA and LoRA fine-tuning experiments on CIFAR-10."""
 
 
 def _log(message: str) -> None:
@@ -86,12 +104,14 @@ def pretrain(
     lr: Optional[float] = LrOpt, device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
     data_dir: Optional[str] = DataDirOpt, run_dir: Optional[str] = RunDirOpt, set_: list[str] = SetOpt,
     no_progress: bool = NoProgressOpt, resume: Optional[str] = ResumeOpt, print_config: bool = PrintConfigOpt,
+    tensorboard: bool = TensorBoardOpt,
 ) -> None:
     """Train the base model on CIFAR-10 and print its per-class test accuracy."""
     from vera_cli.commands.pretrain import run_pretrain
     from vera_cli.report import accuracy_table
 
-    overrides = _overrides(_common(epochs, batch_size, lr, device, seed, data_dir, run_dir), set_)
+    overrides = _overrides({**_common(epochs, batch_size, lr, device, seed, data_dir, run_dir),
+                            "logging.tensorboard": tensorboard or None}, set_)
     run, settings = _settings(cfg.PretrainConfig, "pretrain", "pretrain", config, overrides, resume, print_config)
     result = run_pretrain(settings, log=_log, progress=not no_progress, resume=run)
     out.print(accuracy_table(result.test, f"Test accuracy, {result.run.path}"))
@@ -100,16 +120,20 @@ def pretrain(
 
 @app.command()
 def adapt(
-    classes: list[str] = typer.Option([], "--classes", help="classes to fine-tune on: --classes cat bird dog"),
-    method: Optional[str] = typer.Option(None, "--method", help="vera (default), lora, full or head: picks configs/adapt-<method>.yaml"),
+    classes: list[str] = typer.Option([], "--classes", help="classes to fine-tune on: --classes cat bird dog",
+                                      autocompletion=complete.complete_classes),
+    method: Optional[str] = typer.Option(None, "--method", help="vera (default), lora, full or head: picks configs/adapt-<method>.yaml",
+                                         autocompletion=complete.complete_methods),
     rank: Optional[int] = typer.Option(None, "--rank", help="adapter rank"),
     sharing: Optional[str] = typer.Option(None, "--sharing", help="VeRA projection sharing: per-shape or sliced"),
     target: list[str] = TargetOpt,
-    base: Optional[str] = typer.Option(None, "--base", help="pretrain run to adapt (default: the latest)"),
+    base: Optional[str] = typer.Option(None, "--base", help="pretrain run to adapt (default: the latest)",
+                                       autocompletion=complete.complete_bases),
     config: Optional[str] = ConfigOpt, epochs: Optional[int] = EpochsOpt, batch_size: Optional[int] = BatchOpt,
     lr: Optional[float] = LrOpt, device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
     data_dir: Optional[str] = DataDirOpt, run_dir: Optional[str] = RunDirOpt, set_: list[str] = SetOpt,
     no_progress: bool = NoProgressOpt, resume: Optional[str] = ResumeOpt, print_config: bool = PrintConfigOpt,
+    tensorboard: bool = TensorBoardOpt,
 ) -> None:
     """Fine-tune a pretrained run on some classes with an adapter; print base vs adapted accuracy."""
     from vera_cli.commands.adapt import run_adapt
@@ -117,7 +141,8 @@ def adapt(
 
     overrides = _overrides({**_common(epochs, batch_size, lr, device, seed, data_dir, run_dir), "classes": classes or None,
                             "adapter.method": method, "adapter.rank": rank, "adapter.sharing": sharing,
-                            "adapter.targets": target or None, "base": base}, set_)
+                            "adapter.targets": target or None, "base": base, "logging.tensorboard": tensorboard or None},
+                           set_)
     run, settings = _settings(cfg.AdaptConfig, "adapt", _adapt_config_name(method or "vera"), config, overrides, resume,
                               print_config)
     summary = run_adapt(settings, log=_log, progress=not no_progress, resume=run)
@@ -135,24 +160,33 @@ def _adapt_config_name(method: str) -> str:
 
 @app.command(name="eval")
 def eval_(
-    run: Optional[str] = typer.Argument(None, help="run directory (default: the latest run)"),
-    adapter: list[str] = typer.Option([], "--adapter", help="adapt runs to apply over a pretrain run, side by side"),
+    run: Optional[str] = typer.Argument(None, help="run directory (default: the latest run)",
+                                        autocompletion=complete.complete_finished),
+    adapter: list[str] = typer.Option([], "--adapter", help="adapt runs to apply over a pretrain run, side by side",
+                                      autocompletion=complete.complete_adapters),
     merge: bool = typer.Option(False, "--merge", help="fold adapters into the weights before evaluating"),
     as_json: bool = typer.Option(False, "--json", help="print JSON on stdout and nothing else there"),
     data_dir: Optional[str] = DataDirOpt, device: Optional[str] = DeviceOpt,
+    plot: Optional[str] = typer.Option(None, "--plot", help="also draw every model's per-class accuracy side by side into this new PNG file"),
 ) -> None:
     """Evaluate a run on the test set: per-class table, adapters against their base."""
     from vera_cli.commands.evaluate import evaluate_runs
     from vera_cli.report import accuracy_table, comparison_table
 
+    if plot is not None and (not plot.endswith(".png") or os.path.exists(plot)):
+        raise VeraError(f"--plot {plot}: name a new .png file (it must not exist yet)")
     result = evaluate_runs(run, adapter, merge, data_dir, device)
+    title = f"Test accuracy over base {result.base_run.path}" + (" (adapters merged)" if merge else "")
+    if plot is not None:
+        from vera_cli.run_plots import write_per_class
+
+        _log(f"plot written to {write_per_class(result.reports, title, Path(plot))}")
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
     if len(result.reports) == 1:
         out.print(accuracy_table(result.reports["base"], f"Test accuracy, {result.base_run.path}"))
     else:
-        title = f"Test accuracy over base {result.base_run.path}" + (" (adapters merged)" if merge else "")
         out.print(comparison_table(result.reports, title))
     _log("time over the test set: " + ", ".join(f"{name} {seconds:.2f}s" for name, seconds in result.seconds.items())
          + (" (adapters merged into the weights)" if merge else ""))
@@ -160,7 +194,7 @@ def eval_(
 
 @app.command(name="count-params")
 def count_params(
-    method: str = typer.Option("vera", "--method", help="vera, lora, full or head"),
+    method: str = typer.Option("vera", "--method", help="vera, lora, full or head", autocompletion=complete.complete_methods),
     rank: Optional[int] = typer.Option(None, "--rank", help="adapter rank"),
     sharing: Optional[str] = typer.Option(None, "--sharing", help="per-shape or sliced"),
     target: list[str] = TargetOpt,
@@ -192,8 +226,9 @@ def count_params(
 
 @app.command()
 def experiment(
-    classes: list[str] = typer.Option([], "--classes", help="classes to fine-tune on"),
-    base: Optional[str] = typer.Option(None, "--base", help="pretrain run to start from (default: pretrain one)"),
+    classes: list[str] = typer.Option([], "--classes", help="classes to fine-tune on", autocompletion=complete.complete_classes),
+    base: Optional[str] = typer.Option(None, "--base", help="pretrain run to start from (default: pretrain one)",
+                                       autocompletion=complete.complete_bases),
     config: Optional[str] = ConfigOpt, device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
     data_dir: Optional[str] = DataDirOpt, run_dir: Optional[str] = RunDirOpt, set_: list[str] = SetOpt,
     no_progress: bool = NoProgressOpt, print_config: bool = PrintConfigOpt,
@@ -219,12 +254,14 @@ def experiment(
 
 @app.command()
 def compare(
-    classes: list[str] = typer.Option([], "--classes", help="classes to fine-tune on"),
-    methods: Optional[str] = typer.Option(None, "--methods", help="comma list of vera, vera-sliced, lora, full, head"),
+    classes: list[str] = typer.Option([], "--classes", help="classes to fine-tune on", autocompletion=complete.complete_classes),
+    methods: Optional[str] = typer.Option(None, "--methods", help="comma list of vera, vera-sliced, lora, full, head",
+                                          autocompletion=complete.complete_compare_methods),
     ranks: Optional[str] = typer.Option(None, "--ranks", help="comma list of ranks, e.g. 4,16,64,256"),
     targets: Optional[str] = typer.Option(None, "--targets", help="comma list of targets for vera and lora, e.g. linear,all"),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="number of seeds per setting (mean and spread)"),
-    base: Optional[str] = typer.Option(None, "--base", help="pretrain run to adapt (default: the latest)"),
+    base: Optional[str] = typer.Option(None, "--base", help="pretrain run to adapt (default: the latest)",
+                                       autocompletion=complete.complete_bases),
     epochs: Optional[int] = EpochsOpt, config: Optional[str] = ConfigOpt, device: Optional[str] = DeviceOpt,
     data_dir: Optional[str] = DataDirOpt, run_dir: Optional[str] = RunDirOpt, set_: list[str] = SetOpt,
     no_progress: bool = NoProgressOpt, resume: Optional[str] = ResumeOpt, print_config: bool = PrintConfigOpt,
@@ -282,6 +319,85 @@ def config_show(
     print(yaml.safe_dump(cfg.apply_overrides(cfg.read_config(name), cfg.parse_set_options(set_)), sort_keys=False), end="")
 
 
+runs_app = typer.Typer(help="The runs under runs/: a table, and safe removal.")
+app.add_typer(runs_app, name="runs")
+RunsDirOpt = typer.Option("runs", "--runs-dir", help="folder that holds the runs")
+YesOpt = typer.Option(False, "--yes", "-y", help="remove without asking")
+
+
+@runs_app.callback(invoke_without_command=True)
+def runs_list(
+    ctx: typer.Context,
+    runs_dir: str = RunsDirOpt,
+    kind: Optional[str] = typer.Option(None, "--kind", help="only runs of this kind: pretrain, adapt, compare, experiment"),
+    status: Optional[str] = typer.Option(None, "--status", help="only runs in this state: running, finished, failed, interrupted, unreadable"),
+    classes: list[str] = typer.Option([], "--classes", help="only runs trained on all of these classes",
+                                      autocompletion=complete.complete_classes),
+    sort: str = typer.Option("created", "--sort", help="column to sort by (accuracies and wall time: highest first)"),
+    reverse: bool = typer.Option(False, "--reverse", help="reverse the order"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON on stdout and nothing else there"),
+) -> None:
+    """One table of the runs: kind, status, base, method, rank, classes, accuracies, wall time."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from vera_cli.commands import runs_table as rt
+
+    root = Path(runs_dir)
+    entries = rt.sort_entries(rt.select(rt.find_runs(root), kind, status, classes), sort, reverse)
+    if as_json:
+        print(json.dumps([entry.to_dict() for entry in entries], indent=2))
+        return
+    print(rt.runs_table(entries, root))
+
+
+@runs_app.command("rm")
+def runs_rm(
+    runs: list[str] = typer.Argument(..., help="run directories to remove", autocompletion=complete.complete_any_run),
+    yes: bool = YesOpt,
+) -> None:
+    """Remove runs (refuses running ones); asks first unless --yes."""
+    from vera_cli.commands import runs_table as rt
+
+    _remove(rt.runs_to_remove(runs), yes)
+
+
+@runs_app.command("clean")
+def runs_clean(
+    failed: bool = typer.Option(False, "--failed", help="remove runs that failed"),
+    interrupted: bool = typer.Option(False, "--interrupted", help="remove runs that were interrupted (they cannot resume after)"),
+    unreadable: bool = typer.Option(False, "--unreadable", help="remove runs whose files cannot be read"),
+    runs_dir: str = RunsDirOpt, yes: bool = YesOpt,
+) -> None:
+    """Remove the failed (or interrupted, or unreadable) runs under --runs-dir; asks first unless --yes."""
+    from vera_cli.commands import runs_table as rt
+
+    statuses = tuple(name for name, wanted in (("failed", failed), ("interrupted", interrupted),
+                                               ("unreadable", unreadable)) if wanted)
+    if not statuses:
+        raise VeraError("say what to clean: --failed, --interrupted and/or --unreadable")
+    entries = rt.runs_in_state(Path(runs_dir), statuses)
+    if not entries:
+        _log(f"no {' or '.join(statuses)} runs under {runs_dir}")
+        return
+    _remove(entries, yes)
+
+
+def _remove(entries: list, yes: bool) -> None:
+    from vera_cli.commands.runs_table import directory_bytes, remove
+
+    sizes = {entry.path: directory_bytes(entry.path) for entry in entries}
+    for entry in entries:
+        _log(f"{entry.path}  {entry.kind or '?'}, {entry.status}, {sizes[entry.path]:,} bytes")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise VeraError("not removing without confirmation: add --yes")
+        if not typer.confirm(f"remove these {len(entries)} run(s)?", err=True):
+            _log("nothing removed")
+            raise typer.Exit(1)
+    remove(entries)
+    _log(f"removed {len(entries)} run(s), {sum(sizes.values()):,} bytes")
+
+
 def expand_list_options(argv: list[str]) -> list[str]:
     """`--classes cat bird dog` -> `--classes cat --classes bird --classes dog` (also `cat,bird`)."""
     expanded: list[str] = []
@@ -305,11 +421,14 @@ def run(argv: list[str]) -> int:
     debug = "--debug" in argv or os.environ.get("VERA_DEBUG", "") not in ("", "0")
     argv = expand_list_options([a for a in argv if a != "--debug"])
     command = typer.main.get_command(app)
+    if complete.completing("vera"):
+        complete.expand_completion_words(os.environ, expand_list_options, LIST_OPTIONS)
     # SIGTERM (a scheduler, `kill`) stops a run as cleanly as Ctrl-C does.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        command.main(args=argv, prog_name="vera", standalone_mode=False)
-        return 0
+        # Outside standalone mode typer returns a typer.Exit's code instead of raising it.
+        code = command.main(args=argv, prog_name="vera", standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
     except RunInterrupted as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -66,6 +67,21 @@ class TrainConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """What a training run records beside metrics.jsonl."""
+
+    # Event files under <run>/tensorboard/: per-step loss and lr, per-epoch accuracies, images/s, the config.
+    tensorboard: bool = False
+    # Pictures in the run: training curves, and per-class accuracy before and after for adapt runs.
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        _require(not self.tensorboard or importlib.util.find_spec("tensorboard") is not None,
+                 "logging.tensorboard needs the tensorboard package: pip install 'vera-cli[tensorboard]', "
+                 "or leave out --tensorboard")
+
+
+@dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     seed: int = 0
@@ -73,6 +89,7 @@ class PretrainConfig:
     run_dir: Optional[str] = None
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 @dataclass
@@ -85,6 +102,7 @@ class AdaptConfig:
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(crop=False, flip=False))
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Without augmentation the frozen conv prefix gives the same output every epoch: compute it once.
     cache_features: bool = True
     # How to keep the classes not trained on: none; mask (the loss sees only the chosen

@@ -17,13 +17,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from vera_cli.cifar_classes import CLASSES
 from vera_cli.errors import VeraError
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILE = "test_batch"
 META_FILE = "batches.meta"
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # Per-channel statistics of the CIFAR-10 training images (0-1 scale).
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)

@@ -22,8 +22,8 @@ from vera_cli.checkpoint import restore
 from vera_cli.errors import VeraError
 from vera_cli.runs import Run, create_run, ensure_new, open_resumable, write_json, write_yaml
 
-# Keys a resumed run may change: where the data is and what it runs on, never what it computes.
-RESUMABLE_CHANGES = ("device", "data.dir", "data.download")
+# Keys a resumed run may change: where the data is, what it runs on and what it logs, never what it computes.
+RESUMABLE_CHANGES = ("device", "data.dir", "data.download", "logging.tensorboard", "logging.plots")
 T = TypeVar("T")
 
 

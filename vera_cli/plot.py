@@ -19,6 +19,8 @@ from vera_cli.adapters.config import DEFAULT_TARGETS  # noqa: E402
 from vera_cli.runs import write_bytes_atomic  # noqa: E402
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from vera_cli.commands.compare import TableLine
 
 PANELS = (("chosen", "chosen classes, 10-way"), ("task", "chosen classes, task"), ("rest", "other classes"))
@@ -62,8 +64,14 @@ def plot_comparison(table: list["TableLine"], classes: list[str], path: Path) ->
     figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
     figure.suptitle(f"Adapting on {', '.join(classes)}: accuracy against trainable parameters")
     figure.tight_layout(rect=(0, 0.08, 1, 1))
+    save_figure(figure, path)
+    plt.close(figure)
+    return path
+
+
+def save_figure(figure: "Figure", path: Path) -> Path:
+    """The figure as a PNG, written atomically."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
     write_bytes_atomic(path, buffer.getvalue())
     return path

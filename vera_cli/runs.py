@@ -15,14 +15,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
 
 from vera_cli.errors import RunInterrupted, VeraError
+
+if TYPE_CHECKING:
+    import torch
 
 RUNS_ROOT = Path("runs")
 STATUS_FILE = "status.json"
@@ -57,12 +57,18 @@ def write_yaml(path: Path, payload: Any) -> None:
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
     """Save as safetensors (no pickle: loading runs no code); returns the file size in bytes."""
+    # torch is imported where tensors are touched: `vera runs` and completion read runs without it.
+    from safetensors.torch import save
+
     data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
     write_bytes_atomic(path, data)
     return len(data)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     if not path.is_file():
         raise VeraError(f"{path} is missing: the run is incomplete; repeat it")
     try:
@@ -209,6 +215,8 @@ def environment() -> dict[str, str]:
     """Versions and machine facts recorded with every run, so a figure can be traced to its setup."""
     import platform
     from importlib.metadata import version
+
+    import torch
 
     from vera_cli import __version__
 

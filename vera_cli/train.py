@@ -48,6 +48,9 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     return max(0.0, 1.0 - progress)
 
 
+StepHook = Callable[[int, torch.Tensor, float], None]
+
+
 @dataclass
 class EpochStats:
     epoch: int
@@ -73,6 +76,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.params, cfg)
         total = cfg.epochs * steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, total, cfg))
+        # Called after every optimiser step with (steps done in the whole run, loss tensor, lr of the step).
+        self.step_hooks: list[StepHook] = []
 
     def epoch(self, epoch: int, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], num_images: int,
               progress: bool = True) -> EpochStats:
@@ -87,10 +92,13 @@ class Trainer:
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            lr = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
             self.scheduler.step()
             # Kept as tensors: reading a value every step would stall a GPU.
             losses.append(loss.detach())
+            for hook in self.step_hooks:
+                hook(self.scheduler.last_epoch, losses[-1], lr)
             seen += len(labels)
             if bar.n == 0 or len(losses) % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")

@@ -13,13 +13,15 @@ from vera_cli import config as config_module
 from vera_cli.adapter_files import ADAPTER_FILE, save_adapter
 from vera_cli.adapters.inject import inject
 from vera_cli.bases import fingerprint, load_pretrained, resolve_base
-from vera_cli.checkpoint import EpochRecorder
+from vera_cli.checkpoint import METRICS_FILE, EpochRecorder
 from vera_cli.commands.pretrain import Log
 from vera_cli.config import AdaptConfig
 from vera_cli.data import Cifar10, Split, batch_indices, batches, class_ids, load_cifar10
 from vera_cli.lifecycle import RunLifecycle
 from vera_cli.metrics import AccuracyReport, accuracy_report, predict_features, predict_logits
+from vera_cli.run_plots import PER_CLASS_FILE, write_per_class, write_training_curves
 from vera_cli.runs import Run, environment
+from vera_cli.tensorboard_log import training_logs
 from vera_cli.train import Trainer, fit, resolve_device
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -150,12 +152,17 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
         log(f"adapting {base_run.path} with {cfg.adapter.method} (rank {cfg.adapter.rank}, {trainable:,} trainable) on "
             f"{', '.join(data.classes[i] for i in chosen)} (forgetting: {cfg.forgetting}): {len(train_split):,} images, "
             f"{device}, run {run.path}" + (f", resuming at epoch {start}" if resume else ""))
-        report = fit(trainer, model, source, len(train_split), generator,
-                     lambda: accuracy_report(pipeline.test_logits(), data.test.labels, data.classes, chosen),
-                     EpochRecorder(run, model, trainer, generator, log), start, progress)
+        with training_logs(cfg.logging, run, trainer, life.recorded) as listeners:
+            report = fit(trainer, model, source, len(train_split), generator,
+                         lambda: accuracy_report(pipeline.test_logits(), data.test.labels, data.classes, chosen),
+                         EpochRecorder(run, model, trainer, generator, log, listeners), start, progress)
         classes = [data.classes[i] for i in chosen]
         adapter_bytes = save_adapter(run.path, model, cfg.adapter, base_fingerprint,
                                      {"base_run": str(base_run.path), "classes": classes})
+        if cfg.logging.plots:
+            title = f"{cfg.adapter.method} on {', '.join(classes)}: {run.path}"
+            write_training_curves(run.file(METRICS_FILE), title)
+            write_per_class({"base": base_report, cfg.adapter.method: report}, title, run.file(PER_CLASS_FILE))
         return life.finish(AdaptSummary(run, str(base_run.path), cfg.forgetting, len(train_split), cfg.adapter.method,
                                         cfg.adapter.rank, classes, trainable, adapter_bytes, cfg.train.epochs, cfg.seed,
                                         str(device), life.elapsed(), base_report, report, environment()))

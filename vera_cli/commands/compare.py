@@ -28,6 +28,7 @@ from vera_cli.commands.adapt import AdaptSummary, run_adapt
 from vera_cli.commands.pretrain import Log
 from vera_cli.config import AdaptConfig, CompareConfig
 from vera_cli.data import class_ids, load_cifar10
+from vera_cli.grid_progress import GridProgress
 from vera_cli.lifecycle import RunLifecycle
 from vera_cli.metrics import accuracy_report, percent, predict_logits
 from vera_cli.plot import plot_comparison
@@ -134,8 +135,11 @@ def adapt_config(cfg: CompareConfig, own: AdaptConfig, point: GridPoint, base: s
                                   sharing=sharing or own.adapter.sharing,
                                   targets=[point.targets] if point.targets else own.adapter.targets)
     train = dataclasses.replace(own.train, epochs=cfg.epochs or own.train.epochs)
+    # The comparison draws its own picture; one per row would cost more than a short row's training.
+    logging = dataclasses.replace(own.logging, plots=False)
     return dataclasses.replace(own, base=base, classes=cfg.classes, seed=point.seed, device=cfg.device, data=cfg.data,
-                               run_dir=str(run_dir), forgetting=point.forgetting, adapter=adapter, train=train)
+                               run_dir=str(run_dir), forgetting=point.forgetting, adapter=adapter, train=train,
+                               logging=logging)
 
 
 def row_from_summary(point: GridPoint, summary: AdaptSummary) -> Row:
@@ -200,12 +204,14 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
                               {m: 0.0 for m in (*METRICS, "seconds")})
         rows = finished_rows(run)
         done = {row.name for row in rows}
+        progress_line = GridProgress(len(points), len(done))
         for index, point in enumerate(points, 1):
             if point.name in done:
                 continue
             row_dir = run.file("rows") / point.name
             row_run = Run(row_dir) if (row_dir / "status.json").is_file() else None
-            if row_run is not None and row_run.status.get("status") == "finished":
+            recorded = row_run is not None and row_run.status.get("status") == "finished"
+            if recorded:
                 # Finished just before an interruption could record it.
                 summary = AdaptSummary.from_dict(row_run, read_json(row_dir / "summary.json"))
             else:
@@ -217,7 +223,7 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
             append_jsonl(run.file(ROWS_FILE), row.to_dict())
             write_tables(run, aggregate(base_line, rows))
             log(f"    {row.trainable:,} trainable, " + ", ".join(f"{m} {percent(getattr(row, m))}" for m in METRICS[:3])
-                + f", {row.seconds:.1f}s")
+                + f", {row.seconds:.1f}s; {progress_line.row_done(ran_here=not recorded)}")
         table = aggregate(base_line, rows)
         write_tables(run, table)
         plot = plot_comparison(table, [data.classes[i] for i in chosen], run.file("accuracy-vs-parameters.png"))

@@ -7,13 +7,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from vera_cli.bases import WEIGHTS_FILE, fingerprint
-from vera_cli.checkpoint import EpochRecorder
+from vera_cli.checkpoint import METRICS_FILE, EpochRecorder
 from vera_cli.config import PretrainConfig
 from vera_cli.data import Cifar10, batches, load_cifar10
 from vera_cli.lifecycle import RunLifecycle
 from vera_cli.metrics import AccuracyReport, accuracy_report, predict_logits
 from vera_cli.models import build_model, count_parameters
+from vera_cli.run_plots import write_training_curves
 from vera_cli.runs import Run, environment, write_tensors
+from vera_cli.tensorboard_log import training_logs
 from vera_cli.train import Trainer, fit, resolve_device
 
 Log = Callable[[str], None]
@@ -54,10 +56,13 @@ def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, d
         start = life.restore(model, trainer, generator)
         log(f"pretraining {cfg.model.name} ({count_parameters(model):,} parameters) on {len(data.train):,} images, "
             f"{device}, run {run.path}" + (f", resuming at epoch {start}" if resume else ""))
-        report = fit(trainer, model, lambda g: batches(data.train, train.batch_size, g, train.crop, train.flip),
-                     len(data.train), generator,
-                     lambda: accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes),
-                     EpochRecorder(run, model, trainer, generator, log), start, progress)
+        with training_logs(cfg.logging, run, trainer, life.recorded) as listeners:
+            report = fit(trainer, model, lambda g: batches(data.train, train.batch_size, g, train.crop, train.flip),
+                         len(data.train), generator,
+                         lambda: accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes),
+                         EpochRecorder(run, model, trainer, generator, log, listeners), start, progress)
         write_tensors(run.file(WEIGHTS_FILE), model.state_dict())
+        if cfg.logging.plots:
+            write_training_curves(run.file(METRICS_FILE), f"Pretraining {cfg.model.name}: {run.path}")
         return life.finish(PretrainSummary(run, cfg.model.name, count_parameters(model), fingerprint(model), train.epochs,
                                            cfg.seed, str(device), life.elapsed(), report, environment()))

@@ -1,0 +1,148 @@
+"""`vera runs`: the table of runs, its filters and sorting, unreadable runs, safe removal."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import QUICK, fake_run
+from vera_cli.adapters.files import META_FILE
+from vera_cli.commands.runs_table import ADAPTER_META_FILE
+
+
+def test_the_table_reads_real_runs(vera, pretrained):
+    adapted = vera("adapt", *QUICK, "--classes", "cat", "dog", "--method", "lora", "--rank", "4", "--run-dir", "runs/a")
+    assert adapted.code == 0, adapted.err
+    result = vera("runs", "--json")
+    assert result.code == 0, result.err
+    rows = {row["name"]: row for row in result.json()}
+    assert list(rows) == ["base", "a"]  # oldest first
+    base, adapt = rows["base"], rows["a"]
+    summary = json.loads(Path("runs/a/summary.json").read_text())
+    assert (base["kind"], base["status"], base["method"]) == ("pretrain", "finished", None)
+    assert base["overall"] == json.loads(Path("runs/base/summary.json").read_text())["test"]["overall"]
+    assert (adapt["kind"], adapt["base"], adapt["method"], adapt["rank"]) == ("adapt", "runs/base", "lora", 4)
+    assert adapt["classes"] == ["cat", "dog"] and adapt["targets"] == []
+    assert ADAPTER_META_FILE == META_FILE  # the table reads the file the adapter code writes
+    assert [adapt[m] for m in ("overall", "chosen", "task", "rest", "wall_seconds")] == [
+        summary["test"][m] for m in ("overall", "chosen", "task", "rest")] + [summary["wall_seconds"]]
+
+    table = vera("runs")
+    assert table.code == 0, table.err
+    line = next(line for line in table.out.splitlines() if line.lstrip().startswith("a "))
+    assert "lora" in line and "cat,dog" in line and f"{summary['test']['task']:.2%}" in line
+
+
+def test_filters_and_sorting(vera, tmp_path):
+    fake_run(tmp_path / "runs", "low", overall=0.2)
+    fake_run(tmp_path / "runs", "high", overall=0.8, classes=("cat", "bird"))
+    fake_run(tmp_path / "runs", "broken", status="failed")
+    fake_run(tmp_path / "runs", "pre", kind="pretrain", overall=0.6)
+
+    def names(*args):
+        result = vera("runs", "--json", *args)
+        assert result.code == 0, result.err
+        return [row["name"] for row in result.json()]
+
+    assert names("--kind", "adapt", "--sort", "overall") == ["high", "low", "broken"]  # highest first, none last
+    assert names("--kind", "adapt", "--sort", "overall", "--reverse") == ["low", "high", "broken"]
+    assert names("--status", "failed") == ["broken"]
+    assert names("--classes", "cat", "dog") == ["low", "broken"]
+    assert names("--classes", "cat,bird") == ["high"]
+    assert names("--sort", "name") == ["broken", "high", "low", "pre"]
+    wrong = vera("runs", "--sort", "accuracy")
+    assert wrong.code == 2 and "cannot sort by 'accuracy': choose one of name, kind" in wrong.err
+    wrong = vera("runs", "--status", "done")
+    assert wrong.code == 2 and "--status 'done': choose one of running, finished, interrupted, failed, unreadable" in wrong.err
+
+
+def test_unreadable_runs_are_listed_not_fatal(vera, tmp_path):
+    root = tmp_path / "runs"
+    fake_run(root, "good")
+    (fake_run(root, "bad-status") / "status.json").write_text("{not json")
+    (fake_run(root, "no-summary") / "summary.json").unlink()
+    (fake_run(root, "no-meta") / "adapter.json").unlink()
+    (root / "stray").mkdir()
+    experiment = fake_run(root, "exp", kind="experiment", status="running")
+    fake_run(experiment, "adapt")
+    result = vera("runs", "--json")
+    assert result.code == 0, result.err
+    rows = {row["name"]: (row["status"], row["problem"]) for row in result.json()}
+    assert rows == {"bad-status": ("unreadable", "status.json: corrupted"), "exp": ("running", None),
+                    "exp/adapt": ("finished", None), "good": ("finished", None),
+                    "no-summary": ("unreadable", "summary.json: missing"), "stray": ("unreadable", "status.json: missing"),
+                    "no-meta": ("unreadable", "adapter.json: missing")}
+    table = vera("runs", "--status", "unreadable")
+    assert table.code == 0 and "4 run(s)" in table.out
+    assert "unreadable: no-summary: summary.json: missing" in table.out.splitlines()
+
+
+def test_rm_refuses_running_runs_and_removes_with_yes(vera, tmp_path):
+    root = tmp_path / "runs"
+    live = fake_run(root, "live", status="running", pid=os.getpid())
+    no_pid = fake_run(root, "no-pid", status="running")
+    done = fake_run(root, "done")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    crashed = fake_run(root, "crashed", status="running", pid=dead.pid)
+
+    for running in (live, no_pid):
+        refused = vera("runs", "rm", str(done), str(running), "--yes")
+        assert refused.code == 2 and f"refusing to remove running run(s): {running}" in refused.err
+    assert done.is_dir()
+    not_a_run = vera("runs", "rm", str(tmp_path), "--yes")
+    assert not_a_run.code == 2 and "is not a run directory" in not_a_run.err
+    unconfirmed = vera("runs", "rm", str(done))  # stdin is not a terminal under pytest
+    assert unconfirmed.code == 2 and "add --yes" in unconfirmed.err and done.is_dir()
+
+    removed = vera("runs", "rm", str(done), str(crashed), "--yes")
+    assert removed.code == 0, removed.err
+    assert "removed 2 run(s)" in removed.err
+    assert sorted(p.name for p in root.iterdir()) == ["live", "no-pid"]
+
+
+def test_clean_removes_only_failed_runs(vera, tmp_path):
+    root = tmp_path / "runs"
+    for name, state in (("f1", "failed"), ("f2", "failed"), ("i", "interrupted"), ("ok", "finished")):
+        fake_run(root, name, status=state)
+    nothing = vera("runs", "clean", "--yes")
+    assert nothing.code == 2 and "say what to clean" in nothing.err
+    result = vera("runs", "clean", "--failed", "--yes")
+    assert result.code == 0, result.err
+    assert sorted(p.name for p in root.iterdir()) == ["i", "ok"]
+    again = vera("runs", "clean", "--failed", "--yes")
+    assert again.code == 0 and "no failed runs under runs" in again.err
+    (fake_run(root, "bad") / "status.json").write_text("{")
+    (root / "notes").mkdir()  # not a run: no status.json
+    unreadable = vera("runs", "clean", "--unreadable", "--yes")
+    assert unreadable.code == 0, unreadable.err
+    assert sorted(p.name for p in root.iterdir()) == ["i", "notes", "ok"]
+
+
+def test_listing_imports_no_torch(tmp_path):
+    fake_run(tmp_path / "runs", "one")
+    code = ("import sys; from vera_cli import cli; code = cli.run(['runs', '--runs-dir', sys.argv[1]]); "
+            "print('torch' in sys.modules, code)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "runs")], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.strip().splitlines()[-1] == "False 0", done.stderr
+
+
+class Terminal(io.StringIO):
+    """Typed answers on a stdin that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("answer, code, kept", [("n\n", 1, True), ("y\n", 0, False)])
+def test_rm_asks_at_a_terminal(vera, tmp_path, monkeypatch, answer, code, kept):
+    run = fake_run(tmp_path / "runs", "done")
+    monkeypatch.setattr("sys.stdin", Terminal(answer))
+    result = vera("runs", "rm", str(run))
+    assert result.code == code and "remove these 1 run(s)?" in result.err
+    assert run.is_dir() == kept and ("nothing removed" in result.err) == kept
