@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QUICK, fake_run
-from vera_cli.adapters.files import META_FILE
+from vera_cli.adapter_files import META_FILE
 from vera_cli.commands.runs_table import ADAPTER_META_FILE
 
 

@@ -22,7 +22,7 @@ from vera_cli.runs import STATUS_FILE
 UNREADABLE = "unreadable"
 KINDS = ("pretrain", "adapt", "compare", "experiment")
 STATES = ("running", "finished", "interrupted", "failed", UNREADABLE)
-# adapters.files.META_FILE, named here because that module imports torch.
+# adapter_files.META_FILE, named here because that module imports torch.
 ADAPTER_META_FILE = "adapter.json"
 # Where each kind's config keeps the adapter settings and classes, and its summary the test report.
 CONFIG_SECTION = {"adapt": "", "experiment": "adapt.", "compare": ""}
