@@ -13,21 +13,11 @@ sequence stays N = 64 long for patch 4, and there is nothing to learn for it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class ViTConfig:
-    patch_size: int = 4
-    dim: int = 128
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: int = 2
-    dropout: float = 0.0
+from vera_cli.models.config import ViTConfig
 
 
 class PatchEmbedding(nn.Module):
