@@ -65,12 +65,11 @@ class EpochRecorder:
             listener(stats, report)
 
 
-def restore(run: Run, model: nn.Module, trainer: Trainer, generator: torch.Generator) -> int:
-    """Load the last checkpoint into the fresh objects; returns the epoch to continue from."""
+def load_checkpoint(run: Run, model: nn.Module, trainer: Trainer, generator: torch.Generator) -> int:
+    """Load the last checkpoint into the fresh objects, reading only; returns its epoch (0: none yet)."""
     path = run.file(CHECKPOINT_FILE)
     if not path.is_file():
-        run.file(METRICS_FILE).unlink(missing_ok=True)
-        return 1
+        return 0
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
@@ -81,9 +80,16 @@ def restore(run: Run, model: nn.Module, trainer: Trainer, generator: torch.Gener
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    epoch = int(state["epoch"])
+    return int(state["epoch"])
+
+
+def restore(run: Run, model: nn.Module, trainer: Trainer, generator: torch.Generator) -> int:
+    """Load the last checkpoint and drop metrics past it; returns the epoch to continue from."""
+    epoch = load_checkpoint(run, model, trainer, generator)
     metrics = run.file(METRICS_FILE)
-    if metrics.is_file():
+    if epoch == 0:
+        metrics.unlink(missing_ok=True)
+    elif metrics.is_file():
         # Lines past the checkpoint belong to an epoch that runs again.
         kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["epoch"] <= epoch]
         write_bytes_atomic(metrics, "".join(line + "\n" for line in kept).encode())

@@ -67,6 +67,15 @@ def _log(message: str) -> None:
     err.print(message, highlight=False, soft_wrap=True)
 
 
+def _world():
+    """This process's place under torchrun (one process without it); only rank 0 prints."""
+    from vera_cli import distributed
+
+    world = distributed.from_environment()
+    out.quiet = err.quiet = not world.is_main
+    return world
+
+
 def _overrides(named: dict[str, Any], sets: list[str]) -> dict[str, Any]:
     """Options the user gave (None means not given), then `--set` pairs, which win over them."""
     return {**{key: value for key, value in named.items() if value is not None}, **cfg.parse_set_options(sets)}
@@ -110,10 +119,12 @@ def pretrain(
     from vera_cli.commands.pretrain import run_pretrain
     from vera_cli.report import accuracy_table
 
+    world = _world()
     overrides = _overrides({**_common(epochs, batch_size, lr, device, seed, data_dir, run_dir),
                             "logging.tensorboard": tensorboard or None}, set_)
     run, settings = _settings(cfg.PretrainConfig, "pretrain", "pretrain", config, overrides, resume, print_config)
-    result = run_pretrain(settings, log=_log, progress=not no_progress, resume=run)
+    result = run_pretrain(settings, log=_log, progress=not no_progress and world.is_main, resume=run,
+                          world=world)
     out.print(accuracy_table(result.test, f"Test accuracy, {result.run.path}"))
     _log(f"run written to {result.run.path} in {result.wall_seconds:.1f}s")
 
@@ -139,13 +150,15 @@ def adapt(
     from vera_cli.commands.adapt import run_adapt
     from vera_cli.report import comparison_table
 
+    world = _world()
     overrides = _overrides({**_common(epochs, batch_size, lr, device, seed, data_dir, run_dir), "classes": classes or None,
                             "adapter.method": method, "adapter.rank": rank, "adapter.sharing": sharing,
                             "adapter.targets": target or None, "base": base, "logging.tensorboard": tensorboard or None},
                            set_)
     run, settings = _settings(cfg.AdaptConfig, "adapt", _adapt_config_name(method or "vera"), config, overrides, resume,
                               print_config)
-    summary = run_adapt(settings, log=_log, progress=not no_progress, resume=run)
+    summary = run_adapt(settings, log=_log, progress=not no_progress and world.is_main, resume=run,
+                       world=world)
     out.print(comparison_table({"base": summary.base, summary.method: summary.test},
                                f"Adapted {summary.base_run} -> {summary.run.path}"))
     _log(f"{summary.trainable_parameters:,} trainable parameters, adapter file {summary.adapter_bytes:,} bytes, "
@@ -237,6 +250,8 @@ def experiment(
     from vera_cli.commands.experiment import run_experiment
     from vera_cli.report import comparison_table, count_tables
 
+    if _world().size > 1:
+        raise VeraError("vera experiment runs in one process; under torchrun run vera pretrain, adapt or compare")
     # Options that both sections hold apply to both; --set reaches either one (adapt.cache_features=false).
     shared = {f"{section}.{key}": value for section in ("pretrain", "adapt")
               for key, value in {"device": device, "seed": seed, "data.dir": data_dir}.items()}
@@ -270,11 +285,13 @@ def compare(
     from vera_cli.commands.compare import run_compare
     from vera_cli.report import compare_table
 
+    world = _world()
     overrides = _overrides({"classes": classes or None, "methods": methods, "ranks": ranks, "targets": targets, "seeds": seeds,
                             "base": base, "epochs": epochs, "device": device, "data.dir": data_dir,
                             "run_dir": run_dir}, set_)
     run, settings = _settings(cfg.CompareConfig, "compare", "compare", config, overrides, resume, print_config)
-    result = run_compare(settings, log=_log, progress=not no_progress, resume=run)
+    result = run_compare(settings, log=_log, progress=not no_progress and world.is_main, resume=run,
+                         world=world)
     out.print(compare_table(result.rows, f"Comparison {result.run.path} on {', '.join(settings.classes)}"))
     _log(f"table: {result.run.file('table.csv')}, plot: {result.plot}, {result.wall_seconds:.1f}s")
 

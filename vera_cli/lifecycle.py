@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol, TypeVar
+from typing import Any, Callable, Iterator, Optional, Protocol, TypeVar
 
 import torch
 from torch import nn
 
 from vera_cli import config as config_module
 from vera_cli.checkpoint import restore
+from vera_cli.config import LoggingConfig
 from vera_cli.errors import VeraError
 from vera_cli.runs import Run, create_run, ensure_new, open_resumable, write_json, write_yaml
 
@@ -71,7 +72,13 @@ def check_resume_config(run: Run, recorded: dict[str, Any]) -> None:
 
 
 class RunLifecycle:
-    """A run of `kind` for config `cfg` (which has `run_dir`), new or resumed."""
+    """A run of `kind` for config `cfg` (which has `run_dir`), new or resumed.
+
+    Under torchrun several processes share one run and only one writes it
+    (vera_cli.distributed); `writes` and `by_writer` are how commands tell.
+    """
+
+    writes = True
 
     def __init__(self, kind: str, cfg: Any, resume: Run | None = None, resumable: bool = True,
                  recorded: dict[str, Any] | None = None) -> None:
@@ -117,6 +124,14 @@ class RunLifecycle:
     def restore(self, model: nn.Module, trainer: Any, generator: torch.Generator) -> int:
         """The epoch to start from: 1 for a new run, the one after the last checkpoint on resume."""
         return restore(self.run, model, trainer, generator) if self.resume else 1
+
+    def logging(self, cfg: LoggingConfig) -> LoggingConfig:
+        """The training logs (TensorBoard, plots) this process writes: all that `cfg` asks for."""
+        return cfg
+
+    def by_writer(self, action: Callable[[], T]) -> T:
+        """Run `action` (a write, a decision from what is on disk) in the writing process; every process gets its result."""
+        return action()
 
     def elapsed(self) -> float:
         """Wall seconds of this run, earlier interrupted parts included."""

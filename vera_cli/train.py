@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,9 @@ from tqdm import tqdm
 
 from vera_cli.config import TrainConfig
 from vera_cli.errors import VeraError
+
+if TYPE_CHECKING:
+    from vera_cli.distributed import DataParallel
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,14 +67,19 @@ class EpochStats:
 
 
 class Trainer:
-    """Trains the parameters of `model` that require grad, through `forward` (the model or a part of it)."""
+    """Trains the parameters of `model` that require grad, through `forward` (the model or a part of it).
+
+    With `parallel` (under torchrun) each step trains on this process's part of the
+    global batch and DDP averages the gradients over the processes.
+    """
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, cfg: TrainConfig,
-                 steps_per_epoch: int) -> None:
-        self.forward = forward
+                 steps_per_epoch: int, parallel: DataParallel | None = None) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise VeraError("nothing to train: no parameter requires grad (check adapter.targets and adapter.method)")
+        self.forward = parallel.wrap(forward, model) if parallel else forward
+        self.parallel = parallel
         self.cfg = cfg
         self.optimizer = make_optimizer(self.params, cfg)
         total = cfg.epochs * steps_per_epoch
@@ -87,9 +95,13 @@ class Trainer:
         bar = tqdm(total=num_images, desc=f"epoch {epoch}", unit="img", leave=False, disable=not progress)
         device_type = self.params[0].device.type
         for inputs, labels in batches:
+            count = len(labels)
+            weight = None
+            if self.parallel:
+                inputs, labels, weight = self.parallel.local(inputs, labels)
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
                 logits = self.forward(inputs)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
+            loss = self.loss(logits.float(), labels, weight)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             lr = self.optimizer.param_groups[0]["lr"]
@@ -99,18 +111,27 @@ class Trainer:
             losses.append(loss.detach())
             for hook in self.step_hooks:
                 hook(self.scheduler.last_epoch, losses[-1], lr)
-            seen += len(labels)
+            seen += count
             if bar.n == 0 or len(losses) % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
-            bar.update(len(labels))
+            bar.update(count)
         bar.close()
         stacked = torch.stack(losses)
+        if self.parallel:
+            # Every process then sees the global losses and stops on divergence together.
+            stacked = self.parallel.average(stacked)
         finite = torch.isfinite(stacked)
         if not finite.all():
             step = int((~finite).nonzero()[0]) + 1
             raise VeraError(f"the loss became non-finite at epoch {epoch}, step {step}: the learning rate "
                             f"({self.cfg.lr}) is probably too high; lower it with --lr")
         return EpochStats(epoch, float(stacked.mean()), seen, time.perf_counter() - start)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, weight: float | None) -> torch.Tensor:
+        """The batch's mean loss; with a `weight`, this process's summed loss times it (see DataParallel.local)."""
+        if weight is None:
+            return F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
+        return F.cross_entropy(logits, labels, reduction="sum", label_smoothing=self.cfg.label_smoothing) * weight
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

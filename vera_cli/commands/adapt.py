@@ -17,7 +17,7 @@ from vera_cli.checkpoint import METRICS_FILE, EpochRecorder
 from vera_cli.commands.pretrain import Log
 from vera_cli.config import AdaptConfig
 from vera_cli.data import Cifar10, Split, batch_indices, batches, class_ids, load_cifar10
-from vera_cli.lifecycle import RunLifecycle
+from vera_cli.distributed import LOCAL, World
 from vera_cli.metrics import AccuracyReport, accuracy_report, predict_features, predict_logits
 from vera_cli.run_plots import PER_CLASS_FILE, write_per_class, write_training_curves
 from vera_cli.runs import Run, environment
@@ -46,6 +46,7 @@ class AdaptSummary:
     base: AccuracyReport
     test: AccuracyReport
     environment: dict[str, str] = field(default_factory=dict)
+    world_size: int = 1  # processes that trained it (torchrun); the last part's on a resumed run
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "adapt", "base_run": self.base_run, "forgetting": self.forgetting,
@@ -53,7 +54,7 @@ class AdaptSummary:
                 "trainable_parameters": self.trainable_parameters, "adapter_file": ADAPTER_FILE,
                 "adapter_bytes": self.adapter_bytes, "epochs": self.epochs, "seed": self.seed, "device": self.device,
                 "wall_seconds": self.wall_seconds, "base": self.base.to_dict(), "test": self.test.to_dict(),
-                "environment": self.environment}
+                "environment": self.environment, "world_size": self.world_size}
 
     @classmethod
     def from_dict(cls, run: Run, raw: dict[str, Any]) -> "AdaptSummary":
@@ -128,41 +129,51 @@ def masked_to(chosen: list[int], forward: Forward, source: BatchSource,
 
 
 def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: Cifar10 | None = None,
-              resume: Run | None = None) -> AdaptSummary:
-    """Adapt into a new run directory, or continue the unfinished run `resume`."""
-    device = resolve_device(cfg.device)
+              resume: Run | None = None, world: World = LOCAL) -> AdaptSummary:
+    """Adapt into a new run directory, or continue the unfinished run `resume`.
+
+    In a `world` of several processes (torchrun) they train one adapter data-parallel.
+    """
+    device = world.place(resolve_device(cfg.device))
     chosen = class_ids(cfg.classes)
     base_run = resolve_base(cfg.base)
-    life = RunLifecycle("adapt", cfg, resume, recorded={**config_module.to_dict(cfg), "base": str(base_run.path)})
+    life = world.lifecycle("adapt", cfg, resume, recorded={**config_module.to_dict(cfg), "base": str(base_run.path)})
     data = (data or load_cifar10(cfg.data.dir, cfg.data.download)).to(device)
     model, _ = load_pretrained(base_run, device)
     base_fingerprint = fingerprint(model)
     base_report = accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes, chosen)
     generator = life.seed(cfg.seed, device)
     inject(model, cfg.adapter)
-    with life.open() as run:
+    with world.joined(device), life.open() as run:
         train_split = training_split(data.train, chosen, cfg, generator)
         pipeline = build_pipeline(model, train_split, data.test, cfg)
         forward, source = pipeline.forward, pipeline.train_batches
         if cfg.forgetting == "mask":
             forward, source = masked_to(chosen, forward, source, device)
-        trainer = Trainer(forward, model, cfg.train, steps_per_epoch=math.ceil(len(train_split) / cfg.train.batch_size))
+        trainer = Trainer(forward, model, cfg.train, steps_per_epoch=math.ceil(len(train_split) / cfg.train.batch_size),
+                          parallel=world.data_parallel())
         trainable = sum(p.numel() for p in trainer.params)
         start = life.restore(model, trainer, generator)
         log(f"adapting {base_run.path} with {cfg.adapter.method} (rank {cfg.adapter.rank}, {trainable:,} trainable) on "
             f"{', '.join(data.classes[i] for i in chosen)} (forgetting: {cfg.forgetting}): {len(train_split):,} images, "
-            f"{device}, run {run.path}" + (f", resuming at epoch {start}" if resume else ""))
-        with training_logs(cfg.logging, run, trainer, life.recorded) as listeners:
+            f"{device}{world.note()}, run {run.path}" + (f", resuming at epoch {start}" if resume else ""))
+        with training_logs(life.logging(cfg.logging), run, trainer, life.recorded) as listeners:
+            recorder = EpochRecorder(run, model, trainer, generator, log, listeners)
             report = fit(trainer, model, source, len(train_split), generator,
                          lambda: accuracy_report(pipeline.test_logits(), data.test.labels, data.classes, chosen),
-                         EpochRecorder(run, model, trainer, generator, log, listeners), start, progress)
+                         lambda stats, report: life.by_writer(lambda: recorder(stats, report)), start, progress)
         classes = [data.classes[i] for i in chosen]
-        adapter_bytes = save_adapter(run.path, model, cfg.adapter, base_fingerprint,
-                                     {"base_run": str(base_run.path), "classes": classes})
-        if cfg.logging.plots:
-            title = f"{cfg.adapter.method} on {', '.join(classes)}: {run.path}"
-            write_training_curves(run.file(METRICS_FILE), title)
-            write_per_class({"base": base_report, cfg.adapter.method: report}, title, run.file(PER_CLASS_FILE))
+
+        def save() -> int:
+            size = save_adapter(run.path, model, cfg.adapter, base_fingerprint,
+                                {"base_run": str(base_run.path), "classes": classes})
+            if cfg.logging.plots:
+                title = f"{cfg.adapter.method} on {', '.join(classes)}: {run.path}"
+                write_training_curves(run.file(METRICS_FILE), title)
+                write_per_class({"base": base_report, cfg.adapter.method: report}, title, run.file(PER_CLASS_FILE))
+            return size
+
+        adapter_bytes = life.by_writer(save)
         return life.finish(AdaptSummary(run, str(base_run.path), cfg.forgetting, len(train_split), cfg.adapter.method,
                                         cfg.adapter.rank, classes, trainable, adapter_bytes, cfg.train.epochs, cfg.seed,
-                                        str(device), life.elapsed(), base_report, report, environment()))
+                                        str(device), life.elapsed(), base_report, report, environment(), world.size))

@@ -15,6 +15,7 @@ import dataclasses
 import io
 import json
 import re
+import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +28,16 @@ from vera_cli.bases import load_pretrained, resolve_base
 from vera_cli.commands.adapt import AdaptSummary, run_adapt
 from vera_cli.commands.pretrain import Log
 from vera_cli.config import AdaptConfig, CompareConfig
-from vera_cli.data import class_ids, load_cifar10
+from vera_cli.data import Cifar10, class_ids, load_cifar10
+from vera_cli.distributed import LOCAL, World
 from vera_cli.grid_progress import GridProgress
-from vera_cli.lifecycle import RunLifecycle
 from vera_cli.metrics import accuracy_report, percent, predict_logits
 from vera_cli.plot import plot_comparison
 from vera_cli.runs import Run, append_jsonl, read_json, write_bytes_atomic, write_json
 from vera_cli.train import resolve_device
 
 ROWS_FILE = "rows.jsonl"
+CLAIMS_DIR = "claims"  # under torchrun: which rank took which row (vera_cli.distributed)
 METRICS = ("chosen", "task", "rest", "overall")
 RANKLESS = ("full", "head")  # no rank and no targets: they train whole modules
 
@@ -106,10 +108,11 @@ class CompareSummary:
     rows: list[TableLine]  # base first
     plot: Path
     wall_seconds: float
+    world_size: int = 1  # processes that shared the rows (torchrun); the last part's on a resumed run
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "compare", "base_run": self.base_run, "rows": [line.to_dict() for line in self.rows],
-                "plot": str(self.plot), "wall_seconds": self.wall_seconds}
+                "plot": str(self.plot), "wall_seconds": self.wall_seconds, "world_size": self.world_size}
 
 
 def grid(cfg: CompareConfig) -> list[GridPoint]:
@@ -184,12 +187,36 @@ def finished_rows(run: Run) -> list[Row]:
     return [Row(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, resume: Run | None = None) -> CompareSummary:
-    device = resolve_device(cfg.device)
+def run_row(run: Run, point: GridPoint, cfg: AdaptConfig, data: Cifar10, log: Log,
+            progress: bool) -> tuple[Row, bool]:
+    """The grid point's adapt run under `rows/`, and whether it ran now (it is only read when it finished already).
+
+    `log` hears of the row when it starts running.
+    """
+    row_dir = run.file("rows") / point.name
+    row_run = Run(row_dir) if (row_dir / "status.json").is_file() else None
+    if row_run is not None and row_run.status.get("status") == "finished":
+        # Finished just before an interruption could record it (or on another rank).
+        return row_from_summary(point, AdaptSummary.from_dict(row_run, read_json(row_dir / "summary.json"))), False
+    log(point.name + (" (resuming)" if row_run else ""))
+    summary = run_adapt(dataclasses.replace(cfg, run_dir=str(row_dir)), lambda message: None, progress, data,
+                        resume=row_run)
+    return row_from_summary(point, summary), True
+
+
+def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, resume: Run | None = None,
+                world: World = LOCAL) -> CompareSummary:
+    """Run the grid into a new run directory, or only its missing rows in the unfinished run `resume`.
+
+    In a `world` of several processes (torchrun) each runs whole rows with its share of
+    the CPU threads; rank 0 writes rows.jsonl, the table and the plot.
+    """
+    device = world.place(resolve_device(cfg.device))
     chosen = class_ids(cfg.classes)
     base_run = resolve_base(cfg.base)
-    life = RunLifecycle("compare", cfg, resume, recorded={**config_module.to_dict(cfg), "base": str(base_run.path)})
+    life = world.lifecycle("compare", cfg, resume, recorded={**config_module.to_dict(cfg), "base": str(base_run.path)})
     points = grid(cfg)
+    order = {point.name: index for index, point in enumerate(points)}
     own = method_configs(cfg)
     configs = {point.name: adapt_config(cfg, own[point.method], point, str(base_run.path), Path("rows") / point.name)
                for point in points}
@@ -198,33 +225,38 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     for adapter in {repr(c.adapter): c.adapter for c in configs.values()}.values():
         inject(copy.deepcopy(model), adapter)
     data = load_cifar10(cfg.data.dir, cfg.data.download).to(device)
-    with life.open() as run:
+    # Rows join the table in grid order, whatever order (or process) they finished in.
+    in_grid_order = lambda rows: sorted(rows, key=lambda row: order[row.name])  # noqa: E731
+    with world.joined(device), life.open() as run:
         base_report = accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes, chosen)
         base_line = TableLine("base", None, "-", None, 1, 0, 0, {**{m: base_report.metric(m) for m in METRICS}, "seconds": 0.0},
                               {m: 0.0 for m in (*METRICS, "seconds")})
-        rows = finished_rows(run)
+        recorded = [Row(**raw) for raw in life.by_writer(lambda: [row.to_dict() for row in finished_rows(run)])]
+        rows = list(recorded)
         done = {row.name for row in rows}
-        progress_line = GridProgress(len(points), len(done))
-        for index, point in enumerate(points, 1):
-            if point.name in done:
-                continue
-            row_dir = run.file("rows") / point.name
-            row_run = Run(row_dir) if (row_dir / "status.json").is_file() else None
-            recorded = row_run is not None and row_run.status.get("status") == "finished"
-            if recorded:
-                # Finished just before an interruption could record it.
-                summary = AdaptSummary.from_dict(row_run, read_json(row_dir / "summary.json"))
-            else:
-                log(f"[{index}/{len(points)}] {point.name}" + (" (resuming)" if row_run else ""))
-                summary = run_adapt(dataclasses.replace(configs[point.name], run_dir=str(row_dir)), lambda message: None,
-                                    progress, data, resume=row_run)
-            row = row_from_summary(point, summary)
+        pending = [point.name for point in points if point.name not in done]
+        # Under torchrun rank 0 sees only its own rows finish: no count or time left to offer.
+        progress_line = GridProgress(len(points), len(done)) if world.size == 1 else None
+        for name in world.take_turns(pending, run.file(CLAIMS_DIR)):
+            row, ran_here = run_row(run, points[order[name]], configs[name], data,
+                                    lambda message: log(f"[{order[name] + 1}/{len(points)}] {message}"), progress)
             rows.append(row)
-            append_jsonl(run.file(ROWS_FILE), row.to_dict())
-            write_tables(run, aggregate(base_line, rows))
+            if life.writes:
+                append_jsonl(run.file(ROWS_FILE), row.to_dict())
+                write_tables(run, aggregate(base_line, in_grid_order(rows)))
             log(f"    {row.trainable:,} trainable, " + ", ".join(f"{m} {percent(getattr(row, m))}" for m in METRICS[:3])
-                + f", {row.seconds:.1f}s; {progress_line.row_done(ran_here=not recorded)}")
-        table = aggregate(base_line, rows)
-        write_tables(run, table)
-        plot = plot_comparison(table, [data.classes[i] for i in chosen], run.file("accuracy-vs-parameters.png"))
-        return life.finish(CompareSummary(run, str(base_run.path), table, plot, life.elapsed()))
+                + f", {row.seconds:.1f}s" + (f"; {progress_line.row_done(ran_here)}" if progress_line else ""))
+        others = world.from_others(rows[len(recorded):])
+        if others:
+            log(f"{len(others)} more row(s) ran in the other {world.size - 1} process(es)")
+        table = aggregate(base_line, in_grid_order(rows + others))
+
+        def record() -> Path:
+            for row in others:
+                append_jsonl(run.file(ROWS_FILE), row.to_dict())
+            write_tables(run, table)
+            shutil.rmtree(run.file(CLAIMS_DIR), ignore_errors=True)
+            return plot_comparison(table, [data.classes[i] for i in chosen], run.file("accuracy-vs-parameters.png"))
+
+        plot = life.by_writer(record)
+        return life.finish(CompareSummary(run, str(base_run.path), table, plot, life.elapsed(), world.size))

@@ -10,7 +10,7 @@ from vera_cli.bases import WEIGHTS_FILE, fingerprint
 from vera_cli.checkpoint import METRICS_FILE, EpochRecorder
 from vera_cli.config import PretrainConfig
 from vera_cli.data import Cifar10, batches, load_cifar10
-from vera_cli.lifecycle import RunLifecycle
+from vera_cli.distributed import LOCAL, World
 from vera_cli.metrics import AccuracyReport, accuracy_report, predict_logits
 from vera_cli.models import build_model, count_parameters
 from vera_cli.run_plots import write_training_curves
@@ -33,36 +33,47 @@ class PretrainSummary:
     wall_seconds: float
     test: AccuracyReport
     environment: dict[str, str] = field(default_factory=dict)
+    world_size: int = 1  # processes that trained it (torchrun); the last part's on a resumed run
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "pretrain", "model": self.model, "parameters": self.parameters,
                 "fingerprint": self.fingerprint, "epochs": self.epochs, "seed": self.seed, "device": self.device,
-                "wall_seconds": self.wall_seconds, "test": self.test.to_dict(), "environment": self.environment}
+                "wall_seconds": self.wall_seconds, "test": self.test.to_dict(), "environment": self.environment,
+                "world_size": self.world_size}
 
 
 def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, data: Cifar10 | None = None,
-                 resume: Run | None = None) -> PretrainSummary:
-    """Train from scratch into a new run directory, or continue the unfinished run `resume`."""
-    device = resolve_device(cfg.device)
+                 resume: Run | None = None, world: World = LOCAL) -> PretrainSummary:
+    """Train from scratch into a new run directory, or continue the unfinished run `resume`.
+
+    In a `world` of several processes (torchrun) they train one model data-parallel.
+    """
+    device = world.place(resolve_device(cfg.device))
     build_model(cfg.model)
     # Everything that can fail on bad input is checked before the run directory exists.
-    life = RunLifecycle("pretrain", cfg, resume)
+    life = world.lifecycle("pretrain", cfg, resume)
     data = (data or load_cifar10(cfg.data.dir, cfg.data.download)).to(device)
-    with life.open() as run:
+    with world.joined(device), life.open() as run:
         generator = life.seed(cfg.seed, device)
         model = build_model(cfg.model).to(device)
         train = cfg.train
-        trainer = Trainer(model, model, train, steps_per_epoch=math.ceil(len(data.train) / train.batch_size))
+        trainer = Trainer(model, model, train, steps_per_epoch=math.ceil(len(data.train) / train.batch_size),
+                          parallel=world.data_parallel())
         start = life.restore(model, trainer, generator)
         log(f"pretraining {cfg.model.name} ({count_parameters(model):,} parameters) on {len(data.train):,} images, "
-            f"{device}, run {run.path}" + (f", resuming at epoch {start}" if resume else ""))
-        with training_logs(cfg.logging, run, trainer, life.recorded) as listeners:
+            f"{device}{world.note()}, run {run.path}" + (f", resuming at epoch {start}" if resume else ""))
+        with training_logs(life.logging(cfg.logging), run, trainer, life.recorded) as listeners:
+            recorder = EpochRecorder(run, model, trainer, generator, log, listeners)
             report = fit(trainer, model, lambda g: batches(data.train, train.batch_size, g, train.crop, train.flip),
                          len(data.train), generator,
                          lambda: accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes),
-                         EpochRecorder(run, model, trainer, generator, log, listeners), start, progress)
-        write_tensors(run.file(WEIGHTS_FILE), model.state_dict())
-        if cfg.logging.plots:
-            write_training_curves(run.file(METRICS_FILE), f"Pretraining {cfg.model.name}: {run.path}")
+                         lambda stats, report: life.by_writer(lambda: recorder(stats, report)), start, progress)
+
+        def save() -> None:
+            write_tensors(run.file(WEIGHTS_FILE), model.state_dict())
+            if cfg.logging.plots:
+                write_training_curves(run.file(METRICS_FILE), f"Pretraining {cfg.model.name}: {run.path}")
+
+        life.by_writer(save)
         return life.finish(PretrainSummary(run, cfg.model.name, count_parameters(model), fingerprint(model), train.epochs,
-                                           cfg.seed, str(device), life.elapsed(), report, environment()))
+                                           cfg.seed, str(device), life.elapsed(), report, environment(), world.size))
