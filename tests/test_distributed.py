@@ -128,4 +128,5 @@ def test_interrupted_compare_resumes_on_two_processes_to_the_one_process_table(v
         assert largest_difference(tmp_path / "runs/two/rows" / name / "adapter.safetensors",
                                   tmp_path / "runs/one/rows" / name / "adapter.safetensors") == 0
     assert not (tmp_path / "runs/two/claims").exists()
+    assert json.loads((tmp_path / "runs/two/summary.json").read_text())["world_size"] == 2
     assert result.stdout.count("Comparison runs/two") == 1
