@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vera_cli.commands.adapt import build_pipeline, masked_to, run_adapt, training_split
+from vera_cli.commands.adapt import build_pipeline, masked_to, run_adapt, training_selection
 from vera_cli.config import AdaptConfig, AdapterConfig, TrainConfig
 from vera_cli.data import load_cifar10
 from vera_cli.models import ConvNet
@@ -43,14 +43,13 @@ def test_pipeline_uses_the_classifier_only_when_the_prefix_is_frozen(cifar_root)
 
 
 def test_replay_adds_the_asked_share_of_other_class_images(cifar_root):
-    train = load_cifar10(cifar_root, download=False).train
+    labels = load_cifar10(cifar_root, download=False).train.labels
     chosen = [3, 2, 5]
-    only = training_split(train, chosen, adapt_config(forgetting="none"), torch.Generator().manual_seed(0))
-    assert set(only.labels.tolist()) == set(chosen)
-    mixed = training_split(train, chosen, adapt_config(forgetting="replay", replay_fraction=0.5),
-                           torch.Generator().manual_seed(0))
-    others = [label for label in mixed.labels.tolist() if label not in chosen]
-    assert len(mixed) == len(only) + len(others)
+    only = labels[training_selection(labels, chosen, [], adapt_config(forgetting="none")).train]
+    assert set(only.tolist()) == set(chosen) and len(only) == int(torch.isin(labels, torch.tensor(chosen)).sum())
+    mixed = training_selection(labels, chosen, [], adapt_config(forgetting="replay", replay_fraction=0.5))
+    others = [label for label in labels[mixed.train].tolist() if label not in chosen]
+    assert len(mixed.train) == len(only) + len(others) and mixed.replayed == len(others)
     assert len(others) == round(0.5 * len(only))
     assert len(set(others)) > 1
 

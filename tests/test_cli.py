@@ -139,8 +139,8 @@ def test_adapt_trains_an_adapter_and_eval_reproduces_it(vera, pretrained):
     assert result.code == 0, result.err
     run = Path("runs/vera")
     assert sorted(p.name for p in run.iterdir()) == [
-        "adapter.json", "adapter.safetensors", "config.yaml", "metrics.jsonl", "per-class-accuracy.png", "status.json",
-        "summary.json", "training-curves.png"]
+        "adapter.json", "adapter.safetensors", "config.yaml", "metrics.jsonl", "per-class-accuracy.png", "selection.json",
+        "status.json", "summary.json", "training-curves.png"]
     result_summary = summary(run)
     assert result_summary["base_run"] == str(pretrained)
     assert result_summary["trainable_parameters"] == 542

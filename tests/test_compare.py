@@ -87,7 +87,8 @@ def test_interrupted_compare_keeps_finished_rows_and_resume_runs_only_the_rest(v
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--methods", "vera,dora"], "error: methods[1] must be one of vera, lora, full, head, vera-sliced; got 'dora'"),
+    (["--methods", "vera,dora"], "error: methods[1] must be one of vera, lora, full, head, vera-sliced, vera+head, "
+                                 "lora+head, vera-sliced+head; got 'dora'"),
     (["--ranks", "4,0"], "error: ranks must be positive integers"),
     (["--classes", "cat,cta"], "error: unknown class 'cta': did you mean cat?"),
 ])

@@ -23,10 +23,11 @@ METRICS_FILE = "metrics.jsonl"
 EpochListener = Callable[[EpochStats, AccuracyReport], None]
 
 
-def epoch_line(stats: EpochStats, report: AccuracyReport) -> str:
-    line = (f"epoch {stats.epoch}: loss {stats.loss:.4f}, test accuracy {report.overall:.2%}, "
-            f"{stats.seconds:.1f}s ({stats.images_per_second:,.0f} img/s)")
-    if report.chosen_classes:
+def epoch_line(stats: EpochStats, report: AccuracyReport | None) -> str:
+    line = (f"epoch {stats.epoch}: loss {stats.loss:.4f}, "
+            + (f"test accuracy {report.overall:.2%}, " if report is not None else "")
+            + f"{stats.seconds:.1f}s ({stats.images_per_second:,.0f} img/s)")
+    if report is not None and report.chosen_classes:
         line += "; " + ", ".join(f"{name} {percent(report.metric(name))}" for name in ("chosen", "task", "rest"))
     return line
 
@@ -43,10 +44,11 @@ class EpochRecorder:
         self.run, self.model, self.trainer, self.generator, self.log = run, model, trainer, generator, log
         self.listeners = listeners
 
-    def __call__(self, stats: EpochStats, report: AccuracyReport) -> None:
-        record = {"epoch": stats.epoch, "loss": stats.loss, "test_accuracy": report.overall,
+    def __call__(self, stats: EpochStats, report: AccuracyReport | None) -> None:
+        """`report` is None after an epoch that was not evaluated."""
+        record = {"epoch": stats.epoch, "loss": stats.loss, "test_accuracy": report.overall if report else None,
                   "seconds": stats.seconds, "images_per_second": stats.images_per_second}
-        if report.chosen_classes:
+        if report is not None and report.chosen_classes:
             record.update({k: report.metric(k) for k in ("chosen", "task", "rest")})
         append_jsonl(self.run.file(METRICS_FILE), record)
         state = {

@@ -30,7 +30,7 @@ out = Console(width=None if sys.stdout.isatty() else 130)
 err = Console(stderr=True)
 
 # Options that take several values after one flag (`--classes cat bird dog`).
-LIST_OPTIONS = {"--classes", "--adapter", "--target"}
+LIST_OPTIONS = {"--classes", "--adapter", "--target", "--exclude-classes"}
 
 ConfigOpt = typer.Option(None, "--config", help="a YAML file, or a shipped config by name (vera config list)")
 PrintConfigOpt = typer.Option(False, "--print-config", help="print the effective config (after overrides) as YAML and stop")
@@ -109,6 +109,7 @@ def _settings(cls, kind: str, config_name: str, config_path: Optional[str], over
 
 @app.command()
 def pretrain(
+    exclude_classes: list[str] = typer.Option([], "--exclude-classes", help="classes to hold out: --exclude-classes cat bird dog"),
     config: Optional[str] = ConfigOpt, epochs: Optional[int] = EpochsOpt, batch_size: Optional[int] = BatchOpt,
     lr: Optional[float] = LrOpt, device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
     data_dir: Optional[str] = DataDirOpt, run_dir: Optional[str] = RunDirOpt, set_: list[str] = SetOpt,
@@ -121,11 +122,11 @@ def pretrain(
 
     world = _world()
     overrides = _overrides({**_common(epochs, batch_size, lr, device, seed, data_dir, run_dir),
-                            "logging.tensorboard": tensorboard or None}, set_)
+                            "logging.tensorboard": tensorboard or None, "exclude_classes": exclude_classes or None}, set_)
     run, settings = _settings(cfg.PretrainConfig, "pretrain", "pretrain", config, overrides, resume, print_config)
     result = run_pretrain(settings, log=_log, progress=not no_progress and world.is_main, resume=run,
                           world=world)
-    out.print(accuracy_table(result.test, f"Test accuracy, {result.run.path}"))
+    out.print(accuracy_table(result.test, f"Test accuracy, {result.run.path}", held_out=result.excluded_classes))
     _log(f"run written to {result.run.path} in {result.wall_seconds:.1f}s")
 
 
@@ -140,6 +141,10 @@ def adapt(
     target: list[str] = TargetOpt,
     base: Optional[str] = typer.Option(None, "--base", help="pretrain run to adapt (default: the latest)",
                                        autocompletion=complete.complete_bases),
+    shots: Optional[int] = typer.Option(None, "--shots", help="training images per chosen class (default: all)"),
+    train_head: Optional[bool] = typer.Option(None, "--train-head/--no-train-head",
+                                              help="train the classifier layer fully beside the adapter"),
+    head_lr: Optional[float] = typer.Option(None, "--head-lr", help="the classifier layer's own learning rate"),
     config: Optional[str] = ConfigOpt, epochs: Optional[int] = EpochsOpt, batch_size: Optional[int] = BatchOpt,
     lr: Optional[float] = LrOpt, device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
     data_dir: Optional[str] = DataDirOpt, run_dir: Optional[str] = RunDirOpt, set_: list[str] = SetOpt,
@@ -153,15 +158,16 @@ def adapt(
     world = _world()
     overrides = _overrides({**_common(epochs, batch_size, lr, device, seed, data_dir, run_dir), "classes": classes or None,
                             "adapter.method": method, "adapter.rank": rank, "adapter.sharing": sharing,
-                            "adapter.targets": target or None, "base": base, "logging.tensorboard": tensorboard or None},
-                           set_)
+                            "adapter.targets": target or None, "base": base, "logging.tensorboard": tensorboard or None,
+                            "shots": shots, "adapter.train_head": train_head, "train.head_lr": head_lr}, set_)
     run, settings = _settings(cfg.AdaptConfig, "adapt", _adapt_config_name(method or "vera"), config, overrides, resume,
                               print_config)
     summary = run_adapt(settings, log=_log, progress=not no_progress and world.is_main, resume=run,
                        world=world)
     out.print(comparison_table({"base": summary.base, summary.method: summary.test},
-                               f"Adapted {summary.base_run} -> {summary.run.path}"))
-    _log(f"{summary.trainable_parameters:,} trainable parameters, adapter file {summary.adapter_bytes:,} bytes, "
+                               f"Adapted {summary.base_run} -> {summary.run.path}", summary.held_out))
+    head = f" ({summary.head_parameters:,} of them the head's)" if summary.head_parameters else ""
+    _log(f"{summary.trainable_parameters:,} trainable parameters{head}, adapter file {summary.adapter_bytes:,} bytes, "
          f"{summary.wall_seconds:.1f}s")
 
 
@@ -263,7 +269,7 @@ def experiment(
         out.print(table)
     adapt = result.adapt
     out.print(comparison_table({"base": adapt.base, adapt.method: adapt.test},
-                               f"Experiment {result.run.path}: before and after adaptation"))
+                               f"Experiment {result.run.path}: before and after adaptation", adapt.held_out))
     _log(f"experiment written to {result.run.path} in {result.wall_seconds:.1f}s")
 
 
@@ -277,6 +283,10 @@ def compare(
     seeds: Optional[int] = typer.Option(None, "--seeds", help="number of seeds per setting (mean and spread)"),
     base: Optional[str] = typer.Option(None, "--base", help="pretrain run to adapt (default: the latest)",
                                        autocompletion=complete.complete_bases),
+    bases: Optional[str] = typer.Option(None, "--bases", help="comma list of pretrain runs: a base axis"),
+    lrs: Optional[str] = typer.Option(None, "--lrs", help="comma list of learning rates, chosen on validation"),
+    head_lrs: Optional[str] = typer.Option(None, "--head-lrs", help="comma list of head learning rates (+head methods)"),
+    shots: Optional[str] = typer.Option(None, "--shots", help="comma list of images per class, e.g. 10,100,all"),
     epochs: Optional[int] = EpochsOpt, config: Optional[str] = ConfigOpt, device: Optional[str] = DeviceOpt,
     data_dir: Optional[str] = DataDirOpt, run_dir: Optional[str] = RunDirOpt, set_: list[str] = SetOpt,
     no_progress: bool = NoProgressOpt, resume: Optional[str] = ResumeOpt, print_config: bool = PrintConfigOpt,
@@ -287,12 +297,14 @@ def compare(
 
     world = _world()
     overrides = _overrides({"classes": classes or None, "methods": methods, "ranks": ranks, "targets": targets, "seeds": seeds,
-                            "base": base, "epochs": epochs, "device": device, "data.dir": data_dir,
+                            "base": base, "bases": bases, "lrs": lrs, "head_lrs": head_lrs, "shots": shots,
+                            "epochs": epochs, "device": device, "data.dir": data_dir,
                             "run_dir": run_dir}, set_)
     run, settings = _settings(cfg.CompareConfig, "compare", "compare", config, overrides, resume, print_config)
     result = run_compare(settings, log=_log, progress=not no_progress and world.is_main, resume=run,
                          world=world)
-    out.print(compare_table(result.rows, f"Comparison {result.run.path} on {', '.join(settings.classes)}"))
+    out.print(compare_table(result.rows, f"Comparison {result.run.path} on {', '.join(settings.classes)}",
+                            settings.select_by))
     _log(f"table: {result.run.file('table.csv')}, plot: {result.plot}, {result.wall_seconds:.1f}s")
 
 

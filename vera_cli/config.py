@@ -27,9 +27,13 @@ from vera_cli.errors import VeraError
 from vera_cli.models import ModelConfig
 
 Device = Literal["auto", "cpu", "cuda"]
-Forgetting = Literal["none", "mask", "replay"]
+Forgetting = Literal["none", "mask", "replay", "distill"]
+# What compare's tuning axes (learning rates) pick on: a metric on the validation split.
+SelectBy = Literal["overall", "task", "chosen", "rest"]
 # compare's method axis: each method, plus VeRA under each sharing mode other than the default.
-CompareMethod = Literal[METHODS + tuple(f"vera-{mode}" for mode in SHARING_MODES[1:])]  # type: ignore[valid-type]
+# `+head`: the adapter with the classifier layer trained fully beside it (adapter.train_head).
+_ADAPTER_METHODS = ("vera", "lora") + tuple(f"vera-{mode}" for mode in SHARING_MODES[1:])
+CompareMethod = Literal[METHODS + _ADAPTER_METHODS[2:] + tuple(f"{m}+head" for m in _ADAPTER_METHODS)]  # type: ignore[valid-type]
 # Values renamed since runs were first written: old run configs still load.
 RENAMED_VALUES = {"onecycle": "linear"}
 
@@ -56,6 +60,8 @@ class TrainConfig:
     flip: bool = True
     # bf16: forward and loss under autocast (mixed precision; meant for CUDA, where it is cheap).
     precision: Literal["fp32", "bf16"] = "fp32"
+    # The classifier layer's own peak learning rate when it trains beside an adapter; None: lr.
+    head_lr: Optional[float] = None
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs must be at least 1")
@@ -64,6 +70,7 @@ class TrainConfig:
         _require(0 <= self.warmup < 1, "train.warmup is a fraction of the steps: use a value in [0, 1)")
         _require(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
         _require(self.weight_decay >= 0, "train.weight_decay must not be negative")
+        _require(self.head_lr is None or self.head_lr > 0, "train.head_lr must be positive (or null: the same as lr)")
 
 
 @dataclass
@@ -90,6 +97,8 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Classes kept out of pretraining (no image of them is seen), so that adaptation can learn new classes.
+    exclude_classes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -108,11 +117,27 @@ class AdaptConfig:
     # How to keep the classes not trained on: none; mask (the loss sees only the chosen
     # classes' logits); replay (add images of the other classes, replay_fraction times
     # as many as the chosen classes have, with their own labels).
+    # distill: replay, plus a term that keeps the classes not trained on close to the base model's
+    # logits for them (softened by distill_temperature, weighted by distill_weight) on every training image.
     forgetting: Forgetting = "replay"
     replay_fraction: float = 0.5
+    distill_weight: float = 1.0
+    distill_temperature: float = 2.0
+    # Training images per chosen class (null: all of them); drawn with the run's seed and recorded.
+    shots: Optional[int] = None
+    # Images per class carved from the training images before anything else is drawn, never trained on:
+    # where settings are chosen (compare's learning-rate axes), so that the test set is not.
+    validation: int = 0
+    # At least this many optimizer steps: a tiny (few-shot) set gets more passes than `train.epochs`.
+    min_steps: int = 0
 
     def __post_init__(self) -> None:
         _require(self.replay_fraction >= 0, "replay_fraction must not be negative")
+        _require(self.distill_weight >= 0, "distill_weight must not be negative")
+        _require(self.distill_temperature > 0, "distill_temperature must be positive")
+        _require(self.shots is None or self.shots >= 1, "shots must be at least 1 (or null: every image)")
+        _require(self.validation >= 0, "validation (images per class) must not be negative")
+        _require(self.min_steps >= 0, "min_steps must not be negative")
         _require(len(self.classes) > 0, "classes is empty: name at least one class, e.g. --classes cat bird dog")
 
 
@@ -132,6 +157,16 @@ class CompareConfig:
     device: Device = "auto"
     run_dir: Optional[str] = None
     data: DataConfig = field(default_factory=DataConfig)
+    # Axes a protocol adds; an empty list leaves the setting to each method's own config.
+    lrs: list[float] = field(default_factory=list)
+    head_lrs: list[float] = field(default_factory=list)  # for methods with +head
+    shots: list[Union[int, Literal["all"]]] = field(default_factory=list)
+    bases: list[str] = field(default_factory=list)  # pretrain runs, e.g. a held-out base and a full one
+    validation: int = 0  # images per class; needed to choose among lrs / head_lrs
+    select_by: SelectBy = "overall"
+    min_steps: int = 0  # see AdaptConfig.min_steps
+    batch_size: Optional[int] = None  # None: each method's config decides; few-shot sets want small batches
+    replay_fraction: Optional[float] = None  # None: each method's config decides
 
     def __post_init__(self) -> None:
         _require(len(self.classes) > 0, "classes is empty: name at least one class, e.g. --classes cat bird dog")
@@ -140,6 +175,12 @@ class CompareConfig:
         _require(len(self.targets) > 0, "targets is empty: name at least one, e.g. --targets linear,all")
         _require(self.seeds >= 1, "seeds must be at least 1")
         _require(self.epochs is None or self.epochs >= 1, "epochs must be at least 1")
+        _require(self.batch_size is None or self.batch_size >= 1, "batch_size must be at least 1")
+        _require(all(lr > 0 for lr in self.lrs + self.head_lrs), "lrs and head_lrs must be positive")
+        _require(all(k == "all" or k >= 1 for k in self.shots), f"shots must be positive integers or all, got {self.shots}")
+        _require(self.validation >= 0, "validation (images per class) must not be negative")
+        _require(self.validation > 0 or (len(self.lrs) <= 1 and len(self.head_lrs) <= 1),
+                 "several lrs or head_lrs need a validation split to choose on: set validation, e.g. --set validation=50")
 
 
 @dataclass
@@ -298,7 +339,12 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], key)
+        for alternative in inner[:-1]:
+            try:
+                return _convert(value, alternative, key)
+            except VeraError:
+                pass
+        return _convert(value, inner[-1], key)
     if origin is Literal:
         value = RENAMED_VALUES.get(value, value) if isinstance(value, str) else value
         if value not in args:

@@ -75,6 +75,11 @@ class AccuracyReport:
     def overall(self) -> float:
         return self.correct / self.total if self.total else 0.0
 
+    def accuracy_of(self, names: list[str]) -> Optional[float]:
+        """10-way accuracy over the images of the named classes; None when there are none."""
+        members = [c for c in self.per_class if c.name in names]
+        return _rate(sum(c.correct for c in members), sum(c.total for c in members))
+
     def metric(self, name: str) -> Optional[float]:
         """`overall`, `chosen`, `task` or `rest` by name, for tables and plots that list metrics as data."""
         return getattr(self, name)

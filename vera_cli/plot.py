@@ -28,36 +28,42 @@ STYLES = {"vera": ("tab:blue", "o"), "vera-sliced": ("tab:cyan", "D"), "lora": (
           "full": ("tab:red", "^"), "head": ("tab:green", "v")}
 
 
-def _label(method: str, targets: str | None, forgetting: str, rows: list["TableLine"]) -> str:
-    """The method, with the targets and forgetting option when the table has more than one of them."""
-    details = [value for value, axis in ((targets, "targets"), (forgetting, "forgetting"))
-               if value is not None and len({getattr(r, axis) for r in rows} - {None}) > 1]
-    return f"{method} ({', '.join(details)})" if details else method
+def series_label(line: "TableLine", rows: list["TableLine"]) -> str:
+    """The method, with what else tells its series apart (targets, forgetting, shots, base) and the head it trains."""
+    from vera_cli.commands.compare import axis_label
+
+    parts = [f"{key} {axis_label(getattr(line, key))}" for key in ("targets", "forgetting", "shots", "base")
+             if getattr(line, key) is not None and len({getattr(r, key) for r in rows} - {None}) > 1]
+    head = [f"head {line.head_trainable:,} incl."] if line.head_trainable and line.adapter_trainable else []
+    extra = parts + head
+    return line.method + (f" ({', '.join(extra)})" if extra else "")
 
 
 def plot_comparison(table: list["TableLine"], classes: list[str], path: Path) -> Path:
+    """Accuracy against total trainable parameters; only the settings that won their tuning on validation."""
     base = table[0]
-    rows = table[1:]
+    rows = [line for line in table if line.method != "base" and line.selected]
     figure, axes = plt.subplots(1, len(PANELS), figsize=(15, 4.8), sharex=True)
     for axis, (metric, title) in zip(axes, PANELS):
-        series: dict[tuple[str, str | None, str], list["TableLine"]] = {}
+        series: dict[str, list["TableLine"]] = {}
         for row in rows:
             if row.mean[metric] is not None:
-                series.setdefault((row.method, row.targets, row.forgetting), []).append(row)
-        for (method, targets, forgetting), members in series.items():
+                series.setdefault(series_label(row, rows), []).append(row)
+        for label, members in series.items():
             members.sort(key=lambda r: r.trainable)
-            colour, marker = STYLES.get(method, ("black", "x"))
+            method, targets, forgetting = members[0].method, members[0].targets, members[0].forgetting
+            colour, marker = STYLES.get(method.partition("+")[0], ("black", "x"))
             axis.errorbar([r.trainable for r in members], [100 * r.mean[metric] for r in members],
                           yerr=[100 * r.std[metric] for r in members], color=colour, marker=marker,
                           # Hollow markers: the same method on other targets than the default linear layers.
                           markerfacecolor=colour if targets in (None, *DEFAULT_TARGETS) else "white",
-                          linestyle="--" if forgetting == "none" else "-", capsize=3,
-                          label=_label(method, targets, forgetting, rows))
+                          linestyle="--" if forgetting == "none" else ":" if "+" in method else "-", capsize=3,
+                          label=label)
         if base.mean[metric] is not None:
             axis.axhline(100 * base.mean[metric], color="grey", linestyle=":", label="base model")
         axis.set_xscale("log")
         axis.set_title(title)
-        axis.set_xlabel("trainable parameters (log scale)")
+        axis.set_xlabel("trainable parameters, head included (log scale)")
         axis.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
     handles, labels = axes[0].get_legend_handles_labels()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
+from rich import box
 from rich.table import Table
 
 from vera_cli.metrics import AccuracyReport, percent as _pct
@@ -21,21 +22,28 @@ def _change(value: Optional[float]) -> str:
     return f"[{colour}]{points:+.2f}[/{colour}]"
 
 
-def accuracy_table(report: AccuracyReport, title: str) -> Table:
+def accuracy_table(report: AccuracyReport, title: str, held_out: list[str] = ()) -> Table:
     table = Table(title=title)
     table.add_column("class")
     table.add_column("correct", justify="right")
     table.add_column("total", justify="right")
     table.add_column("accuracy", justify="right")
     for row in report.per_class:
-        table.add_row(row.name, str(row.correct), str(row.total), _pct(row.accuracy))
+        table.add_row(f"{row.name} (held out)" if row.name in held_out else row.name, str(row.correct), str(row.total),
+                      _pct(row.accuracy))
     table.add_section()
     table.add_row("[bold]overall[/bold]", str(report.correct), str(report.total), f"[bold]{_pct(report.overall)}[/bold]")
+    if held_out:
+        table.caption = "held out: no image of the class was trained on"
     return table
 
 
-def comparison_table(reports: dict[str, AccuracyReport], title: str) -> Table:
-    """Per-class accuracy of several models side by side; the first is the reference for the changes."""
+def comparison_table(reports: dict[str, AccuracyReport], title: str, held_out: list[str] = ()) -> Table:
+    """Per-class accuracy of several models side by side; the first is the reference for the changes.
+
+    `held_out`: classes the base never saw. The chosen ones among them are new classes; the classes
+    the base learned and no adapter trained on are the retained ones, whose accuracy should survive.
+    """
     names = list(reports)
     reference = reports[names[0]]
     chosen = set(next((r.chosen_classes for r in reports.values() if r.chosen_classes), []))
@@ -53,17 +61,24 @@ def comparison_table(reports: dict[str, AccuracyReport], title: str) -> Table:
             cells += [_pct(value), _change(difference)]
         table.add_row(label, *cells)
 
+    new = [name for name in chosen if name in held_out]
+    retained = [c.name for c in reference.per_class if c.name not in chosen and c.name not in held_out]
     for index, row in enumerate(reference.per_class):
         label = f"[bold]{row.name}[/bold] *" if row.name in chosen else row.name
+        label += " (new)" if row.name in new else " (held out)" if row.name in held_out else ""
         add(label, [r.per_class[index].accuracy for r in reports.values()])
     table.add_section()
     if chosen:
         for label, metric in (("chosen classes (10-way)", "chosen"), ("chosen classes (task)", "task"),
                               ("other classes", "rest")):
             add(label, [r.metric(metric) for r in reports.values()])
+    if new:
+        add("new classes (10-way)", [r.accuracy_of(new) for r in reports.values()])
+        add("retained classes", [r.accuracy_of(retained) for r in reports.values()])
     add("[bold]overall[/bold]", [r.overall for r in reports.values()])
     if chosen:
-        table.caption = "* trained on. task: the chosen classes' images classified among the chosen classes only"
+        table.caption = "* trained on. task: the chosen classes' images classified among the chosen classes only" + (
+            ". new: held out from the base's pretraining; retained: learned by the base, not trained on here" if new else "")
     return table
 
 
@@ -87,6 +102,8 @@ def count_tables(count: "ParamCount") -> list[Table]:
     totals.add_column("what")
     totals.add_column("count", justify="right")
     totals.add_row("trainable", f"{count.trainable:,}")
+    totals.add_row("  without the head (the VeRA paper's count)", f"{count.adapter_trainable:,}")
+    totals.add_row("  the head (last linear layer)", f"{count.head_trainable:,}")
     totals.add_row("frozen base weights", f"{count.frozen_base:,}")
     totals.add_row("frozen projections", f"{count.frozen_projections:,}")
     totals.add_row("total", f"{count.total:,}")
@@ -101,21 +118,50 @@ def count_tables(count: "ParamCount") -> list[Table]:
     return tables
 
 
-def compare_table(table: list["TableLine"], title: str) -> Table:
-    """One line per setting (mean over seeds, with the spread when there are several), base first."""
-    result = Table(title=title)
-    for column in ("method", "rank", "targets", "forgetting", "trainable", "adapter bytes", "chosen (10-way)", "task",
-                   "rest", "overall", "seconds"):
-        result.add_column(column, justify="left" if column in ("method", "targets", "forgetting") else "right")
+# Protocol columns of the comparison table, shown when any line sets them: (TableLine field, heading).
+PROTOCOL_COLUMNS = (("shots", "shots"), ("base", "base"), ("lr", "lr"), ("head_lr", "head lr"))
+
+
+def compare_table(table: list["TableLine"], title: str, select_by: str = "overall") -> Table:
+    """One line per setting (mean over seeds, with the spread when there are several), base first.
+
+    Where learning rates were tuned, only the lines that won on the validation split are shown, with
+    their test numbers. Trainable parameters appear twice: without the head (the VeRA paper's count)
+    and the head's own.
+    """
+    from vera_cli.commands.compare import axis_label
+
+    shown = [line for line in table if line.selected]
+    protocol = [(key, heading) for key, heading in PROTOCOL_COLUMNS if any(getattr(line, key) is not None for line in shown)]
+    tuned = any(line.validation is not None for line in shown)
+    # No vertical rules and short headings: with the protocol columns the table must fit 130 columns.
+    result = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    columns = ["method", "rank", "targets", "forgetting", *(heading for _, heading in protocol), "trainable", "head",
+               "bytes", "chosen", "task", "rest", "overall", *(["val"] if tuned else []), "seconds"]
+    for column in columns:
+        result.add_column(column, justify="left" if column in ("method", "targets", "forgetting", "base") else "right",
+                          no_wrap=column in ("method", "forgetting", "base"))
+
+    def points(value: Optional[float]) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f}"
 
     def cell(line: "TableLine", metric: str) -> str:
         spread = line.std[metric]
-        return _pct(line.mean[metric]) + (f" ± {100 * spread:.1f}" if line.seeds > 1 and spread is not None else "")
+        return points(line.mean[metric]) + (f" ± {100 * spread:.1f}" if line.seeds > 1 and spread is not None else "")
 
-    for index, line in enumerate(table):
+    for index, line in enumerate(shown):
         result.add_row(line.method, "-" if line.rank is None else str(line.rank), line.targets or "-", line.forgetting,
-                       f"{line.trainable:,}", f"{line.adapter_bytes:,}", cell(line, "chosen"), cell(line, "task"),
-                       cell(line, "rest"), cell(line, "overall"), f"{line.mean['seconds']:.1f}")
-        if index == 0:
+                       *("-" if getattr(line, key) is None else axis_label(getattr(line, key)) for key, _ in protocol),
+                       f"{line.adapter_trainable:,}", f"{line.head_trainable:,}", f"{line.adapter_bytes:,}",
+                       cell(line, "chosen"), cell(line, "task"), cell(line, "rest"), cell(line, "overall"),
+                       *([points(line.validation)] if tuned else []), f"{line.mean['seconds']:.1f}")
+        if line.method == "base" and index + 1 < len(shown) and shown[index + 1].method != "base":
             result.add_section()
+    result.caption = ("accuracy in %. trainable: without the head (the VeRA paper's count); head: the classifier's, trained fully; "
+                      "bytes: adapter file; chosen: 10-way accuracy on the chosen classes; task: among them only; "
+                      "rest: the other classes")
+    if tuned:
+        result.caption += f". val: {select_by} accuracy on the validation split"
+    if len(shown) < len(table):
+        result.caption += "; where learning rates were compared, the line that won on val is shown, with its test numbers"
     return result

@@ -33,10 +33,11 @@ def training_curves(records: list[dict], title: str) -> Figure:
     loss_axis.set_title("training loss")
     loss_axis.set_ylabel("cross-entropy")
     for key, label, marker, style in ACCURACY_CURVES:
-        values = [record.get(key) for record in records]
-        if all(value is not None for value in values):
-            accuracy_axis.plot(epochs, [100 * v for v in values], color="black", marker=marker, linestyle=style,
-                               label=label)
+        # Epochs without an evaluation (a long few-shot run evaluates every few epochs) have no point.
+        points = [(record["epoch"], record[key]) for record in records if record.get(key) is not None]
+        if points:
+            accuracy_axis.plot([e for e, _ in points], [100 * v for _, v in points], color="black", marker=marker,
+                               linestyle=style, label=label)
     accuracy_axis.set_title("test accuracy")
     accuracy_axis.set_ylabel("accuracy (%)")
     # Beside the axis, never over a curve.

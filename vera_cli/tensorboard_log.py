@@ -39,7 +39,7 @@ class TensorBoardLog:
     def on_step(self, step: int, loss: torch.Tensor, lr: float) -> None:
         self.steps.append((step, loss, lr))
 
-    def __call__(self, stats: EpochStats, report: AccuracyReport) -> None:
+    def __call__(self, stats: EpochStats, report: AccuracyReport | None) -> None:
         if not self.steps:
             return
         losses = torch.stack([loss for _, loss, _ in self.steps]).tolist()
@@ -48,11 +48,12 @@ class TensorBoardLog:
             self.writer.add_scalar("train/lr", lr, step)
         step = self.steps[-1][0]
         self.steps.clear()
-        scalars = {"epoch/epoch": stats.epoch, "epoch/loss": stats.loss, "epoch/images_per_second": stats.images_per_second,
-                   "test/accuracy": report.overall}
-        scalars.update({f"test/{name}": report.metric(name) for name in ("chosen", "task", "rest")
-                        if report.metric(name) is not None})
-        scalars.update({f"test_class/{row.name}": row.accuracy for row in report.per_class})
+        scalars = {"epoch/epoch": stats.epoch, "epoch/loss": stats.loss, "epoch/images_per_second": stats.images_per_second}
+        if report is not None:  # None: an epoch that was not evaluated
+            scalars["test/accuracy"] = report.overall
+            scalars.update({f"test/{name}": report.metric(name) for name in ("chosen", "task", "rest")
+                            if report.metric(name) is not None})
+            scalars.update({f"test_class/{row.name}": row.accuracy for row in report.per_class})
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, step)
         # Flushed every epoch: an interrupted run keeps its curves up to its checkpoint.

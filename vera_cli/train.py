@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from vera_cli.adapters.head import head_parameters
 from vera_cli.config import TrainConfig
 from vera_cli.errors import VeraError
 
@@ -31,10 +32,19 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def param_groups(params: list[nn.Parameter], head: list[nn.Parameter], cfg: TrainConfig) -> list[dict]:
+    """One group at `lr`; with `head_lr`, the head's parameters in a group of their own at that rate."""
+    head_ids = {id(p) for p in head} if cfg.head_lr is not None else set()
+    groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": cfg.lr},
+              {"params": [p for p in params if id(p) in head_ids], "lr": cfg.head_lr}]
+    return [group for group in groups if group["params"]]
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, head: list[nn.Parameter] = ()) -> torch.optim.Optimizer:
+    groups = param_groups(params, list(head), cfg)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                            weight_decay=cfg.weight_decay)
 
 
@@ -52,6 +62,7 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 StepHook = Callable[[int, torch.Tensor, float], None]
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -70,18 +81,21 @@ class Trainer:
     """Trains the parameters of `model` that require grad, through `forward` (the model or a part of it).
 
     With `parallel` (under torchrun) each step trains on this process's part of the
-    global batch and DDP averages the gradients over the processes.
+    global batch and DDP averages the gradients over the processes. `criterion(logits, targets)`
+    replaces cross-entropy on labels (a batch mean); the head (last linear layer) trains at
+    `cfg.head_lr` when that is set.
     """
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, cfg: TrainConfig,
-                 steps_per_epoch: int, parallel: DataParallel | None = None) -> None:
+                 steps_per_epoch: int, parallel: DataParallel | None = None, criterion: Loss | None = None) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise VeraError("nothing to train: no parameter requires grad (check adapter.targets and adapter.method)")
         self.forward = parallel.wrap(forward, model) if parallel else forward
         self.parallel = parallel
         self.cfg = cfg
-        self.optimizer = make_optimizer(self.params, cfg)
+        self.criterion = criterion
+        self.optimizer = make_optimizer(self.params, cfg, head_parameters(model))
         total = cfg.epochs * steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, total, cfg))
         # Called after every optimiser step with (steps done in the whole run, loss tensor, lr of the step).
@@ -129,6 +143,9 @@ class Trainer:
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, weight: float | None) -> torch.Tensor:
         """The batch's mean loss; with a `weight`, this process's summed loss times it (see DataParallel.local)."""
+        if self.criterion is not None:
+            mean = self.criterion(logits, labels)
+            return mean if weight is None else mean * len(labels) * weight
         if weight is None:
             return F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
         return F.cross_entropy(logits, labels, reduction="sum", label_smoothing=self.cfg.label_smoothing) * weight
@@ -143,13 +160,16 @@ class Trainer:
 
 def fit(trainer: Trainer, model: nn.Module, source: Callable[[torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]],
         num_images: int, generator: torch.Generator, evaluate: Callable[[], dict],
-        on_epoch: Callable[[EpochStats, dict], None], start_epoch: int = 1, progress: bool = True) -> dict:
-    """Train from `start_epoch` to the configured last epoch, evaluating after each one; returns the last evaluation."""
+        on_epoch: Callable[[EpochStats, dict | None], None], start_epoch: int = 1, progress: bool = True,
+        evaluate_every: int = 1) -> dict:
+    """Train from `start_epoch` to the configured last epoch, evaluating after every `evaluate_every`-th
+    epoch and the last (`on_epoch` gets None after the others); returns the last evaluation."""
     report = None
-    for epoch in range(start_epoch, trainer.cfg.epochs + 1):
+    last = trainer.cfg.epochs
+    for epoch in range(start_epoch, last + 1):
         model.train()
         stats = trainer.epoch(epoch, source(generator), num_images, progress)
         model.eval()
-        report = evaluate()
+        report = evaluate() if epoch % evaluate_every == 0 or epoch == last else None
         on_epoch(stats, report)
     return report if report is not None else evaluate()

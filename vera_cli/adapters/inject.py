@@ -5,6 +5,7 @@ Methods:
   (and any modules named in `trainable`) train.
 - full: every weight trains (the fine-tuning baseline).
 - head: only the last nn.Linear trains.
+With `train_head`, vera / lora leave the last nn.Linear out of their targets and train it fully.
 """
 
 from __future__ import annotations
@@ -71,7 +72,10 @@ def _check_trainable(model: nn.Module, names: list[str]) -> None:
 
 def _targets(model: nn.Module, spec: AdapterConfig) -> dict[str, nn.Module]:
     """The layers to wrap, every one checked before the model is touched."""
-    layers = {name: model.get_submodule(name) for name in select_targets(model, spec.targets)}
+    head = head_name(model) if spec.train_head else None
+    layers = {name: model.get_submodule(name) for name in select_targets(model, spec.targets) if name != head}
+    if not layers:
+        raise AdapterError("train_head leaves no layer to adapt: add targets other than the head")
     for name, layer in layers.items():
         reason = unsupported_reason(layer)
         if reason is not None:
@@ -98,7 +102,7 @@ def inject(model: nn.Module, spec: AdapterConfig) -> nn.Module:
     elif spec.method == "lora":
         for name, layer in layers.items():
             _replace(model, name, _layer_class("lora", layer)(layer, spec.rank, spec.alpha, spec.dropout))
-    for name in spec.trainable:
+    for name in spec.trainable + ([head_name(model)] if spec.train_head else []):
         model.get_submodule(name).requires_grad_(True)
     return model
 

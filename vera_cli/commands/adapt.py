@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from vera_cli import config as config_module
 from vera_cli.adapter_files import ADAPTER_FILE, save_adapter
+from vera_cli.adapters.head import head_parameters
 from vera_cli.adapters.inject import inject
 from vera_cli.bases import fingerprint, load_pretrained, resolve_base
 from vera_cli.checkpoint import METRICS_FILE, EpochRecorder
 from vera_cli.commands.pretrain import Log
 from vera_cli.config import AdaptConfig
-from vera_cli.data import Cifar10, Split, batch_indices, batches, class_ids, load_cifar10
+from vera_cli.data import CLASSES, Cifar10, Split, batch_indices, batches, class_ids, load_cifar10
+from vera_cli.distill import distillation_loss, rows_as_labels
 from vera_cli.distributed import LOCAL, World
 from vera_cli.metrics import AccuracyReport, accuracy_report, predict_features, predict_logits
 from vera_cli.run_plots import PER_CLASS_FILE, write_per_class, write_training_curves
-from vera_cli.runs import Run, environment
+from vera_cli.runs import Run, environment, write_json
+from vera_cli.selection import SELECTION_FILE, Selection, select, take
 from vera_cli.tensorboard_log import training_logs
 from vera_cli.train import Trainer, fit, resolve_device
 
@@ -47,6 +51,11 @@ class AdaptSummary:
     test: AccuracyReport
     environment: dict[str, str] = field(default_factory=dict)
     world_size: int = 1  # processes that trained it (torchrun); the last part's on a resumed run
+    held_out: list[str] = field(default_factory=list)  # classes the base never saw
+    head_parameters: int = 0  # of trainable_parameters, those of the classifier head
+    shots: Optional[int] = None
+    selection_sha256: str = ""
+    validation: Optional[AccuracyReport] = None  # on the validation split, when there is one
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "adapt", "base_run": self.base_run, "forgetting": self.forgetting,
@@ -54,12 +63,16 @@ class AdaptSummary:
                 "trainable_parameters": self.trainable_parameters, "adapter_file": ADAPTER_FILE,
                 "adapter_bytes": self.adapter_bytes, "epochs": self.epochs, "seed": self.seed, "device": self.device,
                 "wall_seconds": self.wall_seconds, "base": self.base.to_dict(), "test": self.test.to_dict(),
-                "environment": self.environment, "world_size": self.world_size}
+                "environment": self.environment, "world_size": self.world_size, "held_out": self.held_out, "head_parameters": self.head_parameters,
+                "shots": self.shots, "selection_sha256": self.selection_sha256,
+                "validation": self.validation.to_dict() if self.validation else None}
 
     @classmethod
     def from_dict(cls, run: Run, raw: dict[str, Any]) -> "AdaptSummary":
-        fields = {k: v for k, v in raw.items() if k not in ("kind", "adapter_file", "base", "test")}
-        return cls(run=run, base=AccuracyReport.from_dict(raw["base"]), test=AccuracyReport.from_dict(raw["test"]), **fields)
+        reports = ("base", "test", "validation")
+        fields = {k: v for k, v in raw.items() if k not in ("kind", "adapter_file", *reports)}
+        base, test, validation = (AccuracyReport.from_dict(raw[k]) if raw.get(k) else None for k in reports)
+        return cls(run=run, base=base, test=test, validation=validation, **fields)
 
 
 def prefix_is_frozen(model: nn.Module) -> bool:
@@ -75,10 +88,14 @@ def cached_features(model: nn.Module, split: Split, batch_size: int = 1000) -> t
 
 @dataclass
 class Pipeline:
-    """How adaptation feeds the model: whole images, or cached features of a frozen prefix."""
+    """How adaptation feeds the model: whole images, or cached features of a frozen prefix.
+
+    `logits_of(split)` prepares a split once (its features, when cached) and returns what computes its logits.
+    """
 
     forward: Forward
     train_batches: BatchSource
+    logits_of: Callable[[Split], Callable[[], torch.Tensor]]
     test_logits: Callable[[], torch.Tensor]
 
 
@@ -91,27 +108,31 @@ def build_pipeline(model: nn.Module, train_split: Split, test_split: Split, cfg:
     train = cfg.train
     image_batches = lambda generator: batches(train_split, train.batch_size, generator, train.crop, train.flip)  # noqa: E731
     if not (cfg.cache_features and prefix_is_frozen(model)):
-        return Pipeline(model, image_batches, lambda: predict_logits(model, test_split))
-    test_features = cached_features(model, test_split)
-    test_logits = lambda: predict_features(model.classifier, test_features)  # noqa: E731
+        plain_logits = lambda split: lambda: predict_logits(model, split)  # noqa: E731
+        return Pipeline(model, image_batches, plain_logits, plain_logits(test_split))
+
+    def cached_logits(split: Split) -> Callable[[], torch.Tensor]:
+        features = cached_features(model, split)
+        return lambda: predict_features(model.classifier, features)
+
+    test_logits = cached_logits(test_split)
     if train.crop or train.flip:
-        return Pipeline(model, image_batches, test_logits)
+        return Pipeline(model, image_batches, cached_logits, test_logits)
     features = cached_features(model, train_split)
 
     def feature_batches(generator: torch.Generator):
         for index in batch_indices(len(train_split), train.batch_size, generator, train_split.labels.device):
             yield features[index], train_split.labels[index]
 
-    return Pipeline(model.classifier, feature_batches, test_logits)
+    return Pipeline(model.classifier, feature_batches, cached_logits, test_logits)
 
 
-def training_split(train: Split, chosen: list[int], cfg: AdaptConfig, generator: torch.Generator) -> Split:
-    """The chosen classes' images, plus replayed images of the other classes when asked."""
-    split = train.subset(chosen)
-    if cfg.forgetting != "replay" or cfg.replay_fraction == 0:
-        return split
-    others = train.subset([c for c in range(int(train.labels.max()) + 1) if c not in chosen])
-    return split + others.sample(min(len(others), round(cfg.replay_fraction * len(split))), generator)
+def training_selection(labels: torch.Tensor, chosen: list[int], held_out: list[int], cfg: AdaptConfig) -> Selection:
+    """The validation split, the chosen classes' images (all, or `shots` each) and, for replay and distill,
+    replayed images of the classes the base learned and the run does not train on."""
+    replay = cfg.replay_fraction if cfg.forgetting in ("replay", "distill") else 0.0
+    kept = [c for c in range(len(CLASSES)) if c not in chosen and c not in held_out]
+    return select(labels, chosen, kept, cfg.shots, cfg.validation, replay, cfg.seed)
 
 
 def masked_to(chosen: list[int], forward: Forward, source: BatchSource,
@@ -128,6 +149,16 @@ def masked_to(chosen: list[int], forward: Forward, source: BatchSource,
     return (lambda x: forward(x).index_select(1, chosen_ids)), masked_source
 
 
+# A few-shot set takes dozens of passes, each far cheaper than classifying the 10,000 test images:
+# evaluate the test set at most this many times per run (always after the last epoch).
+MAX_EVALUATIONS = 10
+
+
+def epochs_for(cfg: AdaptConfig, steps_per_epoch: int) -> int:
+    """`train.epochs`, or more when that many passes fall short of `min_steps` (a few-shot set)."""
+    return max(cfg.train.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+
+
 def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: Cifar10 | None = None,
               resume: Run | None = None, world: World = LOCAL) -> AdaptSummary:
     """Adapt into a new run directory, or continue the unfinished run `resume`.
@@ -139,29 +170,42 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
     base_run = resolve_base(cfg.base)
     life = world.lifecycle("adapt", cfg, resume, recorded={**config_module.to_dict(cfg), "base": str(base_run.path)})
     data = (data or load_cifar10(cfg.data.dir, cfg.data.download)).to(device)
-    model, _ = load_pretrained(base_run, device)
+    model, base_cfg = load_pretrained(base_run, device)
+    held_out = class_ids(base_cfg.exclude_classes, data.classes) if base_cfg.exclude_classes else []
     base_fingerprint = fingerprint(model)
     base_report = accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes, chosen)
+    selection = training_selection(data.train.labels, chosen, held_out, cfg)
+    train_split, validation_split = take(data.train, selection.train), take(data.train, selection.validation)
+    kept = [c for c in range(len(data.classes)) if c not in chosen and c not in held_out]
+    loss = None
+    if cfg.forgetting == "distill":
+        loss = distillation_loss(train_split.labels, predict_logits(model, train_split), kept, cfg.distill_weight,
+                                 cfg.distill_temperature, cfg.train.label_smoothing)
     generator = life.seed(cfg.seed, device)
     inject(model, cfg.adapter)
     with world.joined(device), life.open() as run:
-        train_split = training_split(data.train, chosen, cfg, generator)
-        pipeline = build_pipeline(model, train_split, data.test, cfg)
+        life.by_writer(lambda: write_json(run.file(SELECTION_FILE), selection.to_dict()))
+        pipeline = build_pipeline(model, rows_as_labels(train_split) if loss else train_split, data.test, cfg)
         forward, source = pipeline.forward, pipeline.train_batches
         if cfg.forgetting == "mask":
             forward, source = masked_to(chosen, forward, source, device)
-        trainer = Trainer(forward, model, cfg.train, steps_per_epoch=math.ceil(len(train_split) / cfg.train.batch_size),
-                          parallel=world.data_parallel())
+        steps_per_epoch = math.ceil(len(train_split) / cfg.train.batch_size)
+        train_cfg = dataclasses.replace(cfg.train, epochs=epochs_for(cfg, steps_per_epoch))
+        trainer = Trainer(forward, model, train_cfg, steps_per_epoch, parallel=world.data_parallel(), criterion=loss)
         trainable = sum(p.numel() for p in trainer.params)
         start = life.restore(model, trainer, generator)
         log(f"adapting {base_run.path} with {cfg.adapter.method} (rank {cfg.adapter.rank}, {trainable:,} trainable) on "
-            f"{', '.join(data.classes[i] for i in chosen)} (forgetting: {cfg.forgetting}): {len(train_split):,} images, "
-            f"{device}{world.note()}, run {run.path}" + (f", resuming at epoch {start}" if resume else ""))
+            f"{', '.join(data.classes[i] for i in chosen)} (forgetting: {cfg.forgetting}): {len(train_split):,} images "
+            f"({selection.replayed:,} replayed), {train_cfg.epochs} epochs, {device}{world.note()}, run {run.path}"
+            + (f", resuming at epoch {start}" if resume else ""))
         with training_logs(life.logging(cfg.logging), run, trainer, life.recorded) as listeners:
             recorder = EpochRecorder(run, model, trainer, generator, log, listeners)
             report = fit(trainer, model, source, len(train_split), generator,
                          lambda: accuracy_report(pipeline.test_logits(), data.test.labels, data.classes, chosen),
-                         lambda stats, report: life.by_writer(lambda: recorder(stats, report)), start, progress)
+                         lambda stats, report: life.by_writer(lambda: recorder(stats, report)), start, progress,
+                         evaluate_every=math.ceil(train_cfg.epochs / MAX_EVALUATIONS))
+        validation = accuracy_report(pipeline.logits_of(validation_split)(), validation_split.labels, data.classes,
+                                     chosen) if len(validation_split) else None
         classes = [data.classes[i] for i in chosen]
 
         def save() -> int:
@@ -175,5 +219,7 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
 
         adapter_bytes = life.by_writer(save)
         return life.finish(AdaptSummary(run, str(base_run.path), cfg.forgetting, len(train_split), cfg.adapter.method,
-                                        cfg.adapter.rank, classes, trainable, adapter_bytes, cfg.train.epochs, cfg.seed,
-                                        str(device), life.elapsed(), base_report, report, environment(), world.size))
+                                        cfg.adapter.rank, classes, trainable, adapter_bytes, train_cfg.epochs, cfg.seed,
+                                        str(device), life.elapsed(), base_report, report, environment(), world.size,
+                                        [data.classes[i] for i in held_out], sum(p.numel() for p in head_parameters(model)),
+                                        cfg.shots, selection.digest(), validation))

@@ -5,6 +5,12 @@ in `<run>/rows/<name>/`, each with its method's own tuned config
 (`configs/adapt-<method>.yaml`). A row is appended to `rows.jsonl` as soon as its
 run finishes, and the aggregated table (CSV, JSON) is rewritten, so an
 interrupted comparison keeps every finished row and `--resume` runs only the rest.
+
+The protocol axes (learning rate, head learning rate, shots, base) add grid
+points the same way. Learning rates are tuned, never on the test set: among the
+lines that differ only in their learning rates, the one with the best mean
+`select_by` accuracy on the validation split is marked `selected`; the printed
+table and the plot show those, with their test numbers.
 """
 
 from __future__ import annotations
@@ -13,13 +19,16 @@ import copy
 import csv
 import dataclasses
 import io
+import itertools
 import json
 import re
 import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
+
+import torch
 
 from vera_cli import config as config_module
 from vera_cli.adapters.config import DEFAULT_TARGETS
@@ -37,9 +46,14 @@ from vera_cli.runs import Run, append_jsonl, read_json, write_bytes_atomic, writ
 from vera_cli.train import resolve_device
 
 ROWS_FILE = "rows.jsonl"
-CLAIMS_DIR = "claims"  # under torchrun: which rank took which row (vera_cli.distributed)
 METRICS = ("chosen", "task", "rest", "overall")
 RANKLESS = ("full", "head")  # no rank and no targets: they train whole modules
+CLAIMS_DIR = "claims"  # under torchrun: which rank took which row (vera_cli.distributed)
+# Protocol axes of a grid point: (field, prefix in the point's name). A point names only the axes
+# the comparison sets, so that a grid without them keeps its old names.
+NAMED_AXES = (("lr", "lr"), ("head_lr", "hlr"), ("shots", "k"), ("base", "on-"))
+# Axes tuned on the validation split: lines that differ only in these compete.
+TUNED_AXES = ("lr", "head_lr")
 
 
 @dataclass
@@ -49,13 +63,38 @@ class GridPoint:
     forgetting: str
     seed: int
     targets: str | None = None  # a preset or regex; None for the rankless methods
+    lr: Optional[float] = None
+    head_lr: Optional[float] = None
+    shots: Union[int, str, None] = None  # an int, "all", or None: the method's config decides
+    base: Optional[str] = None  # a pretrain run when the comparison has a bases axis
 
     @property
-    def name(self) -> str:
+    def setting(self) -> str:
+        """The name without the seed: what the seeds of one setting share."""
         rank = f"-r{self.rank}" if self.rank is not None else ""
         # The default targets stay out of the name, so rows read as before; a regex becomes a safe folder name.
         targets = f"-{re.sub(r'[^A-Za-z0-9.-]+', '_', self.targets)}" if self.targets not in (None, *DEFAULT_TARGETS) else ""
-        return f"{self.method}{rank}{targets}-{self.forgetting}-s{self.seed}"
+        extra = "".join(f"-{prefix}{axis_label(getattr(self, axis))}" for axis, prefix in NAMED_AXES
+                        if getattr(self, axis) is not None)
+        return f"{self.method}{rank}{targets}-{self.forgetting}{extra}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.setting}-s{self.seed}"
+
+
+def axis_label(value: Any) -> str:
+    """How an axis value reads in names and tables: a run by its folder name, a number without trailing zeros."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return Path(value).name if isinstance(value, str) and "/" in value else str(value)
+
+
+def method_parts(method: str) -> tuple[str, str, bool]:
+    """`vera-sliced+head` -> ("vera", "sliced", True): the adapt method, its sharing mode, whether the head trains."""
+    name, plus, _ = method.partition("+")
+    adapt_method, _, sharing = name.partition("-")
+    return adapt_method, sharing, bool(plus)
 
 
 @dataclass
@@ -75,6 +114,13 @@ class Row:
     rest: Optional[float]
     overall: float
     seconds: float
+    setting: str = ""
+    lr: Optional[float] = None
+    head_lr: Optional[float] = None
+    shots: Union[int, str, None] = None
+    base: Optional[str] = None
+    head_trainable: int = 0  # of trainable, the classifier head's
+    validation: Optional[dict[str, Optional[float]]] = None  # the METRICS on the validation split
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,6 +139,18 @@ class TableLine:
     adapter_bytes: int
     mean: dict[str, Optional[float]]
     std: dict[str, Optional[float]]
+    lr: Optional[float] = None
+    head_lr: Optional[float] = None
+    shots: Union[int, str, None] = None
+    base: Optional[str] = None
+    head_trainable: int = 0
+    validation: Optional[float] = None  # mean select_by accuracy on the validation split
+    selected: bool = True  # won on validation among the lines that differ only in learning rates
+
+    @property
+    def adapter_trainable(self) -> int:
+        """Trainable parameters without the head: the VeRA paper's count."""
+        return self.trainable - self.head_trainable
 
     def to_dict(self) -> dict[str, Any]:
         flat = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("mean", "std")}
@@ -119,36 +177,46 @@ def grid(cfg: CompareConfig) -> list[GridPoint]:
     points = []
     for method in cfg.methods:
         rankless = method in RANKLESS
-        for rank in ([None] if rankless else cfg.ranks):
-            for targets in ([None] if rankless else cfg.targets):
-                for forgetting in cfg.forgetting:
-                    points.extend(GridPoint(method, rank, forgetting, seed, targets) for seed in range(cfg.seeds))
+        head_lrs = (cfg.head_lrs if method_parts(method)[2] else []) or [None]
+        axes = itertools.product([None] if rankless else cfg.ranks, [None] if rankless else cfg.targets, cfg.forgetting,
+                                 cfg.lrs or [None], head_lrs, cfg.shots or [None], cfg.bases or [None])
+        for rank, targets, forgetting, lr, head_lr, shots, base in axes:
+            points.extend(GridPoint(method, rank, forgetting, seed, targets, lr, head_lr, shots, base)
+                          for seed in range(cfg.seeds))
     return points
 
 
 def method_configs(cfg: CompareConfig) -> dict[str, AdaptConfig]:
     """Each compared method's own adapt config (its tuned learning rate), read once."""
-    return {method: config_module.load(AdaptConfig, f"adapt-{method.partition('-')[0]}", {}) for method in cfg.methods}
+    return {method: config_module.load(AdaptConfig, f"adapt-{method_parts(method)[0]}", {}) for method in cfg.methods}
 
 
 def adapt_config(cfg: CompareConfig, own: AdaptConfig, point: GridPoint, base: str, run_dir: Path) -> AdaptConfig:
     """The grid point's adapt config: the method's own, with the comparison's shared settings."""
-    _, _, sharing = point.method.partition("-")
+    _, sharing, train_head = method_parts(point.method)
     adapter = dataclasses.replace(own.adapter, rank=point.rank or own.adapter.rank,
                                   sharing=sharing or own.adapter.sharing,
-                                  targets=[point.targets] if point.targets else own.adapter.targets)
-    train = dataclasses.replace(own.train, epochs=cfg.epochs or own.train.epochs)
+                                  targets=[point.targets] if point.targets else own.adapter.targets,
+                                  train_head=train_head or own.adapter.train_head)
+    train = dataclasses.replace(own.train, epochs=cfg.epochs or own.train.epochs, lr=point.lr or own.train.lr,
+                                batch_size=cfg.batch_size or own.train.batch_size,
+                                head_lr=point.head_lr or own.train.head_lr)
     # The comparison draws its own picture; one per row would cost more than a short row's training.
     logging = dataclasses.replace(own.logging, plots=False)
-    return dataclasses.replace(own, base=base, classes=cfg.classes, seed=point.seed, device=cfg.device, data=cfg.data,
-                               run_dir=str(run_dir), forgetting=point.forgetting, adapter=adapter, train=train,
-                               logging=logging)
+    shots = own.shots if point.shots is None else None if point.shots == "all" else point.shots
+    return dataclasses.replace(own, base=point.base or base, classes=cfg.classes, seed=point.seed, device=cfg.device,
+                               data=cfg.data, run_dir=str(run_dir), forgetting=point.forgetting, adapter=adapter,
+                               train=train, logging=logging, shots=shots, validation=cfg.validation or own.validation,
+                               min_steps=cfg.min_steps or own.min_steps,
+                               replay_fraction=own.replay_fraction if cfg.replay_fraction is None else cfg.replay_fraction)
 
 
 def row_from_summary(point: GridPoint, summary: AdaptSummary) -> Row:
-    test = summary.test
+    test, validation = summary.test, summary.validation
     return Row(point.name, point.method, point.rank, point.forgetting, point.targets, point.seed, summary.trainable_parameters,
-               summary.adapter_bytes, test.chosen, test.task, test.rest, test.overall, summary.wall_seconds)
+               summary.adapter_bytes, test.chosen, test.task, test.rest, test.overall, summary.wall_seconds,
+               point.setting, point.lr, point.head_lr, point.shots, point.base, summary.head_parameters,
+               {m: validation.metric(m) for m in METRICS} if validation else None)
 
 
 def _mean_std(values: list[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
@@ -157,17 +225,37 @@ def _mean_std(values: list[Optional[float]]) -> tuple[Optional[float], Optional[
     return statistics.fmean(values), statistics.pstdev(values)
 
 
-def aggregate(base_line: TableLine, rows: list[Row]) -> list[TableLine]:
-    """One line per setting, base first."""
-    groups: dict[tuple, list[Row]] = {}
+def aggregate(base_lines: list[TableLine], rows: list[Row], select_by: str = "overall") -> list[TableLine]:
+    """One line per setting, base lines first; each line that won its learning-rate tuning is `selected`."""
+    groups: dict[str, list[Row]] = {}
     for row in rows:
-        groups.setdefault((row.method, row.rank, row.forgetting, row.targets), []).append(row)
-    table = [base_line]
-    for (method, rank, forgetting, targets), members in groups.items():
+        groups.setdefault(row.setting or row.name.rpartition("-s")[0], []).append(row)
+    lines = []
+    for members in groups.values():
+        first = members[0]
         stats = {metric: _mean_std([getattr(m, metric) for m in members]) for metric in (*METRICS, "seconds")}
-        table.append(TableLine(method, rank, forgetting, targets, len(members), members[0].trainable, members[0].adapter_bytes,
-                               {k: v[0] for k, v in stats.items()}, {k: v[1] for k, v in stats.items()}))
-    return table
+        validation = [m.validation[select_by] for m in members if m.validation]
+        lines.append(TableLine(first.method, first.rank, first.forgetting, first.targets, len(members), first.trainable,
+                               first.adapter_bytes, {k: v[0] for k, v in stats.items()},
+                               {k: v[1] for k, v in stats.items()}, first.lr, first.head_lr, first.shots, first.base,
+                               first.head_trainable,
+                               statistics.fmean(validation) if len(validation) == len(members) else None))
+    mark_selected(lines)
+    return [*base_lines, *lines]
+
+
+def mark_selected(lines: list[TableLine]) -> None:
+    """Among lines equal but for TUNED_AXES, keep `selected` only on the best on validation."""
+    contests: dict[tuple, list[TableLine]] = {}
+    for line in lines:
+        key = tuple(v for k, v in dataclasses.asdict(line).items()
+                    if k not in (*TUNED_AXES, "mean", "std", "seeds", "validation", "selected"))
+        contests.setdefault(key, []).append(line)
+    for entrants in contests.values():
+        scored = [line for line in entrants if line.validation is not None]
+        winner = max(scored, key=lambda line: line.validation) if scored else None
+        for line in entrants:
+            line.selected = winner is None or line is winner
 
 
 def write_tables(run: Run, table: list[TableLine]) -> None:
@@ -185,6 +273,13 @@ def finished_rows(run: Run) -> list[Row]:
     if not path.is_file():
         return []
     return [Row(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def base_line(base_run: Run, device: torch.device, data: Cifar10, chosen: list[int], label: Optional[str]) -> TableLine:
+    model, _ = load_pretrained(base_run, device)
+    report = accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes, chosen)
+    return TableLine("base", None, "-", None, 1, 0, 0, {**{m: report.metric(m) for m in METRICS}, "seconds": 0.0},
+                     {m: 0.0 for m in (*METRICS, "seconds")}, base=label)
 
 
 def run_row(run: Run, point: GridPoint, cfg: AdaptConfig, data: Cifar10, log: Log,
@@ -213,7 +308,8 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     """
     device = world.place(resolve_device(cfg.device))
     chosen = class_ids(cfg.classes)
-    base_run = resolve_base(cfg.base)
+    base_runs = [resolve_base(base) for base in cfg.bases] if cfg.bases else [resolve_base(cfg.base)]
+    base_run = base_runs[0]
     life = world.lifecycle("compare", cfg, resume, recorded={**config_module.to_dict(cfg), "base": str(base_run.path)})
     points = grid(cfg)
     order = {point.name: index for index, point in enumerate(points)}
@@ -228,9 +324,7 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     # Rows join the table in grid order, whatever order (or process) they finished in.
     in_grid_order = lambda rows: sorted(rows, key=lambda row: order[row.name])  # noqa: E731
     with world.joined(device), life.open() as run:
-        base_report = accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes, chosen)
-        base_line = TableLine("base", None, "-", None, 1, 0, 0, {**{m: base_report.metric(m) for m in METRICS}, "seconds": 0.0},
-                              {m: 0.0 for m in (*METRICS, "seconds")})
+        base_lines = [base_line(each, device, data, chosen, str(each.path) if cfg.bases else None) for each in base_runs]
         recorded = [Row(**raw) for raw in life.by_writer(lambda: [row.to_dict() for row in finished_rows(run)])]
         rows = list(recorded)
         done = {row.name for row in rows}
@@ -243,13 +337,13 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
             rows.append(row)
             if life.writes:
                 append_jsonl(run.file(ROWS_FILE), row.to_dict())
-                write_tables(run, aggregate(base_line, in_grid_order(rows)))
+                write_tables(run, aggregate(base_lines, in_grid_order(rows), cfg.select_by))
             log(f"    {row.trainable:,} trainable, " + ", ".join(f"{m} {percent(getattr(row, m))}" for m in METRICS[:3])
                 + f", {row.seconds:.1f}s" + (f"; {progress_line.row_done(ran_here)}" if progress_line else ""))
         others = world.from_others(rows[len(recorded):])
         if others:
             log(f"{len(others)} more row(s) ran in the other {world.size - 1} process(es)")
-        table = aggregate(base_line, in_grid_order(rows + others))
+        table = aggregate(base_lines, in_grid_order(rows + others), cfg.select_by)
 
         def record() -> Path:
             for row in others:

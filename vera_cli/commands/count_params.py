@@ -10,6 +10,7 @@ from safetensors.torch import save
 from torch import nn
 
 from vera_cli.adapters.config import AdapterConfig
+from vera_cli.adapters.head import head_parameters
 from vera_cli.adapters.inject import adapted_layers, inject, projection_bank
 from vera_cli.adapters.layer import AdaptedLayer
 from vera_cli.adapters.projections import ProjectionBank
@@ -65,6 +66,7 @@ class ParamCount:
     layers: list[LayerCount]
     pairs: list[PairCount] = field(default_factory=list)
     trainable: int = 0
+    head_trainable: int = 0  # of `trainable`, the classifier head's (left out of the VeRA paper's counts)
     frozen_base: int = 0
     frozen_projections: int = 0
     adapter_bytes: int = 0
@@ -78,10 +80,15 @@ class ParamCount:
     def percent_trainable(self) -> float:
         return 100.0 * self.trainable / self.total
 
+    @property
+    def adapter_trainable(self) -> int:
+        return self.trainable - self.head_trainable
+
     def to_dict(self) -> dict[str, Any]:
         contrast = self.versus_lora and {**asdict(self.versus_lora), "ratio": self.versus_lora.ratio,
                                          "paper_ratio": self.versus_lora.paper_ratio}
-        return {**asdict(self), "versus_lora": contrast, "total": self.total, "percent_trainable": self.percent_trainable}
+        return {**asdict(self), "versus_lora": contrast, "total": self.total, "percent_trainable": self.percent_trainable,
+                "adapter_trainable": self.adapter_trainable}
 
 
 def _layer_shape(module: nn.Module) -> str:
@@ -138,6 +145,7 @@ def count_params(model: nn.Module, spec: AdapterConfig) -> ParamCount:
         layers=_layer_rows(model),
         pairs=_pair_rows(model),
         trainable=trainable_count(model),
+        head_trainable=sum(p.numel() for p in head_parameters(model)),
         frozen_base=sum(p.numel() for p in params if not p.requires_grad),
         frozen_projections=bank.num_values() if bank is not None else 0,
         adapter_bytes=len(save({k: v.contiguous() for k, v in adapter_tensors(model, spec).items()})),

@@ -51,6 +51,9 @@ def _check_representable(spec: AdapterConfig) -> None:
     if spec.trainable:
         raise VeraError(f"adapter.trainable ({', '.join(spec.trainable)}) has no PEFT export here; "
                         "re-run adapt without it to export")
+    if spec.train_head:
+        raise VeraError("adapter.train_head (the head as modules_to_save) has no PEFT export here; "
+                        "re-run adapt without it to export")
 
 
 def _check_layers(spec: AdapterConfig, layers: dict[str, AdaptedLayer]) -> None:

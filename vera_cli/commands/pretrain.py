@@ -9,12 +9,14 @@ from typing import Any, Callable
 from vera_cli.bases import WEIGHTS_FILE, fingerprint
 from vera_cli.checkpoint import METRICS_FILE, EpochRecorder
 from vera_cli.config import PretrainConfig
-from vera_cli.data import Cifar10, batches, load_cifar10
+from vera_cli.data import CLASSES, Cifar10, batches, class_ids, load_cifar10
+from vera_cli.errors import VeraError
 from vera_cli.distributed import LOCAL, World
 from vera_cli.metrics import AccuracyReport, accuracy_report, predict_logits
 from vera_cli.models import build_model, count_parameters
 from vera_cli.run_plots import write_training_curves
 from vera_cli.runs import Run, environment, write_tensors
+from vera_cli.selection import without_classes
 from vera_cli.tensorboard_log import training_logs
 from vera_cli.train import Trainer, fit, resolve_device
 
@@ -34,12 +36,13 @@ class PretrainSummary:
     test: AccuracyReport
     environment: dict[str, str] = field(default_factory=dict)
     world_size: int = 1  # processes that trained it (torchrun); the last part's on a resumed run
+    excluded_classes: list[str] = field(default_factory=list)  # never seen in training: 0 % until adapted
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "pretrain", "model": self.model, "parameters": self.parameters,
                 "fingerprint": self.fingerprint, "epochs": self.epochs, "seed": self.seed, "device": self.device,
                 "wall_seconds": self.wall_seconds, "test": self.test.to_dict(), "environment": self.environment,
-                "world_size": self.world_size}
+                "world_size": self.world_size, "excluded_classes": self.excluded_classes}
 
 
 def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, data: Cifar10 | None = None,
@@ -50,6 +53,9 @@ def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, d
     """
     device = world.place(resolve_device(cfg.device))
     build_model(cfg.model)
+    excluded = class_ids(cfg.exclude_classes) if cfg.exclude_classes else []
+    if len(excluded) == len(CLASSES):
+        raise VeraError("exclude_classes names every class: leave at least one to pretrain on")
     # Everything that can fail on bad input is checked before the run directory exists.
     life = world.lifecycle("pretrain", cfg, resume)
     data = (data or load_cifar10(cfg.data.dir, cfg.data.download)).to(device)
@@ -57,15 +63,18 @@ def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, d
         generator = life.seed(cfg.seed, device)
         model = build_model(cfg.model).to(device)
         train = cfg.train
-        trainer = Trainer(model, model, train, steps_per_epoch=math.ceil(len(data.train) / train.batch_size),
+        images = without_classes(data.train, excluded)
+        trainer = Trainer(model, model, train, steps_per_epoch=math.ceil(len(images) / train.batch_size),
                           parallel=world.data_parallel())
         start = life.restore(model, trainer, generator)
-        log(f"pretraining {cfg.model.name} ({count_parameters(model):,} parameters) on {len(data.train):,} images, "
-            f"{device}{world.note()}, run {run.path}" + (f", resuming at epoch {start}" if resume else ""))
+        held_out = [data.classes[i] for i in excluded]
+        log(f"pretraining {cfg.model.name} ({count_parameters(model):,} parameters) on {len(images):,} images, "
+            + (f"holding out {', '.join(held_out)}, " if held_out else "")
+            + f"{device}{world.note()}, run {run.path}" + (f", resuming at epoch {start}" if resume else ""))
         with training_logs(life.logging(cfg.logging), run, trainer, life.recorded) as listeners:
             recorder = EpochRecorder(run, model, trainer, generator, log, listeners)
-            report = fit(trainer, model, lambda g: batches(data.train, train.batch_size, g, train.crop, train.flip),
-                         len(data.train), generator,
+            report = fit(trainer, model, lambda g: batches(images, train.batch_size, g, train.crop, train.flip),
+                         len(images), generator,
                          lambda: accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes),
                          lambda stats, report: life.by_writer(lambda: recorder(stats, report)), start, progress)
 
@@ -76,4 +85,5 @@ def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, d
 
         life.by_writer(save)
         return life.finish(PretrainSummary(run, cfg.model.name, count_parameters(model), fingerprint(model), train.epochs,
-                                           cfg.seed, str(device), life.elapsed(), report, environment(), world.size))
+                                           cfg.seed, str(device), life.elapsed(), report, environment(), world.size,
+                                           held_out))

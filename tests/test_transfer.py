@@ -1,0 +1,197 @@
+"""Transfer protocols: held-out classes, few shots, head + adapter, tuning on validation, distillation."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vera_cli.adapters.inject import inject
+from vera_cli.commands.compare import Row, TableLine, aggregate, grid
+from vera_cli.commands.count_params import count_params
+from vera_cli.config import AdapterConfig, CompareConfig, TrainConfig
+from vera_cli.data import CLASSES, load_cifar10
+from vera_cli.distill import distillation_loss
+from vera_cli.models import ConvNet
+from vera_cli.selection import select, without_classes
+from vera_cli.train import Trainer
+
+from conftest import QUICK
+
+HELD_OUT = ["cat", "bird", "dog"]
+HELD_OUT_IDS = [CLASSES.index(name) for name in HELD_OUT]
+
+
+def summary(path: str) -> dict:
+    return json.loads(Path(path, "summary.json").read_text())
+
+
+@pytest.fixture
+def held_out_base(vera) -> Path:
+    result = vera("pretrain", *QUICK, "--exclude-classes", *HELD_OUT, "--run-dir", "runs/held-out")
+    assert result.code == 0, result.err
+    return Path("runs/held-out")
+
+
+def test_excluding_classes_removes_every_image_of_them(cifar_root):
+    train = load_cifar10(cifar_root, download=False).train
+    kept = without_classes(train, HELD_OUT_IDS)
+    assert not set(kept.labels.tolist()) & set(HELD_OUT_IDS)
+    assert len(kept) == len(train) - int(torch.isin(train.labels, torch.tensor(HELD_OUT_IDS)).sum())
+
+
+def test_held_out_base_records_its_exclusion_and_never_predicts_those_classes(held_out_base, vera):
+    recorded = summary(held_out_base)
+    assert recorded["excluded_classes"] == HELD_OUT
+    per_class = {c["class"]: c for c in recorded["test"]["per_class"]}
+    assert all(per_class[name]["correct"] == 0 and per_class[name]["total"] > 0 for name in HELD_OUT)
+    assert sum(per_class[name]["correct"] for name in CLASSES if name not in HELD_OUT) > 0
+    shown = vera("eval", str(held_out_base))
+    assert shown.code == 0 and "cat" in shown.out
+
+
+def test_adapting_a_held_out_base_reports_new_and_retained_classes(held_out_base, vera):
+    result = vera("adapt", "--base", str(held_out_base), "--classes", *HELD_OUT, *QUICK, "--run-dir", "runs/new")
+    assert result.code == 0, result.err
+    assert "cat * (new)" in result.out and "new classes (10-way)" in result.out and "retained classes" in result.out
+    assert summary("runs/new")["held_out"] == HELD_OUT
+
+
+def test_a_selection_is_reproducible_per_class_disjoint_from_validation_and_nested_in_more_shots(cifar_root):
+    labels = load_cifar10(cifar_root, download=False).train.labels
+    chosen, others = [3, 2, 5], [0, 1, 4]
+    first = select(labels, chosen, others, shots=2, validation_per_class=1, replay_fraction=0.5, seed=7)
+    again = select(labels, chosen, others, shots=2, validation_per_class=1, replay_fraction=0.5, seed=7)
+    assert torch.equal(first.train, again.train) and first.digest() == again.digest()
+    assert first.digest() != select(labels, chosen, others, 2, 1, 0.5, seed=8).digest()
+    shots = labels[first.train[:len(first.train) - first.replayed]].tolist()
+    assert sorted(shots) == sorted(chosen * 2)
+    assert set(labels[first.train[-first.replayed:]].tolist()) <= set(others) and first.replayed == 3
+    assert sorted(labels[first.validation].tolist()) == list(range(len(CLASSES)))
+    assert not set(first.train.tolist()) & set(first.validation.tolist())
+    more = select(labels, chosen, others, shots=4, validation_per_class=1, replay_fraction=0.0, seed=7)
+    assert set(first.train[:6].tolist()) <= set(more.train.tolist())
+    assert torch.equal(first.validation, more.validation)
+
+
+def test_same_seed_gives_the_same_shots_and_the_same_numbers(pretrained, vera):
+    runs = []
+    for name in ("a", "b"):
+        result = vera("adapt", "--shots", "2", *QUICK, "--seed", "3", "--set", "validation=1", "--run-dir", f"runs/{name}")
+        assert result.code == 0, result.err
+        runs.append(summary(f"runs/{name}"))
+    first, second = runs
+    assert first["shots"] == 2 and first["train_images"] == 6 + 3
+    assert first["selection_sha256"] == second["selection_sha256"]
+    assert json.loads(Path("runs/a/selection.json").read_text())["sha256"] == first["selection_sha256"]
+    assert first["test"] == second["test"] and first["validation"] == second["validation"]
+    assert first["validation"]["total"] == len(CLASSES)
+
+
+def test_head_lr_reaches_the_optimizer_in_a_group_of_the_head_alone():
+    model = inject(ConvNet(), AdapterConfig(method="vera", rank=4, train_head=True))
+    trainer = Trainer(model, model, TrainConfig(lr=0.05, head_lr=0.003, schedule="constant"), steps_per_epoch=1)
+    groups = trainer.optimizer.param_groups
+    assert [group["lr"] for group in groups] == [0.05, 0.003]
+    assert {id(p) for p in groups[1]["params"]} == {id(model.fc5.weight), id(model.fc5.bias)}
+    assert all(p.requires_grad for p in model.fc5.parameters())
+    assert not any(name.startswith("fc5.") and "vera" in name for name, _ in model.named_parameters())
+    plain = Trainer(model, model, TrainConfig(lr=0.05), steps_per_epoch=1)
+    assert len(plain.optimizer.param_groups) == 1
+
+
+def test_count_params_shows_the_head_apart_from_the_adapter():
+    count = count_params(ConvNet(), AdapterConfig(method="vera", rank=32, train_head=True))
+    assert count.head_trainable == 84 * 10 + 10
+    assert count.adapter_trainable == 4 * 32 + 120 + 3 * 84 == count.trainable - count.head_trainable
+    assert count_params(ConvNet(), AdapterConfig(method="head")).adapter_trainable == 0
+
+
+def test_distillation_adds_nothing_where_the_model_keeps_the_base_logits():
+    torch.manual_seed(0)
+    base = torch.randn(6, 10)
+    labels = torch.tensor([3, 2, 5, 3, 2, 5])
+    kept = [0, 1, 4, 6, 7, 8, 9]
+    loss = distillation_loss(labels, base, kept, weight=1.0, temperature=2.0)
+    rows = torch.arange(6)
+    moved = base.clone()
+    moved[:, [2, 3, 5]] += 5.0  # only the trained classes' logits change
+    assert loss(moved, rows) == pytest.approx(F.cross_entropy(moved, labels).item(), abs=1e-6)
+    drifted = moved.clone()
+    drifted[:, kept] = torch.randn(6, 7)
+    assert loss(drifted, rows) > F.cross_entropy(drifted, labels) + 0.01
+
+
+def test_distill_forgetting_runs_end_to_end(pretrained, vera):
+    result = vera("adapt", *QUICK, "--set", "forgetting=distill", "--run-dir", "runs/distill")
+    assert result.code == 0, result.err
+    assert summary("runs/distill")["forgetting"] == "distill"
+
+
+def line(lr: float, validation: float, test: float) -> TableLine:
+    return TableLine("vera", 4, "replay", 1, 10, 100, {"overall": test}, {"overall": 0.0}, lr=lr, validation=validation)
+
+
+def test_compare_picks_the_learning_rate_that_wins_on_validation_not_on_test():
+    rows = [Row(f"vera-r4-replay-lr{lr:g}-s0", "vera", 4, "replay", 0, 10, 100, None, None, None, test, 1.0,
+                f"vera-r4-replay-lr{lr:g}", lr, None, None, None, 0, {"overall": validation, "task": None,
+                                                                       "chosen": None, "rest": None})
+            for lr, validation, test in ((0.01, 0.6, 0.9), (0.05, 0.7, 0.5))]
+    table = aggregate([], rows)
+    assert [(entry.lr, entry.selected) for entry in table] == [(0.01, False), (0.05, True)]
+
+
+def test_compare_axes_name_each_point_and_leave_head_lrs_to_head_methods():
+    cfg = CompareConfig(methods=["vera", "vera+head"], ranks=[4], lrs=[0.01, 0.05], head_lrs=[0.1, 0.2],
+                        shots=[10, "all"], validation=5)
+    names = [point.name for point in grid(cfg)]
+    assert len(names) == len(set(names)) == 2 * 2 + 2 * 2 * 2
+    assert "vera-r4-replay-lr0.01-k10-s0" in names and "vera+head-r4-replay-lr0.05-hlr0.2-kall-s0" in names
+
+
+def test_compare_tunes_on_validation_end_to_end(pretrained, vera):
+    result = vera("compare", "--methods", "vera+head,head", "--ranks", "2", "--lrs", "0.01,0.05", "--head-lrs", "0.02",
+                  "--shots", "3", "--epochs", "1", "--set", "validation=1", "--run-dir", "runs/tuned")
+    assert result.code == 0, result.err
+    table = json.loads(Path("runs/tuned/table.json").read_text())
+    assert [entry["selected"] for entry in table if entry["method"] == "vera+head"].count(True) == 1
+    assert [entry["selected"] for entry in table if entry["method"] == "head"].count(True) == 1
+    tuned = [entry for entry in table if entry["method"] != "base"]
+    assert all(entry["validation"] is not None and entry["head_trainable"] == 850 for entry in tuned)
+    words = " ".join(result.out.split())
+    assert "(val: overall)" in words and "head lr" in words and "vera+head" in words
+
+
+def test_several_learning_rates_without_a_validation_split_are_refused(pretrained, vera):
+    result = vera("compare", "--lrs", "0.01,0.05", "--run-dir", "runs/never")
+    assert result.code == 2 and "need a validation split" in result.err
+    assert not Path("runs/never").exists()
+
+
+def test_fewshot_experiment_holds_out_adapts_ten_shots_and_trains_the_head(vera):
+    result = vera("experiment", "--config", "experiment-fewshot", "--run-dir", "runs/fewshot",
+                  "--set", "pretrain.train.epochs=1", "--set", "adapt.min_steps=4")
+    assert result.code == 0, result.err
+    pretrained, adapted = summary("runs/fewshot/pretrain"), summary("runs/fewshot/adapt")
+    assert pretrained["excluded_classes"] == adapted["held_out"] == HELD_OUT
+    assert adapted["shots"] == 10 and adapted["train_images"] == 30 + 60
+    assert adapted["head_parameters"] == 850 and adapted["forgetting"] == "distill"
+    assert summary("runs/fewshot")["counts"]["head_trainable"] == 850
+    assert "retained classes" in result.out
+
+
+def test_a_head_trained_beside_the_adapter_is_refused_by_the_peft_export(pretrained, vera):
+    assert vera("adapt", *QUICK, "--sharing", "sliced", "--train-head", "--run-dir", "runs/headed").code == 0
+    result = vera("export", "runs/headed", "--out", "exported")
+    assert result.code == 2 and "adapter.train_head" in result.err and not Path("exported").exists()
+
+
+def test_a_tiny_set_trains_by_steps_and_is_evaluated_at_most_ten_times(pretrained, vera):
+    result = vera("adapt", "--shots", "2", "--batch-size", "4", "--epochs", "1", "--set", "min_steps=60",
+                  "--run-dir", "runs/steps")
+    assert result.code == 0, result.err
+    assert summary("runs/steps")["epochs"] == 20  # 6 shots + 3 replayed = 3 batches of 4 per epoch
+    lines = [json.loads(line) for line in Path("runs/steps/metrics.jsonl").read_text().splitlines()]
+    evaluated = [line["epoch"] for line in lines if line["test_accuracy"] is not None]
+    assert len(lines) == 20 and evaluated == list(range(2, 21, 2))

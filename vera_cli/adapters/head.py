@@ -1,0 +1,17 @@
+"""The classifier head's trainable parameters: the model's last linear layer, which may train fully
+beside an adapter (PEFT's `modules_to_save`). Counting them apart lets a reader compare adapters on
+the VeRA paper's terms (head excluded) and on total terms.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vera_cli.adapters.targets import head_name
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The head's trainable parameters: none when it is frozen or the model has no linear layer."""
+    if not any(isinstance(module, nn.Linear) for module in model.modules()):
+        return []
+    return [p for p in model.get_submodule(head_name(model)).parameters() if p.requires_grad]
