@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from vera_cli.adapters.inject import inject
-from vera_cli.commands.compare import Row, TableLine, aggregate, grid
+from vera_cli.commands.compare import Row, aggregate, grid
 from vera_cli.commands.count_params import count_params
 from vera_cli.config import AdapterConfig, CompareConfig, TrainConfig
 from vera_cli.data import CLASSES, load_cifar10
@@ -129,14 +129,11 @@ def test_distill_forgetting_runs_end_to_end(pretrained, vera):
     assert summary("runs/distill")["forgetting"] == "distill"
 
 
-def line(lr: float, validation: float, test: float) -> TableLine:
-    return TableLine("vera", 4, "replay", 1, 10, 100, {"overall": test}, {"overall": 0.0}, lr=lr, validation=validation)
-
-
 def test_compare_picks_the_learning_rate_that_wins_on_validation_not_on_test():
-    rows = [Row(f"vera-r4-replay-lr{lr:g}-s0", "vera", 4, "replay", 0, 10, 100, None, None, None, test, 1.0,
-                f"vera-r4-replay-lr{lr:g}", lr, None, None, None, 0, {"overall": validation, "task": None,
-                                                                       "chosen": None, "rest": None})
+    rows = [Row(name=f"vera-r4-replay-lr{lr:g}-s0", method="vera", rank=4, forgetting="replay", targets="linear", seed=0,
+                trainable=10, adapter_bytes=100, chosen=None, task=None, rest=None, overall=test, seconds=1.0,
+                setting=f"vera-r4-replay-lr{lr:g}", lr=lr,
+                validation={"overall": validation, "task": None, "chosen": None, "rest": None})
             for lr, validation, test in ((0.01, 0.6, 0.9), (0.05, 0.7, 0.5))]
     table = aggregate([], rows)
     assert [(entry.lr, entry.selected) for entry in table] == [(0.01, False), (0.05, True)]
@@ -160,7 +157,7 @@ def test_compare_tunes_on_validation_end_to_end(pretrained, vera):
     tuned = [entry for entry in table if entry["method"] != "base"]
     assert all(entry["validation"] is not None and entry["head_trainable"] == 850 for entry in tuned)
     words = " ".join(result.out.split())
-    assert "(val: overall)" in words and "head lr" in words and "vera+head" in words
+    assert "val: overall accuracy on the validation split" in words and "vera+head" in words
 
 
 def test_several_learning_rates_without_a_validation_split_are_refused(pretrained, vera):
