@@ -52,7 +52,7 @@ def test_methods_and_run_directories_complete(complete, tmp_path):
     fake_run(root, "a2", status="interrupted")
     fake_run(root, "p2", kind="pretrain", status="interrupted")
     assert complete("vera adapt --method ") == ["vera", "lora", "full", "head"]
-    assert complete("vera compare --methods vera,vera-") == ["vera,vera-sliced"]
+    assert complete("vera compare --methods vera,vera-") == ["vera,vera-sliced", "vera,vera-sliced+head"]
     assert complete("vera adapt --base ") == ["runs/base"]
     assert complete("vera adapt --resume runs/") == ["runs/a2"]
     assert complete("vera pretrain --resume ") == ["runs/broken-base", "runs/p2"]  # a failed run resumes too

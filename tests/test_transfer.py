@@ -172,7 +172,7 @@ def test_fewshot_experiment_holds_out_adapts_ten_shots_and_trains_the_head(vera)
     assert result.code == 0, result.err
     pretrained, adapted = summary("runs/fewshot/pretrain"), summary("runs/fewshot/adapt")
     assert pretrained["excluded_classes"] == adapted["held_out"] == HELD_OUT
-    assert adapted["shots"] == 10 and adapted["train_images"] == 30 + 60
+    assert adapted["shots"] == 10 and adapted["train_images"] == 30 + 90
     assert adapted["head_parameters"] == 850 and adapted["forgetting"] == "distill"
     assert summary("runs/fewshot")["counts"]["head_trainable"] == 850
     assert "retained classes" in result.out
