@@ -12,11 +12,11 @@ from torch import nn
 from vera_cli import config as config_module
 from vera_cli.adapter_files import ADAPTER_FILE, save_adapter
 from vera_cli.adapters.inject import inject
-from vera_cli.bases import fingerprint, load_pretrained, resolve_base
+from vera_cli.bases import base_reference, fingerprint, load_pretrained, resolve_base
 from vera_cli.checkpoint import METRICS_FILE, EpochRecorder
 from vera_cli.commands.pretrain import Log
 from vera_cli.config import AdaptConfig
-from vera_cli.data import Cifar10, Split, batch_indices, batches, class_ids, load_cifar10
+from vera_cli.data import Cifar10, Split, batch_indices, batches, class_ids, load_cifar10, require_images
 from vera_cli.lifecycle import RunLifecycle
 from vera_cli.metrics import AccuracyReport, accuracy_report, predict_features, predict_logits
 from vera_cli.run_plots import PER_CLASS_FILE, write_per_class, write_training_curves
@@ -135,6 +135,7 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
     base_run = resolve_base(cfg.base)
     life = RunLifecycle("adapt", cfg, resume, recorded={**config_module.to_dict(cfg), "base": str(base_run.path)})
     data = (data or load_cifar10(cfg.data.dir, cfg.data.download)).to(device)
+    require_images(data.train, chosen, data.classes, "training")
     model, _ = load_pretrained(base_run, device)
     base_fingerprint = fingerprint(model)
     base_report = accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes, chosen)
@@ -158,7 +159,7 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
                          EpochRecorder(run, model, trainer, generator, log, listeners), start, progress)
         classes = [data.classes[i] for i in chosen]
         adapter_bytes = save_adapter(run.path, model, cfg.adapter, base_fingerprint,
-                                     {"base_run": str(base_run.path), "classes": classes})
+                                     {**base_reference(base_run, run.path), "classes": classes})
         if cfg.logging.plots:
             title = f"{cfg.adapter.method} on {', '.join(classes)}: {run.path}"
             write_training_curves(run.file(METRICS_FILE), title)

@@ -13,7 +13,6 @@ import copy
 import csv
 import dataclasses
 import io
-import json
 import re
 import statistics
 from dataclasses import dataclass
@@ -27,12 +26,12 @@ from vera_cli.bases import load_pretrained, resolve_base
 from vera_cli.commands.adapt import AdaptSummary, run_adapt
 from vera_cli.commands.pretrain import Log
 from vera_cli.config import AdaptConfig, CompareConfig
-from vera_cli.data import class_ids, load_cifar10
+from vera_cli.data import class_ids, load_cifar10, require_images
 from vera_cli.grid_progress import GridProgress
 from vera_cli.lifecycle import RunLifecycle
 from vera_cli.metrics import accuracy_report, percent, predict_logits
 from vera_cli.plot import plot_comparison
-from vera_cli.runs import Run, append_jsonl, read_json, write_bytes_atomic, write_json
+from vera_cli.runs import Run, append_jsonl, read_json, read_jsonl, write_bytes_atomic, write_json
 from vera_cli.train import resolve_device
 
 ROWS_FILE = "rows.jsonl"
@@ -113,14 +112,17 @@ class CompareSummary:
 
 
 def grid(cfg: CompareConfig) -> list[GridPoint]:
-    points = []
+    """Every point once, in the order given: `--ranks 4,4` or a method named twice adds nothing."""
+    points: dict[str, GridPoint] = {}
     for method in cfg.methods:
         rankless = method in RANKLESS
         for rank in ([None] if rankless else cfg.ranks):
             for targets in ([None] if rankless else cfg.targets):
                 for forgetting in cfg.forgetting:
-                    points.extend(GridPoint(method, rank, forgetting, seed, targets) for seed in range(cfg.seeds))
-    return points
+                    for seed in range(cfg.seeds):
+                        point = GridPoint(method, rank, forgetting, seed, targets)
+                        points.setdefault(point.name, point)
+    return list(points.values())
 
 
 def method_configs(cfg: CompareConfig) -> dict[str, AdaptConfig]:
@@ -178,10 +180,14 @@ def write_tables(run: Run, table: list[TableLine]) -> None:
 
 
 def finished_rows(run: Run) -> list[Row]:
-    path = run.file(ROWS_FILE)
-    if not path.is_file():
-        return []
-    return [Row(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    """Rows recorded so far; a damaged record is dropped, and its grid point is taken from its run again."""
+    rows = []
+    for record in read_jsonl(run.file(ROWS_FILE)):
+        try:
+            rows.append(Row(**record))
+        except TypeError:
+            continue
+    return rows
 
 
 def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, resume: Run | None = None) -> CompareSummary:
@@ -194,10 +200,12 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     configs = {point.name: adapt_config(cfg, own[point.method], point, str(base_run.path), Path("rows") / point.name)
                for point in points}
     model, _ = load_pretrained(base_run, device)
-    # A target that matches no layer of the base is refused before the comparison starts, not at its first row.
+    # A target that matches no layer of the base (or a rank no layer can use) is refused before the
+    # comparison starts, not at its first row.
     for adapter in {repr(c.adapter): c.adapter for c in configs.values()}.values():
         inject(copy.deepcopy(model), adapter)
     data = load_cifar10(cfg.data.dir, cfg.data.download).to(device)
+    require_images(data.train, chosen, data.classes, "training")
     with life.open() as run:
         base_report = accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes, chosen)
         base_line = TableLine("base", None, "-", None, 1, 0, 0, {**{m: base_report.metric(m) for m in METRICS}, "seconds": 0.0},
