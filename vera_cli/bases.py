@@ -82,7 +82,7 @@ def load_pretrained(run: Run, device: torch.device) -> tuple[nn.Module, Pretrain
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # a tensor of the wrong shape
-        raise VeraError(f"{run.file(WEIGHTS_FILE)} does not fit model {cfg.model} ({str(exc).splitlines()[-1].strip()}); "
+        raise VeraError(f"{run.file(WEIGHTS_FILE)} does not fit model {cfg.model.name} ({str(exc).splitlines()[-1].strip()}); "
                         "repeat the run that wrote it") from exc
     if missing or unexpected:
         raise VeraError(f"{run.file(WEIGHTS_FILE)} does not fit model {cfg.model.name} (missing {missing}, unexpected {unexpected})")
