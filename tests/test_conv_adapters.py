@@ -88,7 +88,7 @@ def test_unsupported_convolutions_are_refused_and_the_model_is_left_alone(conv_o
     assert not adapted_layers(model) and all(p.requires_grad for p in model.parameters())
     assert model.state_dict().keys() == before.keys()
     # The same layer is fine once the targets leave it out.
-    assert list(adapted_layers(inject(model, AdapterConfig(method="lora", targets=["2"])))) == ["2"]
+    assert list(adapted_layers(inject(model, AdapterConfig(method="lora", rank=2, targets=["2"])))) == ["2"]
 
 
 def conv_under_test() -> tuple[nn.Conv2d, ProjectionBank, VeraConv2d]:

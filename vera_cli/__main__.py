@@ -1,3 +1,3 @@
-from vera_cli.cli import main
+from vera_cli.entry import main
 
 main()

@@ -33,10 +33,21 @@ def save_adapter(folder: Path, model: nn.Module, spec: AdapterConfig, base_finge
     return size
 
 
+# What an adapter.json must hold, and of which type, before anything reads it.
+META_FIELDS = {"adapter": dict, "base_fingerprint": str, "base_run": str, "classes": list}
+
+
 def read_adapter_meta(folder: Path) -> dict[str, Any]:
-    meta = read_json(folder / META_FILE)
+    path = folder / META_FILE
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise VeraError(f"{path} is damaged (not a mapping); repeat the adapt run that wrote it")
     if meta.get("format") != FORMAT_VERSION:
-        raise VeraError(f"{folder / META_FILE} has format {meta.get('format')}; this vera-cli reads format {FORMAT_VERSION}")
+        raise VeraError(f"{path} has format {meta.get('format')!r}; this vera-cli reads format {FORMAT_VERSION}")
+    wrong = [key for key, kind in META_FIELDS.items() if not isinstance(meta.get(key), kind)]
+    if wrong or not all(isinstance(name, str) for name in meta["classes"]):
+        raise VeraError(f"{path} is damaged ({', '.join(wrong) or 'classes'} missing or of the wrong type); "
+                        "repeat the adapt run that wrote it")
     return meta
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from vera_cli.errors import VeraError
 from vera_cli.metrics import AccuracyReport, percent
-from vera_cli.runs import CHECKPOINT_FILE, Run, append_jsonl, write_bytes_atomic
+from vera_cli.runs import CHECKPOINT_FILE, Run, append_jsonl, first_nonfinite, read_jsonl, write_bytes_atomic
 from vera_cli.train import EpochStats, Trainer
 
 METRICS_FILE = "metrics.jsonl"
@@ -74,25 +74,31 @@ def load_checkpoint(run: Run, model: nn.Module, trainer: Trainer, generator: tor
         return 0
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        bad = first_nonfinite(state["model"])
+        if bad is not None:
+            raise VeraError(f"{path} holds NaN or infinite values (in {bad}); the run cannot resume, repeat it")
         model.load_state_dict(state["model"])
         trainer.load_state_dict(state["trainer"])
-    except Exception as exc:  # torch raises several types for a damaged file
+        generator.set_state(state["generator"].to(generator.get_state().device))
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        epoch = int(state["epoch"])
+    except VeraError:
+        raise
+    except Exception as exc:  # torch raises several types for a damaged or edited file
         raise VeraError(f"{path} is truncated or corrupted ({type(exc).__name__}); the run cannot resume, repeat it") from exc
-    generator.set_state(state["generator"].to(generator.get_state().device))
-    torch.set_rng_state(state["torch_rng"])
-    if state.get("cuda_rng") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["epoch"])
+    return epoch
 
 
 def restore(run: Run, model: nn.Module, trainer: Trainer, generator: torch.Generator) -> int:
     """Load the last checkpoint and drop metrics past it; returns the epoch to continue from."""
     epoch = load_checkpoint(run, model, trainer, generator)
-    metrics = run.file(METRICS_FILE)
     if epoch == 0:
-        metrics.unlink(missing_ok=True)
-    elif metrics.is_file():
-        # Lines past the checkpoint belong to an epoch that runs again.
-        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["epoch"] <= epoch]
-        write_bytes_atomic(metrics, "".join(line + "\n" for line in kept).encode())
+        run.file(METRICS_FILE).unlink(missing_ok=True)
+        return 1
+    # Lines past the checkpoint belong to an epoch that runs again.
+    kept = [record for record in read_jsonl(run.file(METRICS_FILE))
+            if isinstance(record.get("epoch"), int) and record["epoch"] <= epoch]
+    write_bytes_atomic(run.file(METRICS_FILE), "".join(json.dumps(record) + "\n" for record in kept).encode())
     return epoch + 1

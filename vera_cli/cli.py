@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -20,8 +19,9 @@ from rich.console import Console
 from vera_cli import __version__
 from vera_cli import completion as complete
 from vera_cli import config as cfg
+from vera_cli import entry
 from vera_cli.adapters.errors import AdapterError
-from vera_cli.errors import RunInterrupted, VeraError
+from vera_cli.errors import RunInterrupted, VeraError, describe_os_error
 
 app = typer.Typer(no_args_is_help=True,
                   help="VeRA and LoRA fine-tuning experiments on CIFAR-10.")
@@ -29,8 +29,9 @@ app = typer.Typer(no_args_is_help=True,
 out = Console(width=None if sys.stdout.isatty() else 130)
 err = Console(stderr=True)
 
-# Options that take several values after one flag (`--classes cat bird dog`).
-LIST_OPTIONS = {"--classes", "--adapter", "--target", "--exclude-classes"}
+# Options that take several values after one flag (`--classes cat bird dog`), and whether a comma
+# separates values inside one token: class names never hold one; regexes (`fc{1,2}`) and paths may.
+LIST_OPTIONS = {"--classes": True, "--exclude-classes": True, "--adapter": False, "--target": False}
 
 ConfigOpt = typer.Option(None, "--config", help="a YAML file, or a shipped config by name (vera config list)")
 PrintConfigOpt = typer.Option(False, "--print-config", help="print the effective config (after overrides) as YAML and stop")
@@ -428,7 +429,8 @@ def _remove(entries: list, yes: bool) -> None:
 
 
 def expand_list_options(argv: list[str]) -> list[str]:
-    """`--classes cat bird dog` -> `--classes cat --classes bird --classes dog` (also `cat,bird`)."""
+    """`--classes cat bird dog` -> `--classes cat --classes bird --classes dog` (also `cat,bird`);
+    `--target 'fc{1,2}'` stays one value: what the shell hands over as one token is one value."""
     expanded: list[str] = []
     current: str | None = None
     for token in argv:
@@ -438,7 +440,7 @@ def expand_list_options(argv: list[str]) -> list[str]:
                 expanded.append(token)
             continue
         if current is not None:
-            for value in filter(None, token.split(",")):
+            for value in filter(None, token.split(",") if LIST_OPTIONS[current] else [token]):
                 expanded += [current, value]
             continue
         expanded.append(token)
@@ -453,36 +455,49 @@ def run(argv: list[str]) -> int:
     if complete.completing("vera"):
         complete.expand_completion_words(os.environ, expand_list_options, LIST_OPTIONS)
     # SIGTERM (a scheduler, `kill`) stops a run as cleanly as Ctrl-C does.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = entry.install()
     try:
-        # Outside standalone mode typer returns a typer.Exit's code instead of raising it.
+        # Outside standalone mode typer returns a typer.Exit's code instead of raising it, and turns a
+        # KeyboardInterrupt it meets into a returned 130; any signal seen counts as one.
         code = command.main(args=argv, prog_name="vera", standalone_mode=False)
+        if code == entry.INTERRUPTED or entry.interrupted():
+            _say("interrupted")
+            return entry.INTERRUPTED
         return code if isinstance(code, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
     except RunInterrupted as exc:
-        err.print(str(exc), highlight=False, markup=False, soft_wrap=True)
+        _say(str(exc))
         return 130
     except (KeyboardInterrupt, typer.Abort):
-        err.print("interrupted", highlight=False)
+        _say("interrupted")
         return 130
     except Exception as exc:
-        # Typer's usage errors (bad option, wrong type) carry format_message() and an exit code.
+        if entry.interrupted() and not debug:
+            # A failure that follows a signal (library code swallowed its KeyboardInterrupt) is that interrupt.
+            _say("interrupted")
+            return entry.INTERRUPTED
+        # Typer's usage errors (bad option, wrong type) carry format_message() and an exit code;
+        # OSError is a full or read-only disk or a path that is a file, in the system's own words.
         is_usage = hasattr(exc, "format_message") and hasattr(exc, "exit_code")
         # The adapters package stands alone with its own error type: bad input all the same.
-        user_error = isinstance(exc, (VeraError, AdapterError))
+        user_error = isinstance(exc, (VeraError, AdapterError, OSError))
         if debug or not (user_error or is_usage):
             raise
-        message = str(exc) if user_error else f"{exc.format_message()} (see vera --help)"
-        err.print(f"error: {' '.join(message.split())}", highlight=False, markup=False, soft_wrap=True)
+        if isinstance(exc, OSError):
+            message = describe_os_error(exc)
+        else:
+            message = str(exc) if user_error else f"{exc.format_message()} (see vera --help)"
+        _say(f"error: {' '.join(message.split())}")
         return 2
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        entry.restore(previous)
 
 
-def _interrupt(_signum, _frame) -> None:
-    raise KeyboardInterrupt
+def _say(line: str) -> None:
+    # A path that is not valid UTF-8 reaches us with surrogate escapes, which no stream can print.
+    err.print(line.encode("utf-8", "backslashreplace").decode("utf-8"), highlight=False, markup=False, soft_wrap=True)
 
 
 def main() -> None:
-    sys.exit(run(sys.argv[1:]))
+    entry.main()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,8 +27,10 @@ import yaml
 from vera_cli.adapters.config import DEFAULT_TARGETS, METHODS, SHARING_MODES, AdapterConfig
 from vera_cli.errors import VeraError
 from vera_cli.models import ModelConfig
+from vera_cli.yamlsafe import safe_load
 
 Device = Literal["auto", "cpu", "cuda"]
+DEVICES: tuple[str, ...] = typing.get_args(Device)
 Forgetting = Literal["none", "mask", "replay", "distill"]
 # What compare's tuning axes (learning rates) pick on: a metric on the validation split.
 SelectBy = Literal["overall", "task", "chosen", "rest"]
@@ -36,6 +40,10 @@ _ADAPTER_METHODS = ("vera", "lora") + tuple(f"vera-{mode}" for mode in SHARING_M
 CompareMethod = Literal[METHODS + _ADAPTER_METHODS[2:] + tuple(f"{m}+head" for m in _ADAPTER_METHODS)]  # type: ignore[valid-type]
 # Values renamed since runs were first written: old run configs still load.
 RENAMED_VALUES = {"onecycle": "linear"}
+# A comparison runs every seed of every setting: more than this is a typo, not an experiment.
+MAX_COMPARE_SEEDS = 1000
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 6, 6, 60, 60
 
 
 @dataclass
@@ -71,6 +79,7 @@ class TrainConfig:
         _require(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
         _require(self.weight_decay >= 0, "train.weight_decay must not be negative")
         _require(self.head_lr is None or self.head_lr > 0, "train.head_lr must be positive (or null: the same as lr)")
+        _require(0 <= self.momentum < 1, f"train.momentum must be in [0, 1), got {self.momentum}")
 
 
 @dataclass
@@ -99,6 +108,9 @@ class PretrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Classes kept out of pretraining (no image of them is seen), so that adaptation can learn new classes.
     exclude_classes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require_seed(self.seed, "seed")
 
 
 @dataclass
@@ -138,6 +150,7 @@ class AdaptConfig:
         _require(self.shots is None or self.shots >= 1, "shots must be at least 1 (or null: every image)")
         _require(self.validation >= 0, "validation (images per class) must not be negative")
         _require(self.min_steps >= 0, "min_steps must not be negative")
+        _require_seed(self.seed, "seed")
         _require(len(self.classes) > 0, "classes is empty: name at least one class, e.g. --classes cat bird dog")
 
 
@@ -173,7 +186,7 @@ class CompareConfig:
         _require(len(self.methods) > 0, "methods is empty: name at least one, e.g. --methods vera,lora")
         _require(all(rank >= 1 for rank in self.ranks), f"ranks must be positive integers, got {self.ranks}")
         _require(len(self.targets) > 0, "targets is empty: name at least one, e.g. --targets linear,all")
-        _require(self.seeds >= 1, "seeds must be at least 1")
+        _require(1 <= self.seeds <= MAX_COMPARE_SEEDS, f"seeds must be from 1 to {MAX_COMPARE_SEEDS}, got {shown(self.seeds)}")
         _require(self.epochs is None or self.epochs >= 1, "epochs must be at least 1")
         _require(self.batch_size is None or self.batch_size >= 1, "batch_size must be at least 1")
         _require(all(lr > 0 for lr in self.lrs + self.head_lrs), "lrs and head_lrs must be positive")
@@ -192,6 +205,11 @@ class ExperimentConfig:
     run_dir: Optional[str] = None
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+
+
+def _require_seed(value: int, key: str) -> None:
+    # torch seeds its generators with an unsigned 64-bit integer.
+    _require(0 <= value < 2**64, f"{key} must be an integer from 0 to 2**64 - 1, got {shown(value)}")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -218,7 +236,7 @@ def config_source(name_or_path: str | Path) -> tuple[str, str]:
 
 def read_yaml(where: str, text: str) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(text)
+        raw = safe_load(text, f"config file {where}")
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
@@ -248,7 +266,7 @@ def _resolve_extends(raw: dict[str, Any], folder: Path | None, chain: tuple[str,
     if parent is None:
         return raw
     if not isinstance(parent, str):
-        raise VeraError(f"extends must name one config, got {parent!r} in {chain[-1]}")
+        raise VeraError(f"extends must name one config, got {shown(parent)} in {chain[-1]}")
     # A file beside the config that extends wins; otherwise a shipped config by that name.
     source = folder / parent if folder is not None and (folder / parent).is_file() else parent
     return merge_mappings(read_config(source, chain), raw)
@@ -289,8 +307,11 @@ def parse_set_options(items: list[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise VeraError(f"--set {item!r} is not key=value: write e.g. --set train.label_smoothing=0.1")
+        if not text.strip():
+            # An empty value would read as null, which silently means "the default" for some keys.
+            raise VeraError(f"--set {item!r} gives no value: write the value after '=' (null only if you mean it)")
         try:
-            parsed[key.strip()] = yaml.safe_load(text)
+            parsed[key.strip()] = safe_load(text, f"--set {key.strip()}")
         except yaml.YAMLError as exc:
             raise VeraError(f"--set {item!r}: the value is not valid YAML") from exc
     return parsed
@@ -350,26 +371,41 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint_text = f" (did you mean {close[0]}?)" if close else ""
-            raise VeraError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}{hint_text}")
+            raise VeraError(f"{key} must be one of {', '.join(map(str, args))}; got {shown(value)}{hint_text}")
         return value
     if origin is list:
         if isinstance(value, str):
             # "4,16,64" or "cat bird" from the command line: each item read as YAML keeps its type.
-            value = [yaml.safe_load(v) for v in value.replace(",", " ").split()]
+            value = [safe_load(v, key) for v in value.replace(",", " ").split()]
         if not isinstance(value, list):
-            raise VeraError(f"{key} must be a list of {args[0].__name__}, got {value!r}")
+            raise VeraError(f"{key} must be a list of {args[0].__name__}, got {shown(value)}")
         return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
+    if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         # YAML reads "1e-3" (no dot) as a string; accept it as the number it plainly is.
         try:
-            return float(value)
-        except ValueError:
+            value = float(value)
+        except (ValueError, OverflowError):
             pass
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise VeraError(f"{key} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+        raise VeraError(f"{key} must be {_type_name(hint)}, got {shown(value)} ({type(value).__name__})")
+    if hint is float and not math.isfinite(value):
+        raise VeraError(f"{key} must be a finite number, got {value}")
+    if hint is str:
+        _require_utf8(value, key)
     return value
+
+
+def _require_utf8(value: str, key: str) -> None:
+    # Bytes that are not UTF-8 (in a file name) arrive as surrogates, which no run file could record.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise VeraError(f"{key} is not valid UTF-8 ({shown(value)}): use a name made of UTF-8 characters") from None
+
+
+def shown(value: Any) -> str:
+    """A value for an error message: short however large or deeply shared the value is."""
+    return _SHORT.repr(value)
 
 
 def _type_name(hint: Any) -> str:

@@ -58,7 +58,9 @@ def read_batch_file(path: Path) -> dict:
             payload = _RestrictedUnpickler(handle, encoding="bytes").load()
     except _ForbiddenGlobal as exc:
         raise VeraError(f"{path} is not a CIFAR-10 batch file ({exc}); re-create the data directory") from exc
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError, RecursionError, OverflowError) as exc:
+        # MemoryError: an array header asking for more memory than exists; nothing was allocated.
         raise VeraError(f"{path} is truncated or corrupted ({type(exc).__name__}); delete it and fetch CIFAR-10 again") from exc
     if not isinstance(payload, dict):
         raise VeraError(f"{path} does not hold a CIFAR-10 batch (expected a dict, got {type(payload).__name__})")
@@ -115,10 +117,9 @@ def _read_split(folder: Path, files: list[str]) -> Split:
         if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
             shape = getattr(data, "shape", None)
             raise VeraError(f"{path}: 'data' must be an N x 3072 uint8 array, got {type(data).__name__} of shape {shape}")
-        if batch_labels is None or len(batch_labels) != data.shape[0]:
-            found = None if batch_labels is None else len(batch_labels)
-            raise VeraError(f"{path}: expected {data.shape[0]} labels (one per image), got {found}")
-        label_array = np.asarray(batch_labels, dtype=np.int64)
+        label_array = _labels(path, batch_labels, data.shape[0])
+        if count + data.shape[0] > capacity:
+            raise VeraError(f"{path}: holds more images than its size allows; delete it and fetch CIFAR-10 again")
         if label_array.size and (label_array.min() < 0 or label_array.max() >= len(CLASSES)):
             raise VeraError(f"{path}: labels must lie in 0..{len(CLASSES) - 1}, found {label_array.min()}..{label_array.max()}")
         size = data.shape[0]
@@ -128,14 +129,30 @@ def _read_split(folder: Path, files: list[str]) -> Split:
     return Split(images[:count], labels[:count])
 
 
+def _labels(path: Path, labels: object, count: int) -> np.ndarray:
+    """One integer label per image. Checked before anything walks the value: a pickle can nest
+    shared lists whose expansion (by numpy, or a repr) would never end."""
+    if isinstance(labels, np.ndarray):
+        valid = labels.ndim == 1 and labels.dtype.kind in "iu"
+    else:
+        valid = isinstance(labels, list) and all(type(label) is int for label in labels)
+    if not valid:
+        raise VeraError(f"{path}: 'labels' must be a flat list of integers (class ids 0..{len(CLASSES) - 1}), "
+                        f"got {type(labels).__name__}{' holding other values' if isinstance(labels, list) else ''}")
+    if len(labels) != count:
+        raise VeraError(f"{path}: expected {count} labels (one per image), got {len(labels)}")
+    return np.asarray(labels, dtype=np.int64)
+
+
 def _read_classes(folder: Path) -> list[str]:
     path = folder / META_FILE
     if not path.is_file():
         raise VeraError(f"{path} is missing: the CIFAR-10 folder needs {META_FILE}")
     names = read_batch_file(path).get("label_names")
-    decoded = [n.decode() if isinstance(n, bytes) else n for n in (names or [])]
+    decoded = [n.decode(errors="replace") if isinstance(n, bytes) else n
+               for n in (names if isinstance(names, list) and len(names) == len(CLASSES) else [])]
     if decoded != CLASSES:
-        raise VeraError(f"{path}: class names {decoded} are not CIFAR-10's {CLASSES}")
+        raise VeraError(f"{path}: its label_names are not CIFAR-10's {len(CLASSES)} class names ({', '.join(CLASSES)})")
     return decoded
 
 
@@ -150,7 +167,11 @@ def load_cifar10(data_dir: str | Path, download: bool = True) -> Cifar10:
                 "or set data.download: true to fetch it"
             )
         _download(root)
-    return Cifar10(_read_split(folder, TRAIN_FILES), _read_split(folder, [TEST_FILE]), _read_classes(folder))
+    data = Cifar10(_read_split(folder, TRAIN_FILES), _read_split(folder, [TEST_FILE]), _read_classes(folder))
+    for name, split in (("training", data.train), ("test", data.test)):
+        if len(split) == 0:
+            raise VeraError(f"the {name} split in {folder} holds no images: fetch CIFAR-10 again")
+    return data
 
 
 def _download(root: Path) -> None:
@@ -182,6 +203,14 @@ def class_ids(names: list[str], classes: list[str] = CLASSES) -> list[int]:
             raise VeraError(f"class {name!r} is named twice: list each class once")
         ids.append(index)
     return ids
+
+
+def require_images(split: Split, ids: list[int], classes: list[str], what: str) -> None:
+    """Refuse classes that `split` has no image of: training on them would fit nothing."""
+    present = set(split.labels.unique().tolist())
+    empty = [classes[i] for i in ids if i not in present]
+    if empty:
+        raise VeraError(f"the {what} split has no images of {', '.join(empty)}: choose other classes or fix the data")
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,6 +10,7 @@ resumed run reports the time of all its parts. Commands own only their logic.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol, TypeVar
@@ -21,7 +22,8 @@ from vera_cli import config as config_module
 from vera_cli.checkpoint import restore
 from vera_cli.config import LoggingConfig
 from vera_cli.errors import VeraError
-from vera_cli.runs import Run, create_run, ensure_new, open_resumable, write_json, write_yaml
+from vera_cli.runlock import RunLock
+from vera_cli.runs import CONFIG_FILE, Run, create_run, ensure_new, open_resumable, write_json, write_yaml, yaml_bytes
 
 # Keys a resumed run may change: where the data is, what it runs on and what it logs, never what it computes.
 RESUMABLE_CHANGES = ("device", "data.dir", "data.download", "logging.tensorboard", "logging.plots")
@@ -71,6 +73,11 @@ def check_resume_config(run: Run, recorded: dict[str, Any]) -> None:
                         f"(only {', '.join(RESUMABLE_CHANGES)} may change on --resume)")
 
 
+def _seconds(value: Any) -> float:
+    """Wall seconds recorded by earlier parts of a run; an edited or missing value counts as none."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0 else 0.0
+
+
 class RunLifecycle:
     """A run of `kind` for config `cfg` (which has `run_dir`), new or resumed.
 
@@ -89,6 +96,7 @@ class RunLifecycle:
             ensure_new(cfg.run_dir)
         else:
             check_resume_config(resume, self.recorded)
+            RunLock.check(resume.path)
         self._run: Run | None = None
         self._started = 0.0
         self._earlier_seconds = 0.0
@@ -102,19 +110,31 @@ class RunLifecycle:
     @contextlib.contextmanager
     def open(self) -> Iterator[Run]:
         """Create (or reopen) the run directory; mark it interrupted or failed if the body does not finish."""
-        run = self.resume or create_run(self.kind, self.cfg.run_dir)
-        self._run = run
-        self._earlier_seconds = float(run.status.get("wall_seconds", 0.0)) if self.resume else 0.0
         self._started = time.perf_counter()
+        if self.resume is None:
+            run, lock = create_run(self.kind, self.cfg.run_dir, {CONFIG_FILE: yaml_bytes(self.recorded)})
+        else:
+            # Two processes must never write one run: the second resume is refused here.
+            run, lock = self.resume, RunLock.acquire(self.resume.path)
+            try:
+                # Another process may have finished it while this one loaded its data.
+                self._earlier_seconds = _seconds(open_resumable(run.path, self.kind).status.get("wall_seconds"))
+            except BaseException:
+                lock.release()
+                raise
+        self._run = run
         try:
             with run.recording(self.resumable):
-                run.set_status("running")
-                write_yaml(run.file("config.yaml"), self.recorded)
+                if self.resume is not None:
+                    run.set_status("running")
+                    write_yaml(run.file(CONFIG_FILE), self.recorded)
                 yield run
         except BaseException:
             with contextlib.suppress(Exception):
                 run.set_status(run.status.get("status", "failed"), wall_seconds=self.elapsed())
             raise
+        finally:
+            lock.release()
 
     def seed(self, seed: int, device: torch.device) -> torch.Generator:
         """Seed torch's global generator (weights, adapters) and return the run's own data generator."""

@@ -9,8 +9,10 @@ never sees half a file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,7 +21,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import yaml
 
-from vera_cli.errors import RunInterrupted, VeraError
+from vera_cli.entry import interrupted
+from vera_cli.errors import RunInterrupted, VeraError, describe_os_error, warn
+from vera_cli.runlock import LOCK_FILE, RunLock
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +31,11 @@ if TYPE_CHECKING:
 RUNS_ROOT = Path("runs")
 STATUS_FILE = "status.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+CONFIG_FILE = "config.yaml"
+# A run's JSON and YAML files are small; anything larger is not one of them and is not read into memory.
+MAX_TEXT_BYTES = 16 * 2**20
+# A run directory under construction: `.NAME.partial-PID-RANDOM`, renamed to NAME once it holds its status.
+PARTIAL = ".partial-"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -51,8 +60,12 @@ def write_json(path: Path, payload: Any) -> None:
     write_bytes_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
+def yaml_bytes(payload: Any) -> bytes:
+    return yaml.safe_dump(payload, sort_keys=False).encode()
+
+
 def write_yaml(path: Path, payload: Any) -> None:
-    write_bytes_atomic(path, yaml.safe_dump(payload, sort_keys=False).encode())
+    write_bytes_atomic(path, yaml_bytes(payload))
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
@@ -66,27 +79,79 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file whose every float is finite: weights with NaN or Inf would give meaningless numbers."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise VeraError(f"{path} is missing: the run is incomplete; repeat it")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise VeraError(f"{path} is truncated or corrupted ({exc}); repeat the run that wrote it") from exc
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise VeraError(f"{path} holds NaN or infinite values (in {bad}): the run that wrote it diverged "
+                        "or the file was damaged; repeat that run")
+    return tensors
+
+
+def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first float tensor holding NaN or Inf, if any."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            return name
+    return None
+
+
+def read_text(path: Path) -> str:
+    """A small text file of a run; a missing, oversized or binary one is a clear error."""
+    if not path.is_file():
+        raise VeraError(f"{path} is missing: the run is incomplete; repeat it")
+    if path.stat().st_size > MAX_TEXT_BYTES:
+        raise VeraError(f"{path} is {path.stat().st_size:,} bytes, far more than vera writes there: it is not a "
+                        "file of this run; repeat the run that wrote it")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise VeraError(f"{path} is not text (byte {exc.start} is not UTF-8); repeat the run that wrote it") from exc
 
 
 def read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise VeraError(f"{path} is missing: the run is incomplete; repeat it")
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise VeraError(f"{path} is corrupted (invalid JSON at line {exc.lineno}); repeat the run that wrote it") from exc
+    except RecursionError as exc:
+        raise VeraError(f"{path} is corrupted (nested too deeply); repeat the run that wrote it") from exc
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file. A last line cut short (the process was killed while
+    appending it) is dropped: that record is written again when its step is redone."""
+    if not path.is_file():
+        return []
+    lines = read_text(path).splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            if number == len(lines):
+                break
+            raise VeraError(f"{path} is corrupted (line {number} is not JSON); repeat the run that wrote it") from None
+        if not isinstance(record, dict):
+            raise VeraError(f"{path} is corrupted (line {number} is not a record); repeat the run that wrote it")
+        records.append(record)
+    return records
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one line; a torn last line left by a killed process is cut off first."""
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            write_bytes_atomic(path, data[:data.rfind(b"\n") + 1])
     with path.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
 
@@ -97,7 +162,11 @@ class Run:
 
     @property
     def status(self) -> dict[str, Any]:
-        return read_json(self.path / STATUS_FILE)
+        status = read_json(self.path / STATUS_FILE)
+        if not (isinstance(status, dict) and isinstance(status.get("kind"), str) and isinstance(status.get("status"), str)):
+            raise VeraError(f"{self.path / STATUS_FILE} is damaged (it needs a kind and a status): "
+                            "repeat the run or remove it")
+        return status
 
     @property
     def kind(self) -> str:
@@ -112,6 +181,8 @@ class Run:
         """Mark the run finished; the resume checkpoint has served its purpose and is removed."""
         self.set_status("finished")
         self.file(CHECKPOINT_FILE).unlink(missing_ok=True)
+        # Nobody writes a finished run again (a resume re-checks the status once it holds the lock).
+        self.file(LOCK_FILE).unlink(missing_ok=True)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -125,44 +196,106 @@ class Run:
         """
         try:
             yield
-        except (KeyboardInterrupt, RunInterrupted) as exc:
-            self.set_status("interrupted")
-            if not resumable and isinstance(exc, RunInterrupted):
-                raise
-            kind = self.status.get("kind")
-            hint = f"continue it with: vera {kind} --resume {self.path}" if resumable else "start it again"
-            raise RunInterrupted(f"interrupted: {self.path} keeps what it completed; {hint}") from None
         except BaseException as exc:
+            # Library code may swallow the KeyboardInterrupt of a signal and fail later for it
+            # (a module left half-imported): once a signal came, any failure is that interruption.
+            if isinstance(exc, (KeyboardInterrupt, RunInterrupted)) or (isinstance(exc, Exception) and interrupted()):
+                self.set_status("interrupted")
+                if not resumable and isinstance(exc, RunInterrupted):
+                    raise
+                hint = f"continue it with: vera {self.kind} --resume {self.path}" if resumable else "start it again"
+                raise RunInterrupted(f"interrupted: {self.path} keeps what it completed; {hint}") from None
+            if isinstance(exc, OSError):
+                # A full or read-only disk: the run keeps its last checkpoint and continues once there is room.
+                with contextlib.suppress(Exception):
+                    self.set_status("failed", error=describe_os_error(exc))
+                raise VeraError(f"{describe_os_error(exc)}; {self.path} keeps what it completed: once the disk is "
+                                f"fixed, continue it with: vera {self.kind} --resume {self.path} (or remove it)") from exc
             self.set_status("failed", error=str(exc))
             raise
 
 
 def ensure_new(run_dir: str | None) -> None:
     """Refuse an explicit run directory that exists; called before any slow work starts."""
-    if run_dir is not None and Path(run_dir).exists():
+    if run_dir is None:
+        return
+    if Path(run_dir).exists():
         raise VeraError(f"run directory {run_dir} already exists: choose another --run-dir or remove it")
+    blocking = next((parent for parent in Path(run_dir).parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise VeraError(f"run directory {run_dir} cannot be made: {blocking} is a file; choose another --run-dir")
 
 
-def create_run(kind: str, run_dir: str | None) -> Run:
-    """Make a fresh run directory; an explicit one that exists is refused, a default one gets a suffix."""
+@contextlib.contextmanager
+def staged_dir(target: Path) -> Iterator[Path]:
+    """A hidden temporary directory beside `target`, removed unless the body moves it into place.
+
+    Whatever interrupts the body, `target` is left as it was: nothing half-written appears there.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(target.parent)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{PARTIAL}{os.getpid()}-", dir=target.parent))
+    try:
+        os.chmod(staging, 0o777 & ~_UMASK)
+        yield staging
+    except OSError as exc:
+        # Name the folder the user asked for, not the temporary one that is about to go.
+        raise OSError(exc.errno, exc.strerror, str(target)) from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish(staging: Path, target: Path) -> bool:
+    """Rename `staging` to `target` if that name is free (or an empty folder); False if it is taken."""
+    if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+        target.rmdir()
+    # rename() would replace an empty directory that appeared meanwhile: only a free name is taken.
+    if target.exists() or target.is_symlink():
+        return False
+    try:
+        os.rename(staging, target)
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+            raise
+        return False
+    return True
+
+
+def create_run(kind: str, run_dir: str | None, files: dict[str, bytes]) -> tuple[Run, RunLock]:
+    """A new run directory holding its status and `files`, locked for this process.
+
+    It is built under a hidden temporary name and renamed into place, so an interruption
+    leaves either nothing or a whole run, never an empty directory. An explicit directory
+    that exists is refused; a default name taken (by another process in the same second,
+    say) moves on to the next suffix.
+    """
     ensure_new(run_dir)
     if run_dir is not None:
-        path = Path(run_dir)
+        candidates: list[Path] | Iterator[Path] = [Path(run_dir)]
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = RUNS_ROOT / f"{kind}-{stamp}"
-        suffix = 2
-        while path.exists():
-            path = RUNS_ROOT / f"{kind}-{stamp}-{suffix}"
-            suffix += 1
-    try:
-        path.mkdir(parents=True)
-    except FileExistsError as exc:
-        raise VeraError(f"run directory {path} already exists: choose another --run-dir or remove it") from exc
-    run = Run(path)
-    now = time.strftime("%Y-%m-%dT%H:%M:%S")
-    write_json(path / STATUS_FILE, {"kind": kind, "status": "running", "created": now, "created_ns": time.time_ns()})
-    return run
+        candidates = (RUNS_ROOT / (f"{kind}-{stamp}" + (f"-{n}" if n > 1 else "")) for n in range(1, 10_000))
+    with staged_dir(Path(run_dir) if run_dir is not None else RUNS_ROOT / kind) as staging:
+        now = time.strftime("%Y-%m-%dT%H:%M:%S")
+        write_json(staging / STATUS_FILE, {"kind": kind, "status": "running", "created": now, "created_ns": time.time_ns()})
+        for file_name, data in files.items():
+            write_bytes_atomic(staging / file_name, data)
+        lock = RunLock.acquire(staging)
+        for path in candidates:
+            if publish(staging, path):
+                return Run(path), lock
+        lock.release()
+    raise VeraError(f"run directory {run_dir} already exists: choose another --run-dir or remove it")
+
+
+def _remove_abandoned(parent: Path) -> None:
+    """Temporary directories of processes that no longer exist (killed with SIGKILL mid-creation)."""
+    if not Path("/proc/self").exists():
+        return
+    for staging in parent.glob(f".*{PARTIAL}*"):
+        pid = staging.name.rpartition(PARTIAL)[2].partition("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def open_run(path: str | Path, kinds: tuple[str, ...] | None = None) -> Run:
@@ -196,19 +329,29 @@ def open_resumable(path: str | Path, kind: str) -> Run:
 
 
 def latest_run(kinds: tuple[str, ...] | None = None, root: Path = RUNS_ROOT) -> Run:
-    """The most recently created finished run under `root` (searched two levels deep)."""
+    """The most recently created finished run under `root` (searched two levels deep).
+    A damaged run is skipped with a warning rather than hiding every other run."""
     found = []
     for status_path in list(root.glob(f"*/{STATUS_FILE}")) + list(root.glob(f"*/*/{STATUS_FILE}")):
-        try:
-            status = json.loads(status_path.read_text())
-        except (OSError, json.JSONDecodeError):
+        if any(part.startswith(".") for part in status_path.relative_to(root).parts):
             continue
-        if status.get("status") == "finished" and (kinds is None or status.get("kind") in kinds):
-            found.append((status.get("created_ns", 0), status_path.parent))
+        run = Run(status_path.parent)
+        try:
+            status = run.status
+            created = status.get("created_ns", 0)
+            if not isinstance(created, int):
+                raise VeraError(f"{status_path} is damaged (created_ns is not a number): repeat the run or remove it")
+            if status["status"] == "finished" and not run.file(CONFIG_FILE).is_file():
+                raise VeraError(f"{run.file(CONFIG_FILE)} is missing: repeat the run or remove it")
+        except (VeraError, OSError) as exc:
+            warn(f"skipping {run.path}: {exc}")
+            continue
+        if status["status"] == "finished" and (kinds is None or status["kind"] in kinds):
+            found.append((created, str(run.path)))
     if not found:
         wanted = " or ".join(kinds) if kinds else "finished"
         raise VeraError(f"no finished {wanted} run under {root}/: run `vera pretrain` first or name a run directory")
-    return Run(max(found)[1])
+    return Run(Path(max(found)[1]))
 
 
 def environment() -> dict[str, str]:

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vera_cli.adapters.head import head_parameters
-from vera_cli.config import TrainConfig
+from vera_cli.config import DEVICES, TrainConfig, shown
 from vera_cli.errors import VeraError
 
 if TYPE_CHECKING:
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 
 def resolve_device(name: str) -> torch.device:
+    if name not in DEVICES:
+        raise VeraError(f"--device must be one of {', '.join(DEVICES)}, got {shown(name)}")
     if name == "cuda" and not torch.cuda.is_available():
         raise VeraError("--device cuda was asked for but CUDA is not available here: use --device cpu or auto")
     if name == "auto":

@@ -6,6 +6,7 @@ field sits in its own configuration (`adapter.rank must be ...`).
 
 from __future__ import annotations
 
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -45,6 +46,14 @@ class AdapterConfig:
         _require(self.sharing in SHARING_MODES, f"sharing must be one of {', '.join(SHARING_MODES)}, got {self.sharing!r}")
         _require(self.rank >= 1, f"rank must be a positive integer, got {self.rank}")
         _require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("d_init", "alpha", "dropout"):
+            _require(math.isfinite(getattr(self, name)), f"{name} must be a finite number, got {getattr(self, name)}")
+        # With d = 0 and b = 0 (VeRA's start) neither vector ever receives a gradient.
+        _require(self.d_init != 0, "d_init must not be 0: VeRA's update would stay zero; PEFT's default is 0.1")
+        _require(self.alpha > 0, f"alpha must be positive (LoRA scales its update by alpha / rank), got {self.alpha}")
+        # torch seeds its generators with an unsigned 64-bit integer.
+        _require(0 <= self.projection_seed < 2**64,
+                 f"projection_seed must be an integer from 0 to 2**64 - 1, got {self.projection_seed}")
         # Every preset name is also a valid regex, so one check covers both kinds of target.
         for pattern in self.targets:
             try:

@@ -70,8 +70,8 @@ def _check_trainable(model: nn.Module, names: list[str]) -> None:
             raise AdapterError(f"trainable names {name!r}, which is not a module of the model")
 
 
-def _targets(model: nn.Module, spec: AdapterConfig) -> dict[str, nn.Module]:
-    """The layers to wrap, every one checked before the model is touched."""
+def target_layers(model: nn.Module, spec: AdapterConfig) -> dict[str, nn.Module]:
+    """The layers to wrap, every one checked (kind, usable rank) before the model is touched."""
     head = head_name(model) if spec.train_head else None
     layers = {name: model.get_submodule(name) for name in select_targets(model, spec.targets) if name != head}
     if not layers:
@@ -80,7 +80,34 @@ def _targets(model: nn.Module, spec: AdapterConfig) -> dict[str, nn.Module]:
         reason = unsupported_reason(layer)
         if reason is not None:
             raise AdapterError(f"target layer {name} {reason}: leave it out of the targets (a regex that skips it)")
+    _check_rank(layers, spec)
     return layers
+
+
+def useful_rank(layer: nn.Module, method: str) -> int:
+    """The largest rank that still adds something to a layer's update, the layer seen as a matrix
+    of out x in (in = in_channels * kernel area for a convolution).
+
+    LoRA's update B A has rank at most min(in, out): past it the extra columns are dependent.
+    VeRA's update is diag(b) B diag(d) A with frozen random A (r x in) and B (out x r), i.e. a
+    combination sum_i d_i B[:, i] A[i, :] of r fixed rank-one matrices, trained through d. Those
+    span up to in * out dimensions, so each rank up to in * out adds a direction d can reach
+    (the update's own matrix rank stays at most min(in, out)); past in * out they are dependent.
+    """
+    fan_in, fan_out = layer.weight[0].numel(), layer.weight.shape[0]
+    return min(fan_in, fan_out) if method == "lora" else fan_in * fan_out
+
+
+def _check_rank(layers: dict[str, nn.Module], spec: AdapterConfig) -> None:
+    """Refuse a rank no adapted layer can use, before a projection or matrix of that size is made."""
+    best = max(layers, key=lambda name: useful_rank(layers[name], spec.method))
+    limit = useful_rank(layers[best], spec.method)
+    if spec.rank > limit:
+        weight = layers[best].weight
+        rule = "min(in, out)" if spec.method == "lora" else "in x out"
+        raise AdapterError(f"rank {spec.rank} is more than any adapted layer can use: for {spec.method} it is {rule} "
+                           f"per layer, at most {limit} here ({best}: {weight[0].numel()} -> {weight.shape[0]}); "
+                           f"choose a rank up to {limit}")
 
 
 def inject(model: nn.Module, spec: AdapterConfig) -> nn.Module:
@@ -88,7 +115,7 @@ def inject(model: nn.Module, spec: AdapterConfig) -> nn.Module:
     if adapted_layers(model) or projection_bank(model) is not None:
         raise AdapterError("this model already carries adapters: load a fresh base model before adapting it again")
     _check_trainable(model, spec.trainable)
-    layers = _targets(model, spec) if spec.method in LAYER_CLASSES else {}
+    layers = target_layers(model, spec) if spec.method in LAYER_CLASSES else {}
     model.requires_grad_(spec.method == "full")
     if spec.method == "head":
         model.get_submodule(head_name(model)).requires_grad_(True)

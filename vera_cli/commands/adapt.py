@@ -14,11 +14,11 @@ from vera_cli import config as config_module
 from vera_cli.adapter_files import ADAPTER_FILE, save_adapter
 from vera_cli.adapters.head import head_parameters
 from vera_cli.adapters.inject import inject
-from vera_cli.bases import fingerprint, load_pretrained, resolve_base
+from vera_cli.bases import base_reference, fingerprint, load_pretrained, resolve_base
 from vera_cli.checkpoint import METRICS_FILE, EpochRecorder
 from vera_cli.commands.pretrain import Log
 from vera_cli.config import AdaptConfig
-from vera_cli.data import CLASSES, Cifar10, Split, batch_indices, batches, class_ids, load_cifar10
+from vera_cli.data import CLASSES, Cifar10, Split, batch_indices, batches, class_ids, load_cifar10, require_images
 from vera_cli.distill import distillation_loss, rows_as_labels
 from vera_cli.distributed import LOCAL, World
 from vera_cli.metrics import AccuracyReport, accuracy_report, predict_features, predict_logits
@@ -170,6 +170,7 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
     base_run = resolve_base(cfg.base)
     life = world.lifecycle("adapt", cfg, resume, recorded={**config_module.to_dict(cfg), "base": str(base_run.path)})
     data = (data or load_cifar10(cfg.data.dir, cfg.data.download)).to(device)
+    require_images(data.train, chosen, data.classes, "training")
     model, base_cfg = load_pretrained(base_run, device)
     held_out = class_ids(base_cfg.exclude_classes, data.classes) if base_cfg.exclude_classes else []
     base_fingerprint = fingerprint(model)
@@ -210,7 +211,7 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
 
         def save() -> int:
             size = save_adapter(run.path, model, cfg.adapter, base_fingerprint,
-                                {"base_run": str(base_run.path), "classes": classes})
+                                {**base_reference(base_run, run.path), "classes": classes})
             if cfg.logging.plots:
                 title = f"{cfg.adapter.method} on {', '.join(classes)}: {run.path}"
                 write_training_curves(run.file(METRICS_FILE), title)

@@ -37,12 +37,12 @@ from vera_cli.bases import load_pretrained, resolve_base
 from vera_cli.commands.adapt import AdaptSummary, run_adapt
 from vera_cli.commands.pretrain import Log
 from vera_cli.config import AdaptConfig, CompareConfig
-from vera_cli.data import Cifar10, class_ids, load_cifar10
+from vera_cli.data import Cifar10, class_ids, load_cifar10, require_images
 from vera_cli.distributed import LOCAL, World
 from vera_cli.grid_progress import GridProgress
 from vera_cli.metrics import accuracy_report, percent, predict_logits
 from vera_cli.plot import plot_comparison
-from vera_cli.runs import Run, append_jsonl, read_json, write_bytes_atomic, write_json
+from vera_cli.runs import Run, append_jsonl, read_json, read_jsonl, write_bytes_atomic, write_json
 from vera_cli.train import resolve_device
 
 ROWS_FILE = "rows.jsonl"
@@ -174,16 +174,18 @@ class CompareSummary:
 
 
 def grid(cfg: CompareConfig) -> list[GridPoint]:
-    points = []
+    """Every point once, in the order given: `--ranks 4,4` or a method named twice adds nothing."""
+    points: dict[str, GridPoint] = {}
     for method in cfg.methods:
         rankless = method in RANKLESS
         head_lrs = (cfg.head_lrs if method_parts(method)[2] else []) or [None]
         axes = itertools.product([None] if rankless else cfg.ranks, [None] if rankless else cfg.targets, cfg.forgetting,
                                  cfg.lrs or [None], head_lrs, cfg.shots or [None], cfg.bases or [None])
         for rank, targets, forgetting, lr, head_lr, shots, base in axes:
-            points.extend(GridPoint(method, rank, forgetting, seed, targets, lr, head_lr, shots, base)
-                          for seed in range(cfg.seeds))
-    return points
+            for seed in range(cfg.seeds):
+                point = GridPoint(method, rank, forgetting, seed, targets, lr, head_lr, shots, base)
+                points.setdefault(point.name, point)
+    return list(points.values())
 
 
 def method_configs(cfg: CompareConfig) -> dict[str, AdaptConfig]:
@@ -269,10 +271,14 @@ def write_tables(run: Run, table: list[TableLine]) -> None:
 
 
 def finished_rows(run: Run) -> list[Row]:
-    path = run.file(ROWS_FILE)
-    if not path.is_file():
-        return []
-    return [Row(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    """Rows recorded so far; a damaged record is dropped, and its grid point is taken from its run again."""
+    rows = []
+    for record in read_jsonl(run.file(ROWS_FILE)):
+        try:
+            rows.append(Row(**record))
+        except TypeError:
+            continue
+    return rows
 
 
 def base_line(base_run: Run, device: torch.device, data: Cifar10, chosen: list[int], label: Optional[str]) -> TableLine:
@@ -317,10 +323,12 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     configs = {point.name: adapt_config(cfg, own[point.method], point, str(base_run.path), Path("rows") / point.name)
                for point in points}
     model, _ = load_pretrained(base_run, device)
-    # A target that matches no layer of the base is refused before the comparison starts, not at its first row.
+    # A target that matches no layer of the base (or a rank no layer can use) is refused before the
+    # comparison starts, not at its first row.
     for adapter in {repr(c.adapter): c.adapter for c in configs.values()}.values():
         inject(copy.deepcopy(model), adapter)
     data = load_cifar10(cfg.data.dir, cfg.data.download).to(device)
+    require_images(data.train, chosen, data.classes, "training")
     # Rows join the table in grid order, whatever order (or process) they finished in.
     in_grid_order = lambda rows: sorted(rows, key=lambda row: order[row.name])  # noqa: E731
     with world.joined(device), life.open() as run:

@@ -7,9 +7,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from vera_cli import config as config_module
 from vera_cli.adapter_files import apply_adapter, read_adapter_meta
 from vera_cli.adapters.inject import merged_plain
-from vera_cli.bases import fingerprint, load_pretrained, run_config
+from vera_cli.bases import adapter_base, fingerprint, load_pretrained, run_config
+from vera_cli.config import PretrainConfig
 from vera_cli.data import class_ids, load_cifar10
 from vera_cli.errors import VeraError
 from vera_cli.metrics import AccuracyReport, accuracy_report, predict_logits
@@ -30,9 +32,8 @@ class EvalResult:
 
 
 def _run_defaults(run: Run) -> dict[str, Any]:
-    raw = run_config(run)
-    return {"data_dir": raw.get("data", {}).get("dir", "data"), "download": raw.get("data", {}).get("download", True),
-            "device": raw.get("device", "auto")}
+    recorded = config_module.build(PretrainConfig, run_config(run))
+    return {"data_dir": recorded.data.dir, "download": recorded.data.download, "device": recorded.device}
 
 
 def evaluate_runs(run_path: str | None, adapter_paths: list[str], do_merge: bool = False,
@@ -43,7 +44,7 @@ def evaluate_runs(run_path: str | None, adapter_paths: list[str], do_merge: bool
     base_run = run
     if run.kind == "adapt":
         adapter_runs.insert(0, run)
-        base_run = open_run(read_adapter_meta(run.path)["base_run"], ("pretrain",))
+        base_run = adapter_base(run.path, read_adapter_meta(run.path))
     if do_merge and not adapter_runs:
         raise VeraError("--merge needs an adapter: evaluate an adapt run or add --adapter RUN")
     defaults = _run_defaults(base_run)

@@ -14,9 +14,11 @@ This module writes plain JSON and safetensors; it does not need peft installed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -25,12 +27,12 @@ from vera_cli import config as config_module
 from vera_cli.adapter_files import apply_adapter, read_adapter_meta
 from vera_cli.adapters.inject import adapted_layers, merged_plain, projection_bank
 from vera_cli.adapters.layer import AdaptedLayer
-from vera_cli.bases import fingerprint, load_pretrained
+from vera_cli.bases import adapter_base, fingerprint, load_pretrained
 from vera_cli.config import AdapterConfig
 from vera_cli.data import MEAN, STD
 from vera_cli.errors import VeraError
 from vera_cli.models import ModelConfig
-from vera_cli.runs import open_run, write_bytes_atomic, write_tensors
+from vera_cli.runs import open_run, publish, staged_dir, write_bytes_atomic, write_tensors
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -81,6 +83,8 @@ def peft_config(spec: AdapterConfig, targets: list[str]) -> dict:
 def _check_destinations(*folders: str | None) -> None:
     for folder in filter(None, folders):
         path = Path(folder)
+        if path.exists() and not path.is_dir():
+            raise VeraError(f"{path} is a file: --out and --base-out name folders to create")
         if path.exists() and any(path.iterdir()):
             raise VeraError(f"{path} already exists and is not empty: choose another folder")
 
@@ -100,10 +104,21 @@ def _adapted_model(run_path: str) -> Adapted:
     run = open_run(run_path, ("adapt",))
     meta = read_adapter_meta(run.path)
     spec = config_module.build(AdapterConfig, meta["adapter"])
-    model, base_cfg = load_pretrained(open_run(meta["base_run"], ("pretrain",)), torch.device("cpu"))
+    model, base_cfg = load_pretrained(adapter_base(run.path, meta), torch.device("cpu"))
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     apply_adapter(model, run.path, fingerprint(model))
     return Adapted(spec, base_cfg.model, base_state, model)
+
+
+@contextlib.contextmanager
+def _all_or_nothing(*folders: str | None) -> Iterator[dict[Path, Path]]:
+    """Temporary folders to write each destination into, renamed into place only once all are written."""
+    with contextlib.ExitStack() as stack:
+        staged = {Path(folder): stack.enter_context(staged_dir(Path(folder))) for folder in folders if folder}
+        yield staged
+        for folder, staging in staged.items():
+            if not publish(staging, folder):
+                raise VeraError(f"{folder} appeared while exporting: choose another folder")
 
 
 def _write_plain(folder: Path, state: dict[str, torch.Tensor], architecture: ModelConfig) -> dict[str, int]:
@@ -113,12 +128,12 @@ def _write_plain(folder: Path, state: dict[str, torch.Tensor], architecture: Mod
         "input": "RGB images as uint8 (N, 3, 32, 32), channel-major like the CIFAR-10 python release",
         "scale": "divide by 255", "mean": list(MEAN), "std": list(STD),
         "normalised": "(x / 255 - mean[c]) / std[c] per channel c"}, indent=2).encode()
-    files = {str(folder / PLAIN_WEIGHTS): write_tensors(folder / PLAIN_WEIGHTS, state)}
+    files = {PLAIN_WEIGHTS: write_tensors(folder / PLAIN_WEIGHTS, state)}
     write_bytes_atomic(folder / "preprocessing.json", preprocessing)
-    files[str(folder / "preprocessing.json")] = len(preprocessing)
+    files["preprocessing.json"] = len(preprocessing)
     model_json = json.dumps(config_module.to_dict(architecture), indent=2).encode()
     write_bytes_atomic(folder / "model.json", model_json)
-    files[str(folder / "model.json")] = len(model_json)
+    files["model.json"] = len(model_json)
     return files
 
 
@@ -143,14 +158,15 @@ def export_peft(run_path: str, out: str, base_out: str | None = None) -> Exporte
     if bank is not None:
         tensors["base_model.vera_A"], tensors["base_model.vera_B"] = bank.pair("shared")
 
-    files: dict[str, int] = {}
     out_dir = Path(out)
-    files[str(out_dir / PEFT_WEIGHTS)] = write_tensors(out_dir / PEFT_WEIGHTS, tensors)
-    config_bytes = json.dumps(peft_config(spec, list(layers)), indent=2).encode()
-    write_bytes_atomic(out_dir / PEFT_CONFIG, config_bytes)
-    files[str(out_dir / PEFT_CONFIG)] = len(config_bytes)
-    if base_out:
-        files.update(_write_plain(Path(base_out), adapted.base_state, adapted.architecture))
+    with _all_or_nothing(out, base_out) as staged:
+        files = {str(out_dir / PEFT_WEIGHTS): write_tensors(staged[out_dir] / PEFT_WEIGHTS, tensors)}
+        config_bytes = json.dumps(peft_config(spec, list(layers)), indent=2).encode()
+        write_bytes_atomic(staged[out_dir] / PEFT_CONFIG, config_bytes)
+        files[str(out_dir / PEFT_CONFIG)] = len(config_bytes)
+        if base_out:
+            written = _write_plain(staged[Path(base_out)], adapted.base_state, adapted.architecture)
+            files.update({str(Path(base_out) / name): size for name, size in written.items()})
     return Exported(files)
 
 
@@ -159,4 +175,6 @@ def export_merged(run_path: str, out: str) -> Exported:
     own architecture, loadable with `load_state_dict` and no vera-cli or PEFT."""
     _check_destinations(out)
     adapted = _adapted_model(run_path)
-    return Exported(_write_plain(Path(out), merged_plain(adapted.model).state_dict(), adapted.architecture))
+    with _all_or_nothing(out) as staged:
+        written = _write_plain(staged[Path(out)], merged_plain(adapted.model).state_dict(), adapted.architecture)
+    return Exported({str(Path(out) / name): size for name, size in written.items()})

@@ -1,0 +1,75 @@
+"""Two processes never write one run; run directories named in the same second never collide."""
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from vera_cli import runs as runs_module
+from vera_cli.runlock import RunLock
+
+
+def forked(body) -> int:
+    """Run `body` in a child process; returns its pid. The child never returns into pytest."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            body()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def test_resume_of_a_run_another_process_writes_is_refused_until_that_process_dies(vera, interrupt_after_epoch):
+    interrupt_after_epoch(1)
+    assert vera("pretrain", "--epochs", "2", "--batch-size", "64", "--run-dir", "runs/cut").code == 130
+    read, write = os.pipe()
+
+    def hold_the_lock():
+        lock = RunLock.acquire(Path("runs/cut"))
+        os.write(write, b"locked")
+        time.sleep(60)
+        lock.release()
+
+    holder = forked(hold_the_lock)
+    try:
+        assert os.read(read, 6) == b"locked"
+        refused = vera("pretrain", "--resume", "runs/cut")
+        assert refused.code == 2
+        assert f"runs/cut is being written by another vera process (pid {holder})" in refused.err
+        assert json.loads(Path("runs/cut/status.json").read_text())["status"] == "interrupted"
+    finally:
+        # A crash leaves the lock file behind; the kernel drops the lock itself, so the run resumes.
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
+    assert json.loads(Path("runs/cut/.lock").read_text())["pid"] == holder
+    resumed = vera("pretrain", "--resume", "runs/cut")
+    assert resumed.code == 0, resumed.err
+    assert not Path("runs/cut/.lock").exists()
+
+
+def test_runs_created_in_the_same_second_by_several_processes_get_distinct_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # Every process sees the same second, so every one of them starts from the same name.
+    monkeypatch.setattr(runs_module.time, "strftime", lambda fmt, *args: "20260101-000000")
+    start = time.time() + 0.5
+
+    def create():
+        time.sleep(max(0.0, start - time.time()))
+        run, lock = runs_module.create_run("pretrain", None, {"config.yaml": b"seed: 0\n"})
+        lock.release()
+        Path(f"made-{os.getpid()}").write_text(str(run.path))
+
+    children = [forked(create) for _ in range(8)]
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+    assert codes == [0] * 8
+    made = sorted(Path(f"made-{pid}").read_text() for pid in children)
+    assert len(set(made)) == 8
+    assert sorted(p.name for p in Path("runs").iterdir()) == ["pretrain-20260101-000000"] + [
+        f"pretrain-20260101-000000-{n}" for n in range(2, 9)]
+    for path in made:
+        assert json.loads((Path(path) / "status.json").read_text())["status"] == "running"
+        assert (Path(path) / "config.yaml").read_text() == "seed: 0\n"

@@ -1,0 +1,220 @@
+"""Interrupts at random moments of real processes: SIGINT and SIGKILL, then resume.
+
+Every trial starts a `vera` process, signals it after a seeded random delay within
+the length of an uninterrupted run, and checks what a user would meet: exit 130
+(SIGINT) or a killed process (SIGKILL), never exit 0 after a signal arrived mid-run,
+no half-made run directory, and a run that `--resume` (or a fresh start, when the
+signal came before the directory existed) finishes with exactly the weights,
+adapters and accuracies of the uninterrupted run. Processes come from a fork server
+(tests/forkserver.py) so that a trial costs the run, not the import of torch; a few
+trials use `python -m vera_cli` itself to hit the imports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+INTERRUPTED, KILLED = 130, -signal.SIGKILL
+
+
+class ForkServer:
+    def __init__(self) -> None:
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py")], env=ENV,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.children: list[int] = []
+
+    def start(self, argv: list[str], cwd: Path, log: Path) -> int:
+        self.process.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "log": str(log)}) + "\n")
+        self.process.stdin.flush()
+        pid = json.loads(self.process.stdout.readline())["pid"]
+        self.children.append(pid)
+        return pid
+
+    def wait(self) -> int:
+        return json.loads(self.process.stdout.readline())["code"]
+
+    def run(self, argv: list[str], cwd: Path, log: Path) -> int:
+        self.start(argv, cwd, log)
+        return self.wait()
+
+    def close(self) -> None:
+        for pid in self.children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def server():
+    started = ForkServer()
+    yield started
+    started.close()
+
+
+def signal_at(pid: int, delay: float, signum: int) -> None:
+    time.sleep(delay)
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def tensors_equal(first: Path, second: Path) -> bool:
+    a, b = load_file(str(first)), load_file(str(second))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def outcome(run: Path, kind: str) -> tuple:
+    """What a finished run computed, wall times left out."""
+    summary = json.loads((run / "summary.json").read_text())
+    if kind == "pretrain":
+        return summary["test"], sorted(load_file(str(run / "model.safetensors")).items())
+    if kind == "adapt":
+        return summary["test"], summary["base"]
+    timeless = [{k: v for k, v in line.items() if not k.startswith("seconds")} for line in summary["rows"]]
+    return (timeless,)
+
+
+def same_result(run: Path, reference: Path, kind: str) -> bool:
+    weights = {"pretrain": "model.safetensors", "adapt": "adapter.safetensors"}
+    if kind in weights and not tensors_equal(run / weights[kind], reference / weights[kind]):
+        return False
+    if kind == "compare":
+        rows = sorted(p.name for p in (reference / "rows").iterdir())
+        if sorted(p.name for p in (run / "rows").iterdir()) != rows or not all(
+                tensors_equal(run / "rows" / r / "adapter.safetensors", reference / "rows" / r / "adapter.safetensors")
+                for r in rows):
+            return False
+    first, second = outcome(run, kind), outcome(reference, kind)
+    return str(first) == str(second)
+
+
+def leftovers(folder: Path, allowed: set[str]) -> list[str]:
+    """Entries of `folder` that are neither an allowed run nor a whole run directory."""
+    odd = []
+    for entry in folder.iterdir():
+        if entry.name in allowed:
+            continue
+        if entry.name.startswith(".") or not (entry / "status.json").is_file():
+            odd.append(entry.name)
+    return odd
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, server):
+    from synthetic import write_cifar
+
+    root = tmp_path_factory.mktemp("interrupts")
+    data = write_cifar(root / "data")
+    common = ["--data-dir", str(data), "--device", "cpu", "--no-progress"]
+    commands = {
+        "pretrain": ["pretrain", *common, "--epochs", "2", "--batch-size", "64"],
+        "adapt": ["adapt", *common, "--base", str(root / "base"), "--method", "lora", "--rank", "2",
+                  "--epochs", "2", "--batch-size", "32", "--classes", "cat", "dog"],
+        "compare": ["compare", *common, "--base", str(root / "base"), "--methods", "lora,head", "--ranks", "2",
+                    "--epochs", "1", "--classes", "cat", "dog"],
+    }
+    assert server.run(["pretrain", *common, "--epochs", "1", "--batch-size", "64", "--run-dir", "base"],
+                      root, root / "base.log") == 0
+    durations = {}
+    for kind, argv in commands.items():
+        started = time.perf_counter()
+        code = server.run([*argv, "--run-dir", f"reference-{kind}"], root, root / f"reference-{kind}.log")
+        durations[kind] = time.perf_counter() - started
+        assert code == 0, (root / f"reference-{kind}.log").read_text()
+    return root, commands, durations
+
+
+TRIALS = {"pretrain": 12, "adapt": 10, "compare": 8}
+
+
+def settle(server: ForkServer, folder: Path, name: str, kind: str, argv: list[str], context: str) -> str:
+    """Bring an interrupted run to its end as a user would; returns how."""
+    run, log = folder / name, folder / f"{name}.after.log"
+    if not run.exists():
+        how, code = "restarted", server.run([*argv, "--run-dir", name], folder, log)
+    elif json.loads((run / "status.json").read_text())["status"] != "finished":
+        how, code = "resumed", server.run([kind, "--resume", name, "--no-progress"], folder, log)
+    else:
+        how, code = "finished first", 0
+    assert code == 0, context + log.read_text()
+    return how
+
+
+@pytest.mark.parametrize("kind", list(TRIALS))
+def test_random_interrupts_resume_to_identical_results(server, workspace, kind):
+    root, commands, durations = workspace
+    rng = random.Random(f"interrupts-{kind}")
+    folder = root / f"trials-{kind}"
+    folder.mkdir()
+    outcomes: dict[str, int] = {}
+    for trial in range(TRIALS[kind]):
+        name, signum = f"t{trial}", rng.choice([signal.SIGINT, signal.SIGKILL])
+        log = folder / f"{name}.log"
+        delay = rng.uniform(0, durations[kind])
+        pid = server.start([*commands[kind], "--run-dir", name], folder, log)
+        signal_at(pid, delay, signum)
+        code = server.wait()
+        said = log.read_text()
+        context = f"trial {trial}: {signal.Signals(signum).name} after {delay:.3f}s, exit {code}\n{said}"
+        expected = INTERRUPTED if signum == signal.SIGINT else KILLED
+        assert code in (expected, 0), context
+        assert "Traceback" not in said, context
+        if code == INTERRUPTED:
+            assert "interrupted" in said, context
+        assert leftovers(folder, {name, *(p.name for p in folder.glob("*.log"))}) == [] or signum == signal.SIGKILL, context
+        how = settle(server, folder, name, kind, commands[kind], context)
+        assert same_result(folder / name, root / f"reference-{kind}", kind), context
+        outcomes[how] = outcomes.get(how, 0) + 1
+    # Seen with `pytest -s`: how the trials ended (all identical to the reference, or the test failed).
+    print(f"\n{kind}: {TRIALS[kind]} trials identical to the uninterrupted run: {outcomes}")
+
+
+def wait_for_entry_point(pid: int) -> None:
+    """Until the process catches SIGTERM, i.e. vera's entry point runs. Before it, the interpreter
+    starts and processes site-packages: a signal then meets Python's own defaults, not vera."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        if int(fields["SigCgt"], 16) & (1 << (signal.SIGTERM - 1)):
+            return
+        time.sleep(0.002)
+    raise AssertionError("vera never reached its entry point")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_during_imports_or_startup_exits_130(server, workspace, signum):
+    """A real `python -m vera_cli`, signalled while it imports, reads data or creates its run."""
+    root, commands, durations = workspace
+    name = f"startup-{signum}"
+    process = subprocess.Popen([sys.executable, "-m", "vera_cli", *commands["pretrain"], "--run-dir", name],
+                               cwd=root, env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_entry_point(process.pid)
+        delay = random.Random(f"startup-{signum}").uniform(0, 3.0)
+        time.sleep(delay)
+        process.send_signal(signum)
+        said = process.communicate(timeout=60)[1]
+    finally:
+        process.kill()
+    context = f"{signal.Signals(signum).name} after {delay:.3f}s\n{said}"
+    assert process.returncode == INTERRUPTED, context
+    assert "interrupted" in said and "Traceback" not in said, context
+    settle(server, root, name, "pretrain", commands["pretrain"], context)
+    assert same_result(root / name, root / "reference-pretrain", "pretrain"), context
