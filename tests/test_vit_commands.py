@@ -109,3 +109,14 @@ def test_interrupted_vit_pretrain_resumes_to_identical_weights(vera, interrupt_a
     assert vera("pretrain", "--resume", "runs/cut").code == 0
     straight, cut = load_file("runs/straight/model.safetensors"), load_file("runs/cut/model.safetensors")
     assert straight.keys() == cut.keys() and all(torch.equal(straight[k], cut[k]) for k in straight)
+
+
+def test_experiment_vit_runs_the_write_up_on_the_vit_with_the_paper_s_adapter(vera):
+    quick = ["--set", f"pretrain.{TINY_VIT_SETTINGS}", "--set", "pretrain.train.epochs=1", "--set",
+             "pretrain.train.batch_size=32", "--set", "adapt.train.epochs=1"]
+    result = vera("experiment", "--config", "experiment-vit", *quick, "--run-dir", "runs/exp")
+    assert result.code == 0, result.err
+    summary = json.loads(Path("runs/exp/summary.json").read_text())
+    # Rank 256 on query and value of both blocks (16 -> 16): d and b per layer.
+    assert summary["counts"]["trainable"] == 2 * 2 * (256 + 16)
+    assert summary["adapted"] == json.loads(Path("runs/exp/adapt/summary.json").read_text())["test"]
