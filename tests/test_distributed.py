@@ -97,7 +97,18 @@ def test_ddp_adapt_resumes_under_torchrun_to_the_one_process_adapter(vera, pretr
     assert [json.loads(line)["epoch"] for line in (cut / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
-def test_interrupted_compare_resumes_on_two_processes_to_the_one_process_table(vera, pretrained, monkeypatch, tmp_path):
+@pytest.fixture
+def one_thread():
+    """Each rank runs its rows on one thread (its share of the cores); so does the one-process run
+    then, so that rows compare bit for bit whatever thread count the machine defaults to."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_interrupted_compare_resumes_on_two_processes_to_the_one_process_table(vera, pretrained, monkeypatch, tmp_path,
+                                                                              one_thread):
     from vera_cli.commands import compare as compare_module
 
     grid = ["--methods", "vera,lora,head", "--ranks", "2", "--seeds", "2", "--epochs", "1"]

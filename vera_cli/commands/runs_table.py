@@ -54,6 +54,7 @@ class RunEntry:
     wall_seconds: Optional[float] = None
     pid: Optional[int] = None
     problem: Optional[str] = None
+    created_ns: Optional[int] = None  # orders runs created within one second (`created` shows seconds)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -84,6 +85,7 @@ def read_entry(path: Path, root: Path) -> RunEntry:
         return entry
     entry.kind, entry.status = status.get("kind"), str(status.get("status", UNREADABLE))
     entry.created, entry.wall_seconds, entry.pid = status.get("created"), status.get("wall_seconds"), status.get("pid")
+    entry.created_ns = status.get("created_ns") if isinstance(status.get("created_ns"), int) else None
     finished_adapter = entry.kind == "adapt" and entry.status == "finished"
     settings_file = ADAPTER_META_FILE if finished_adapter else "config.yaml"
     try:
@@ -165,7 +167,7 @@ def select(entries: list[RunEntry], kind: Optional[str] = None, status: Optional
             and (not classes or set(classes) <= set(e.classes or []))]
 
 
-SORT_KEYS = tuple(f.name for f in fields(RunEntry) if f.name not in ("path", "pid", "problem"))
+SORT_KEYS = tuple(f.name for f in fields(RunEntry) if f.name not in ("path", "pid", "problem", "created_ns"))
 
 
 def sort_entries(entries: list[RunEntry], key: str, reverse: bool = False) -> list[RunEntry]:
@@ -175,7 +177,8 @@ def sort_entries(entries: list[RunEntry], key: str, reverse: bool = False) -> li
     present = [e for e in entries if getattr(e, key) is not None]
     missing = [e for e in entries if getattr(e, key) is None]
     descending = (key in DESCENDING) != reverse
-    return sorted(present, key=lambda e: _sortable(getattr(e, key)), reverse=descending) + missing
+    order = (lambda e: (e.created, e.created_ns or 0)) if key == "created" else (lambda e: _sortable(getattr(e, key)))
+    return sorted(present, key=order, reverse=descending) + missing
 
 
 def _sortable(value: Any) -> Any:
