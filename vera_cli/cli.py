@@ -135,7 +135,7 @@ def pretrain(
 def adapt(
     classes: list[str] = typer.Option([], "--classes", help="classes to fine-tune on: --classes cat bird dog",
                                       autocompletion=complete.complete_classes),
-    method: Optional[str] = typer.Option(None, "--method", help="vera (default), lora, full or head: picks configs/adapt-<method>.yaml",
+    method: Optional[str] = typer.Option(None, "--method", help="vera (default), lora, full or head: picks the adapt-<method> config",
                                          autocompletion=complete.complete_methods),
     rank: Optional[int] = typer.Option(None, "--rank", help="adapter rank"),
     sharing: Optional[str] = typer.Option(None, "--sharing", help="VeRA projection sharing: per-shape or sliced"),

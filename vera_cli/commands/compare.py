@@ -2,7 +2,7 @@
 
 Each grid point (method, rank, targets, forgetting option, seed) is an ordinary adapt run
 in `<run>/rows/<name>/`, each with its method's own tuned config
-(`configs/adapt-<method>.yaml`). A row is appended to `rows.jsonl` as soon as its
+(the `adapt-<method>` config). A row is appended to `rows.jsonl` as soon as its
 run finishes, and the aggregated table (CSV, JSON) is rewritten, so an
 interrupted comparison keeps every finished row and `--resume` runs only the rest.
 
