@@ -16,7 +16,10 @@ Measures, on whatever machine runs it (targets: TARGETS below, one table):
   5. pretrain step throughput against the arithmetic limit of this machine (FLOPs per
      image counted by torch.utils.flop_counter; the best of several sgemm trials);
   6. VeRA against LoRA on every conv and linear layer: training step and unmerged
-     inference (conv_adapters.py).
+     inference (conv_adapters.py);
+  7. the ViT of pretrain-vit: pretrain step throughput, and VeRA's training step and unmerged
+     inference against LoRA's and PEFT's VeRA (vit_adapters.py);
+  8. the few-shot protocol's adaptation (experiment-fewshot's adapt section) on the experiment's base.
 Prints a markdown report and writes it to the output folder (not in --smoke mode). The
 classic pipeline is part of the benchmark only, not of the product.
 """
@@ -43,15 +46,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conv_adapters import conv_adapter_timing
 from timing import median_seconds, round_robin_ms
+from vit_adapters import adapter_costs
 from vera_cli import config as config_module
 from vera_cli.adapters.inject import inject, merged_plain
 from vera_cli.bases import load_pretrained
-from vera_cli.commands.adapt import build_pipeline
+from vera_cli.commands.adapt import build_pipeline, run_adapt
 from vera_cli.commands.pretrain import run_pretrain
-from vera_cli.config import AdaptConfig, AdapterConfig, PretrainConfig, TrainConfig
+from vera_cli.config import AdaptConfig, AdapterConfig, ExperimentConfig, PretrainConfig, TrainConfig
 from vera_cli.data import batches, class_ids, load_cifar10
 from vera_cli.metrics import predict_logits
-from vera_cli.models import ConvNet
+from vera_cli.models import ConvNet, build_model
 from vera_cli.runs import Run, environment
 from vera_cli.train import Trainer
 
@@ -70,10 +74,13 @@ class Scale:
     throughput_images: int
     peft_steps: int
     conv_rounds: int
+    vit_images: int
+    vit_rounds: int
+    fewshot_steps: Optional[int]  # None: the config's own min_steps
 
 
-FULL = Scale(6, (), 5, 2000, 12_800, 100, 30)
-SMOKE = Scale(1, ("--set", "pretrain.train.epochs=1", "--set", "adapt.train.epochs=1"), 1, 20, 512, 3, 1)
+FULL = Scale(6, (), 5, 2000, 12_800, 100, 30, 2048, 30, None)
+SMOKE = Scale(1, ("--set", "pretrain.train.epochs=1", "--set", "adapt.train.epochs=1"), 1, 20, 512, 3, 1, 64, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,9 @@ TARGETS = {
     "peft_loop": Target("VeRA adaptation epoch against a PEFT-VeRA loop", ">= 5x faster", lambda r: r >= 5),
     "merged_inference": Target("merged inference against the base", "<= 1.02", lambda r: r <= 1.02),
     "throughput": Target("pretrain step throughput", ">= 25,000 img/s", lambda r: r >= 25_000),
+    "vit_step": Target("ViT, VeRA r256 training step against LoRA r8's (attention)", "<= 1.05", lambda r: r <= 1.05),
+    "vit_inference": Target("ViT, unmerged VeRA inference overhead against PEFT's VeRA", "below PEFT's",
+                            lambda r: r < 1),
     "peak_rss": Target("peak RSS of `vera experiment` against the uint8 dataset", "dataset the largest allocation",
                        lambda r: True),
 }
@@ -271,23 +281,27 @@ def inference(base_run: str, scale: Scale) -> dict:
     return {name: {"ms": t, "ratio": t / times["base"]} for name, t in times.items()}
 
 
-def throughput(data_dir: str, scale: Scale) -> dict:
+def step_throughput(model: torch.nn.Module, cfg: TrainConfig, data_dir: str, images: int) -> float:
+    """Images per second of augmented training steps as `vera pretrain` runs them (after three warm-up steps)."""
     data = load_cifar10(data_dir, download=False)
+    trainer = Trainer(model, model, cfg, steps_per_epoch=100)
+    generator = torch.Generator().manual_seed(0)
+    # Epoch after epoch, so that a small (smoke) data set still fills every timed step.
+    source = itertools.chain.from_iterable(batches(data.train, cfg.batch_size, generator, crop=True, flip=True)
+                                           for _ in itertools.count())
+    warm = [next(source) for _ in range(3)]
+    trainer.epoch(0, iter(warm), 3 * cfg.batch_size, progress=False)
+    steps = max(1, images // cfg.batch_size)
+    return trainer.epoch(1, (b for _, b in zip(range(steps), source)), steps * cfg.batch_size,
+                         progress=False).images_per_second
+
+
+def throughput(data_dir: str, scale: Scale) -> dict:
     rows = []
     for batch_size in (128, 256, 512):
         torch.manual_seed(0)
-        model = ConvNet()
-        cfg = TrainConfig(batch_size=batch_size, lr=0.01)
-        trainer = Trainer(model, model, cfg, steps_per_epoch=100)
-        generator = torch.Generator().manual_seed(0)
-        # Epoch after epoch, so that a small (smoke) data set still fills every timed step.
-        source = itertools.chain.from_iterable(batches(data.train, batch_size, generator, crop=True, flip=True)
-                                               for _ in itertools.count())
-        warm = [next(source) for _ in range(3)]
-        trainer.epoch(0, iter(warm), 3 * batch_size, progress=False)
-        steps = max(1, scale.throughput_images // batch_size)
-        stats = trainer.epoch(1, (b for _, b in zip(range(steps), source)), steps * batch_size, progress=False)
-        rows.append({"batch_size": batch_size, "images_per_second": stats.images_per_second})
+        rate = step_throughput(ConvNet(), TrainConfig(batch_size=batch_size, lr=0.01), data_dir, scale.throughput_images)
+        rows.append({"batch_size": batch_size, "images_per_second": rate})
     a = torch.randn(2048, 2048)
     # The best of several trials: one sgemm timing on a shared machine can read half the peak.
     seconds = min(median_seconds(lambda: a @ a, 3) for _ in range(max(3, scale.repeats)))
@@ -295,6 +309,30 @@ def throughput(data_dir: str, scale: Scale) -> dict:
     flops = flops_per_training_image()
     return {"rows": rows, "sgemm_gflops": gflops, "flops_per_image": flops,
             "limit_images_per_second": gflops * 1e9 / flops}
+
+
+def vit(data_dir: str, scale: Scale) -> dict:
+    """The pretrain-vit model: its training step rate, and VeRA r256 against LoRA r8 and PEFT on `attention`."""
+    cfg = config_module.load(PretrainConfig, "pretrain-vit", {})
+    torch.manual_seed(0)
+    rate = step_throughput(build_model(cfg.model), cfg.train, data_dir, scale.vit_images)
+    torch.manual_seed(0)
+    costs = adapter_costs(build_model(cfg.model), ["attention"], rounds=scale.vit_rounds)
+    return {"images_per_second": rate, "batch_size": cfg.train.batch_size, "epoch_seconds": 50_000 / rate, **costs}
+
+
+def fewshot(base_run: str, data_dir: str, workdir: Path, scale: Scale) -> dict:
+    """Wall time of experiment-fewshot's adaptation (10 images per class, distillation, head) on `base_run`."""
+    overrides = {"base": base_run, "data.dir": data_dir, "device": "cpu", "run_dir": str(workdir / "fewshot")}
+    if scale.fewshot_steps is not None:
+        overrides["min_steps"] = scale.fewshot_steps
+    experiment_cfg = config_module.build(ExperimentConfig, config_module.read_config("experiment-fewshot"))
+    cfg = config_module.build(AdaptConfig, config_module.apply_overrides(config_module.to_dict(experiment_cfg.adapt),
+                                                                          overrides))
+    started = time.perf_counter()
+    result = run_adapt(cfg, log=quiet, progress=False)
+    return {"wall": time.perf_counter() - started, "shots": cfg.shots, "steps": cfg.min_steps,
+            "chosen": result.test.chosen, "rest": result.test.rest}
 
 
 def machine() -> dict:
@@ -356,6 +394,21 @@ def report(results: dict) -> str:
         ms = conv[key]
         lines.append(f"| conv + linear adapters, {measure}: vera r32 | {ms['vera r32']:.3f} ms | lora r8 "
                      f"{ms['lora r8']:.3f} ms (r32 {ms['lora r32']:.3f} ms) | {ms['vera r32'] / ms['lora r8']:.2f} | - |")
+    v = results["vit"]
+    lines.append(f"| ViT (pretrain-vit) step throughput, batch {v['batch_size']} | {v['images_per_second']:,.0f} img/s "
+                 f"({v['epoch_seconds']:.0f} s an epoch) | - | - | - |")
+    step_ratio = v["train_ratio"]["vera / lora"]
+    lines.append(f"| ViT training step, batch {v['batch']}: vera r256 ({v['trainable']['vera']:,} trainable) | "
+                 f"{v['train_ms']['vera']:.2f} ms | lora r8 {v['train_ms']['lora']:.2f} ms | {step_ratio:.2f} | "
+                 f"{verdict('vit_step', step_ratio)} |")
+    if "peft vera" in v["inference_ms"]:
+        ours, theirs = v["inference_ratio"]["vera / base"], v["inference_ratio"]["peft vera / base"]
+        relative = (ours - 1) / (theirs - 1)
+        lines.append(f"| ViT unmerged inference, batch {v['batch']}: vera r256 / base | {ours:.2f} | PEFT vera / base "
+                     f"{theirs:.2f} | overhead {relative:.2f} of PEFT's | {verdict('vit_inference', relative)} |")
+    fs = results["fewshot"]
+    lines.append(f"| few-shot adaptation (experiment-fewshot: {fs['shots']} images per class, {fs['steps']} steps) | "
+                 f"{fs['wall']:.1f} s wall | - | - | - |")
     adapt_base, adapt_test = e["adapt"]["base"], e["adapt"]["test"]
     lines += ["", "Throughput by batch size: " + ", ".join(
         f"{r['batch_size']}: {r['images_per_second']:,.0f} img/s" for r in t["rows"]), "",
@@ -404,6 +457,10 @@ def main() -> None:
         results["throughput"] = throughput(data_dir, scale)
         print("conv adapters ...", flush=True)
         results["conv"] = conv_adapter_timing(scale.conv_rounds)
+        print("vit ...", flush=True)
+        results["vit"] = vit(data_dir, scale)
+        print("few-shot adaptation ...", flush=True)
+        results["fewshot"] = fewshot(results["experiment"]["base_run"], data_dir, workdir, scale)
     text = report(results)
     if not args.smoke:
         out = Path(args.out)

@@ -160,14 +160,19 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
+# Classifying the 10,000 test images costs a fifth of a pretraining epoch and more than a whole
+# few-shot epoch: the test set is evaluated at most this many times per run (always after the last epoch).
+MAX_EVALUATIONS = 10
+
+
 def fit(trainer: Trainer, model: nn.Module, source: Callable[[torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]],
         num_images: int, generator: torch.Generator, evaluate: Callable[[], dict],
-        on_epoch: Callable[[EpochStats, dict | None], None], start_epoch: int = 1, progress: bool = True,
-        evaluate_every: int = 1) -> dict:
-    """Train from `start_epoch` to the configured last epoch, evaluating after every `evaluate_every`-th
-    epoch and the last (`on_epoch` gets None after the others); returns the last evaluation."""
+        on_epoch: Callable[[EpochStats, dict | None], None], start_epoch: int = 1, progress: bool = True) -> dict:
+    """Train from `start_epoch` to the configured last epoch, evaluating after every k-th epoch (k spreads
+    MAX_EVALUATIONS over the run) and the last; `on_epoch` gets None after the others. Returns the last evaluation."""
     report = None
     last = trainer.cfg.epochs
+    evaluate_every = math.ceil(last / MAX_EVALUATIONS)
     for epoch in range(start_epoch, last + 1):
         model.train()
         stats = trainer.epoch(epoch, source(generator), num_images, progress)

@@ -149,11 +149,6 @@ def masked_to(chosen: list[int], forward: Forward, source: BatchSource,
     return (lambda x: forward(x).index_select(1, chosen_ids)), masked_source
 
 
-# A few-shot set takes dozens of passes, each far cheaper than classifying the 10,000 test images:
-# evaluate the test set at most this many times per run (always after the last epoch).
-MAX_EVALUATIONS = 10
-
-
 def epochs_for(cfg: AdaptConfig, steps_per_epoch: int) -> int:
     """`train.epochs`, or more when that many passes fall short of `min_steps` (a few-shot set)."""
     return max(cfg.train.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
@@ -203,8 +198,7 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
             recorder = EpochRecorder(run, model, trainer, generator, log, listeners)
             report = fit(trainer, model, source, len(train_split), generator,
                          lambda: accuracy_report(pipeline.test_logits(), data.test.labels, data.classes, chosen),
-                         lambda stats, report: life.by_writer(lambda: recorder(stats, report)), start, progress,
-                         evaluate_every=math.ceil(train_cfg.epochs / MAX_EVALUATIONS))
+                         lambda stats, report: life.by_writer(lambda: recorder(stats, report)), start, progress)
         validation = accuracy_report(pipeline.logits_of(validation_split)(), validation_split.labels, data.classes,
                                      chosen) if len(validation_split) else None
         classes = [data.classes[i] for i in chosen]

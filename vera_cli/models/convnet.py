@@ -28,8 +28,10 @@ class ConvNet(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         # oneDNN's convolutions run 10-40 % faster on channels-last input (measured on 2 CPU cores).
         x = x.contiguous(memory_format=torch.channels_last)
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        # ReLU after the pool, not before: the two commute exactly, and the ReLU and its backward
+        # then touch a quarter of the values.
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(self.conv2(x), 2))
         return torch.flatten(x, 1)
 
     def classifier(self, x: torch.Tensor) -> torch.Tensor:
