@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from vera_cli.config import TrainConfig
-from vera_cli.train import Trainer, lr_factor
+from vera_cli.train import Trainer, fit, lr_factor
 
 
 def test_linear_schedule_warms_up_then_decays_to_zero_at_every_step():
@@ -35,3 +35,16 @@ def test_precision_sets_the_forward_dtype_and_keeps_fp32_weights(precision, dtyp
     trainer.epoch(1, iter(batches), 8, progress=False)
     assert all(out.dtype == dtype for out in seen)
     assert model[0].weight.dtype == torch.float32 and not torch.equal(model[0].weight, before)
+
+
+def test_fit_spreads_at_most_ten_test_evaluations_over_a_long_run_and_always_evaluates_the_last_epoch():
+    model = torch.nn.Linear(4, 3)
+    cfg = TrainConfig(epochs=25, batch_size=2, lr=0.1)
+    trainer = Trainer(model, model, cfg, steps_per_epoch=1)
+    batch = (torch.randn(2, 4), torch.tensor([0, 2]))
+    reports = []
+    final = fit(trainer, model, lambda generator: iter([batch]), 2, torch.Generator(),
+                lambda: {"epoch": len(reports) + 1}, lambda stats, report: reports.append((stats.epoch, report)))
+    evaluated = [epoch for epoch, report in reports if report is not None]
+    assert [epoch for epoch, _ in reports] == list(range(1, 26))
+    assert evaluated == [3, 6, 9, 12, 15, 18, 21, 24, 25] and final == reports[-1][1]
