@@ -109,11 +109,22 @@ def test_vera_conv_forward_equals_the_convolution_with_the_explicit_kernel():
     assert torch.allclose(vera(x), expected, atol=1e-5)
 
 
-def test_vera_conv_unmerged_forward_never_builds_the_kernel(monkeypatch):
+def test_vera_conv_builds_the_kernel_in_forward_only_where_that_costs_less_and_trains_the_same(monkeypatch):
     _, _, vera = conv_under_test()
-    expected = vera(torch.ones(1, 3, 8, 8))
-    monkeypatch.setattr(VeraConv2d, "delta_weight", lambda self: pytest.fail("full kernel built in forward"))
-    assert torch.equal(vera(torch.ones(1, 3, 8, 8)), expected)
+    built = []
+    original = VeraConv2d.delta_weight
+    monkeypatch.setattr(VeraConv2d, "delta_weight", lambda self: built.append(1) or original(self))
+    # Rank 4, fan-in 18, 5 outputs: with a backward the kernel costs less from 8 output positions on.
+    small, large = torch.randn(1, 3, 4, 4), torch.randn(4, 3, 16, 16)
+    vera(small)
+    assert built == []
+    for x in (small, large):
+        weight_path = vera(x)
+        factored = vera.base(x) + vera.delta(x)
+        assert torch.allclose(weight_path, factored, atol=1e-5)
+        grads = [torch.autograd.grad(y.square().sum(), [vera.vera_d, vera.vera_b]) for y in (weight_path, factored)]
+        assert all(torch.allclose(g, h, rtol=1e-4, atol=1e-5) for g, h in zip(*grads))
+    assert built == [1]  # the large input only
 
 
 def test_per_shape_pairs_are_keyed_by_fan_in_and_out_across_conv_and_linear():

@@ -26,6 +26,10 @@ class LoraLayer(AdaptedLayer):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling = alpha / rank
 
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x, self.lora_A), self.lora_B) * self.scaling
 

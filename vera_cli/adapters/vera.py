@@ -25,6 +25,10 @@ class VeraLayer(AdaptedLayer):
         # A tuple keeps the bank out of this module's children: the model registers it once.
         self._bank = (bank,)
 
+    @property
+    def rank(self) -> int:
+        return self.vera_d.shape[0]
+
     def projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._bank[0].projections(self.fan_in, self.out_features)
 
