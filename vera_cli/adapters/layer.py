@@ -5,8 +5,8 @@ A delta is built from two factors, a "down" one (r x fan_in) and an "up" one
 base type has a geometry mixin: nn.Linear multiplies over the last dimension;
 nn.Conv2d runs the down factor as a convolution with the layer's own kernel size,
 stride, padding and dilation into r channels, and the up factor as a 1x1
-convolution, as PEFT's LoRA does. The full (out, in, kh, kw) kernel is only
-built for merging.
+convolution, as PEFT's LoRA does. The full (out, in, kh, kw) kernel is built for
+merging, and in a forward pass only where that costs fewer multiply-adds.
 """
 
 from __future__ import annotations

@@ -46,4 +46,4 @@ class VeraLinear(LinearGeometry, VeraLayer):
 
 
 class VeraConv2d(Conv2dGeometry, VeraLayer):
-    """VeRA on an nn.Conv2d, run unmerged as a conv into r channels and a 1x1 conv."""
+    """VeRA on an nn.Conv2d: unmerged, a conv into r channels and a 1x1 conv (or the full kernel where cheaper)."""
