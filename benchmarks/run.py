@@ -19,7 +19,8 @@ Measures, on whatever machine runs it (targets: TARGETS below, one table):
      inference (conv_adapters.py);
   7. the ViT of pretrain-vit: pretrain step throughput, and VeRA's training step and unmerged
      inference against LoRA's and PEFT's VeRA (vit_adapters.py);
-  8. the few-shot protocol's adaptation (experiment-fewshot's adapt section) on the experiment's base.
+  8. the few-shot protocol's adaptation (experiment-fewshot's adapt section) on the experiment's base;
+  9. a `vera compare` grid in one process against the same grid spread over two (torchrun).
 Prints a markdown report and writes it to the output folder (not in --smoke mode). The
 classic pipeline is part of the benchmark only, not of the product.
 """
@@ -77,10 +78,11 @@ class Scale:
     vit_images: int
     vit_rounds: int
     fewshot_steps: Optional[int]  # None: the config's own min_steps
+    grid_epochs: int
 
 
-FULL = Scale(6, (), 5, 2000, 12_800, 100, 30, 2048, 30, None)
-SMOKE = Scale(1, ("--set", "pretrain.train.epochs=1", "--set", "adapt.train.epochs=1"), 1, 20, 512, 3, 1, 64, 1, 2)
+FULL = Scale(6, (), 5, 2000, 12_800, 100, 30, 2048, 30, None, 6)
+SMOKE = Scale(1, ("--set", "pretrain.train.epochs=1", "--set", "adapt.train.epochs=1"), 1, 20, 512, 3, 1, 64, 1, 2, 1)
 
 
 @dataclass(frozen=True)
@@ -335,6 +337,29 @@ def fewshot(base_run: str, data_dir: str, workdir: Path, scale: Scale) -> dict:
             "chosen": result.test.chosen, "rest": result.test.rest}
 
 
+def distributed_grid(base_run: str, data_dir: str, workdir: Path, scale: Scale) -> dict:
+    """Wall time of one `vera compare` grid (vera and lora at two ranks) in one process and under torchrun
+    with two, each in a child process, and how far the two tables' accuracies lie apart (the ranks run on
+    one thread each, the single process on all: float sums may differ in order)."""
+    grid = ["compare", "--base", base_run, "--data-dir", data_dir, "--device", "cpu", "--methods", "vera,lora",
+            "--ranks", "4,32", "--epochs", str(scale.grid_epochs), "--no-progress"]
+    launchers = {"one process": [sys.executable, "-m", "vera_cli"],
+                 "torchrun, 2 processes": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                           "--nproc-per-node", "2", "-m", "vera_cli"]}
+    result = {}
+    for name, launcher in launchers.items():
+        run_dir = workdir / f"grid-{len(result)}"
+        started = time.perf_counter()
+        subprocess.run([*launcher, *grid, "--run-dir", str(run_dir)], check=True, cwd=workdir,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        rows = json.loads((run_dir / "table.json").read_text())
+        result[name] = {"wall": time.perf_counter() - started,
+                        "overall": {f"{row['method']} r{row['rank']}": row["overall"] for row in rows}}
+    one, two = (entry["overall"] for entry in result.values())
+    result["largest_difference"] = max(abs(one[row] - two[row]) for row in one)
+    return result
+
+
 def machine() -> dict:
     cpu = "unknown"
     try:
@@ -409,6 +434,10 @@ def report(results: dict) -> str:
     fs = results["fewshot"]
     lines.append(f"| few-shot adaptation (experiment-fewshot: {fs['shots']} images per class, {fs['steps']} steps) | "
                  f"{fs['wall']:.1f} s wall | - | - | - |")
+    g = results["grid"]
+    one, two = g["one process"]["wall"], g["torchrun, 2 processes"]["wall"]
+    lines.append(f"| `vera compare` grid (vera, lora x r4, r32), torchrun 2 processes | {two:.1f} s wall | one process "
+                 f"{one:.1f} s | speed-up {one / two:.2f}x | accuracies within {g['largest_difference']:.2%} |")
     adapt_base, adapt_test = e["adapt"]["base"], e["adapt"]["test"]
     lines += ["", "Throughput by batch size: " + ", ".join(
         f"{r['batch_size']}: {r['images_per_second']:,.0f} img/s" for r in t["rows"]), "",
@@ -461,6 +490,8 @@ def main() -> None:
         results["vit"] = vit(data_dir, scale)
         print("few-shot adaptation ...", flush=True)
         results["fewshot"] = fewshot(results["experiment"]["base_run"], data_dir, workdir, scale)
+        print("distributed grid ...", flush=True)
+        results["grid"] = distributed_grid(results["experiment"]["base_run"], data_dir, workdir, scale)
     text = report(results)
     if not args.smoke:
         out = Path(args.out)
