@@ -73,3 +73,24 @@ def test_runs_created_in_the_same_second_by_several_processes_get_distinct_direc
     for path in made:
         assert json.loads((Path(path) / "status.json").read_text())["status"] == "running"
         assert (Path(path) / "config.yaml").read_text() == "seed: 0\n"
+
+
+def test_a_lock_interrupted_while_releasing_never_closes_its_descriptor_twice(tmp_path, monkeypatch):
+    lock = RunLock.acquire(tmp_path)
+    closed = []
+    real_close = os.close
+
+    def close_then_interrupt(fd):
+        real_close(fd)
+        closed.append(fd)
+        raise KeyboardInterrupt  # Ctrl-C right after the close
+
+    monkeypatch.setattr(os, "close", close_then_interrupt)
+    try:
+        lock.release()
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(os, "close", closed.append)
+    lock.release()
+    lock.__del__()  # what the interpreter calls at exit
+    assert len(closed) == 1

@@ -56,9 +56,11 @@ class RunLock:
 
     def release(self) -> None:
         # The file stays: unlinking it would let a waiting process lock an inode nobody else sees.
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        # The descriptor is forgotten before it is closed: a Ctrl-C between the two steps would
+        # otherwise leave __del__ closing it again (EBADF at exit, or another file's reused number).
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     def __del__(self) -> None:
         self.release()
