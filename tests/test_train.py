@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from vera_cli.config import TrainConfig
-from vera_cli.train import Trainer, fit, lr_factor
+from vera_cli.train import Trainer, fit, lr_factor, make_optimizer
 
 
 def test_linear_schedule_warms_up_then_decays_to_zero_at_every_step():
@@ -21,6 +21,27 @@ def test_cosine_and_constant_schedules():
     cosine = TrainConfig(schedule="cosine", warmup=0.0)
     assert [lr_factor(s, 4, cosine) for s in range(5)] == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466, 0.0])
     assert {lr_factor(s, 100, TrainConfig(schedule="constant")) for s in range(100)} == {1.0}
+
+
+@pytest.mark.parametrize("optimizer, reference", [
+    ("sgd", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, foreach=False)),
+    ("adamw", lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=5e-4, foreach=False))])
+def test_the_fused_optimizer_takes_the_same_steps_as_the_per_parameter_loop(optimizer, reference):
+    torch.manual_seed(0)
+    ours = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    fused = make_optimizer(ours, TrainConfig(lr=0.1, optimizer=optimizer, weight_decay=5e-4))
+    plain = reference(theirs)
+    assert fused.param_groups[0]["fused"] is True
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in ours]
+        for params, opt in ((ours, fused), (theirs, plain)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(ours, theirs):
+        assert not torch.equal(a, torch.zeros_like(a))
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
