@@ -47,7 +47,7 @@ def host_to_device_copies(data: Cifar10, device: torch.device) -> int:
     model = build_model(cfg.model).to(device)
     trainer = Trainer(model, model, cfg.train, steps_per_epoch=10)
     generator = make_generator(0, device)
-    steps = iter(batches(data.train, cfg.train.batch_size, generator, crop=True, flip=True))
+    steps = iter(batches(data.train, cfg.train.batch_size, generator, cfg.train.crop_pixels, flip=True))
     trainer.epoch(0, (next(steps) for _ in range(2)), 2 * cfg.train.batch_size, progress=False)  # warm-up
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         trainer.epoch(1, (next(steps) for _ in range(10)), 10 * cfg.train.batch_size, progress=False)
@@ -87,7 +87,7 @@ def main() -> None:
         raise SystemExit("no CUDA device here")
     device = torch.device("cpu" if args.dry_run else "cuda")
     data = load_cifar10(args.data_dir, download=False).to(device)
-    images, labels = next(batches(data.train, 256, make_generator(0, device), crop=True, flip=True))
+    images, labels = next(batches(data.train, 256, make_generator(0, device), crop_padding=2, flip=True))
     assert images.device == labels.device == data.train.images.device == device
     # No GPU, no copy to count: the dry run checks the rest of the script.
     copies = 0 if args.dry_run else host_to_device_copies(data, device)

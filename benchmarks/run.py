@@ -289,7 +289,7 @@ def step_throughput(model: torch.nn.Module, cfg: TrainConfig, data_dir: str, ima
     trainer = Trainer(model, model, cfg, steps_per_epoch=100)
     generator = torch.Generator().manual_seed(0)
     # Epoch after epoch, so that a small (smoke) data set still fills every timed step.
-    source = itertools.chain.from_iterable(batches(data.train, cfg.batch_size, generator, crop=True, flip=True)
+    source = itertools.chain.from_iterable(batches(data.train, cfg.batch_size, generator, cfg.crop_pixels, flip=True)
                                            for _ in itertools.count())
     warm = [next(source) for _ in range(3)]
     trainer.epoch(0, iter(warm), 3 * cfg.batch_size, progress=False)

@@ -8,7 +8,11 @@ from vera_cli.errors import VeraError
 
 
 def test_every_shipped_config_parses():
-    assert config.load(PretrainConfig, "pretrain", {}).train.crop is True
+    convnet = config.load(PretrainConfig, "pretrain", {}).train
+    assert convnet.crop is True and convnet.crop_pixels == 2
+    # The ViT's 61.78 % was measured with the usual padding of 4; pretrain's 2 must not leak into it.
+    assert config.load(PretrainConfig, "pretrain-vit", {}).train.crop_pixels == 4
+    assert config.load(PretrainConfig, "pretrain", {"train.crop": False}).train.crop_pixels == 0
     for method in config.METHODS:
         parsed = config.load(AdaptConfig, f"adapt-{method}", {})
         assert parsed.adapter.method == method
@@ -57,6 +61,8 @@ def test_wrong_type_names_key_and_expected_type():
         config.build(PretrainConfig, {"train": {"epochs": "many"}})
     with pytest.raises(VeraError, match=r"train\.crop must be true or false"):
         config.build(PretrainConfig, {"train": {"crop": 1}})
+    with pytest.raises(VeraError, match=r"train\.crop_padding must be 1 to 16 pixels, got 0"):
+        config.build(PretrainConfig, {"train": {"crop_padding": 0}})
 
 
 def test_choice_fields_suggest_the_nearest_value():

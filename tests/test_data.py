@@ -133,6 +133,20 @@ def test_random_crop_is_a_shifted_window_and_deterministic():
         assert any(torch.equal(first[i], w) for w in windows)
 
 
+def test_batches_crop_within_the_configured_padding():
+    # Every image is one constant colour, so a crop shows its zero padding as a border of zeros: its
+    # width is the window's shift, which must never exceed crop_padding and must reach it for some image.
+    split = Split(torch.full((200, 3, 32, 32), 200, dtype=torch.uint8), torch.arange(200) % 10)
+    for padding in (2, 4):
+        images = torch.cat([x for x, _ in batches(split, 50, torch.Generator().manual_seed(0), crop_padding=padding)])
+        zero_rows = (images[:, 0] < 0).all(2).sum(1)  # normalised 0 is negative, 200 positive
+        zero_cols = (images[:, 0] < 0).all(1).sum(1)
+        assert int(zero_rows.max()) == int(zero_cols.max()) == padding
+        assert int(zero_rows.min()) == 0
+    unshifted = torch.cat([x for x, _ in batches(split, 50, torch.Generator().manual_seed(0))])
+    assert bool((unshifted > 0).all())
+
+
 def test_random_flip_mirrors_about_half_of_a_batch():
     images = torch.randint(0, 256, (400, 3, 32, 32), dtype=torch.uint8)
     flipped = random_flip(images, torch.Generator().manual_seed(0))

@@ -27,7 +27,6 @@ META_FILE = "batches.meta"
 # Per-channel statistics of the CIFAR-10 training images (0-1 scale).
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-CROP_PADDING = 4
 
 # The batch files are pickles of dicts of numpy arrays: these are the only globals
 # such a file needs. Anything else (os.system, builtins.eval, ...) is refused.
@@ -261,14 +260,17 @@ def batches(
     split: Split,
     batch_size: int,
     generator: torch.Generator | None = None,
-    crop: bool = False,
+    crop_padding: int = 0,
     flip: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield normalised (images, labels) batches; shuffled and augmented when a generator is given."""
+    """Yield normalised (images, labels) batches; shuffled and augmented when a generator is given.
+
+    `crop_padding`: pixels of zero padding around each image before a random crop (0: no crop).
+    """
     for index in batch_indices(len(split), batch_size, generator, split.labels.device):
         images = split.images[index]
-        if generator is not None and crop:
-            images = random_crop(images, CROP_PADDING, generator)
+        if generator is not None and crop_padding:
+            images = random_crop(images, crop_padding, generator)
         if generator is not None and flip:
             images = random_flip(images, generator)
         yield normalize(images), split.labels[index]

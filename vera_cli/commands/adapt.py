@@ -106,7 +106,7 @@ def build_pipeline(model: nn.Module, train_split: Split, test_split: Split, cfg:
     do not either unless augmentation is on.
     """
     train = cfg.train
-    image_batches = lambda generator: batches(train_split, train.batch_size, generator, train.crop, train.flip)  # noqa: E731
+    image_batches = lambda generator: batches(train_split, train.batch_size, generator, train.crop_pixels, train.flip)  # noqa: E731
     if not (cfg.cache_features and prefix_is_frozen(model)):
         plain_logits = lambda split: lambda: predict_logits(model, split)  # noqa: E731
         return Pipeline(model, image_batches, plain_logits, plain_logits(test_split))

@@ -73,7 +73,7 @@ def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, d
             + f"{device}{world.note()}, run {run.path}" + (f", resuming at epoch {start}" if resume else ""))
         with training_logs(life.logging(cfg.logging), run, trainer, life.recorded) as listeners:
             recorder = EpochRecorder(run, model, trainer, generator, log, listeners)
-            report = fit(trainer, model, lambda g: batches(images, train.batch_size, g, train.crop, train.flip),
+            report = fit(trainer, model, lambda g: batches(images, train.batch_size, g, train.crop_pixels, train.flip),
                          len(images), generator,
                          lambda: accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes),
                          lambda stats, report: life.by_writer(lambda: recorder(stats, report)), start, progress)
