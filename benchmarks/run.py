@@ -6,7 +6,7 @@
 
 Measures, on whatever machine runs it (targets: TARGETS below, one table):
   1. the classic pipeline (per-image PIL transforms + DataLoader, batch 4, SGD lr 1e-3
-     momentum 0.9) against the `pretrain-fast` config: time to the classic pipeline's accuracy;
+     momentum 0.9) against the `pretrain-fast` config run for 3 epochs: time to the classic pipeline's accuracy;
   2. `vera experiment` with the defaults (default pretrain + VeRA adapt): wall time,
      accuracy, peak RSS;
   3. one VeRA adaptation epoch on cat/bird/dog through the product's own pipeline (the
@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -178,10 +179,15 @@ def classic_pipeline(data_dir: str, epochs: int) -> dict:
     return {"curve": curve, "seconds": elapsed, "accuracy": curve[-1]["accuracy"]}
 
 
+# pretrain-fast's schedule shortened to 3 epochs: it anneals sooner, so its third epoch lands about 3 points
+# above the third of six (58.45 / 59.48 % against 55.07 %, seeds 0 / 1, 2026-12-01), at the classic accuracy.
+FAST_EPOCHS = 3
+
+
 def ours_to_accuracy(data_dir: str, target: float, workdir: Path) -> dict:
-    """`configs/pretrain-fast.yaml`: training seconds until the test accuracy first reaches `target`."""
-    cfg = config_module.load(PretrainConfig, "pretrain-fast",
-                             {"data.dir": data_dir, "device": "cpu", "run_dir": str(workdir / "fast")})
+    """`vera pretrain --config pretrain-fast --epochs 3`: training seconds until the test accuracy first reaches `target`."""
+    cfg = config_module.load(PretrainConfig, "pretrain-fast", {"data.dir": data_dir, "device": "cpu",
+                                                               "run_dir": str(workdir / "fast"), "train.epochs": FAST_EPOCHS})
     started = time.perf_counter()
     result = run_pretrain(cfg, log=quiet, progress=False)
     wall = time.perf_counter() - started
@@ -300,9 +306,10 @@ def step_throughput(model: torch.nn.Module, cfg: TrainConfig, data_dir: str, ima
 
 def throughput(data_dir: str, scale: Scale) -> dict:
     rows = []
+    recipe = config_module.load(PretrainConfig, "pretrain", {}).train
     for batch_size in (128, 256, 512):
         torch.manual_seed(0)
-        rate = step_throughput(ConvNet(), TrainConfig(batch_size=batch_size, lr=0.01), data_dir, scale.throughput_images)
+        rate = step_throughput(ConvNet(), dataclasses.replace(recipe, batch_size=batch_size), data_dir, scale.throughput_images)
         rows.append({"batch_size": batch_size, "images_per_second": rate})
     a = torch.randn(2048, 2048)
     # The best of several trials: one sgemm timing on a shared machine can read half the peak.
@@ -382,7 +389,7 @@ def report(results: dict) -> str:
     to_acc = reached["train_seconds"] if reached else float("nan")
     speedup = c["seconds"] / to_acc
     lines.append(f"| time to the classic pipeline's {len(c['curve'])}-epoch accuracy ({c['accuracy']:.2%}) | "
-                 f"{to_acc:.1f} s training (epoch {reached['epoch'] if reached else '-'} of pretrain-fast; "
+                 f"{to_acc:.1f} s training (epoch {reached['epoch'] if reached else '-'} of pretrain-fast --epochs {FAST_EPOCHS}; "
                  f"whole run {f['wall']:.1f} s, {f['accuracy']:.2%}) | classic {c['seconds']:.1f} s | "
                  f"{speedup:.1f}x faster | {verdict('to_classic_accuracy', speedup)} |")
     share = e["wall"] / c["seconds"]
