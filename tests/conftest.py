@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,14 @@ from vera_cli import cli
 from vera_cli.checkpoint import EpochRecorder
 from vera_cli.models import ModelConfig, ViTConfig
 from synthetic import write_cifar
+
+
+def pytest_configure(config) -> None:
+    # A runner that starts pytest in the background of a script (`cmd &`) leaves SIGINT ignored, and every
+    # child inherits that; vera rightly keeps an inherited SIG_IGN, so the interrupt tests' Ctrl-C would be
+    # lost. They play a user at a terminal: children start with Python's usual SIGINT.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
