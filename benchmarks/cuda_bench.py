@@ -72,8 +72,8 @@ def inference_ms(model: torch.nn.Module, data: Cifar10, repeats: int = 5) -> flo
     """Milliseconds to predict the whole test split at batch 1024 (best of `repeats`)."""
     model.eval()
     with torch.no_grad():
-        predict_logits(model, data.test, 1024)
-        return 1000 * min(timed(lambda: predict_logits(model, data.test, 1024))[1] for _ in range(repeats))
+        predict_logits(model, data.test, batch_size=1024)
+        return 1000 * min(timed(lambda: predict_logits(model, data.test, batch_size=1024))[1] for _ in range(repeats))
 
 
 def main() -> None:

@@ -217,7 +217,8 @@ def experiment(data_dir: str, workdir: Path, scale: Scale) -> dict:
     pretrain = json.loads((run_dir / "pretrain" / "summary.json").read_text())
     adapt = json.loads((run_dir / "adapt" / "summary.json").read_text())
     return {"wall": wall, "peak_rss_mb": peak_kib / 1024, "pretrain_seconds": pretrain["wall_seconds"],
-            "pretrain_epochs": pretrain["epochs"], "pretrain": pretrain["test"], "adapt": adapt,
+            "pretrain_epochs": pretrain["epochs"], "pretrain": pretrain["test"], "tta": pretrain.get("tta", "none"),
+            "images_alone": pretrain.get("images_alone"), "adapt": adapt,
             "base_run": str(run_dir / "pretrain"), "summary": summary}
 
 
@@ -397,7 +398,9 @@ def report(results: dict) -> str:
                  f"{e['pretrain_epochs']} epochs) | classic {c['seconds']:.1f} s | {share:.2f} of its time | "
                  f"{verdict('experiment_time', share)} |")
     accuracy = e["pretrain"]["overall"]
-    lines.append(f"| default pretrain accuracy (inside `vera experiment`) | {accuracy:.2%} | classic {c['accuracy']:.2%} | "
+    alone = f"; images alone {e['images_alone']:.2%}" if e['images_alone'] is not None else ""
+    lines.append(f"| default pretrain accuracy (inside `vera experiment`; test-time {e['tta']}{alone}) | "
+                 f"{accuracy:.2%} | classic {c['accuracy']:.2%} | "
                  f"- | {verdict('pretrain_accuracy', accuracy)} |")
     epoch_ratio = a["vera_epoch_seconds"] / a["base_eval_seconds"]
     lines.append(f"| VeRA adaptation epoch, {a['images']:,} cat/bird/dog images | {a['vera_epoch_seconds']:.3f} s "

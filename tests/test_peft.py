@@ -92,7 +92,10 @@ def peft_per_class(build: Callable[[], torch.nn.Module], cifar_root: Path) -> li
     model = peft.PeftModel.from_pretrained(rebuilt, "exported").eval()
     data = load_cifar10(cifar_root, download=False)
     assert (predict_logits(model, data.test) - predict_logits(ours, data.test)).abs().max() < 1e-5
-    return [c.to_dict() for c in accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes,
+    tta = json.loads(Path("base/model.json").read_text())["tta"]
+    test_time = json.loads(Path("base/preprocessing.json").read_text())["test_time"]
+    assert ("mirror" in test_time) == (tta == "flip")
+    return [c.to_dict() for c in accuracy_report(predict_logits(model, data.test, tta), data.test.labels, data.classes,
                                                  [3, 2, 5]).per_class]
 
 

@@ -16,16 +16,32 @@ import torch
 from vera_cli.data import Split, batches
 
 
+def test_views(images: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """A batch as the model is shown it at test time: alone, or also mirrored (tta "flip")."""
+    return [images, images.flip(-1)] if tta == "flip" else [images]
+
+
 @torch.no_grad()
-def predict_logits(forward: Callable[[torch.Tensor], torch.Tensor], split: Split, batch_size: int = 1000) -> torch.Tensor:
-    return torch.cat([forward(images).float() for images, _ in batches(split, batch_size)])
+def view_outputs(forward: Callable[[torch.Tensor], torch.Tensor], split: Split, tta: str = "none",
+                 batch_size: int = 1000) -> torch.Tensor:
+    """`forward`'s output for every test view of every image: (views, images, ...); view 0 is the image alone."""
+    return torch.cat([torch.stack([forward(view).float() for view in test_views(images, tta)])
+                      for images, _ in batches(split, batch_size)], dim=1)
+
+
+def predict_logits(forward: Callable[[torch.Tensor], torch.Tensor], split: Split, tta: str = "none",
+                   batch_size: int = 1000) -> torch.Tensor:
+    """The logits the model predicts: with tta "flip", the mean over each image and its mirror image."""
+    return view_outputs(forward, split, tta, batch_size).mean(0)
 
 
 @torch.no_grad()
 def predict_features(forward: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor,
                      batch_size: int = 1000) -> torch.Tensor:
-    """Logits from precomputed inputs (cached prefix features), in the same batches as predict_logits."""
-    return torch.cat([forward(chunk).float() for chunk in features.split(batch_size)])
+    """Logits from precomputed inputs (cached prefix features, (views, images, ...)), averaged over the views
+    in the same batches as predict_logits."""
+    return torch.cat([torch.stack([forward(view).float() for view in chunk]).mean(0)
+                      for chunk in features.split(batch_size, dim=1)])
 
 
 def _rate(correct: int, total: int) -> Optional[float]:

@@ -21,7 +21,7 @@ from vera_cli.config import AdaptConfig
 from vera_cli.data import CLASSES, Cifar10, Split, batch_indices, batches, class_ids, load_cifar10, require_images
 from vera_cli.distill import distillation_loss, rows_as_labels
 from vera_cli.distributed import LOCAL, World
-from vera_cli.metrics import AccuracyReport, accuracy_report, predict_features, predict_logits
+from vera_cli.metrics import AccuracyReport, accuracy_report, predict_features, predict_logits, view_outputs
 from vera_cli.run_plots import PER_CLASS_FILE, write_per_class, write_training_curves
 from vera_cli.runs import Run, environment, write_json
 from vera_cli.selection import SELECTION_FILE, Selection, select, take
@@ -80,12 +80,6 @@ def prefix_is_frozen(model: nn.Module) -> bool:
     return modules is not None and not any(p.requires_grad for m in modules() for p in m.parameters())
 
 
-@torch.no_grad()
-def cached_features(model: nn.Module, split: Split, batch_size: int = 1000) -> torch.Tensor:
-    """The frozen convolutional prefix's output for every image, computed once."""
-    return torch.cat([model.features(images) for images, _ in batches(split, batch_size)])
-
-
 @dataclass
 class Pipeline:
     """How adaptation feeds the model: whole images, or cached features of a frozen prefix.
@@ -99,26 +93,27 @@ class Pipeline:
     test_logits: Callable[[], torch.Tensor]
 
 
-def build_pipeline(model: nn.Module, train_split: Split, test_split: Split, cfg: AdaptConfig) -> Pipeline:
+def build_pipeline(model: nn.Module, train_split: Split, test_split: Split, cfg: AdaptConfig,
+                   tta: str = "none") -> Pipeline:
     """Cache the frozen conv prefix's output once when nothing before the adapters can change.
 
     The test images' features never change then; the training images' features
-    do not either unless augmentation is on.
+    do not either unless augmentation is on. Test logits follow the base's `tta`.
     """
     train = cfg.train
     image_batches = lambda generator: batches(train_split, train.batch_size, generator, train.crop_pixels, train.flip)  # noqa: E731
     if not (cfg.cache_features and prefix_is_frozen(model)):
-        plain_logits = lambda split: lambda: predict_logits(model, split)  # noqa: E731
-        return Pipeline(model, image_batches, plain_logits, plain_logits(test_split))
+        image_logits = lambda split: lambda: predict_logits(model, split, tta)  # noqa: E731
+        return Pipeline(model, image_batches, image_logits, image_logits(test_split))
 
     def cached_logits(split: Split) -> Callable[[], torch.Tensor]:
-        features = cached_features(model, split)
+        features = view_outputs(model.features, split, tta)
         return lambda: predict_features(model.classifier, features)
 
     test_logits = cached_logits(test_split)
     if train.crop or train.flip:
         return Pipeline(model, image_batches, cached_logits, test_logits)
-    features = cached_features(model, train_split)
+    features = view_outputs(model.features, train_split)[0]
 
     def feature_batches(generator: torch.Generator):
         for index in batch_indices(len(train_split), train.batch_size, generator, train_split.labels.device):
@@ -169,7 +164,8 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
     model, base_cfg = load_pretrained(base_run, device)
     held_out = class_ids(base_cfg.exclude_classes, data.classes) if base_cfg.exclude_classes else []
     base_fingerprint = fingerprint(model)
-    base_report = accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes, chosen)
+    tta = base_cfg.model.tta
+    base_report = accuracy_report(predict_logits(model, data.test, tta), data.test.labels, data.classes, chosen)
     selection = training_selection(data.train.labels, chosen, held_out, cfg)
     train_split, validation_split = take(data.train, selection.train), take(data.train, selection.validation)
     kept = [c for c in range(len(data.classes)) if c not in chosen and c not in held_out]
@@ -181,7 +177,7 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
     inject(model, cfg.adapter)
     with world.joined(device), life.open() as run:
         life.by_writer(lambda: write_json(run.file(SELECTION_FILE), selection.to_dict()))
-        pipeline = build_pipeline(model, rows_as_labels(train_split) if loss else train_split, data.test, cfg)
+        pipeline = build_pipeline(model, rows_as_labels(train_split) if loss else train_split, data.test, cfg, tta)
         forward, source = pipeline.forward, pipeline.train_batches
         if cfg.forgetting == "mask":
             forward, source = masked_to(chosen, forward, source, device)

@@ -282,8 +282,8 @@ def finished_rows(run: Run) -> list[Row]:
 
 
 def base_line(base_run: Run, device: torch.device, data: Cifar10, chosen: list[int], label: Optional[str]) -> TableLine:
-    model, _ = load_pretrained(base_run, device)
-    report = accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes, chosen)
+    model, base_cfg = load_pretrained(base_run, device)
+    report = accuracy_report(predict_logits(model, data.test, base_cfg.model.tta), data.test.labels, data.classes, chosen)
     return TableLine("base", None, "-", None, 1, 0, 0, {**{m: report.metric(m) for m in METRICS}, "seconds": 0.0},
                      {m: 0.0 for m in (*METRICS, "seconds")}, base=label)
 

@@ -50,7 +50,7 @@ def evaluate_runs(run_path: str | None, adapter_paths: list[str], do_merge: bool
     defaults = _run_defaults(base_run)
     device = resolve_device(device_name or defaults["device"])
     data = load_cifar10(data_dir or defaults["data_dir"], defaults["download"]).to(device)
-    base, _ = load_pretrained(base_run, device)
+    base, base_cfg = load_pretrained(base_run, device)
     base_fingerprint = fingerprint(base)
     metas = {adapter.path: read_adapter_meta(adapter.path) for adapter in adapter_runs}
     first_classes = next(iter(metas.values()))["classes"] if metas else None
@@ -59,7 +59,7 @@ def evaluate_runs(run_path: str | None, adapter_paths: list[str], do_merge: bool
     reports: dict[str, AccuracyReport] = {}
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    reports["base"] = accuracy_report(predict_logits(base, data.test), data.test.labels, data.classes, chosen)
+    reports["base"] = accuracy_report(predict_logits(base, data.test, base_cfg.model.tta), data.test.labels, data.classes, chosen)
     seconds["base"] = time.perf_counter() - started
     for adapter in adapter_runs:
         model = copy.deepcopy(base)
@@ -68,7 +68,7 @@ def evaluate_runs(run_path: str | None, adapter_paths: list[str], do_merge: bool
             merged_plain(model)
         model.eval()
         started = time.perf_counter()
-        logits = predict_logits(model, data.test)
+        logits = predict_logits(model, data.test, base_cfg.model.tta)
         seconds[str(adapter.path)] = time.perf_counter() - started
         reports[str(adapter.path)] = accuracy_report(logits, data.test.labels, data.classes,
                                                      class_ids(meta["classes"], data.classes))

@@ -127,7 +127,11 @@ def _write_plain(folder: Path, state: dict[str, torch.Tensor], architecture: Mod
     preprocessing = json.dumps({
         "input": "RGB images as uint8 (N, 3, 32, 32), channel-major like the CIFAR-10 python release",
         "scale": "divide by 255", "mean": list(MEAN), "std": list(STD),
-        "normalised": "(x / 255 - mean[c]) / std[c] per channel c"}, indent=2).encode()
+        "normalised": "(x / 255 - mean[c]) / std[c] per channel c",
+        # vera's accuracies follow this rule: without it, a user's PEFT numbers would differ from `vera eval`'s.
+        "test_time": {"none": "the logits of the image alone",
+                      "flip": "the mean of the logits of the image and of its mirror image x.flip(-1)"}[architecture.tta]},
+        indent=2).encode()
     files = {PLAIN_WEIGHTS: write_tensors(folder / PLAIN_WEIGHTS, state)}
     write_bytes_atomic(folder / "preprocessing.json", preprocessing)
     files["preprocessing.json"] = len(preprocessing)

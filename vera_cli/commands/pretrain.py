@@ -12,7 +12,7 @@ from vera_cli.config import PretrainConfig
 from vera_cli.data import CLASSES, Cifar10, batches, class_ids, load_cifar10
 from vera_cli.errors import VeraError
 from vera_cli.distributed import LOCAL, World
-from vera_cli.metrics import AccuracyReport, accuracy_report, predict_logits
+from vera_cli.metrics import AccuracyReport, accuracy_report, view_outputs
 from vera_cli.models import build_model, count_parameters
 from vera_cli.run_plots import write_training_curves
 from vera_cli.runs import Run, environment, write_tensors
@@ -37,12 +37,15 @@ class PretrainSummary:
     environment: dict[str, str] = field(default_factory=dict)
     world_size: int = 1  # processes that trained it (torchrun); the last part's on a resumed run
     excluded_classes: list[str] = field(default_factory=list)  # never seen in training: 0 % until adapted
+    tta: str = "none"  # how `test` classified an image (ModelConfig.tta)
+    images_alone: float | None = None  # the overall test accuracy without the mirror image, when tta is flip
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "pretrain", "model": self.model, "parameters": self.parameters,
                 "fingerprint": self.fingerprint, "epochs": self.epochs, "seed": self.seed, "device": self.device,
                 "wall_seconds": self.wall_seconds, "test": self.test.to_dict(), "environment": self.environment,
-                "world_size": self.world_size, "excluded_classes": self.excluded_classes}
+                "world_size": self.world_size, "excluded_classes": self.excluded_classes, "tta": self.tta,
+                "images_alone": self.images_alone}
 
 
 def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, data: Cifar10 | None = None,
@@ -71,11 +74,18 @@ def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, d
         log(f"pretraining {cfg.model.name} ({count_parameters(model):,} parameters) on {len(images):,} images, "
             + (f"holding out {', '.join(held_out)}, " if held_out else "")
             + f"{device}{world.note()}, run {run.path}" + (f", resuming at epoch {start}" if resume else ""))
+        tta = cfg.model.tta
+        alone = []  # the last evaluation's accuracy on the images without their mirrors
+
+        def evaluate() -> AccuracyReport:
+            views = view_outputs(model, data.test, tta)
+            alone[:] = [int((views[0].argmax(1) == data.test.labels).sum()) / len(data.test)]
+            return accuracy_report(views.mean(0), data.test.labels, data.classes)
+
         with training_logs(life.logging(cfg.logging), run, trainer, life.recorded) as listeners:
             recorder = EpochRecorder(run, model, trainer, generator, log, listeners)
             report = fit(trainer, model, lambda g: batches(images, train.batch_size, g, train.crop_pixels, train.flip),
-                         len(images), generator,
-                         lambda: accuracy_report(predict_logits(model, data.test), data.test.labels, data.classes),
+                         len(images), generator, evaluate,
                          lambda stats, report: life.by_writer(lambda: recorder(stats, report)), start, progress)
 
         def save() -> None:
@@ -84,6 +94,9 @@ def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, d
                 write_training_curves(run.file(METRICS_FILE), f"Pretraining {cfg.model.name}: {run.path}")
 
         life.by_writer(save)
+        if tta != "none":
+            log(f"test accuracy {report.overall:.2%} with each image's logits averaged with its mirror image's "
+                f"(model.tta: {tta}); {alone[0]:.2%} on the images alone")
         return life.finish(PretrainSummary(run, cfg.model.name, count_parameters(model), fingerprint(model), train.epochs,
                                            cfg.seed, str(device), life.elapsed(), report, environment(), world.size,
-                                           held_out))
+                                           held_out, tta, alone[0] if tta != "none" else None))

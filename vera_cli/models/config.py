@@ -28,6 +28,10 @@ class ViTConfig:
 class ModelConfig:
     name: Literal["convnet", "vit"] = "convnet"
     vit: ViTConfig = field(default_factory=ViTConfig)
+    # How a test image is classified: alone, or by the mean of its and its mirror image's logits. Kept with
+    # the base run, so that every later command measures the base and its adapters the same way; "none"
+    # here because runs recorded before the key were measured on the images alone.
+    tta: Literal["none", "flip"] = "none"
     # `model: vit` means `model: {name: vit}`: configs written before the section existed still load.
     SHORTHAND: ClassVar[str] = "name"
 
