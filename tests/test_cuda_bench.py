@@ -19,8 +19,8 @@ def test_the_dry_run_times_every_step_and_writes_the_table(cifar_root, tmp_path,
     [written] = out.glob("cuda-*.json")
     result = json.loads(written.read_text())
     rows = {row["name"]: row for row in result["rows"]}
-    assert set(rows) == {"pretrain", "pretrain bf16", "pretrain-fast", "pretrain vit", "adapt vera", "adapt lora",
-                         "adapt vera vit"} | {f"inference {model} {kind}" for model in ("convnet", "vit")
+    assert set(rows) == {"pretrain", "pretrain bf16", "pretrain 30 epochs", "pretrain-fast", "pretrain vit", "adapt vera",
+                         "adapt lora", "adapt vera vit"} | {f"inference {model} {kind}" for model in ("convnet", "vit")
                                                for kind in ("base", "vera unmerged", "vera merged")}
     assert all(rows[name]["epochs"] == 1 for name in rows if not name.startswith("inference"))
     assert all(0 <= rows[name]["test"] <= 1 and rows[name]["seconds"] > 0 for name in rows if "epochs" in rows[name])
