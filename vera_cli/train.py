@@ -163,8 +163,9 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-# Classifying the 10,000 test images costs about a tenth of a ConvNet pretraining epoch and more than a whole
-# few-shot epoch: the test set is evaluated at most this many times per run (always after the last epoch).
+# Classifying the 10,000 test images costs about a tenth of a ConvNet pretraining epoch (a fifth with tta flip)
+# and more than a whole few-shot epoch: the test set is evaluated at most this many times per run (always after
+# the last epoch).
 MAX_EVALUATIONS = 10
 
 
