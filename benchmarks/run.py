@@ -226,12 +226,13 @@ def adaptation(base_run: str, data_dir: str, scale: Scale) -> dict:
     """One VeRA epoch as `vera adapt` runs it: the adapt-vera config, its feature cache, its trainer."""
     data = load_cifar10(data_dir, download=False)
     subset = data.train.subset(class_ids(CLASSES))
-    base, _ = load_pretrained(Run(Path(base_run)), torch.device("cpu"))
+    base, base_cfg = load_pretrained(Run(Path(base_run)), torch.device("cpu"))
+    # The images alone: an epoch trains on them once, so that is the forward pass to compare it with.
     eval_seconds = median_seconds(lambda: predict_logits(base, subset), scale.repeats)
     cfg = config_module.load(AdaptConfig, "adapt-vera", {})
     model = inject(copy.deepcopy(base), cfg.adapter)
     started = time.perf_counter()
-    pipeline = build_pipeline(model, subset, data.test, cfg)
+    pipeline = build_pipeline(model, subset, data.test, cfg, base_cfg.model.tta)  # test views as `vera adapt` caches them
     cache_seconds = time.perf_counter() - started
     trainer = Trainer(pipeline.forward, model, cfg.train, steps_per_epoch=len(subset) // cfg.train.batch_size + 1)
     generator = torch.Generator().manual_seed(0)

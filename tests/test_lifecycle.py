@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vera_cli import config
 from vera_cli.commands.pretrain import run_pretrain
@@ -29,6 +30,19 @@ def test_a_resumed_run_keeps_its_own_config_even_through_the_python_api(vera, in
     assert run.status["status"] == "interrupted"
     with pytest.raises(VeraError, match=r"drop train.epochs"):
         load_settings(config.PretrainConfig, "pretrain", "unused", {"train.epochs": 3}, str(run.path))
+
+
+def test_a_run_started_before_a_config_key_existed_resumes_with_its_default(vera, interrupt_after_epoch):
+    run = _cut_run(vera, interrupt_after_epoch)
+    # As written before model.tta and train.crop_padding were keys: those runs were measured on images alone
+    # with a padding of 4, which the dataclass defaults keep.
+    recorded = yaml.safe_load(run.file("config.yaml").read_text())
+    del recorded["model"]["tta"], recorded["train"]["crop_padding"]
+    run.file("config.yaml").write_text(yaml.safe_dump(recorded))
+    resumed = vera("pretrain", "--resume", "runs/cut")
+    assert resumed.code == 0, resumed.err
+    assert json.loads(run.file("summary.json").read_text())["tta"] == "none"
+    assert "images alone" not in resumed.err
 
 
 def test_a_resumed_run_reports_the_wall_time_of_all_its_parts(vera, interrupt_after_epoch):

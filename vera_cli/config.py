@@ -65,8 +65,8 @@ class TrainConfig:
     warmup: float = 0.2
     label_smoothing: float = 0.0
     crop: bool = True
-    # Zero padding around each image before the random crop. The shipped pretrain config uses 2: the
-    # write-up's ConvNet is too small for the usual 4 (30 epochs, 3 seeds: see benchmarks/README.md).
+    # Zero padding around each image before the random crop. The shipped pretrain config uses 1: the
+    # write-up's ConvNet is too small for the usual 4 (3 seeds each: see benchmarks/README.md).
     crop_padding: int = 4
     flip: bool = True
     # bf16: forward and loss under autocast (mixed precision; meant for CUDA, where it is cheap).

@@ -61,11 +61,16 @@ def _flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def check_resume_config(run: Run, recorded: dict[str, Any]) -> None:
-    """Refuse to continue `run` with a config other than the one it started with."""
+def check_resume_config(run: Run, recorded: dict[str, Any], cls: type) -> None:
+    """Refuse to continue `run` with a config other than the one it started with.
+
+    The run's config.yaml is read through `cls`, as the resumed run reads it: a key added since the
+    run started is absent from the file and takes its default, which is no change.
+    """
     from vera_cli.bases import run_config
 
-    before, now = _flat(run_config(run)), _flat(recorded)
+    started = run_config(run)
+    before, now = _flat({**started, **config_module.to_dict(config_module.build(cls, started))}), _flat(recorded)
     changed = sorted(k for k in before.keys() | now.keys()
                      if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES and k != "run_dir")
     if changed:
@@ -95,7 +100,7 @@ class RunLifecycle:
         if resume is None:
             ensure_new(cfg.run_dir)
         else:
-            check_resume_config(resume, self.recorded)
+            check_resume_config(resume, self.recorded, type(cfg))
             RunLock.check(resume.path)
         self._run: Run | None = None
         self._started = 0.0
