@@ -217,8 +217,8 @@ def experiment(data_dir: str, workdir: Path, scale: Scale) -> dict:
     pretrain = json.loads((run_dir / "pretrain" / "summary.json").read_text())
     adapt = json.loads((run_dir / "adapt" / "summary.json").read_text())
     return {"wall": wall, "peak_rss_mb": peak_kib / 1024, "pretrain_seconds": pretrain["wall_seconds"],
-            "pretrain_epochs": pretrain["epochs"], "pretrain": pretrain["test"], "tta": pretrain.get("tta", "none"),
-            "images_alone": pretrain.get("images_alone"), "adapt": adapt,
+            "pretrain_epochs": pretrain["epochs"], "pretrain": pretrain["test"], "tta": pretrain["tta"],
+            "images_alone": pretrain["images_alone"], "adapt": adapt,
             "base_run": str(run_dir / "pretrain"), "summary": summary}
 
 

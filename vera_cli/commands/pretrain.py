@@ -79,7 +79,7 @@ def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, d
 
         def evaluate() -> AccuracyReport:
             views = view_outputs(model, data.test, tta)
-            alone[:] = [int((views[0].argmax(1) == data.test.labels).sum()) / len(data.test)]
+            alone[:] = [accuracy_report(views[0], data.test.labels, data.classes).overall]
             return accuracy_report(views.mean(0), data.test.labels, data.classes)
 
         with training_logs(life.logging(cfg.logging), run, trainer, life.recorded) as listeners:
