@@ -61,6 +61,19 @@ def test_runs_recorded_before_tta_are_measured_on_images_alone():
         config.build(PretrainConfig, {"model": {"tta": "flips"}})
 
 
+def test_the_model_shorthand_on_the_command_line_changes_the_model_and_keeps_the_files_other_keys():
+    vit = config.load(PretrainConfig, "pretrain", {"model": "vit"}).model
+    assert (vit.name, vit.tta) == ("vit", "flip")  # pretrain.yaml's tta, not the default "none"
+    convnet = config.load(PretrainConfig, "pretrain-vit", {"model": "convnet"}).model
+    assert (convnet.name, convnet.tta) == ("convnet", "none")
+    nested = config.load(ExperimentConfig, "experiment", {"pretrain.model": "vit"}).pretrain.model
+    assert (nested.name, nested.tta) == ("vit", "flip")
+    # A whole mapping still replaces the section, as any mapping override does.
+    assert config.load(PretrainConfig, "pretrain", {"model": {"name": "vit"}}).model.tta == "none"
+    with pytest.raises(VeraError, match="model.name must be one of convnet, vit; got 'vti'"):
+        config.load(PretrainConfig, "pretrain", {"model": "vti"})
+
+
 def test_unknown_key_names_the_nearest_valid_key():
     with pytest.raises(VeraError, match=r"unknown config key train\.epoch; did you mean train\.epochs\?"):
         config.build(PretrainConfig, {"train": {"epoch": 3}})

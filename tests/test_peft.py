@@ -102,9 +102,13 @@ def peft_per_class(build: Callable[[], torch.nn.Module], cifar_root: Path) -> li
 @pytest.mark.parametrize("method_args", [*EXPORTABLE, ["--method", "lora", "--rank", "4", "--set", "adapter.targets=[all]"]])
 def test_exported_adapter_loads_in_peft_and_matches_vera_eval(vera, pretrained, cifar_root, method_args):
     ours = adapt_and_export(vera, *method_args)
-    assert sorted(p.name for p in Path("exported").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in Path("exported").iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                                  "preprocessing.json"]
     preprocessing = json.loads(Path("base/preprocessing.json").read_text())
     assert len(preprocessing["mean"]) == 3
+    # The adapter folder alone says the same: a user without --base-out still learns how it was measured.
+    assert json.loads(Path("exported/preprocessing.json").read_text()) == preprocessing
+    assert "mirror" in preprocessing["test_time"]  # the shipped pretrain's flip
     assert json.loads(Path("base/model.json").read_text())["name"] == "convnet"
     assert peft_per_class(ConvNet, cifar_root) == ours
 

@@ -91,3 +91,17 @@ def test_a_base_pretrained_without_tta_is_measured_on_images_alone(vera, cifar_r
     seen = images_through_the_model(monkeypatch)
     assert vera("eval", "runs/plain", "--json").json()["reports"]["base"] == recorded["test"]
     assert sum(seen) == len(test)
+
+
+def test_compare_says_when_its_bases_classify_test_images_differently(vera, pretrained):
+    plain = vera("pretrain", *QUICK, "--set", "model.tta=none", "--run-dir", "runs/plain")
+    assert plain.code == 0, plain.err
+    result = vera("compare", "--bases", f"{pretrained},runs/plain", "--methods", "head", "--seeds", "1", "--epochs", "1",
+                  "--run-dir", "runs/cmp")
+    assert result.code == 0, result.err
+    assert (f"the bases classify test images differently ({pretrained}: model.tta flip, runs/plain: model.tta none)"
+            in " ".join(result.err.split()))
+    same = vera("compare", "--bases", f"{pretrained},{pretrained}", "--methods", "head", "--seeds", "1", "--epochs", "1",
+                "--run-dir", "runs/cmp2")
+    assert same.code == 0, same.err
+    assert "classify test images differently" not in same.err

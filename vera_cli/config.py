@@ -350,7 +350,28 @@ def build(cls: type[T], raw: dict[str, Any], where: str = "") -> T:
 
 
 def load(cls: type[T], name_or_path: str | Path, overrides: dict[str, Any]) -> T:
-    return build(cls, apply_overrides(read_config(name_or_path), overrides))
+    return build(cls, apply_overrides(read_config(name_or_path), expand_shorthands(cls, overrides)))
+
+
+def expand_shorthands(cls: type, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`--set model=vit` as `model.name=vit`: it changes the model, not every other key the file gives it.
+
+    Taken whole, the shorthand would put the section's other keys (the file's `model.tta: flip`) back
+    to their defaults without a word.
+    """
+    expanded = {}
+    for dotted, value in overrides.items():
+        shorthand = getattr(_hint_at(cls, dotted.split(".")), "SHORTHAND", None)
+        expanded[f"{dotted}.{shorthand}" if shorthand is not None and isinstance(value, str) else dotted] = value
+    return expanded
+
+
+def _hint_at(cls: Any, parts: list[str]) -> Any:
+    for part in parts:
+        if not dataclasses.is_dataclass(cls):
+            return None
+        cls = typing.get_type_hints(cls).get(part)
+    return cls
 
 
 def to_dict(config: Any) -> dict[str, Any]:

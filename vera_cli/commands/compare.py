@@ -33,7 +33,7 @@ import torch
 from vera_cli import config as config_module
 from vera_cli.adapters.config import DEFAULT_TARGETS
 from vera_cli.adapters.inject import inject
-from vera_cli.bases import load_pretrained, resolve_base
+from vera_cli.bases import load_pretrained, model_config, resolve_base
 from vera_cli.commands.adapt import AdaptSummary, run_adapt
 from vera_cli.commands.pretrain import Log
 from vera_cli.config import AdaptConfig, CompareConfig
@@ -316,6 +316,12 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     chosen = class_ids(cfg.classes)
     base_runs = [resolve_base(base) for base in cfg.bases] if cfg.bases else [resolve_base(cfg.base)]
     base_run = base_runs[0]
+    ttas = {str(each.path): model_config(each).tta for each in base_runs}
+    if len(set(ttas.values())) > 1:
+        # Flip averaging alone moves a base by about 2 points: a reader of the table must know.
+        log("note: the bases classify test images differently (" + ", ".join(f"{path}: model.tta {tta}" for path, tta
+            in ttas.items()) + "), so their accuracies differ by that too; pretrain them with the same model.tta "
+            "to compare like with like")
     life = world.lifecycle("compare", cfg, resume, recorded={**config_module.to_dict(cfg), "base": str(base_run.path)})
     points = grid(cfg)
     order = {point.name: index for index, point in enumerate(points)}

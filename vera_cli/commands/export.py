@@ -37,6 +37,7 @@ from vera_cli.runs import open_run, publish, staged_dir, write_bytes_atomic, wri
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 PLAIN_WEIGHTS = "model.safetensors"
+PREPROCESSING = "preprocessing.json"
 
 
 @dataclass
@@ -121,20 +122,24 @@ def _all_or_nothing(*folders: str | None) -> Iterator[dict[Path, Path]]:
                 raise VeraError(f"{folder} appeared while exporting: choose another folder")
 
 
-def _write_plain(folder: Path, state: dict[str, torch.Tensor], architecture: ModelConfig) -> dict[str, int]:
-    """A plain model anyone can load with torch alone: its weights, its architecture
-    (`ViT(ViTConfig(**vit))` or `ConvNet()`) and how to prepare its input."""
+def _write_preprocessing(folder: Path, architecture: ModelConfig) -> dict[str, int]:
+    """How to prepare an input and read the logits as vera measured them: without it, a user's numbers
+    (from the plain model or through PEFT) would differ from `vera eval`'s."""
     preprocessing = json.dumps({
         "input": "RGB images as uint8 (N, 3, 32, 32), channel-major like the CIFAR-10 python release",
         "scale": "divide by 255", "mean": list(MEAN), "std": list(STD),
         "normalised": "(x / 255 - mean[c]) / std[c] per channel c",
-        # vera's accuracies follow this rule: without it, a user's PEFT numbers would differ from `vera eval`'s.
         "test_time": {"none": "the logits of the image alone",
                       "flip": "the mean of the logits of the image and of its mirror image x.flip(-1)"}[architecture.tta]},
         indent=2).encode()
-    files = {PLAIN_WEIGHTS: write_tensors(folder / PLAIN_WEIGHTS, state)}
-    write_bytes_atomic(folder / "preprocessing.json", preprocessing)
-    files["preprocessing.json"] = len(preprocessing)
+    write_bytes_atomic(folder / PREPROCESSING, preprocessing)
+    return {PREPROCESSING: len(preprocessing)}
+
+
+def _write_plain(folder: Path, state: dict[str, torch.Tensor], architecture: ModelConfig) -> dict[str, int]:
+    """A plain model anyone can load with torch alone: its weights, its architecture
+    (`ViT(ViTConfig(**vit))` or `ConvNet()`) and how to prepare its input."""
+    files = {PLAIN_WEIGHTS: write_tensors(folder / PLAIN_WEIGHTS, state), **_write_preprocessing(folder, architecture)}
     model_json = json.dumps(config_module.to_dict(architecture), indent=2).encode()
     write_bytes_atomic(folder / "model.json", model_json)
     files["model.json"] = len(model_json)
@@ -168,6 +173,8 @@ def export_peft(run_path: str, out: str, base_out: str | None = None) -> Exporte
         config_bytes = json.dumps(peft_config(spec, list(layers)), indent=2).encode()
         write_bytes_atomic(staged[out_dir] / PEFT_CONFIG, config_bytes)
         files[str(out_dir / PEFT_CONFIG)] = len(config_bytes)
+        # PEFT reads only its two files; this one tells a user of the adapter alone how its accuracy was measured.
+        files.update({str(out_dir / name): size for name, size in _write_preprocessing(staged[out_dir], adapted.architecture).items()})
         if base_out:
             written = _write_plain(staged[Path(base_out)], adapted.base_state, adapted.architecture)
             files.update({str(Path(base_out) / name): size for name, size in written.items()})
