@@ -17,8 +17,8 @@ Measures, on whatever machine runs it (targets: TARGETS below, one table):
      image counted by torch.utils.flop_counter; the best of several sgemm trials);
   6. VeRA against LoRA on every conv and linear layer: training step and unmerged
      inference (conv_adapters.py);
-  7. the ViT of pretrain-vit: pretrain step throughput, and VeRA's training step and unmerged
-     inference against LoRA's and PEFT's VeRA (vit_adapters.py);
+  7. the ViT of pretrain-vit: pretrain step throughput, peak RSS of a one-epoch pretrain, and VeRA's
+     training step and unmerged inference against LoRA's and PEFT's VeRA (vit_adapters.py);
   8. the few-shot protocol's adaptation (experiment-fewshot's adapt section) on the experiment's base;
   9. a `vera compare` grid in one process against the same grid spread over two (torchrun).
 Prints a markdown report and writes it to the output folder (not in --smoke mode). The
@@ -200,26 +200,38 @@ def ours_to_accuracy(data_dir: str, target: float, workdir: Path) -> dict:
     return {"wall": wall, "train_seconds": elapsed, "accuracy": result.test.overall, "reached": reached}
 
 
-def experiment(data_dir: str, workdir: Path, scale: Scale) -> dict:
-    """`vera experiment` with the defaults in a child process, for its wall time and its own peak RSS."""
-    run_dir = workdir / "experiment"
-    rss_file = workdir / "experiment-peak-rss-kib"
+def child_command(args: list[str], workdir: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of a `vera` command run in a child process of its own."""
+    rss_file = workdir / "child-peak-rss-kib"
     # The child reports its own peak: RUSAGE_CHILDREN would also count the classic pipeline's DataLoader workers.
     child = ("import resource, sys; from vera_cli.cli import run; code = run(sys.argv[2:]); "
              "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); sys.exit(code)")
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", child, str(rss_file), "experiment", "--data-dir", data_dir, "--device", "cpu",
-                    "--run-dir", str(run_dir), "--no-progress", *scale.experiment_overrides], check=True, cwd=workdir,
+    subprocess.run([sys.executable, "-c", child, str(rss_file), *args], check=True, cwd=workdir,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wall = time.perf_counter() - started
-    peak_kib = int(rss_file.read_text())
+    return time.perf_counter() - started, int(rss_file.read_text()) / 1024
+
+
+def experiment(data_dir: str, workdir: Path, scale: Scale) -> dict:
+    """`vera experiment` with the defaults in a child process, for its wall time and its own peak RSS."""
+    run_dir = workdir / "experiment"
+    wall, peak_mb = child_command(["experiment", "--data-dir", data_dir, "--device", "cpu", "--run-dir", str(run_dir),
+                                   "--no-progress", *scale.experiment_overrides], workdir)
     summary = json.loads((run_dir / "summary.json").read_text())
     pretrain = json.loads((run_dir / "pretrain" / "summary.json").read_text())
     adapt = json.loads((run_dir / "adapt" / "summary.json").read_text())
-    return {"wall": wall, "peak_rss_mb": peak_kib / 1024, "pretrain_seconds": pretrain["wall_seconds"],
+    return {"wall": wall, "peak_rss_mb": peak_mb, "pretrain_seconds": pretrain["wall_seconds"],
             "pretrain_epochs": pretrain["epochs"], "pretrain": pretrain["test"], "tta": pretrain["tta"],
             "images_alone": pretrain["images_alone"], "adapt": adapt,
             "base_run": str(run_dir / "pretrain"), "summary": summary}
+
+
+def vit_memory(data_dir: str, workdir: Path) -> dict:
+    """Peak RSS of a one-epoch `vera pretrain --config pretrain-vit` (the peak comes with the first batches)."""
+    run_dir = workdir / "vit-pretrain"
+    wall, peak_mb = child_command(["pretrain", "--config", "pretrain-vit", "--epochs", "1", "--data-dir", data_dir,
+                                   "--device", "cpu", "--run-dir", str(run_dir), "--no-progress"], workdir)
+    return {"wall": wall, "peak_rss_mb": peak_mb}
 
 
 def adaptation(base_run: str, data_dir: str, scale: Scale) -> dict:
@@ -425,6 +437,9 @@ def report(results: dict) -> str:
                  f"{verdict('throughput', best['images_per_second'])} |")
     lines.append(f"| peak RSS of `vera experiment` | {e['peak_rss_mb']:.0f} MB | dataset as uint8 {dataset_mb:.0f} MB | "
                  f"{e['peak_rss_mb'] / dataset_mb:.1f} | {TARGETS['peak_rss'].goal} |")
+    vm = results["vit_memory"]
+    lines.append(f"| peak RSS of a ViT pretrain (pretrain-vit, 1 epoch, {vm['wall']:.0f} s) | {vm['peak_rss_mb']:.0f} MB | "
+                 f"dataset as uint8 {dataset_mb:.0f} MB | {vm['peak_rss_mb'] / dataset_mb:.1f} | - |")
     conv = results["conv"]
     for measure, key in (("training step, batch 256", "train_step_ms"), ("unmerged inference, batch 64", "inference_ms")):
         ms = conv[key]
@@ -499,6 +514,7 @@ def main() -> None:
         results["conv"] = conv_adapter_timing(scale.conv_rounds)
         print("vit ...", flush=True)
         results["vit"] = vit(data_dir, scale)
+        results["vit_memory"] = vit_memory(data_dir, workdir)
         print("few-shot adaptation ...", flush=True)
         results["fewshot"] = fewshot(results["experiment"]["base_run"], data_dir, workdir, scale)
         print("distributed grid ...", flush=True)
