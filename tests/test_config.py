@@ -5,6 +5,7 @@ import pytest
 from vera_cli import config
 from vera_cli.config import AdaptConfig, ExperimentConfig, PretrainConfig
 from vera_cli.errors import VeraError
+from vera_cli.models import ModelConfig
 
 
 def test_every_shipped_config_parses():
@@ -74,6 +75,14 @@ def test_the_model_shorthand_on_the_command_line_changes_the_model_and_keeps_the
         config.load(PretrainConfig, "pretrain", {"model": "vti"})
 
 
+def test_keys_can_be_set_in_a_model_section_a_file_gives_in_the_older_form(tmp_path: Path):
+    older = tmp_path / "older.yaml"
+    older.write_text("extends: pretrain\nmodel: vit\n")
+    assert config.load(PretrainConfig, older, {}).model == ModelConfig("vit")
+    assert config.load(PretrainConfig, older, {"model.tta": "flip"}).model == ModelConfig("vit", tta="flip")
+    assert config.load(PretrainConfig, older, {"model": "convnet"}).model == ModelConfig("convnet")
+
+
 def test_unknown_key_names_the_nearest_valid_key():
     with pytest.raises(VeraError, match=r"unknown config key train\.epoch; did you mean train\.epochs\?"):
         config.build(PretrainConfig, {"train": {"epoch": 3}})
@@ -105,11 +114,18 @@ def test_invalid_values_are_refused():
         config.build(AdaptConfig, {"classes": []})
 
 
-def test_overrides_set_dotted_keys_and_ignore_missing_values():
-    raw = {"train": {"epochs": 3, "lr": 0.1}, "seed": 1}
-    merged = config.apply_overrides(raw, {"train.epochs": 5, "train.lr": None, "data.dir": "/d"})
-    assert merged == {"train": {"epochs": 5, "lr": 0.1}, "seed": 1, "data": {"dir": "/d"}}
+def test_overrides_set_dotted_keys_null_included():
+    raw = {"train": {"epochs": 3, "lr": 0.1, "head_lr": 0.5}, "seed": 1}
+    merged = config.apply_overrides(raw, {"train.epochs": 5, "train.head_lr": None, "data.dir": "/d"})
+    assert merged == {"train": {"epochs": 5, "lr": 0.1, "head_lr": None}, "seed": 1, "data": {"dir": "/d"}}
     assert raw["train"]["epochs"] == 3
+
+
+def test_set_null_reaches_the_config_and_is_refused_where_a_key_cannot_be_null(vera):
+    result = vera("pretrain", "--set", "model.tta=null", "--print-config")
+    assert result.code == 2 and result.err.strip() == "error: model.tta must be one of none, flip; got None (did you mean none?)"
+    # Options not given on the command line are not nulls: the file's values stay.
+    assert "tta: flip" in vera("pretrain", "--print-config").out
 
 
 def test_set_options_keep_yaml_types():

@@ -67,7 +67,11 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def pretrain_config(run: Run) -> PretrainConfig:
-    return config_module.build(PretrainConfig, run_config(run))
+    try:
+        return config_module.build(PretrainConfig, run_config(run))
+    except VeraError as exc:
+        # A hand-edited file: the message must say which one.
+        raise VeraError(f"{run.file('config.yaml')}: {exc}; correct it there or repeat the run") from exc
 
 
 def model_config(run: Run) -> ModelConfig:

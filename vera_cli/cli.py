@@ -196,7 +196,8 @@ def eval_(
     if plot is not None and (not plot.endswith(".png") or os.path.exists(plot)):
         raise VeraError(f"--plot {plot}: name a new .png file (it must not exist yet)")
     result = evaluate_runs(run, adapter, merge, data_dir, device)
-    title = f"Test accuracy over base {result.base_run.path}" + (" (adapters merged)" if merge else "")
+    rule = ", each image with its mirror image" if result.tta == "flip" else ""
+    title = f"Test accuracy over base {result.base_run.path}" + (" (adapters merged)" if merge else "") + rule
     if plot is not None:
         from vera_cli.run_plots import write_per_class
 
@@ -205,7 +206,7 @@ def eval_(
         print(json.dumps(result.to_dict(), indent=2))
         return
     if len(result.reports) == 1:
-        out.print(accuracy_table(result.reports["base"], f"Test accuracy, {result.base_run.path}"))
+        out.print(accuracy_table(result.reports["base"], f"Test accuracy, {result.base_run.path}{rule}"))
     else:
         out.print(comparison_table(result.reports, title))
     _log("time over the test set: " + ", ".join(f"{name} {seconds:.2f}s" for name, seconds in result.seconds.items())

@@ -293,11 +293,10 @@ def merge_mappings(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, A
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys (`train.lr`) in a copy of `raw`; None values mean 'not given'."""
+    """Set dotted keys (`train.lr`) in a copy of `raw`, null too: `--set train.head_lr=null` means null
+    (the command line leaves out the options it was not given)."""
     result = _deep_copy(raw)
     for dotted, value in overrides.items():
-        if value is None:
-            continue
         node = result
         *parents, leaf = dotted.split(".")
         for part in parents:
@@ -350,7 +349,8 @@ def build(cls: type[T], raw: dict[str, Any], where: str = "") -> T:
 
 
 def load(cls: type[T], name_or_path: str | Path, overrides: dict[str, Any]) -> T:
-    return build(cls, apply_overrides(read_config(name_or_path), expand_shorthands(cls, overrides)))
+    raw = _sections_in_full(cls, read_config(name_or_path))
+    return build(cls, apply_overrides(raw, expand_shorthands(cls, overrides)))
 
 
 def expand_shorthands(cls: type, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -361,9 +361,26 @@ def expand_shorthands(cls: type, overrides: dict[str, Any]) -> dict[str, Any]:
     """
     expanded = {}
     for dotted, value in overrides.items():
-        shorthand = getattr(_hint_at(cls, dotted.split(".")), "SHORTHAND", None)
-        expanded[f"{dotted}.{shorthand}" if shorthand is not None and isinstance(value, str) else dotted] = value
+        shorthand = _shorthand(_hint_at(cls, dotted.split(".")), value)
+        expanded[f"{dotted}.{shorthand}" if shorthand else dotted] = value
     return expanded
+
+
+def _sections_in_full(cls: Any, raw: Any) -> Any:
+    """A file's `model: vit` (the older form) as `model: {name: vit}`, so that overrides can set keys in it."""
+    if not dataclasses.is_dataclass(cls) or not isinstance(raw, dict):
+        return raw
+    hints = typing.get_type_hints(cls)
+    full = {}
+    for key, value in raw.items():
+        shorthand = _shorthand(hints.get(key), value)
+        full[key] = {shorthand: value} if shorthand else _sections_in_full(hints.get(key), value)
+    return full
+
+
+def _shorthand(hint: Any, value: Any) -> str | None:
+    """The key a string given for a whole section stands for (ModelConfig.SHORTHAND), if it does."""
+    return getattr(hint, "SHORTHAND", None) if isinstance(value, str) else None
 
 
 def _hint_at(cls: Any, parts: list[str]) -> Any:
@@ -382,10 +399,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
-        shorthand = getattr(hint, "SHORTHAND", None)
-        if shorthand is not None and isinstance(value, str):
-            value = {shorthand: value}
-        return build(hint, value if value is not None else {}, f"{key}.")
+        shorthand = _shorthand(hint, value)
+        return build(hint, {shorthand: value} if shorthand else value if value is not None else {}, f"{key}.")
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -18,21 +18,24 @@ from vera_cli.data import Split, batches
 
 def test_views(images: torch.Tensor, tta: str) -> list[torch.Tensor]:
     """A batch as the model is shown it at test time: alone, or also mirrored (tta "flip")."""
+    if tta not in ("none", "flip"):
+        # Configs are validated at the edge; this catches a caller that passed something else here.
+        raise ValueError(f"tta must be 'none' or 'flip', got {tta!r}")
     return [images, images.flip(-1)] if tta == "flip" else [images]
 
 
 @torch.no_grad()
-def view_outputs(forward: Callable[[torch.Tensor], torch.Tensor], split: Split, tta: str = "none",
+def view_outputs(forward: Callable[[torch.Tensor], torch.Tensor], split: Split, tta: str = "none", *,
                  batch_size: int = 1000) -> torch.Tensor:
     """`forward`'s output for every test view of every image: (views, images, ...); view 0 is the image alone."""
     return torch.cat([torch.stack([forward(view).float() for view in test_views(images, tta)])
                       for images, _ in batches(split, batch_size)], dim=1)
 
 
-def predict_logits(forward: Callable[[torch.Tensor], torch.Tensor], split: Split, tta: str = "none",
+def predict_logits(forward: Callable[[torch.Tensor], torch.Tensor], split: Split, tta: str = "none", *,
                    batch_size: int = 1000) -> torch.Tensor:
     """The logits the model predicts: with tta "flip", the mean over each image and its mirror image."""
-    return view_outputs(forward, split, tta, batch_size).mean(0)
+    return view_outputs(forward, split, tta, batch_size=batch_size).mean(0)
 
 
 @torch.no_grad()

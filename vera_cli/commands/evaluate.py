@@ -7,11 +7,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from vera_cli import config as config_module
 from vera_cli.adapter_files import apply_adapter, read_adapter_meta
 from vera_cli.adapters.inject import merged_plain
-from vera_cli.bases import adapter_base, fingerprint, load_pretrained, run_config
-from vera_cli.config import PretrainConfig
+from vera_cli.bases import adapter_base, fingerprint, load_pretrained, pretrain_config
 from vera_cli.data import class_ids, load_cifar10
 from vera_cli.errors import VeraError
 from vera_cli.metrics import AccuracyReport, accuracy_report, predict_logits
@@ -25,14 +23,15 @@ class EvalResult:
     reports: dict[str, AccuracyReport]  # "base" first, then one per adapter run
     seconds: dict[str, float]
     merged: bool
+    tta: str  # the base's rule for every report: "flip" averages each test image with its mirror image
 
     def to_dict(self) -> dict[str, Any]:
-        return {"base_run": str(self.base_run.path), "merged": self.merged,
+        return {"base_run": str(self.base_run.path), "merged": self.merged, "tta": self.tta,
                 "reports": {name: report.to_dict() for name, report in self.reports.items()}}
 
 
 def _run_defaults(run: Run) -> dict[str, Any]:
-    recorded = config_module.build(PretrainConfig, run_config(run))
+    recorded = pretrain_config(run)
     return {"data_dir": recorded.data.dir, "download": recorded.data.download, "device": recorded.device}
 
 
@@ -72,4 +71,4 @@ def evaluate_runs(run_path: str | None, adapter_paths: list[str], do_merge: bool
         seconds[str(adapter.path)] = time.perf_counter() - started
         reports[str(adapter.path)] = accuracy_report(logits, data.test.labels, data.classes,
                                                      class_ids(meta["classes"], data.classes))
-    return EvalResult(base_run, reports, seconds, do_merge)
+    return EvalResult(base_run, reports, seconds, do_merge, base_cfg.model.tta)
