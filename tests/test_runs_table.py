@@ -30,11 +30,12 @@ def test_the_table_reads_real_runs(vera, pretrained):
     assert ADAPTER_META_FILE == META_FILE  # the table reads the file the adapter code writes
     assert [adapt[m] for m in ("overall", "chosen", "task", "rest", "wall_seconds")] == [
         summary["test"][m] for m in ("overall", "chosen", "task", "rest")] + [summary["wall_seconds"]]
+    assert base["tta"] == adapt["tta"] == summary["tta"] == "flip"  # the shipped pretrain's rule, kept by the adapter
 
     table = vera("runs")
     assert table.code == 0, table.err
     line = next(line for line in table.out.splitlines() if line.lstrip().startswith("a "))
-    assert "lora" in line and "cat,dog" in line and f"{summary['test']['task']:.2%}" in line
+    assert "lora" in line and "cat,dog" in line and f"{summary['test']['task']:.2%}" in line and " flip " in line
 
 
 def test_filters_and_sorting(vera, tmp_path):
@@ -54,6 +55,9 @@ def test_filters_and_sorting(vera, tmp_path):
     assert names("--classes", "cat", "dog") == ["low", "broken"]
     assert names("--classes", "cat,bird") == ["high"]
     assert names("--sort", "name") == ["broken", "high", "low", "pre"]
+    # Summaries written before tta was recorded were measured on the images alone; a failed run has none.
+    assert {row["name"]: row["tta"] for row in vera("runs", "--json").json()} == {
+        "low": "none", "high": "none", "broken": None, "pre": "none"}
     wrong = vera("runs", "--sort", "accuracy")
     assert wrong.code == 2 and "cannot sort by 'accuracy': choose one of name, kind" in wrong.err
     wrong = vera("runs", "--status", "done")

@@ -56,6 +56,7 @@ class AdaptSummary:
     shots: Optional[int] = None
     selection_sha256: str = ""
     validation: Optional[AccuracyReport] = None  # on the validation split, when there is one
+    tta: str = "none"  # the base's rule behind every report here (runs recorded before it: images alone)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "adapt", "base_run": self.base_run, "forgetting": self.forgetting,
@@ -65,7 +66,7 @@ class AdaptSummary:
                 "wall_seconds": self.wall_seconds, "base": self.base.to_dict(), "test": self.test.to_dict(),
                 "environment": self.environment, "world_size": self.world_size, "held_out": self.held_out, "head_parameters": self.head_parameters,
                 "shots": self.shots, "selection_sha256": self.selection_sha256,
-                "validation": self.validation.to_dict() if self.validation else None}
+                "validation": self.validation.to_dict() if self.validation else None, "tta": self.tta}
 
     @classmethod
     def from_dict(cls, run: Run, raw: dict[str, Any]) -> "AdaptSummary":
@@ -213,4 +214,4 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
                                         cfg.adapter.rank, classes, trainable, adapter_bytes, train_cfg.epochs, cfg.seed,
                                         str(device), life.elapsed(), base_report, report, environment(), world.size,
                                         [data.classes[i] for i in held_out], sum(p.numel() for p in head_parameters(model)),
-                                        cfg.shots, selection.digest(), validation))
+                                        cfg.shots, selection.digest(), validation, tta))

@@ -27,7 +27,7 @@ class ExperimentSummary:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "experiment", "base_run": self.adapt.base_run, "adapt_run": str(self.adapt.run.path),
                 "counts": self.counts.to_dict(), "base": self.adapt.base.to_dict(), "adapted": self.adapt.test.to_dict(),
-                "wall_seconds": self.wall_seconds}
+                "tta": self.adapt.tta, "wall_seconds": self.wall_seconds}
 
 
 def run_experiment(cfg: ExperimentConfig, log: Log = print, progress: bool = True) -> ExperimentSummary:

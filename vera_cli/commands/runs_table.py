@@ -51,6 +51,7 @@ class RunEntry:
     chosen: Optional[float] = None
     task: Optional[float] = None
     rest: Optional[float] = None
+    tta: Optional[str] = None  # how its test accuracies were measured: "flip" averages each image with its mirror
     wall_seconds: Optional[float] = None
     pid: Optional[int] = None
     problem: Optional[str] = None
@@ -138,6 +139,8 @@ def _fill_from_summary(entry: RunEntry, summary: dict[str, Any]) -> None:
     if isinstance(report, dict):
         for metric in METRICS:
             setattr(entry, metric, report.get(metric))
+        # Summaries written before the key were measured on the images alone.
+        entry.tta = str(summary.get("tta", "none"))
 
 
 def find_runs(root: Path) -> list[RunEntry]:
@@ -248,7 +251,8 @@ def _cell(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-COLUMNS = ("name", "kind", "status", "created", "base", "method", "rank", "targets", "classes", *METRICS, "wall_seconds")
+COLUMNS = ("name", "kind", "status", "created", "base", "method", "rank", "targets", "classes", *METRICS, "tta",
+           "wall_seconds")
 RIGHT_ALIGNED = (*METRICS, "rank", "wall_seconds")
 
 
