@@ -46,7 +46,7 @@ def test_extends_reads_a_sibling_file_first_and_refuses_cycles(tmp_path: Path):
     (tmp_path / "mine.yaml").write_text("extends: pretrain\ntrain:\n  epochs: 2\n")
     (tmp_path / "child.yaml").write_text("extends: mine.yaml\nseed: 5\n")
     child = config.load(PretrainConfig, tmp_path / "child.yaml", {})
-    assert (child.seed, child.train.epochs, child.train.lr) == (5, 2, 0.05)
+    assert (child.seed, child.train.epochs, child.train.lr) == (5, 2, 0.07)  # lr: the shipped pretrain's
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
     with pytest.raises(VeraError, match="extends itself"):
         config.load(PretrainConfig, tmp_path / "loop.yaml", {})
