@@ -6,6 +6,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from vera_cli import runs as runs_module
 from vera_cli.runlock import RunLock
 
@@ -94,3 +96,30 @@ def test_a_lock_interrupted_while_releasing_never_closes_its_descriptor_twice(tm
     lock.release()
     lock.__del__()  # what the interpreter calls at exit
     assert len(closed) == 1
+
+
+def test_ctrl_c_right_after_a_temporary_folder_or_file_is_made_leaves_nothing(tmp_path, monkeypatch):
+    # The moment tempfile.mkdtemp and mkstemp leave open: the folder or file exists, the code that would
+    # remove it has not started. A random-interrupt trial once left `.t1.partial-...` there.
+    make_dir = os.mkdir
+
+    def mkdir_then_ctrl_c(path, *args, **kwargs):
+        make_dir(path, *args, **kwargs)
+        if runs_module.PARTIAL in str(path):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        with runs_module.staged_dir(tmp_path / "run"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    def open_then_ctrl_c(path, mode):
+        open(path, mode).close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs_module, "open", open_then_ctrl_c, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        runs_module.write_bytes_atomic(tmp_path / "config.yaml", b"seed: 0\n")
+    assert list(tmp_path.iterdir()) == []

@@ -8,7 +8,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import QUICK
-from vera_cli.config import TrainConfig
+from vera_cli import config as config_module
+from vera_cli.config import PretrainConfig
 from vera_cli.train import lr_factor
 
 STEPS_PER_EPOCH = 8  # 250 synthetic training images in batches of 32
@@ -39,7 +40,7 @@ def test_pretrain_writes_step_and_epoch_scalars_and_the_config(vera):
     for epoch, record in enumerate(metrics(run)):
         epoch_losses = [value for _, value in losses[epoch * STEPS_PER_EPOCH:(epoch + 1) * STEPS_PER_EPOCH]]
         assert sum(epoch_losses) / STEPS_PER_EPOCH == pytest.approx(record["loss"], rel=1e-5)
-    train = TrainConfig(epochs=2, batch_size=32)
+    train = config_module.load(PretrainConfig, "pretrain", {"train.epochs": 2, "train.batch_size": 32}).train  # as QUICK sets it
     expected_lr = [train.lr * lr_factor(step, 2 * STEPS_PER_EPOCH, train) for step in range(2 * STEPS_PER_EPOCH)]
     assert [value for _, value in scalars(logged, "train/lr")] == pytest.approx(expected_lr)
 

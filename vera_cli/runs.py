@@ -12,8 +12,8 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,23 +36,31 @@ CONFIG_FILE = "config.yaml"
 MAX_TEXT_BYTES = 16 * 2**20
 # A run directory under construction: `.NAME.partial-PID-RANDOM`, renamed to NAME once it holds its status.
 PARTIAL = ".partial-"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+
+def unused_name(parent: Path, prefix: str) -> Path:
+    """A name no file has under `parent`, chosen before anything is created.
+
+    Created inside a `try` whose cleanup removes it by this name, a temporary file or folder goes
+    even when Ctrl-C lands between its creation and the `try` (mkstemp and mkdtemp leave that gap).
+    """
+    while True:
+        candidate = parent / f"{prefix}{secrets.token_hex(4)}"
+        if not os.path.lexists(candidate):
+            return candidate
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = unused_name(path.parent, f".{path.name}.")
     try:
-        # mkstemp makes the file private; results are meant to be shared like any other file.
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as handle:
+        with open(tmp, "xb") as handle:  # "x": never an existing file; the umask decides who reads it
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -234,9 +242,9 @@ def staged_dir(target: Path) -> Iterator[Path]:
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(target.parent)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{PARTIAL}{os.getpid()}-", dir=target.parent))
+    staging = unused_name(target.parent, f".{target.name}{PARTIAL}{os.getpid()}-")
     try:
-        os.chmod(staging, 0o777 & ~_UMASK)
+        staging.mkdir()
         yield staging
     except OSError as exc:
         # Name the folder the user asked for, not the temporary one that is about to go.
