@@ -52,7 +52,7 @@ def unused_name(parent: Path, prefix: str) -> Path:
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = unused_name(path.parent, f".{path.name}.")
+    tmp = unused_name(path.parent, f".{path.name}.{os.getpid()}-")  # the pid: no other live process picks it
     try:
         with open(tmp, "xb") as handle:  # "x": never an existing file; the umask decides who reads it
             handle.write(data)
