@@ -3,7 +3,7 @@
 
     python benchmarks/conv_adapters.py [--rounds 30]
 
-One process, one model after another in every round (see timing.round_robin_ms), medians.
+One process, one model after another in every round, in a shuffled order (see timing.round_robin_ms), medians.
 A training step is the product's Trainer on whole images at batch 256 (adapted convs leave
 no frozen prefix to cache); inference is batch 64 in eval mode, adapters unmerged. Weights
 do not change the timing, so the base is a fresh ConvNet. `benchmarks/run.py` calls

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from typing import Callable
@@ -17,11 +18,17 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def round_robin_ms(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median milliseconds of each call, timing one call of each in turn, `rounds` times over."""
+    """Median milliseconds of each call, timing one call of each in turn, `rounds` times over.
+
+    The order is shuffled every round (seeded): in a fixed order each call always follows the same one, and
+    a call after a twin of itself ran about 3 % faster (two copies of the base read 1.025-1.035 of each
+    other over 2,000 rounds; shuffled, 0.995-0.997)."""
     timings: dict[str, list[float]] = {name: [] for name in calls}
+    order, rng = list(calls), random.Random(0)
     for _ in range(rounds):
-        for name, call in calls.items():
+        rng.shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            call()
+            calls[name]()
             timings[name].append(time.perf_counter() - start)
     return {name: 1000 * statistics.median(values) for name, values in timings.items()}
