@@ -30,16 +30,18 @@ class ConvNet(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         # oneDNN's convolutions run 10-40 % faster on channels-last input (measured on 2 CPU cores).
         x = x.contiguous(memory_format=torch.channels_last)
-        conv1, conv2 = (self.conv1, self.conv2) if self._adapted_or_off_cpu(x) else _lane_padded(self.conv1, self.conv2)
+        conv1, conv2 = (self.conv1, self.conv2) if self._runs_modules(x) else _lane_padded(self.conv1, self.conv2)
         # ReLU after the pool, not before: the two commute exactly, and the ReLU and its backward
         # then touch a quarter of the values.
         x = F.relu(F.max_pool2d(conv1(x), 2))
         x = F.relu(F.max_pool2d(conv2(x), 2))
         return torch.flatten(x, 1)
 
-    def _adapted_or_off_cpu(self, x: torch.Tensor) -> bool:
-        # An adapter wraps a convolution in its own forward: those run as they are, as does a GPU (not measured).
-        return x.device.type != "cpu" or type(self.conv1) is not nn.Conv2d or type(self.conv2) is not nn.Conv2d
+    def _runs_modules(self, x: torch.Tensor) -> bool:
+        # An adapter wraps a convolution in its own forward, and a hook (pruning, weight norm) expects the module
+        # to be called: those run as they are, and so does a GPU or the meta device (not measured).
+        return x.device.type != "cpu" or any(
+            type(conv) is not nn.Conv2d or conv._forward_pre_hooks or conv._forward_hooks for conv in (self.conv1, self.conv2))
 
     def classifier(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.fc1(x))
@@ -59,7 +61,7 @@ class ConvNet(nn.Module):
 # channels, and conv1's 6 leave a quarter of each vector empty. conv1 runs with 2 zero filters appended, whose
 # outputs stay 0 through pool and ReLU, and conv2 reads them through 2 zero input channels: the same function
 # and gradients (the padding's gradient is dropped). A training step, 2 CPU cores, batch 512: about 10 %
-# more images/s, measured round robin (benchmarks/README.md, round six).
+# more images/s, measured round robin on AVX2 (benchmarks/README.md, round six).
 LANES = 8
 
 
