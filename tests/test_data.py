@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from vera_cli import data
-from vera_cli.data import CLASSES, FOLDER, Split, batches, class_ids, load_cifar10, random_crop, random_flip
+from vera_cli.data import (CLASSES, FOLDER, Split, augmented, batches, class_ids, crop, crop_offsets, flip_draws,
+                           load_cifar10, mirror, normalize)
+from vera_cli.kernels import augment as fast_augment
+from vera_cli.kernels.build import library
 from vera_cli.errors import VeraError
 
 from synthetic import TEST_SIZE, TRAIN_SIZES, synthetic_batch
@@ -122,11 +125,11 @@ def test_subset_keeps_only_chosen_classes(cifar_root):
 
 def test_random_crop_is_a_shifted_window_and_deterministic():
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    first = random_crop(images, 4, torch.Generator().manual_seed(1))
-    again = random_crop(images, 4, torch.Generator().manual_seed(1))
+    first = crop(images, 4, *crop_offsets(16, 4, torch.Generator().manual_seed(1)))
+    again = crop(images, 4, *crop_offsets(16, 4, torch.Generator().manual_seed(1)))
     assert first.shape == images.shape and first.dtype == torch.uint8
     assert torch.equal(first, again)
-    assert torch.equal(random_crop(images, 0, torch.Generator().manual_seed(1)), images)
+    assert torch.equal(crop(images, 0, *crop_offsets(16, 0, torch.Generator().manual_seed(1))), images)
     padded = torch.nn.functional.pad(images, (4,) * 4)
     for i in range(16):
         windows = [padded[i, :, y:y + 32, x:x + 32] for y in range(9) for x in range(9)]
@@ -149,11 +152,49 @@ def test_batches_crop_within_the_configured_padding():
 
 def test_random_flip_mirrors_about_half_of_a_batch():
     images = torch.randint(0, 256, (400, 3, 32, 32), dtype=torch.uint8)
-    flipped = random_flip(images, torch.Generator().manual_seed(0))
+    flipped = mirror(images, flip_draws(400, torch.Generator().manual_seed(0)))
     mirrored = (flipped == images.flip(3)).flatten(1).all(1)
     unchanged = (flipped == images).flatten(1).all(1)
     assert bool((mirrored | unchanged).all())
     assert 150 < int(mirrored.sum()) < 250
+
+
+@pytest.mark.parametrize("padding, crops, flips", [(4, True, True), (2, True, False), (0, False, True), (0, False, False)])
+def test_the_compiled_augmentation_gives_the_torch_operators_floats_exactly(padding, crops, flips):
+    if library() is None:
+        pytest.skip("no C compiler here: batches are made by torch's operators")
+    images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    index = torch.randperm(300, generator=generator)[:37]
+    offsets = crop_offsets(37, padding, generator) if crops else None
+    flags = flip_draws(37, generator) if flips else None
+    fast = augmented(images, index, padding, offsets, flags)
+    expected = images[index]
+    expected = crop(expected, padding, *offsets) if crops else expected
+    expected = mirror(expected, flags) if flips else expected
+    assert fast_augment.supports(images) and fast.dtype == torch.float32
+    assert torch.equal(fast, normalize(expected))
+
+
+def test_a_seed_gives_the_same_batches_with_and_without_the_compiled_augmentation(monkeypatch):
+    split = Split(torch.randint(0, 256, (90, 3, 32, 32), dtype=torch.uint8), torch.arange(90) % 10)
+    made = []
+    for switch in ("on", "off"):
+        monkeypatch.setenv("VERA_CLI_KERNELS", switch)
+        library.cache_clear()
+        made.append(list(batches(split, 32, torch.Generator().manual_seed(3), crop_padding=2, flip=True)))
+    library.cache_clear()
+    assert len(made[0]) == len(made[1]) == 3
+    for (x, y), (x_torch, y_torch) in zip(*made):
+        assert torch.equal(x, x_torch) and torch.equal(y, y_torch)
+
+
+def test_the_compiled_augmentation_refuses_an_index_past_the_images():
+    if library() is None:
+        pytest.skip("no C compiler here")
+    images = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(IndexError, match="out of range for 4 images"):
+        fast_augment.augment(images, torch.tensor([0, 4]), 0, None, None, torch.zeros(3, 256))
 
 
 def test_batches_cover_every_image_once_and_normalise():

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from vera_cli.errors import VeraError
+from vera_cli.kernels.build import library
 from vera_cli.models import ConvNet, build_model, count_parameters
 
 
@@ -27,12 +28,26 @@ def test_unknown_model_is_refused():
 
 
 @pytest.fixture
-def kernels(monkeypatch) -> list[tuple[int, ...]]:
-    """The weight shape of every convolution run, in order."""
+def convolutions(monkeypatch) -> list[tuple[int, ...]]:
+    """The weight shape of every convolution torch runs, in order."""
     shapes = []
     conv2d = F.conv2d
     monkeypatch.setattr(F, "conv2d", lambda inputs, weight, *rest: shapes.append(tuple(weight.shape)) or conv2d(inputs, weight, *rest))
     return shapes
+
+
+@pytest.fixture
+def compiled() -> None:
+    if library() is None:
+        pytest.skip("no C compiler or no AVX2 here: the ConvNet runs on torch's operators")
+
+
+@pytest.fixture
+def torch_only(monkeypatch) -> None:
+    monkeypatch.setenv("VERA_CLI_KERNELS", "off")
+    library.cache_clear()
+    yield
+    library.cache_clear()
 
 
 def _six_channel_reference(model: ConvNet, x: torch.Tensor) -> torch.Tensor:
@@ -42,24 +57,69 @@ def _six_channel_reference(model: ConvNet, x: torch.Tensor) -> torch.Tensor:
     return model.classifier(torch.flatten(h, 1))
 
 
-def test_lane_padded_convolutions_compute_the_write_ups_function_and_gradients(kernels):
-    torch.manual_seed(0)
-    model = ConvNet()
-    x, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+def _assert_same_function_and_gradients(model: ConvNet, x: torch.Tensor, convolutions: list) -> list:
+    labels = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(1))
     expected = _six_channel_reference(model, x)
     expected_grads = torch.autograd.grad(F.cross_entropy(expected, labels), list(model.parameters()))
-    kernels.clear()
+    convolutions.clear()
     logits = model(x)
     grads = torch.autograd.grad(F.cross_entropy(logits, labels), list(model.parameters()))
-    # conv1 with two zero filters, conv2 reading them through two zero input channels.
-    assert kernels == [(8, 3, 5, 5), (16, 8, 5, 5)]
+    ran = list(convolutions)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
     for name, grad, want in zip([n for n, _ in model.named_parameters()], grads, expected_grads):
         assert grad.shape == want.shape, name
         torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6, msg=name)
+    return ran
 
 
-def test_an_adapted_convolution_runs_its_own_forward_and_merges_back_to_the_lane_padded_one(kernels):
+@pytest.mark.parametrize("batch, threads", [(16, 2), (3, 2), (1, 2), (5, 1)])
+def test_compiled_kernels_compute_the_write_ups_function_and_gradients(compiled, convolutions, batch, threads):
+    torch.manual_seed(0)
+    model = ConvNet()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        # Batches smaller than the thread count and odd slices: every image once.
+        assert _assert_same_function_and_gradients(model, torch.randn(batch, 3, 32, 32), convolutions) == []
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_compiled_kernels_send_a_tied_pool_windows_gradient_to_its_first_maximum_as_torch_does(compiled, convolutions):
+    torch.manual_seed(0)
+    model = ConvNet()
+    with torch.no_grad():
+        # Three channels constant: every window of theirs a four-way tie, positive, negative and zero.
+        model.conv1.weight[:3].zero_()
+        model.conv1.bias[:3] = torch.tensor([0.5, -0.5, 0.0])
+    x = torch.randn(4, 3, 32, 32)
+    assert _assert_same_function_and_gradients(model, x, convolutions) == []
+
+
+def test_compiled_kernels_let_a_nan_through_as_torch_does(compiled):
+    model = ConvNet()
+    with torch.no_grad():
+        model.conv1.weight[0, 0, 0, 0] = float("nan")
+    assert model(torch.randn(2, 3, 32, 32)).isnan().all()
+
+
+def test_images_that_need_a_gradient_or_another_size_run_on_torchs_operators(compiled, convolutions):
+    model = ConvNet()
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    model(x).sum().backward()
+    assert convolutions == [(8, 3, 5, 5), (16, 8, 5, 5)] and x.grad.abs().sum() > 0
+    convolutions.clear()
+    assert model.features(torch.randn(2, 3, 36, 36)).shape == (2, 16 * 6 * 6) and len(convolutions) == 2
+
+
+def test_without_the_kernels_lane_padded_convolutions_compute_the_write_ups_function(torch_only, convolutions):
+    torch.manual_seed(0)
+    # conv1 with two zero filters, conv2 reading them through two zero input channels.
+    assert _assert_same_function_and_gradients(ConvNet(), torch.randn(16, 3, 32, 32), convolutions) == [
+        (8, 3, 5, 5), (16, 8, 5, 5)]
+
+
+def test_an_adapted_convolution_runs_its_own_forward_and_merges_back_to_the_fast_path(convolutions):
     from vera_cli.adapters.config import AdapterConfig
     from vera_cli.adapters.inject import inject, merged_plain, trainable_state
 
@@ -70,14 +130,14 @@ def test_an_adapted_convolution_runs_its_own_forward_and_merges_back_to_the_lane
             p.add_(torch.randn_like(p) * 0.1)
     x = torch.randn(4, 3, 32, 32)
     adapted = model(x)
-    assert (16, 6, 5, 5) in kernels and not [k for k in kernels if 8 in k[:2]]
-    kernels.clear()
+    assert (16, 6, 5, 5) in convolutions and not [k for k in convolutions if 8 in k[:2]]
+    convolutions.clear()
     merged = merged_plain(model)(x)
-    assert kernels == [(8, 3, 5, 5), (16, 8, 5, 5)]
+    assert convolutions == ([] if library() else [(8, 3, 5, 5), (16, 8, 5, 5)])
     torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-5)
 
 
-def test_a_hooked_convolution_is_called_as_a_module_and_trains_pruned(kernels):
+def test_a_hooked_convolution_is_called_as_a_module_and_trains_pruned(convolutions):
     from torch.nn.utils import prune
 
     torch.manual_seed(0)
@@ -91,5 +151,5 @@ def test_a_hooked_convolution_is_called_as_a_module_and_trains_pruned(kernels):
         optimizer.zero_grad()
         F.cross_entropy(model(x), labels).backward()
         optimizer.step()
-    assert calls == ["conv2", "conv2"] and kernels == [(6, 3, 5, 5), (16, 6, 5, 5)] * 2
+    assert calls == ["conv2", "conv2"] and convolutions == [(6, 3, 5, 5), (16, 6, 5, 5)] * 2
     assert int((model.conv1.weight == 0).sum()) == 6 * 3 * 5 * 5 // 2

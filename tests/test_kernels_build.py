@@ -1,0 +1,48 @@
+"""The CPU kernels' build: compiled once into a cache, reused, and stepped around where they cannot run."""
+
+import pytest
+import torch
+
+from vera_cli.kernels.build import cache_dir, library
+from vera_cli.models import ConvNet
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """library() from scratch, caching into a private folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("VERA_CLI_KERNELS", raising=False)
+    library.cache_clear()
+    yield tmp_path
+    library.cache_clear()
+
+
+def test_the_library_is_built_once_and_then_loaded_from_the_cache(fresh):
+    if library() is None:
+        pytest.skip("no C compiler or no AVX2 here")
+    built = list(cache_dir().glob("*.so"))
+    assert cache_dir().is_relative_to(fresh) and len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    library.cache_clear()
+    assert library() is not None
+    assert list(cache_dir().glob("*.so")) == built and built[0].stat().st_mtime_ns == stamp
+    assert [p.name for p in cache_dir().iterdir()] == [built[0].name]  # no scratch left beside it
+
+
+@pytest.mark.parametrize("compiler", ["/nonexistent/cc", "false"])
+def test_without_a_working_compiler_the_model_runs_on_torchs_operators(fresh, monkeypatch, compiler):
+    monkeypatch.setenv("CC", compiler)
+    assert library() is None
+    assert not cache_dir().exists() or not list(cache_dir().glob("*.so"))
+    torch.manual_seed(0)
+    model = ConvNet()
+    x = torch.randn(2, 3, 32, 32)
+    reference = model.classifier(torch.flatten(torch.relu(torch.max_pool2d(model.conv2(torch.relu(torch.max_pool2d(
+        model.conv1(x), 2))), 2)), 1))
+    torch.testing.assert_close(model(x), reference)
+
+
+@pytest.mark.parametrize("value", ["off", "0", "false", "OFF"])
+def test_the_switch_turns_the_kernels_off(fresh, monkeypatch, value):
+    monkeypatch.setenv("VERA_CLI_KERNELS", value)
+    assert library() is None and not cache_dir().exists()

@@ -1,0 +1,71 @@
+"""Compile the hand-written CPU kernels once per machine and load them.
+
+The C sources ship in the package and is compiled on first use with the system's C compiler (a second or
+two), into a cache keyed by the sources, the flags and the compiler; the next process loads the cached
+library. No compiler, another processor family, or a processor without AVX2 and FMA: `library()` returns
+None and the callers keep torch's own operators. VERA_CLI_KERNELS=off does the same on purpose (for A/B
+timing, or to rule the kernels out when something looks wrong).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCES = [Path(__file__).with_name(name) for name in ("convnet_features.c", "augment.c")]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+SWITCH = "VERA_CLI_KERNELS"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "vera-cli" / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compiled beside the target and renamed into place: two processes building at once never load half a file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        subprocess.run([compiler, *FLAGS, "-o", str(built), *map(str, SOURCES)], check=True, capture_output=True, timeout=120)
+        os.replace(built, target)
+
+
+def _signatures(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i, p = ctypes.c_int, ctypes.c_void_p
+    lib.vc_cpu_supported.argtypes, lib.vc_cpu_supported.restype = [], i
+    lib.vc_forward.argtypes, lib.vc_forward.restype = [i] * 2 + [p] * 9, i
+    lib.vc_backward.argtypes, lib.vc_backward.restype = [i] * 2 + [p] * 10, i
+    lib.vc_augment.argtypes, lib.vc_augment.restype = [i] * 6 + [p] * 7, None
+    return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot run here (see the module's docstring)."""
+    if os.environ.get(SWITCH, "on").lower() in ("off", "0", "false", "no"):
+        return None
+    compiler = _compiler()
+    if platform.machine().lower() not in ("x86_64", "amd64") or compiler is None:
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), *FLAGS, version]).encode()).hexdigest()[:16]
+        target = cache_dir() / f"kernels-{key}.so"
+        if not target.exists():
+            _build(compiler, target)
+        lib = _signatures(ctypes.CDLL(str(target)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return lib if lib.vc_cpu_supported() else None

@@ -1,0 +1,293 @@
+/* The ConvNet's convolutional prefix on AVX2, forward and backward, one image at a time:
+ *   relu(max_pool2d(conv2d(x, 5x5), 2)) twice: 3 -> 6 channels, 32x32 -> 28x28 -> 14x14, then
+ *   6 -> 16 channels, 14x14 -> 10x10 -> 5x5, flattened channel-major as torch.flatten does on NCHW.
+ *
+ * Why by hand: with 3-16 channels oneDNN ran these convolutions at 20-60 GFLOP/s where one core's sgemm runs 85,
+ * and with their pools they were over two thirds of a training step. Here the output channels fill one or two
+ * 256-bit vectors, each input value is broadcast against them, and a block of output pixels keeps its sums in
+ * registers over all the taps. Every size is a compile-time constant, so all addressing is immediate offsets.
+ * An image's intermediate maps stay in a thread's scratch (in cache); only the first layer's output (the second
+ * layer's input, needed for its weight gradient) and one bit per pool window and channel (where its gradient
+ * goes) are kept for the backward. Each thread takes a slice of the batch and sums its own weight gradients;
+ * the caller adds the slices up.
+ *
+ * Layouts (float32 unless said, channels innermost inside an image unless said):
+ *   x    [B][3][32][32]   input images, planar (NCHW)
+ *   w1   [5][5][3][8]     conv1's weights (kh, kw, in, out), output channels padded with zeros to 8; b1 [8]
+ *   w2   [5][5][6][16]    conv2's weights; b2 [16]; w2t [5][5][16][8]: (kh, kw, out, in), inputs padded to 8
+ *   p1   [B][14][14][8]   the first layer's output
+ *   m1   [B][14][14][4]   uint8: per pool window, per position in it (row-major), a bit per channel (8 lanes)
+ *                         set where that position is the first maximum and the maximum is positive: where the
+ *                         gradient goes. m2 [B][5][5][2][4] likewise for the second layer's two vectors.
+ *   out  [B][16][5][5]    the second layer's output, channel-major
+ */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define K 5
+#define INLINE static inline __attribute__((always_inline))
+/* Loops over register blocks are unrolled completely, so that the sums stay in registers. */
+#define UNROLL _Pragma("GCC unroll 64")
+/* Register blocks are fixed-size arrays (a variable-length one would live on the stack), used up to the sizes
+ * each layer gives. */
+#define MAX_C 8
+#define MAX_NV 2
+#define MAX_CIN 6
+#define MAX_OUT 8
+
+/* ---- forward ---- */
+
+/* Two output rows x C output columns x NV vectors of sums over all 5 x 5 x CIN taps. */
+INLINE void conv_block(const float *x, const float *w, const float *bias, float *y, int oh, int ow,
+                       const int W, const int XS, const int CIN, const int NV, const int C) {
+    const int OW = W - K + 1;
+    __m256 acc[2][MAX_C][MAX_NV];
+    UNROLL for (int v = 0; v < NV; v++) {
+        __m256 b = _mm256_loadu_ps(bias + 8 * v);
+        UNROLL for (int r = 0; r < 2; r++)
+            UNROLL for (int c = 0; c < C; c++) acc[r][c][v] = b;
+    }
+    for (int kh = 0; kh < K; kh++)
+        for (int kw = 0; kw < K; kw++) {
+            const float *wk = w + (kh * K + kw) * CIN * NV * 8;
+            const float *xk = x + ((oh + kh) * W + ow + kw) * XS;
+            UNROLL for (int ci = 0; ci < CIN; ci++) {
+                __m256 wv[MAX_NV];
+                UNROLL for (int v = 0; v < NV; v++) wv[v] = _mm256_loadu_ps(wk + (ci * NV + v) * 8);
+                UNROLL for (int r = 0; r < 2; r++)
+                    UNROLL for (int c = 0; c < C; c++) {
+                        __m256 xb = _mm256_broadcast_ss(xk + (r * W + c) * XS + ci);
+                        UNROLL for (int v = 0; v < NV; v++) acc[r][c][v] = _mm256_fmadd_ps(xb, wv[v], acc[r][c][v]);
+                    }
+            }
+        }
+    UNROLL for (int r = 0; r < 2; r++)
+        UNROLL for (int c = 0; c < C; c++)
+            UNROLL for (int v = 0; v < NV; v++) _mm256_storeu_ps(y + ((oh + r) * OW + ow + c) * NV * 8 + 8 * v, acc[r][c][v]);
+}
+
+/* relu(max_pool(y, 2)) into p, and the windows' gradient bits into m. A NaN anywhere in a window is the
+ * window's output, as in torch. */
+INLINE void pool_relu(const float *y, float *p, uint8_t *m, const int OH, const int OW, const int NV) {
+    const __m256 zero = _mm256_setzero_ps();
+    for (int i = 0; i < OH / 2; i++)
+        for (int j = 0; j < OW / 2; j++)
+            UNROLL for (int v = 0; v < NV; v++) {
+                const float *q = y + ((2 * i) * OW + 2 * j) * NV * 8 + 8 * v;
+                __m256 a[4] = {_mm256_loadu_ps(q), _mm256_loadu_ps(q + NV * 8), _mm256_loadu_ps(q + OW * NV * 8),
+                               _mm256_loadu_ps(q + (OW + 1) * NV * 8)};
+                __m256 top = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+                __m256 nan = _mm256_or_ps(_mm256_cmp_ps(a[0], a[1], _CMP_UNORD_Q), _mm256_cmp_ps(a[2], a[3], _CMP_UNORD_Q));
+                top = _mm256_or_ps(top, nan);
+                __m256 taken = _mm256_cmp_ps(top, zero, _CMP_NGT_UQ);  /* not positive: no gradient */
+                uint8_t *bits = m + ((i * (OW / 2) + j) * NV + v) * 4;
+                UNROLL for (int k = 0; k < 4; k++) {
+                    __m256 hit = _mm256_andnot_ps(taken, _mm256_cmp_ps(a[k], top, _CMP_EQ_OQ));
+                    taken = _mm256_or_ps(taken, hit);
+                    bits[k] = (uint8_t)_mm256_movemask_ps(hit);
+                }
+                /* max(0, NaN) is the NaN: the second operand is returned when either is one. */
+                _mm256_storeu_ps(p + (i * (OW / 2) + j) * NV * 8 + 8 * v, _mm256_max_ps(zero, top));
+            }
+}
+
+/* The gradient at the convolution output, into the interior of a buffer with a zero border of K - 1: each pool
+ * output's gradient to the position its bits name. */
+INLINE void unpool(const uint8_t *m, const float *dp, float *dypad, const int OH, const int OW, const int NV) {
+    const int PW = OW + 2 * (K - 1);
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    for (int i = 0; i < OH / 2; i++)
+        for (int j = 0; j < OW / 2; j++)
+            UNROLL for (int v = 0; v < NV; v++) {
+                const uint8_t *bits = m + ((i * (OW / 2) + j) * NV + v) * 4;
+                __m256 g = _mm256_loadu_ps(dp + (i * (OW / 2) + j) * NV * 8 + 8 * v);
+                UNROLL for (int k = 0; k < 4; k++) {
+                    __m256i set = _mm256_and_si256(_mm256_set1_epi32(bits[k]), lane_bit);
+                    __m256 hit = _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, lane_bit));
+                    int oh = 2 * i + k / 2, ow = 2 * j + k % 2;
+                    _mm256_storeu_ps(dypad + ((oh + K - 1) * PW + ow + K - 1) * NV * 8 + 8 * v, _mm256_and_ps(g, hit));
+                }
+            }
+}
+
+/* ---- backward ---- */
+
+#define DY(oh, ow) (dypad + (((oh) + K - 1) * (OW + 2 * (K - 1)) + (ow) + K - 1) * NV * 8)
+
+INLINE void bias_grad(const float *dypad, float *db, const int OH, const int OW, const int NV) {
+    UNROLL for (int v = 0; v < NV; v++) {
+        __m256 acc = _mm256_loadu_ps(db + 8 * v);
+        for (int oh = 0; oh < OH; oh++)
+            for (int ow = 0; ow < OW; ow++) acc = _mm256_add_ps(acc, _mm256_loadu_ps(DY(oh, ow) + 8 * v));
+        _mm256_storeu_ps(db + 8 * v, acc);
+    }
+}
+
+/* dw[kh][kw][ci][:] += sum over output pixels of x[pixel + (kh, kw)][ci] * dy[pixel][:], one tap (kh, kw) at a
+ * time: CIN x NV sums held in registers across the pixels. */
+INLINE void weight_grad_by_tap(const float *x, const float *dypad, float *dw, const int H, const int W, const int XS,
+                               const int CIN, const int NV) {
+    const int OH = H - K + 1, OW = W - K + 1;
+    for (int kh = 0; kh < K; kh++)
+        for (int kw = 0; kw < K; kw++) {
+            __m256 acc[MAX_CIN][MAX_NV];
+            UNROLL for (int ci = 0; ci < CIN; ci++)
+                UNROLL for (int v = 0; v < NV; v++) acc[ci][v] = _mm256_setzero_ps();
+            for (int oh = 0; oh < OH; oh++)
+                for (int ow = 0; ow < OW; ow++) {
+                    __m256 g[MAX_NV];
+                    UNROLL for (int v = 0; v < NV; v++) g[v] = _mm256_loadu_ps(DY(oh, ow) + 8 * v);
+                    const float *xq = x + ((oh + kh) * W + ow + kw) * XS;
+                    UNROLL for (int ci = 0; ci < CIN; ci++) {
+                        __m256 xb = _mm256_broadcast_ss(xq + ci);
+                        UNROLL for (int v = 0; v < NV; v++) acc[ci][v] = _mm256_fmadd_ps(xb, g[v], acc[ci][v]);
+                    }
+                }
+            UNROLL for (int ci = 0; ci < CIN; ci++)
+                UNROLL for (int v = 0; v < NV; v++) {
+                    float *t = dw + ((kh * K + kw) * CIN + ci) * NV * 8 + 8 * v;
+                    _mm256_storeu_ps(t, _mm256_add_ps(_mm256_loadu_ps(t), acc[ci][v]));
+                }
+        }
+}
+
+/* The same sums for a dense input (XS == CIN, 8 < K * CIN <= 15, one vector of output channels): the K x CIN
+ * taps of a kernel row are consecutive floats of x, so they make the vectors (taps 0-7 and 7-14, overlapping so
+ * that no load reads past the image), and each of the OUT real output channels' gradient is broadcast against
+ * them. No lane is spent on padded channels. */
+INLINE void weight_grad_by_row(const float *x, const float *dypad, float *dw, const int H, const int W,
+                               const int CIN, const int OUT) {
+    const int OH = H - K + 1, OW = W - K + 1, NV = 1, TAPS = K * CIN;
+    for (int kh = 0; kh < K; kh++) {
+        __m256 low[MAX_OUT], high[MAX_OUT];
+        UNROLL for (int o = 0; o < OUT; o++) low[o] = high[o] = _mm256_setzero_ps();
+        for (int oh = 0; oh < OH; oh++)
+            for (int ow = 0; ow < OW; ow++) {
+                const float *xq = x + ((oh + kh) * W + ow) * CIN;
+                __m256 lo = _mm256_loadu_ps(xq), hi = _mm256_loadu_ps(xq + TAPS - 8);
+                UNROLL for (int o = 0; o < OUT; o++) {
+                    __m256 g = _mm256_broadcast_ss(DY(oh, ow) + o);
+                    low[o] = _mm256_fmadd_ps(lo, g, low[o]);
+                    high[o] = _mm256_fmadd_ps(hi, g, high[o]);
+                }
+            }
+        /* Two arrays, not one with overlapping stores: GCC would keep such sums in memory inside the loop. */
+        float lows[MAX_OUT][8], highs[MAX_OUT][8];
+        UNROLL for (int o = 0; o < OUT; o++) {
+            _mm256_storeu_ps(lows[o], low[o]);
+            _mm256_storeu_ps(highs[o], high[o]);
+        }
+        for (int t = 0; t < TAPS; t++)
+            for (int o = 0; o < OUT; o++) dw[(kh * TAPS + t) * 8 + o] += t < 8 ? lows[o][t] : highs[o][t - (TAPS - 8)];
+    }
+}
+
+/* dx[i][j][:8] = sum over taps and output channels of dy[i - kh][j - kw][co] * wt[kh][kw][co][:8]: the full
+ * correlation with the flipped kernel, read from the zero-bordered gradient, C columns at a time. Taps whose
+ * rows fall wholly in the border are skipped. */
+INLINE void input_grad(const float *dypad, const float *wt, float *dx, const int H, const int W, const int NV,
+                       const int C) {
+    const int OH = H - K + 1, OW = W - K + 1, CO = NV * 8;
+    for (int i = 0; i < H; i++) {
+        const int lo = i - (OH - 1) > 0 ? i - (OH - 1) : 0, hi = i < K - 1 ? i : K - 1;
+        for (int j = 0; j < W; j += C) {
+            __m256 acc[MAX_C];
+            UNROLL for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+            for (int kh = lo; kh <= hi; kh++)
+                for (int kw = 0; kw < K; kw++) {
+                    const float *gk = DY(i - kh, j - kw);
+                    const float *wk = wt + (kh * K + kw) * CO * 8;
+                    UNROLL for (int co = 0; co < CO; co++) {
+                        __m256 wv = _mm256_loadu_ps(wk + co * 8);
+                        UNROLL for (int c = 0; c < C; c++)
+                            acc[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(gk + c * CO + co), wv, acc[c]);
+                    }
+                }
+            UNROLL for (int c = 0; c < C; c++) _mm256_storeu_ps(dx + (i * W + j + c) * 8, acc[c]);
+        }
+    }
+}
+
+/* ---- the two layers, image by image ---- */
+
+#define PAD(n) ((n) + 2 * (K - 1))
+
+typedef struct {
+    float x[32 * 32 * 3];              /* the image, channels innermost */
+    float y1[28 * 28 * 8], y2[10 * 10 * 16], p2[5 * 5 * 16], dx2[14 * 14 * 8];
+    float dy1[PAD(28) * PAD(28) * 8];  /* zero-bordered output gradients */
+    float dy2[PAD(10) * PAD(10) * 16];
+} Scratch;
+
+INLINE void planar_to_packed(const float *planar, float *packed) {
+    for (int q = 0; q < 32 * 32; q++)
+        UNROLL for (int c = 0; c < 3; c++) packed[q * 3 + c] = planar[c * 32 * 32 + q];
+}
+
+static void forward_image(Scratch *s, const float *x, const float *w1, const float *b1, const float *w2,
+                          const float *b2, float *p1, uint8_t *m1, uint8_t *m2, float *out) {
+    planar_to_packed(x, s->x);
+    for (int oh = 0; oh < 28; oh += 2)
+        for (int ow = 0; ow < 28; ow += 4) conv_block(s->x, w1, b1, s->y1, oh, ow, 32, 3, 3, 1, 4);
+    pool_relu(s->y1, p1, m1, 28, 28, 1);
+    for (int oh = 0; oh < 10; oh += 2)
+        for (int ow = 0; ow < 10; ow += 2) conv_block(p1, w2, b2, s->y2, oh, ow, 14, 8, 6, 2, 2);
+    pool_relu(s->y2, s->p2, m2, 10, 10, 2);
+    for (int q = 0; q < 25; q++)
+        for (int c = 0; c < 16; c++) out[c * 25 + q] = s->p2[q * 16 + c];
+}
+
+static void backward_image(Scratch *s, const float *x, const float *p1, const uint8_t *m1, const uint8_t *m2,
+                           const float *grad, const float *w2t, float *dw1, float *db1, float *dw2, float *db2) {
+    for (int q = 0; q < 25; q++)
+        for (int c = 0; c < 16; c++) s->p2[q * 16 + c] = grad[c * 25 + q];
+    unpool(m2, s->p2, s->dy2, 10, 10, 2);
+    bias_grad(s->dy2, db2, 10, 10, 2);
+    weight_grad_by_tap(p1, s->dy2, dw2, 14, 14, 8, 6, 2);
+    input_grad(s->dy2, w2t, s->dx2, 14, 14, 2, 7);
+    unpool(m1, s->dx2, s->dy1, 28, 28, 1);
+    bias_grad(s->dy1, db1, 28, 28, 1);
+    planar_to_packed(x, s->x);
+    weight_grad_by_row(s->x, s->dy1, dw1, 32, 32, 3, 6);
+}
+
+int vc_cpu_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+/* Slices of the batch on `threads` threads. OpenMP, not threads of our own: the library links the libgomp that
+ * torch has already loaded, so the slices run on torch's worker threads, which spin for a while after each of
+ * torch's operators and would otherwise take a core from a thread started here. Returns 1 when a thread could
+ * not allocate its scratch. */
+#define OVER_BATCH(threads, batch, body)                                                      \
+    int failed = 0;                                                                             \
+    _Pragma("omp parallel num_threads(threads > batch ? (batch > 0 ? batch : 1) : threads) reduction(| : failed)") \
+    {                                                                                           \
+        int t = omp_get_thread_num(), n = omp_get_num_threads();                                \
+        Scratch *s = aligned_alloc(64, sizeof(Scratch));                                        \
+        if (!s) failed = 1;                                                                     \
+        else {                                                                                  \
+            memset(s, 0, sizeof(Scratch));                                                      \
+            for (long b = (long)batch * t / n; b < (long)batch * (t + 1) / n; b++) body;        \
+            free(s);                                                                            \
+        }                                                                                       \
+    }                                                                                           \
+    return failed;
+
+int vc_forward(int batch, int threads, const float *x, const float *w1, const float *b1, const float *w2,
+               const float *b2, float *p1, uint8_t *m1, uint8_t *m2, float *out) {
+    OVER_BATCH(threads, batch,
+               forward_image(s, x + b * 3072, w1, b1, w2, b2, p1 + b * 1568, m1 + b * 784, m2 + b * 200, out + b * 400))
+}
+
+/* dw1: threads x [5][5][3][8], db1: threads x [8], dw2: threads x [5][5][6][16], db2: threads x [16], all zeros. */
+int vc_backward(int batch, int threads, const float *x, const float *p1, const uint8_t *m1, const uint8_t *m2,
+                const float *grad, const float *w2t, float *dw1, float *db1, float *dw2, float *db2) {
+    OVER_BATCH(threads, batch,
+               backward_image(s, x + b * 3072, p1 + b * 1568, m1 + b * 784, m2 + b * 200, grad + b * 400, w2t,
+                              dw1 + t * 600, db1 + t * 8, dw2 + t * 2400, db2 + t * 16))
+}
