@@ -172,7 +172,7 @@ def test_the_compiled_augmentation_gives_the_torch_operators_floats_exactly(padd
     expected = images[index]
     expected = crop(expected, padding, *offsets) if crops else expected
     expected = mirror(expected, flags) if flips else expected
-    assert fast_augment.supports(images) and fast.dtype == torch.float32
+    assert fast_augment.supports(images, padding) and fast.dtype == torch.float32
     assert torch.equal(fast, normalize(expected))
 
 
@@ -189,12 +189,15 @@ def test_a_seed_gives_the_same_batches_with_and_without_the_compiled_augmentatio
         assert torch.equal(x, x_torch) and torch.equal(y, y_torch)
 
 
-def test_the_compiled_augmentation_refuses_an_index_past_the_images():
+def test_the_compiled_augmentation_refuses_an_index_or_a_crop_past_the_images():
     if library() is None:
         pytest.skip("no C compiler here")
     images = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    stats = torch.zeros(3), torch.ones(3)
     with pytest.raises(IndexError, match="out of range for 4 images"):
-        fast_augment.augment(images, torch.tensor([0, 4]), 0, None, None, torch.zeros(3, 256))
+        fast_augment.augment(images, torch.tensor([0, 4]), 0, None, None, *stats)
+    with pytest.raises(ValueError, match=r"crop offsets must lie in \[0, 4\]"):
+        fast_augment.augment(images, torch.tensor([0, 1]), 2, (torch.tensor([0, 5]), torch.tensor([0, 0])), None, *stats)
 
 
 def test_batches_cover_every_image_once_and_normalise():

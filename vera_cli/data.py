@@ -227,12 +227,6 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() - mean) / std
 
 
-@functools.lru_cache(maxsize=None)
-def _normalized_values(device: torch.device) -> torch.Tensor:
-    """normalize() of every uint8 value, (3, 256): a lookup gives the very same floats."""
-    return normalize(torch.arange(256, dtype=torch.uint8, device=device).view(1, 1, 1, 256).expand(1, 3, 1, 256)).view(3, 256)
-
-
 def crop_offsets(batch: int, padding: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image's random crop window in its zero-padded copy: rows and columns in [0, 2 * padding]."""
     rows = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=generator.device)
@@ -268,8 +262,8 @@ def augmented(images: torch.Tensor, index: torch.Tensor, padding: int = 0,
     On the CPU one compiled pass (vera_cli/kernels/augment.c) where it can run: the same floats as the torch
     operators below, which made a quarter of a training step at batch 512.
     """
-    if fast_augment.supports(images):
-        return fast_augment.augment(images, index, padding, offsets, flips, _normalized_values(images.device))
+    if fast_augment.supports(images, padding):
+        return fast_augment.augment(images, index, padding, offsets, flips, *_channel_stats(images.device))
     batch = images[index]
     if offsets is not None:
         batch = crop(batch, padding, *offsets)

@@ -9,10 +9,10 @@ import torch
 from vera_cli.kernels.build import library
 
 
-def supports(images: torch.Tensor) -> bool:
-    """Whether augment.c can read these images: uint8 (N, C, H, W) on the CPU, contiguous."""
+def supports(images: torch.Tensor, padding: int) -> bool:
+    """Whether augment.c can read these images: uint8 (N, C, H, 32) on the CPU, contiguous, cropped by at most 32."""
     return (images.device.type == "cpu" and images.dtype == torch.uint8 and images.dim() == 4
-            and images.is_contiguous() and library() is not None)
+            and images.is_contiguous() and images.shape[3] == 32 and padding <= 32 and library() is not None)
 
 
 def _address(t: torch.Tensor | None) -> ctypes.c_void_p | None:
@@ -20,21 +20,26 @@ def _address(t: torch.Tensor | None) -> ctypes.c_void_p | None:
 
 
 def augment(images: torch.Tensor, index: torch.Tensor, padding: int, offsets: tuple[torch.Tensor, torch.Tensor] | None,
-            flips: torch.Tensor | None, table: torch.Tensor) -> torch.Tensor:
-    """table[c][flip(crop(images[index]))] as float32 (B, C, H, W); check `supports` first.
+            flips: torch.Tensor | None, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(flip(crop(images[index])) - mean[c]) / std[c] as float32 (B, C, H, W); check `supports` first.
 
-    offsets: each image's crop rows and columns in [0, 2 * padding], or None; flips: bool per image, or None.
+    offsets: each image's crop rows and columns in [0, 2 * padding], or None; flips: bool per image, or None;
+    mean and std: one float per channel.
     """
     # Every tensor whose address is passed is held in a name until the call returns.
     index = index.to(torch.int64).contiguous()
     if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < images.shape[0]:
         raise IndexError(f"image index out of range for {images.shape[0]} images")
     rows, cols = (None, None) if offsets is None else (o.to(torch.int64).contiguous() for o in offsets)
+    if rows is not None and rows.numel() and not (0 <= min(int(rows.min()), int(cols.min()))
+                                                  and max(int(rows.max()), int(cols.max())) <= 2 * padding):
+        raise ValueError(f"crop offsets must lie in [0, {2 * padding}]")
     flips = None if flips is None else flips.to(torch.bool).contiguous()
-    table = table.to(torch.float32).contiguous()
+    mean, std = (t.to(torch.float32).flatten().contiguous() for t in (mean, std))
     batch, (_, channels, height, width) = index.shape[0], images.shape
     out = torch.empty(batch, channels, height, width)
-    library().vc_augment(batch, torch.get_num_threads(), channels, height, width, padding, _address(images),
-                         _address(index), _address(rows), _address(cols), _address(flips), _address(table),
-                         _address(out))
+    if library().vc_augment(batch, torch.get_num_threads(), channels, height, width, padding, _address(images),
+                            _address(index), _address(rows), _address(cols), _address(flips), _address(mean),
+                            _address(std), _address(out)):
+        raise ValueError(f"augment.c takes images 32 pixels wide and crops of up to 32 pixels, not {width} and {padding}")
     return out

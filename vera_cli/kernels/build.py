@@ -47,7 +47,7 @@ def _signatures(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.vc_cpu_supported.argtypes, lib.vc_cpu_supported.restype = [], i
     lib.vc_forward.argtypes, lib.vc_forward.restype = [i] * 2 + [p] * 9, i
     lib.vc_backward.argtypes, lib.vc_backward.restype = [i] * 2 + [p] * 10, i
-    lib.vc_augment.argtypes, lib.vc_augment.restype = [i] * 6 + [p] * 7, None
+    lib.vc_augment.argtypes, lib.vc_augment.restype = [i] * 6 + [p] * 8, i
     return lib
 
 
