@@ -185,30 +185,37 @@ INLINE void weight_grad_by_row(const float *x, const float *dypad, float *dw, co
     }
 }
 
-/* dx[i][j][:8] = sum over taps and output channels of dy[i - kh][j - kw][co] * wt[kh][kw][co][:8]: the full
- * correlation with the flipped kernel, read from the zero-bordered gradient, C columns at a time. Taps whose
- * rows fall wholly in the border are skipped. */
-INLINE void input_grad(const float *dypad, const float *wt, float *dx, const int H, const int W, const int NV,
-                       const int C) {
-    const int OH = H - K + 1, OW = W - K + 1, CO = NV * 8;
-    for (int i = 0; i < H; i++) {
-        const int lo = i - (OH - 1) > 0 ? i - (OH - 1) : 0, hi = i < K - 1 ? i : K - 1;
-        for (int j = 0; j < W; j += C) {
-            __m256 acc[MAX_C];
-            UNROLL for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
-            for (int kh = lo; kh <= hi; kh++)
-                for (int kw = 0; kw < K; kw++) {
-                    const float *gk = DY(i - kh, j - kw);
-                    const float *wk = wt + (kh * K + kw) * CO * 8;
-                    UNROLL for (int co = 0; co < CO; co++) {
-                        __m256 wv = _mm256_loadu_ps(wk + co * 8);
-                        UNROLL for (int c = 0; c < C; c++)
-                            acc[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(gk + c * CO + co), wv, acc[c]);
+/* The gradient at the input of a layer with NV output vectors, from its pool's: each window's gradient reached
+ * one position per channel (the bits of m) and none where the output was not positive, so at most a quarter of
+ * the convolution's output gradient is nonzero. Each position with any channel's gradient adds that channel's
+ * 5x5 kernel (wt[kh][kw][co][:8]) times it into dx around it; the rest costs nothing. */
+INLINE void input_grad(const uint8_t *m, const float *dp, const float *wt, float *dx, const int H, const int W,
+                       const int NV) {
+    const int OW = W - K + 1, CO = NV * 8;
+    memset(dx, 0, sizeof(float) * H * W * 8);
+    for (int i = 0; i < (H - K + 1) / 2; i++)
+        for (int j = 0; j < OW / 2; j++) {
+            const uint8_t *bits = m + (i * (OW / 2) + j) * NV * 4;
+            const float *g = dp + (i * (OW / 2) + j) * CO;
+            for (int k = 0; k < 4; k++) {
+                unsigned channels = 0;
+                UNROLL for (int v = 0; v < NV; v++) channels |= (unsigned)bits[v * 4 + k] << (8 * v);
+                if (!channels) continue;
+                const int oh = 2 * i + k / 2, ow = 2 * j + k % 2;
+                for (int kh = 0; kh < K; kh++) {
+                    float *row = dx + ((oh + kh) * W + ow) * 8;
+                    __m256 acc[K];
+                    UNROLL for (int kw = 0; kw < K; kw++) acc[kw] = _mm256_loadu_ps(row + kw * 8);
+                    for (unsigned left = channels; left; left &= left - 1) {
+                        const int co = __builtin_ctz(left);
+                        const __m256 gco = _mm256_broadcast_ss(g + co);
+                        UNROLL for (int kw = 0; kw < K; kw++)
+                            acc[kw] = _mm256_fmadd_ps(gco, _mm256_loadu_ps(wt + ((kh * K + kw) * CO + co) * 8), acc[kw]);
                     }
+                    UNROLL for (int kw = 0; kw < K; kw++) _mm256_storeu_ps(row + kw * 8, acc[kw]);
                 }
-            UNROLL for (int c = 0; c < C; c++) _mm256_storeu_ps(dx + (i * W + j + c) * 8, acc[c]);
+            }
         }
-    }
 }
 
 /* ---- the two layers, image by image ---- */
@@ -247,7 +254,7 @@ static void backward_image(Scratch *s, const float *x, const float *p1, const ui
     unpool(m2, s->p2, s->dy2, 10, 10, 2);
     bias_grad(s->dy2, db2, 10, 10, 2);
     weight_grad_by_tap(p1, s->dy2, dw2, 14, 14, 8, 6, 2);
-    input_grad(s->dy2, w2t, s->dx2, 14, 14, 2, 7);
+    input_grad(m2, s->p2, w2t, s->dx2, 14, 14, 2);
     unpool(m1, s->dx2, s->dy1, 28, 28, 1);
     bias_grad(s->dy1, db1, 28, 28, 1);
     planar_to_packed(x, s->x);
