@@ -13,7 +13,7 @@
  *
  * Layouts (float32 unless said, channels innermost inside an image unless said):
  *   x    [B][3][32][32]   input images, planar (NCHW)
- *   w1   [5][5][3][8]     conv1's weights (kh, kw, in, out), output channels padded with zeros to 8; b1 [8]
+ *   w1   [6][3][5][5]     conv1's weights as torch holds them; b1 [8], padded with zeros
  *   w2   [5][5][6][16]    conv2's weights; b2 [16]; w2t [5][5][16][8]: (kh, kw, out, in), inputs padded to 8
  *   p1   [B][14][14][8]   the first layer's output
  *   m1   [B][14][14][4]   uint8: per pool window, per position in it (row-major), a bit per channel (8 lanes)
@@ -71,6 +71,54 @@ INLINE void conv_block(const float *x, const float *w, const float *bias, float 
 
 /* relu(max_pool(y, 2)) into p, and the windows' gradient bits into m. A NaN anywhere in a window is the
  * window's output, as in torch. */
+/* r[i][j] <- r[j][i] for an 8 x 8 block of floats. */
+INLINE void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++)
+        for (int h = 0; h < 2; h++) {
+            u[4 * i + 2 * h] = _mm256_shuffle_ps(t[4 * i + h], t[4 * i + h + 2], 0x44);
+            u[4 * i + 2 * h + 1] = _mm256_shuffle_ps(t[4 * i + h], t[4 * i + h + 2], 0xEE);
+        }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+/* The first convolution from the planar image, its 6 output channels each with vectors of 8 output columns:
+ * each weight is broadcast against two vectors of input columns. Input values are loaded, not broadcast, and
+ * no lane holds a padded channel, so it runs on the FMA units rather than on loads. Columns 12-15 are computed
+ * twice (blocks 0-15 and 12-27), to the same sums. The sums are transposed to channels innermost for the pool. */
+INLINE void first_conv(const float *x, const float *w, const float *bias, float *y) {
+    const int H = 32, W = 32, CIN = 3, OUT = 6, OW = W - K + 1;
+    for (int oh = 0; oh < H - K + 1; oh++)
+        for (int c0 = 0; c0 <= OW - 16; c0 += OW - 16) {
+            __m256 acc[MAX_OUT][2];
+            UNROLL for (int o = 0; o < OUT; o++) acc[o][0] = acc[o][1] = _mm256_broadcast_ss(bias + o);
+            for (int ci = 0; ci < CIN; ci++)
+                for (int kh = 0; kh < K; kh++)
+                    for (int kw = 0; kw < K; kw++) {
+                        const float *xr = x + (ci * H + oh + kh) * W + c0 + kw;
+                        const __m256 a = _mm256_loadu_ps(xr), b = _mm256_loadu_ps(xr + 8);
+                        UNROLL for (int o = 0; o < OUT; o++) {
+                            const __m256 wv = _mm256_broadcast_ss(w + ((o * CIN + ci) * K + kh) * K + kw);
+                            acc[o][0] = _mm256_fmadd_ps(a, wv, acc[o][0]);
+                            acc[o][1] = _mm256_fmadd_ps(b, wv, acc[o][1]);
+                        }
+                    }
+            UNROLL for (int v = 0; v < 2; v++) {
+                __m256 r[8];
+                UNROLL for (int o = 0; o < 8; o++) r[o] = o < OUT ? acc[o][v] : _mm256_setzero_ps();
+                transpose8(r);
+                UNROLL for (int p = 0; p < 8; p++) _mm256_storeu_ps(y + (oh * OW + c0 + 8 * v + p) * 8, r[p]);
+            }
+        }
+}
+
 INLINE void pool_relu(const float *y, float *p, uint8_t *m, const int OH, const int OW, const int NV) {
     const __m256 zero = _mm256_setzero_ps();
     for (int i = 0; i < OH / 2; i++)
@@ -236,9 +284,7 @@ INLINE void planar_to_packed(const float *planar, float *packed) {
 
 static void forward_image(Scratch *s, const float *x, const float *w1, const float *b1, const float *w2,
                           const float *b2, float *p1, uint8_t *m1, uint8_t *m2, float *out) {
-    planar_to_packed(x, s->x);
-    for (int oh = 0; oh < 28; oh += 2)
-        for (int ow = 0; ow < 28; ow += 4) conv_block(s->x, w1, b1, s->y1, oh, ow, 32, 3, 3, 1, 4);
+    first_conv(x, w1, b1, s->y1);
     pool_relu(s->y1, p1, m1, 28, 28, 1);
     for (int oh = 0; oh < 10; oh += 2)
         for (int ow = 0; ow < 10; ow += 2) conv_block(p1, w2, b2, s->y2, oh, ow, 14, 8, 6, 2, 2);

@@ -46,7 +46,7 @@ class _Features(torch.autograd.Function):
         batch = x.shape[0]
         x = x.contiguous()
         # Every tensor whose address is passed is held in a name until the call returns.
-        w1p = F.pad(w1.detach().permute(2, 3, 1, 0), (0, 2)).contiguous()
+        w1p = w1.detach().contiguous()
         b1p = F.pad(b1.detach(), (0, 2))
         w2p = w2.detach().permute(2, 3, 1, 0).contiguous()
         b2p = b2.detach().contiguous()
