@@ -56,6 +56,7 @@ from vera_cli.commands.adapt import build_pipeline, run_adapt
 from vera_cli.commands.pretrain import run_pretrain
 from vera_cli.config import AdaptConfig, AdapterConfig, ExperimentConfig, PretrainConfig, TrainConfig
 from vera_cli.data import batches, class_ids, load_cifar10
+from vera_cli.kernels.build import library
 from vera_cli.metrics import predict_logits
 from vera_cli.models import ConvNet, build_model
 from vera_cli.runs import Run, environment
@@ -393,7 +394,8 @@ def machine() -> dict:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "date": datetime.date.today().isoformat(), **environment()}
+    kernels = "compiled (vera_cli/kernels)" if library() is not None else "off: torch's operators only"
+    return {"cpu": cpu, "date": datetime.date.today().isoformat(), "cpu_kernels": kernels, **environment()}
 
 
 def report(results: dict) -> str:
@@ -402,7 +404,8 @@ def report(results: dict) -> str:
     dataset_mb = results["dataset_mb"]
     lines = [f"# vera-cli benchmark, {m['date']}" + (" (SMOKE: synthetic data, not a measurement)" if results["smoke"] else ""),
              "", f"Machine: {m['cpu']}, {m['cpu_threads']} torch threads, {m['platform']}; Python {m['python']}, "
-             f"torch {m['torch']}, torchvision {m['torchvision']}, vera-cli {m['vera_cli']}.", "",
+             f"torch {m['torch']}, torchvision {m['torchvision']}, vera-cli {m['vera_cli']}; CPU kernels "
+             f"{m['cpu_kernels']}.", "",
              "| measure | ours | reference | ratio | target |", "|---|---|---|---|---|"]
     reached = f["reached"]
     to_acc = reached["train_seconds"] if reached else float("nan")

@@ -29,6 +29,18 @@ def test_the_library_is_built_once_and_then_loaded_from_the_cache(fresh):
     assert [p.name for p in cache_dir().iterdir()] == [built[0].name]  # no scratch left beside it
 
 
+def test_a_cache_that_cannot_be_written_still_gets_the_kernels(fresh, monkeypatch):
+    if library() is None:
+        pytest.skip("no C compiler or no AVX2 here")
+    library.cache_clear()
+    blocked = fresh / "not-a-folder"
+    blocked.write_text("")  # the cache would go under a file: even root cannot create it
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    assert library() is not None
+    assert blocked.read_text() == "" and not cache_dir().exists()
+    assert torch.equal(ConvNet().eval()(torch.zeros(1, 3, 32, 32)).isfinite(), torch.ones(1, 10, dtype=torch.bool))
+
+
 @pytest.mark.parametrize("compiler", ["/nonexistent/cc", "false"])
 def test_without_a_working_compiler_the_model_runs_on_torchs_operators(fresh, monkeypatch, compiler):
     monkeypatch.setenv("CC", compiler)

@@ -1,8 +1,8 @@
 """Compile the hand-written CPU kernels once per machine and load them.
 
-The C sources ship in the package and is compiled on first use with the system's C compiler (a second or
+The C sources ship in the package and are compiled on first use with the system's C compiler (a second or
 two), into a cache keyed by the sources, the flags and the compiler; the next process loads the cached
-library. No compiler, another processor family, or a processor without AVX2 and FMA: `library()` returns
+library. Where the cache cannot be written, each process builds its own copy. No compiler, another processor family, or a processor without AVX2 and FMA: `library()` returns
 None and the callers keep torch's own operators. VERA_CLI_KERNELS=off does the same on purpose (for A/B
 timing, or to rule the kernels out when something looks wrong).
 """
@@ -51,6 +51,19 @@ def _signatures(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+def _load(compiler: str, target: Path) -> ctypes.CDLL:
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        return _signatures(ctypes.CDLL(str(target)))
+    except OSError:
+        # A read-only or full cache: build for this process alone (the loaded library outlives its file).
+        with tempfile.TemporaryDirectory() as scratch:
+            private = Path(scratch) / target.name
+            _build(compiler, private)
+            return _signatures(ctypes.CDLL(str(private)))
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot run here (see the module's docstring)."""
@@ -62,10 +75,7 @@ def library() -> ctypes.CDLL | None:
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), *FLAGS, version]).encode()).hexdigest()[:16]
-        target = cache_dir() / f"kernels-{key}.so"
-        if not target.exists():
-            _build(compiler, target)
-        lib = _signatures(ctypes.CDLL(str(target)))
+        lib = _load(compiler, cache_dir() / f"kernels-{key}.so")
     except (OSError, subprocess.SubprocessError):
         return None
     return lib if lib.vc_cpu_supported() else None
