@@ -3,18 +3,21 @@
  *   6 -> 16 channels, 14x14 -> 10x10 -> 5x5, flattened channel-major as torch.flatten does on NCHW.
  *
  * Why by hand: with 3-16 channels oneDNN ran these convolutions at 20-60 GFLOP/s where one core's sgemm runs 85,
- * and with their pools they were over two thirds of a training step. Here the output channels fill one or two
- * 256-bit vectors, each input value is broadcast against them, and a block of output pixels keeps its sums in
- * registers over all the taps. Every size is a compile-time constant, so all addressing is immediate offsets.
- * An image's intermediate maps stay in a thread's scratch (in cache); only the first layer's output (the second
- * layer's input, needed for its weight gradient) and one bit per pool window and channel (where its gradient
- * goes) are kept for the backward. Each thread takes a slice of the batch and sums its own weight gradients;
- * the caller adds the slices up.
+ * and with their pools they were over two thirds of a training step. Here each kernel lays its vectors along
+ * the dimension that fills them (output columns for conv1's forward, conv2's 16 output channels, a kernel row's
+ * 15 taps for conv1's weight gradient), keeps a block of sums in registers over all the taps, and skips what
+ * the pool's gradient makes zero (conv2's input gradient). Every size is a compile-time constant, so all
+ * addressing is immediate offsets. An image's intermediate maps stay in a thread's scratch (in cache); only
+ * the first layer's output (the second layer's input, needed for its weight gradient) and one bit per pool
+ * window, position and channel (where its gradient goes) are kept for the backward. Each thread takes a slice
+ * of the batch and sums its own weight gradients; the caller adds the slices up. Measured kernel by kernel in
+ * benchmarks/README.md (round seven).
  *
  * Layouts (float32 unless said, channels innermost inside an image unless said):
  *   x    [B][3][32][32]   input images, planar (NCHW)
  *   w1   [6][3][5][5]     conv1's weights as torch holds them; b1 [8], padded with zeros
- *   w2   [5][5][6][16]    conv2's weights; b2 [16]; w2t [5][5][16][8]: (kh, kw, out, in), inputs padded to 8
+ *   w2   [5][5][6][16]    conv2's weights (kh, kw, in, out); b2 [16]; w2t [5][5][16][8]: (kh, kw, out, in),
+ *                         inputs padded to 8
  *   p1   [B][14][14][8]   the first layer's output
  *   m1   [B][14][14][4]   uint8: per pool window, per position in it (row-major), a bit per channel (8 lanes)
  *                         set where that position is the first maximum and the maximum is positive: where the
