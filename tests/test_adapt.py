@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from vera_cli.commands.adapt import build_pipeline, masked_to, run_adapt, training_selection
 from vera_cli.config import AdaptConfig, AdapterConfig, TrainConfig
-from vera_cli.data import load_cifar10
+from vera_cli.data import batch_indices, load_cifar10, normalize
 from vera_cli.models import ConvNet
 from vera_cli.adapters.inject import inject
 
@@ -31,13 +31,35 @@ def test_feature_cache_gives_the_same_adapter_and_accuracy_as_the_plain_path(ver
     assert cached.test.per_class == plain.test.per_class
 
 
-def test_pipeline_uses_the_classifier_only_when_the_prefix_is_frozen(cifar_root):
+@pytest.mark.parametrize("method, cached_width", [("vera", 120 + 32), ("lora", 120 + 400)])
+def test_the_feature_cache_reaches_into_the_first_adapted_layers_frozen_part(cifar_root, method, cached_width):
     data = load_cifar10(cifar_root, download=False)
-    model = inject(ConvNet(), adapt_config().adapter)
+    torch.manual_seed(0)
+    model = inject(ConvNet(), AdapterConfig(method=method, rank=32))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)  # a delta that is not zero
     pipeline = build_pipeline(model, data.train, data.test, adapt_config())
-    assert pipeline.forward == model.classifier
-    inputs, _ = next(iter(pipeline.train_batches(torch.Generator().manual_seed(0))))
-    assert inputs.shape == (16, 400)
+    inputs, labels = next(iter(pipeline.train_batches(torch.Generator().manual_seed(0))))
+    index = next(iter(batch_indices(len(data.train), 16, torch.Generator().manual_seed(0), labels.device)))
+    assert inputs.shape == (16, cached_width) and torch.equal(labels, data.train.labels[index])
+    # The base's output and VeRA's down-projection were computed once; the step computes the rest.
+    expected = model.classifier(model.features(normalize(data.train.images[index])))
+    torch.testing.assert_close(pipeline.forward(inputs), expected, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(pipeline.forward(inputs).square().sum(), [model.fc1.vera_b if method == "vera" else model.fc1.lora_B])
+    want = torch.autograd.grad(expected.square().sum(), [model.fc1.vera_b if method == "vera" else model.fc1.lora_B])
+    torch.testing.assert_close(grads, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_feature_cache_stops_before_a_layer_with_dropout_or_a_trainable_base(cifar_root):
+    data = load_cifar10(cifar_root, download=False)
+    for adapter in (AdapterConfig(method="vera", dropout=0.1), AdapterConfig(method="vera", trainable=["fc1"])):
+        model = inject(ConvNet(), adapter)
+        pipeline = build_pipeline(model, data.train, data.test, adapt_config())
+        assert pipeline.forward == model.classifier
+        inputs, _ = next(iter(pipeline.train_batches(torch.Generator().manual_seed(0))))
+        assert inputs.shape == (16, 400)
     full = inject(ConvNet(), AdapterConfig(method="full"))
     assert build_pipeline(full, data.train, data.test, adapt_config()).forward is full
 

@@ -54,6 +54,30 @@ class AdaptedLayer(nn.Module):
         """The adapter's contribution for input x, computed without the full weight."""
         raise NotImplementedError
 
+    def frozen_delta_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the delta needs of x that frozen weights alone compute: x itself, unless a subclass knows more."""
+        return x
+
+    def delta_from_frozen(self, frozen: torch.Tensor) -> torch.Tensor:
+        """The delta from `frozen_delta_input(x)`."""
+        return self.delta(frozen)
+
+    def caches_frozen_part(self) -> bool:
+        """Whether `frozen_part` holds for training: an unmerged Linear whose base is frozen, without dropout."""
+        return (isinstance(self.base, nn.Linear) and not self.merged and self.dropout is None
+                and not any(p.requires_grad for p in self.base.parameters()))
+
+    def frozen_part(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything the layer computes from x with frozen weights, as one (..., out + k) tensor: the base's
+        output beside the delta's frozen input. For inputs that never change (adapt's feature cache) it is
+        computed once, and each step only runs `from_frozen_part` (see `caches_frozen_part`)."""
+        return torch.cat([self.base(x), self.frozen_delta_input(x)], dim=-1)
+
+    def from_frozen_part(self, part: torch.Tensor) -> torch.Tensor:
+        """The layer's output from `frozen_part(x)`: the same as forward(x) on the factored path."""
+        output, frozen = part.split([self.out_features, part.shape[-1] - self.out_features], dim=-1)
+        return output + self.delta_from_frozen(frozen)
+
     def delta_weight(self) -> torch.Tensor:
         """The same contribution in the base weight's shape, for merging."""
         raise NotImplementedError

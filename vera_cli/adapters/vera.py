@@ -33,8 +33,14 @@ class VeraLayer(AdaptedLayer):
         return self._bank[0].projections(self.fan_in, self.out_features)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.projections()
-        return self.per_feature(self.vera_b) * self.up(self.per_feature(self.vera_d) * self.down(x, a), b)
+        return self.delta_from_frozen(self.frozen_delta_input(x))
+
+    def frozen_delta_input(self, x: torch.Tensor) -> torch.Tensor:
+        # A is frozen: the down-projection is fixed for a fixed input.
+        return self.down(x, self.projections()[0])
+
+    def delta_from_frozen(self, frozen: torch.Tensor) -> torch.Tensor:
+        return self.per_feature(self.vera_b) * self.up(self.per_feature(self.vera_d) * frozen, self.projections()[1])
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self.projections()

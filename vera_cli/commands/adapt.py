@@ -14,6 +14,7 @@ from vera_cli import config as config_module
 from vera_cli.adapter_files import ADAPTER_FILE, save_adapter
 from vera_cli.adapters.head import head_parameters
 from vera_cli.adapters.inject import inject
+from vera_cli.adapters.layer import AdaptedLayer
 from vera_cli.bases import base_reference, fingerprint, load_pretrained, resolve_base
 from vera_cli.checkpoint import METRICS_FILE, EpochRecorder
 from vera_cli.commands.pretrain import Log
@@ -115,12 +116,21 @@ def build_pipeline(model: nn.Module, train_split: Split, test_split: Split, cfg:
     if train.crop or train.flip:
         return Pipeline(model, image_batches, cached_logits, test_logits)
     features = view_outputs(model.features, train_split)[0]
+    forward = model.classifier
+    first = model.first_classifier_layer() if hasattr(model, "first_classifier_layer") else None
+    if isinstance(first, AdaptedLayer) and first.caches_frozen_part():
+        # The cache reaches into the first adapted layer: its frozen base and (VeRA) down-projection of the
+        # cached features never change either. An epoch of adapt-vera on cat, bird and dog: see README.
+        with torch.no_grad():
+            features = first.frozen_part(features)
+        forward = lambda part: model.after_first_classifier_layer(first.from_frozen_part(part))  # noqa: E731
 
     def feature_batches(generator: torch.Generator):
         for index in batch_indices(len(train_split), train.batch_size, generator, train_split.labels.device):
-            yield features[index], train_split.labels[index]
+            # index_select, not features[index]: 5x faster on the CPU (22 against 107 us for 256 x 400 floats).
+            yield features.index_select(0, index), train_split.labels.index_select(0, index)
 
-    return Pipeline(model.classifier, feature_batches, cached_logits, test_logits)
+    return Pipeline(forward, feature_batches, cached_logits, test_logits)
 
 
 def training_selection(labels: torch.Tensor, chosen: list[int], held_out: list[int], cfg: AdaptConfig) -> Selection:

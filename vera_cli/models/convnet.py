@@ -49,7 +49,13 @@ class ConvNet(nn.Module):
                    for conv in (self.conv1, self.conv2))
 
     def classifier(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.fc1(x))
+        return self.after_first_classifier_layer(self.fc1(x))
+
+    def first_classifier_layer(self) -> nn.Module:
+        return self.fc1
+
+    def after_first_classifier_layer(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(x)
         x = F.relu(self.fc2(x))
         x = F.relu(self.fc3(x))
         x = F.relu(self.fc4(x))
