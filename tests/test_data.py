@@ -189,7 +189,7 @@ def test_a_seed_gives_the_same_batches_with_and_without_the_compiled_augmentatio
         assert torch.equal(x, x_torch) and torch.equal(y, y_torch)
 
 
-def test_the_compiled_augmentation_refuses_an_index_or_a_crop_past_the_images():
+def test_the_compiled_augmentation_refuses_what_would_read_past_its_tensors():
     if library() is None:
         pytest.skip("no C compiler here")
     images = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
@@ -198,6 +198,12 @@ def test_the_compiled_augmentation_refuses_an_index_or_a_crop_past_the_images():
         fast_augment.augment(images, torch.tensor([0, 4]), 0, None, None, *stats)
     with pytest.raises(ValueError, match=r"crop offsets must lie in \[0, 4\]"):
         fast_augment.augment(images, torch.tensor([0, 1]), 2, (torch.tensor([0, 5]), torch.tensor([0, 0])), None, *stats)
+    with pytest.raises(ValueError, match=r"crop offsets and flips need one value per image \(2\)"):
+        fast_augment.augment(images, torch.tensor([0, 1]), 2, (torch.tensor([0]), torch.tensor([0])), None, *stats)
+    with pytest.raises(ValueError, match=r"crop offsets and flips need one value per image \(2\)"):
+        fast_augment.augment(images, torch.tensor([0, 1]), 0, None, torch.tensor([True]), *stats)
+    with pytest.raises(ValueError, match=r"mean and std need one value per channel \(3\)"):
+        fast_augment.augment(images, torch.tensor([0, 1]), 0, None, None, torch.zeros(2), torch.ones(2))
 
 
 def test_batches_cover_every_image_once_and_normalise():

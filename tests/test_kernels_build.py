@@ -1,5 +1,9 @@
 """The CPU kernels' build: compiled once into a cache, reused, and stepped around where they cannot run."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -41,7 +45,43 @@ def test_a_cache_that_cannot_be_written_still_gets_the_kernels(fresh, monkeypatc
     assert torch.equal(ConvNet().eval()(torch.zeros(1, 3, 32, 32)).isfinite(), torch.ones(1, 10, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("compiler", ["/nonexistent/cc", "false"])
+def test_a_damaged_cached_library_is_built_again(fresh):
+    if library() is None:
+        pytest.skip("no C compiler or no AVX2 here")
+    (built,) = cache_dir().glob("*.so")
+    # A new file in its place, not the mapped one overwritten: this process has the library loaded.
+    junk = built.with_suffix(".junk")
+    junk.write_bytes(b"not a shared library")
+    os.replace(junk, built)
+    # In a new process: this one would get its loaded library back for the same path.
+    check = "from vera_cli.kernels.build import library; assert library() is not None"
+    subprocess.run([sys.executable, "-c", check], check=True, env={**os.environ, "XDG_CACHE_HOME": str(fresh)})
+    assert built.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_without_a_home_folder_each_process_builds_its_own(fresh, monkeypatch):
+    if library() is None:
+        pytest.skip("no C compiler or no AVX2 here")
+    library.cache_clear()
+
+    def homeless():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr("vera_cli.kernels.build.cache_dir", homeless)
+    assert library() is not None
+
+
+def test_a_compiler_command_with_arguments_is_split_as_a_shell_would(fresh, monkeypatch):
+    if library() is None:
+        pytest.skip("no C compiler or no AVX2 here")
+    (built,) = cache_dir().glob("*.so")
+    built.unlink()  # a loaded library outlives its file
+    library.cache_clear()
+    monkeypatch.setenv("CC", "env LC_ALL=C cc")  # as `CC="ccache gcc"` would be
+    assert library() is not None and built.exists()
+
+
+@pytest.mark.parametrize("compiler", ["/nonexistent/cc", "false", 'cc "unbalanced'])
 def test_without_a_working_compiler_the_model_runs_on_torchs_operators(fresh, monkeypatch, compiler):
     monkeypatch.setenv("CC", compiler)
     assert library() is None

@@ -103,6 +103,20 @@ def test_compiled_kernels_let_a_nan_through_as_torch_does(compiled):
     assert model(torch.randn(2, 3, 32, 32)).isnan().all()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_compiled_kernels_pass_gradients_through_non_finite_windows_as_torch_does(compiled, convolutions, bad):
+    torch.manual_seed(0)
+    model = ConvNet()
+    x = torch.randn(4, 3, 32, 32)
+    x[0, :, 10, 10] = bad  # torch's pool sends a NaN window's gradient to its last NaN, its ReLU lets it pass
+    expected = torch.autograd.grad(_six_channel_reference(model, x).sum(), list(model.parameters()))
+    convolutions.clear()
+    grads = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    assert convolutions == []
+    for name, grad, want in zip([n for n, _ in model.named_parameters()], grads, expected):
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-5, equal_nan=True, msg=name)
+
+
 def test_images_that_need_a_gradient_or_another_size_run_on_torchs_operators(compiled, convolutions):
     model = ConvNet()
     x = torch.randn(2, 3, 32, 32, requires_grad=True)

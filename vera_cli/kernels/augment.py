@@ -26,19 +26,25 @@ def augment(images: torch.Tensor, index: torch.Tensor, padding: int, offsets: tu
     offsets: each image's crop rows and columns in [0, 2 * padding], or None; flips: bool per image, or None;
     mean and std: one float per channel.
     """
-    # Every tensor whose address is passed is held in a name until the call returns.
-    index = index.to(torch.int64).contiguous()
-    if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < images.shape[0]:
+    # Every tensor whose address is passed is held in a name until the call returns. The C code trusts every
+    # length and range, so they are checked here.
+    index = index.to(torch.int64).flatten().contiguous()
+    count, channels = index.numel(), images.shape[1]
+    if count and not 0 <= int(index.min()) <= int(index.max()) < images.shape[0]:
         raise IndexError(f"image index out of range for {images.shape[0]} images")
-    rows, cols = (None, None) if offsets is None else (o.to(torch.int64).contiguous() for o in offsets)
-    if rows is not None and rows.numel() and not (0 <= min(int(rows.min()), int(cols.min()))
-                                                  and max(int(rows.max()), int(cols.max())) <= 2 * padding):
-        raise ValueError(f"crop offsets must lie in [0, {2 * padding}]")
-    flips = None if flips is None else flips.to(torch.bool).contiguous()
+    rows, cols = (None, None) if offsets is None else (o.to(torch.int64).flatten().contiguous() for o in offsets)
+    flips = None if flips is None else flips.to(torch.bool).flatten().contiguous()
     mean, std = (t.to(torch.float32).flatten().contiguous() for t in (mean, std))
-    batch, (_, channels, height, width) = index.shape[0], images.shape
-    out = torch.empty(batch, channels, height, width)
-    if library().vc_augment(batch, torch.get_num_threads(), channels, height, width, padding, _address(images),
+    if any(t is not None and t.numel() != count for t in (rows, cols, flips)):
+        raise ValueError(f"crop offsets and flips need one value per image ({count})")
+    if mean.numel() != channels or std.numel() != channels:
+        raise ValueError(f"mean and std need one value per channel ({channels})")
+    if rows is not None and count and not (0 <= min(int(rows.min()), int(cols.min()))
+                                           and max(int(rows.max()), int(cols.max())) <= 2 * padding):
+        raise ValueError(f"crop offsets must lie in [0, {2 * padding}]")
+    height, width = images.shape[2:]
+    out = torch.empty(count, channels, height, width)
+    if library().vc_augment(count, torch.get_num_threads(), channels, height, width, padding, _address(images),
                             _address(index), _address(rows), _address(cols), _address(flips), _address(mean),
                             _address(std), _address(out)):
         raise ValueError(f"augment.c takes images 32 pixels wide and crops of up to 32 pixels, not {width} and {padding}")

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -29,16 +30,22 @@ def cache_dir() -> Path:
     return Path(root) / "vera-cli" / "kernels"
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def _compiler() -> list[str] | None:
+    """The compiler's command: $CC as the shell would split it (`ccache gcc`), else cc or gcc."""
+    found = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    try:
+        return shlex.split(found) or None if found else None
+    except ValueError:  # unbalanced quotes in $CC
+        return None
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: list[str], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Compiled beside the target and renamed into place: two processes building at once never load half a file.
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        subprocess.run([compiler, *FLAGS, "-o", str(built), *map(str, SOURCES)], check=True, capture_output=True, timeout=120)
+        subprocess.run([*compiler, *FLAGS, "-o", str(built), *map(str, SOURCES)], check=True, capture_output=True,
+                       timeout=120)
         os.replace(built, target)
 
 
@@ -51,15 +58,21 @@ def _signatures(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-def _load(compiler: str, target: Path) -> ctypes.CDLL:
+def _load(compiler: list[str], name: str) -> ctypes.CDLL:
     try:
+        target = cache_dir() / name
         if not target.exists():
             _build(compiler, target)
-        return _signatures(ctypes.CDLL(str(target)))
-    except OSError:
-        # A read-only or full cache: build for this process alone (the loaded library outlives its file).
+        try:
+            return _signatures(ctypes.CDLL(str(target)))
+        except OSError:  # a damaged file in the cache: replace it
+            _build(compiler, target)
+            return _signatures(ctypes.CDLL(str(target)))
+    except (OSError, RuntimeError):
+        # No home folder (RuntimeError), or a read-only or full cache: build for this process alone (the
+        # loaded library outlives its file).
         with tempfile.TemporaryDirectory() as scratch:
-            private = Path(scratch) / target.name
+            private = Path(scratch) / name
             _build(compiler, private)
             return _signatures(ctypes.CDLL(str(private)))
 
@@ -73,9 +86,9 @@ def library() -> ctypes.CDLL | None:
     if platform.machine().lower() not in ("x86_64", "amd64") or compiler is None:
         return None
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), *FLAGS, version]).encode()).hexdigest()[:16]
-        lib = _load(compiler, cache_dir() / f"kernels-{key}.so")
+        lib = _load(compiler, f"kernels-{key}.so")
     except (OSError, subprocess.SubprocessError):
         return None
     return lib if lib.vc_cpu_supported() else None

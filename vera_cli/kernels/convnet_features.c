@@ -133,13 +133,20 @@ INLINE void pool_relu(const float *y, float *p, uint8_t *m, const int OH, const 
                 __m256 top = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
                 __m256 nan = _mm256_or_ps(_mm256_cmp_ps(a[0], a[1], _CMP_UNORD_Q), _mm256_cmp_ps(a[2], a[3], _CMP_UNORD_Q));
                 top = _mm256_or_ps(top, nan);
-                __m256 taken = _mm256_cmp_ps(top, zero, _CMP_NGT_UQ);  /* not positive: no gradient */
-                uint8_t *bits = m + ((i * (OW / 2) + j) * NV + v) * 4;
+                /* As torch: the ReLU's gradient passes unless the output is <= 0 (a NaN passes it); the pool's
+                 * goes to the first maximum, or in a window with a NaN to its last NaN. */
+                __m256 taken = _mm256_cmp_ps(top, zero, _CMP_LE_OQ), taken_nan = taken, hits[4];
                 UNROLL for (int k = 0; k < 4; k++) {
-                    __m256 hit = _mm256_andnot_ps(taken, _mm256_cmp_ps(a[k], top, _CMP_EQ_OQ));
-                    taken = _mm256_or_ps(taken, hit);
-                    bits[k] = (uint8_t)_mm256_movemask_ps(hit);
+                    hits[k] = _mm256_andnot_ps(taken, _mm256_cmp_ps(a[k], top, _CMP_EQ_OQ));
+                    taken = _mm256_or_ps(taken, hits[k]);
                 }
+                UNROLL for (int k = 3; k >= 0; k--) {
+                    __m256 last = _mm256_andnot_ps(taken_nan, _mm256_cmp_ps(a[k], a[k], _CMP_UNORD_Q));
+                    taken_nan = _mm256_or_ps(taken_nan, last);
+                    hits[k] = _mm256_or_ps(hits[k], last);
+                }
+                uint8_t *bits = m + ((i * (OW / 2) + j) * NV + v) * 4;
+                UNROLL for (int k = 0; k < 4; k++) bits[k] = (uint8_t)_mm256_movemask_ps(hits[k]);
                 /* max(0, NaN) is the NaN: the second operand is returned when either is one. */
                 _mm256_storeu_ps(p + (i * (OW / 2) + j) * NV * 8 + 8 * v, _mm256_max_ps(zero, top));
             }

@@ -21,7 +21,7 @@ def _plain_5x5(conv: nn.Conv2d, in_channels: int, out_channels: int) -> bool:
     return (type(conv) is nn.Conv2d and (conv.in_channels, conv.out_channels) == (in_channels, out_channels)
             and conv.kernel_size == (5, 5) and conv.stride == (1, 1) and conv.padding == (0, 0)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is not None
-            and conv.weight.dtype == torch.float32 and conv.weight.device.type == "cpu")
+            and conv.weight.dtype == conv.bias.dtype == torch.float32 and conv.weight.device.type == "cpu")
 
 
 def supports(x: torch.Tensor, conv1: nn.Conv2d, conv2: nn.Conv2d) -> bool:
