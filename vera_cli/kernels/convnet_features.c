@@ -140,11 +140,12 @@ INLINE void pool_relu(const float *y, float *p, uint8_t *m, const int OH, const 
                     hits[k] = _mm256_andnot_ps(taken, _mm256_cmp_ps(a[k], top, _CMP_EQ_OQ));
                     taken = _mm256_or_ps(taken, hits[k]);
                 }
-                UNROLL for (int k = 3; k >= 0; k--) {
-                    __m256 last = _mm256_andnot_ps(taken_nan, _mm256_cmp_ps(a[k], a[k], _CMP_UNORD_Q));
-                    taken_nan = _mm256_or_ps(taken_nan, last);
-                    hits[k] = _mm256_or_ps(hits[k], last);
-                }
+                if (_mm256_movemask_ps(nan))  /* rare: a branch that is almost never taken costs nothing */
+                    UNROLL for (int k = 3; k >= 0; k--) {
+                        __m256 last = _mm256_andnot_ps(taken_nan, _mm256_cmp_ps(a[k], a[k], _CMP_UNORD_Q));
+                        taken_nan = _mm256_or_ps(taken_nan, last);
+                        hits[k] = _mm256_or_ps(hits[k], last);
+                    }
                 uint8_t *bits = m + ((i * (OW / 2) + j) * NV + v) * 4;
                 UNROLL for (int k = 0; k < 4; k++) bits[k] = (uint8_t)_mm256_movemask_ps(hits[k]);
                 /* max(0, NaN) is the NaN: the second operand is returned when either is one. */
