@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
-from vera_cli.kernels.build import library
+from vera_cli.kernels.build import address, library
 
 
 def supports(images: torch.Tensor, padding: int) -> bool:
@@ -14,9 +12,6 @@ def supports(images: torch.Tensor, padding: int) -> bool:
     return (images.device.type == "cpu" and images.dtype == torch.uint8 and images.dim() == 4
             and images.is_contiguous() and images.shape[3] == 32 and padding <= 32 and library() is not None)
 
-
-def _address(t: torch.Tensor | None) -> ctypes.c_void_p | None:
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
 def augment(images: torch.Tensor, index: torch.Tensor, padding: int, offsets: tuple[torch.Tensor, torch.Tensor] | None,
@@ -44,8 +39,8 @@ def augment(images: torch.Tensor, index: torch.Tensor, padding: int, offsets: tu
         raise ValueError(f"crop offsets must lie in [0, {2 * padding}]")
     height, width = images.shape[2:]
     out = torch.empty(count, channels, height, width)
-    if library().vc_augment(count, torch.get_num_threads(), channels, height, width, padding, _address(images),
-                            _address(index), _address(rows), _address(cols), _address(flips), _address(mean),
-                            _address(std), _address(out)):
+    if library().vc_augment(count, torch.get_num_threads(), channels, height, width, padding, address(images),
+                            address(index), address(rows), address(cols), address(flips), address(mean),
+                            address(std), address(out)):
         raise ValueError(f"augment.c takes images 32 pixels wide and crops of up to 32 pixels, not {width} and {padding}")
     return out

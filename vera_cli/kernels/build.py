@@ -19,6 +19,10 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported by every caller; this module itself needs none of it
+    import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in ("convnet_features.c", "augment.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
@@ -47,6 +51,11 @@ def _build(compiler: list[str], target: Path) -> None:
         subprocess.run([*compiler, *FLAGS, "-o", str(built), *map(str, SOURCES)], check=True, capture_output=True,
                        timeout=120)
         os.replace(built, target)
+
+
+def address(t: torch.Tensor | None) -> ctypes.c_void_p | None:
+    """A tensor's data as a C pointer (None as NULL); the caller keeps the tensor alive until the call returns."""
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
 def _signatures(lib: ctypes.CDLL) -> ctypes.CDLL:
