@@ -22,7 +22,8 @@ import torch
 from timing import round_robin_ms
 from vera_cli.adapters.config import AdapterConfig
 from vera_cli.adapters.inject import inject
-from vera_cli.config import TrainConfig
+from vera_cli import config
+from vera_cli.config import AdaptConfig
 from vera_cli.models import ConvNet
 from vera_cli.train import Trainer
 
@@ -40,7 +41,7 @@ def conv_adapter_timing(rounds: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(BATCH, 3, 32, 32, generator=generator)
     labels = torch.randint(0, 10, (BATCH,), generator=generator)
-    train = TrainConfig(epochs=1, optimizer="adamw", lr=1e-4, weight_decay=0.0, schedule="constant")
+    train = config.load(AdaptConfig, "adapt-vera", {"train.epochs": 1, "train.lr": 1e-4, "train.schedule": "constant"}).train
     models = {name: inject(copy.deepcopy(base), spec).train() for name, spec in ADAPTERS.items()}
     trainers = {name: Trainer(model, model, train, steps_per_epoch=1) for name, model in models.items()}
 

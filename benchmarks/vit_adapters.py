@@ -24,7 +24,8 @@ from timing import round_robin_ms
 from vera_cli.adapters.inject import inject
 from vera_cli.adapters.targets import select_targets
 from vera_cli.bases import load_pretrained
-from vera_cli.config import AdapterConfig, TrainConfig
+from vera_cli import config
+from vera_cli.config import AdaptConfig, AdapterConfig
 from vera_cli.models import ModelConfig, build_model
 from vera_cli.runs import Run
 from vera_cli.train import Trainer
@@ -54,7 +55,7 @@ def adapter_costs(base: nn.Module, targets: list[str], vera_rank: int = 256, lor
     images = torch.randn(batch, 3, 32, 32, generator=generator)
     labels = torch.randint(0, 10, (batch,), generator=generator)
     models = adapted_models(base, targets, vera_rank, lora_rank)
-    train = TrainConfig(epochs=1, optimizer="adamw", lr=1e-4, weight_decay=0.0, schedule="constant")
+    train = config.load(AdaptConfig, "adapt-vera", {"train.epochs": 1, "train.lr": 1e-4, "train.schedule": "constant"}).train
     trainers = {name: Trainer(model.train(), model, train, steps_per_epoch=1) for name, model in models.items()}
 
     def step(name: str) -> None:

@@ -11,6 +11,7 @@ import yaml
 
 from vera_cli import cli
 from vera_cli.checkpoint import EpochRecorder
+from vera_cli.config import PretrainConfig, load
 from vera_cli.models import ModelConfig, ViTConfig
 from synthetic import write_cifar
 
@@ -21,6 +22,11 @@ def pytest_configure(config) -> None:
     # lost. They play a user at a terminal: children start with Python's usual SIGINT.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def train_config(**changes):
+    """The shipped pretrain recipe's train section, with `changes`."""
+    return load(PretrainConfig, "pretrain", {f"train.{key}": value for key, value in changes.items()}).train
 
 
 @pytest.fixture(scope="session")

@@ -12,11 +12,11 @@ import signal
 import sys
 
 import torch._dynamo  # noqa: F401 - what the first optimizer imports: seconds, paid once here
-from vera_cli import cli, entry  # noqa: F401 - imported once, before any fork
+from vera_cli import cli, signals  # noqa: F401 - imported once, before any fork
 from vera_cli.commands import adapt, compare, evaluate, export, pretrain  # noqa: F401
 
 # Installed here so that a child interrupted before its own entry point runs still ends with 130.
-entry.install()
+signals.install()
 
 
 def child(request: dict) -> int:

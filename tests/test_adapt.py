@@ -1,5 +1,6 @@
 """Adaptation internals: the feature cache equals the plain path; the forgetting options do what they say."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from vera_cli.commands.adapt import build_pipeline, masked_to, run_adapt, training_selection
-from vera_cli.config import AdaptConfig, AdapterConfig, TrainConfig
+from vera_cli import config
+from vera_cli.config import AdaptConfig, AdapterConfig
 from vera_cli.data import batch_indices, load_cifar10, normalize
 from vera_cli.models import ConvNet
 from vera_cli.adapters.inject import inject
@@ -17,8 +19,8 @@ from conftest import QUICK
 
 
 def adapt_config(**kwargs) -> AdaptConfig:
-    train = TrainConfig(epochs=2, batch_size=16, lr=0.02, optimizer="adamw", crop=False, flip=False)
-    return AdaptConfig(base="runs/base", device="cpu", train=train, **kwargs)
+    settings = {"base": "runs/base", "device": "cpu", "train.epochs": 2, "train.batch_size": 16, "train.lr": 0.02}
+    return dataclasses.replace(config.load(AdaptConfig, "adapt-vera", settings), **kwargs)
 
 
 def test_feature_cache_gives_the_same_adapter_and_accuracy_as_the_plain_path(vera, pretrained, cifar_root):

@@ -11,11 +11,11 @@ from vera_cli.adapters.lora import LoraLinear
 from vera_cli.adapters.projections import ProjectionBank
 from vera_cli.adapters.vera import VeraLinear
 from vera_cli.config import AdapterConfig
-from vera_cli.commands.count_params import count_params
+from vera_cli.param_count import count_params
 from vera_cli.errors import VeraError
 from vera_cli.models import ConvNet
 from vera_cli.bases import fingerprint
-from vera_cli.runs import read_json, write_json
+from vera_cli.files import read_json, write_json
 
 
 def convnet(seed: int = 0) -> nn.Module:

@@ -8,16 +8,17 @@ import pytest
 
 from vera_cli.commands import compare as compare_module
 from vera_cli.grid_progress import GridProgress, duration
+from vera_cli import config
 from vera_cli.config import AdapterConfig, CompareConfig
-from vera_cli.commands.count_params import count_params
+from vera_cli.param_count import count_params
 from vera_cli.models import ConvNet
 
 GRID = ["--methods", "vera,lora,head", "--ranks", "2,4", "--seeds", "2", "--epochs", "1"]
 
 
 def test_grid_names_every_setting_once():
-    points = compare_module.grid(CompareConfig(methods=["vera", "full"], ranks=[4, 8], seeds=2,
-                                               forgetting=["none", "replay"]))
+    points = compare_module.grid(config.load(CompareConfig, "compare", {"methods": ["vera", "full"], "ranks": [4, 8], "seeds": 2,
+                                                                      "forgetting": ["none", "replay"]}))
     names = [p.name for p in points]
     assert len(names) == len(set(names)) == (2 + 1) * 2 * 2
     assert "vera-r8-none-s1" in names and "full-replay-s0" in names

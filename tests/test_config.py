@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vera_cli import config
 from vera_cli.config import AdaptConfig, ExperimentConfig, PretrainConfig
@@ -52,14 +53,49 @@ def test_extends_reads_a_sibling_file_first_and_refuses_cycles(tmp_path: Path):
         config.load(PretrainConfig, tmp_path / "loop.yaml", {})
 
 
+COMMANDS_SETTING_ONE_KEY = [
+    (["pretrain"], "seed: 7\n", {"seed": 7}),
+    (["adapt"], "seed: 7\n", {"seed": 7}),
+    (["adapt", "--method", "lora"], "seed: 7\n", {"seed": 7}),
+    (["adapt", "--method", "head"], "seed: 7\n", {"seed": 7}),
+    (["compare"], "seeds: 2\n", {"seeds": 2}),
+    (["experiment"], "run_dir: elsewhere\n", {"run_dir": "elsewhere"}),
+]
+
+
+@pytest.mark.parametrize("command, text, changed", COMMANDS_SETTING_ONE_KEY, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_a_file_that_sets_one_key_gets_the_commands_own_default_for_every_other(vera, tmp_path: Path, command, text, changed):
+    (tmp_path / "one.yaml").write_text(text)
+    shipped = vera(*command, "--print-config", data=False)
+    mine = vera(*command, "--config", "one.yaml", "--print-config", data=False)
+    assert shipped.code == mine.code == 0, mine.err
+    assert yaml.safe_load(mine.out) == {**yaml.safe_load(shipped.out), **changed}
+
+
+def test_a_file_without_extends_names_the_key_it_lacks_only_when_its_extends_lacks_it(tmp_path: Path):
+    (tmp_path / "partial.yaml").write_text("extends: adapt-vera\ntrain: {epochs: 2}\n")
+    assert config.load(AdaptConfig, tmp_path / "partial.yaml", {}).train.lr == 0.05
+    with pytest.raises(VeraError, match=r"config key train\.batch_size is missing \(and 13 more\): set it, or start"):
+        config.build(AdaptConfig, {**config.read_config("adapt-vera"), "train": {"epochs": 2}})
+
+
+def test_every_shipped_config_states_every_key_the_schema_has():
+    def keys(mapping, prefix=""):
+        return {k for key, value in mapping.items()
+                for k in (keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"})}
+    for name, cls in (("pretrain", PretrainConfig), ("adapt", AdaptConfig), ("compare", config.CompareConfig),
+                      ("experiment", ExperimentConfig)):
+        assert keys(config.read_config(name)) == keys(config.to_dict(config.load(cls, name, {}))), name
+
+
 def test_old_runs_with_the_onecycle_schedule_still_load():
-    assert config.build(PretrainConfig, {"train": {"schedule": "onecycle"}}).train.schedule == "linear"
+    assert config.load_recorded(PretrainConfig, {"train": {"schedule": "onecycle"}}, "config.yaml").train.schedule == "linear"
 
 
 def test_runs_recorded_before_tta_are_measured_on_images_alone():
-    assert config.build(PretrainConfig, {"model": {"name": "convnet"}}).model.tta == "none"
+    assert config.load_recorded(PretrainConfig, {"model": {"name": "convnet"}}, "config.yaml").model.tta == "none"
     with pytest.raises(VeraError, match=r"model\.tta must be one of none, flip; got 'flips' \(did you mean flip\?\)"):
-        config.build(PretrainConfig, {"model": {"tta": "flips"}})
+        config.load_recorded(PretrainConfig, {"model": {"tta": "flips"}}, "config.yaml")
 
 
 def test_the_model_shorthand_on_the_command_line_changes_the_model_and_keeps_the_files_other_keys():
@@ -85,33 +121,33 @@ def test_keys_can_be_set_in_a_model_section_a_file_gives_in_the_older_form(tmp_p
 
 def test_unknown_key_names_the_nearest_valid_key():
     with pytest.raises(VeraError, match=r"unknown config key train\.epoch; did you mean train\.epochs\?"):
-        config.build(PretrainConfig, {"train": {"epoch": 3}})
+        config.load_recorded(PretrainConfig, {"train": {"epoch": 3}}, "config.yaml")
 
 
 def test_wrong_type_names_key_and_expected_type():
     with pytest.raises(VeraError, match=r"train\.epochs must be an integer, got 'many' \(str\)"):
-        config.build(PretrainConfig, {"train": {"epochs": "many"}})
+        config.load_recorded(PretrainConfig, {"train": {"epochs": "many"}}, "config.yaml")
     with pytest.raises(VeraError, match=r"train\.crop must be true or false"):
-        config.build(PretrainConfig, {"train": {"crop": 1}})
+        config.load_recorded(PretrainConfig, {"train": {"crop": 1}}, "config.yaml")
     with pytest.raises(VeraError, match=r"train\.crop_padding must be 1 to 16 pixels, got 0"):
-        config.build(PretrainConfig, {"train": {"crop_padding": 0}})
+        config.load_recorded(PretrainConfig, {"train": {"crop_padding": 0}}, "config.yaml")
 
 
 def test_choice_fields_suggest_the_nearest_value():
     with pytest.raises(VeraError, match=r"adapter\.sharing must be one of per-shape, sliced; got 'slice' \(did you mean sliced\?\)"):
-        config.build(AdaptConfig, {"adapter": {"sharing": "slice"}})
+        config.load_recorded(AdaptConfig, {"adapter": {"sharing": "slice"}}, "config.yaml")
 
 
 def test_numbers_in_yaml_exponent_form_are_numbers():
-    assert config.build(PretrainConfig, {"train": {"lr": "1e-3"}}).train.lr == 0.001
-    assert config.build(PretrainConfig, {"train": {"lr": 1}}).train.lr == 1.0
+    assert config.load_recorded(PretrainConfig, {"train": {"lr": "1e-3"}}, "config.yaml").train.lr == 0.001
+    assert config.load_recorded(PretrainConfig, {"train": {"lr": 1}}, "config.yaml").train.lr == 1.0
 
 
 def test_invalid_values_are_refused():
     with pytest.raises(VeraError, match="rank must be a positive integer, got 0"):
-        config.build(AdaptConfig, {"adapter": {"rank": 0}})
+        config.load_recorded(AdaptConfig, {"adapter": {"rank": 0}}, "config.yaml")
     with pytest.raises(VeraError, match="classes is empty"):
-        config.build(AdaptConfig, {"classes": []})
+        config.load_recorded(AdaptConfig, {"classes": []}, "config.yaml")
 
 
 def test_overrides_set_dotted_keys_null_included():
@@ -148,5 +184,5 @@ def test_missing_config_file(tmp_path: Path):
 
 
 def test_config_round_trips_through_its_dict():
-    original = config.build(AdaptConfig, {"adapter": {"rank": 7, "targets": ["fc[12]"]}, "classes": ["cat"]})
-    assert config.build(AdaptConfig, config.to_dict(original)) == original
+    original = config.load_recorded(AdaptConfig, {"adapter": {"rank": 7, "targets": ["fc[12]"]}, "classes": ["cat"]}, "config.yaml")
+    assert config.load_recorded(AdaptConfig, config.to_dict(original), "config.yaml") == original

@@ -17,7 +17,7 @@ from vera_cli.adapters.inject import adapted_layers, inject, merged_plain, proje
 from vera_cli.adapters.projections import ProjectionBank
 from vera_cli.adapters.targets import select_targets
 from vera_cli.adapters.vera import VeraConv2d
-from vera_cli.commands.count_params import count_params
+from vera_cli.param_count import count_params
 from vera_cli.models import ConvNet
 from vera_cli.bases import fingerprint
 

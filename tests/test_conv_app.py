@@ -11,8 +11,9 @@ from vera_cli.adapters.inject import inject
 from vera_cli.bases import fingerprint, load_pretrained
 from vera_cli.commands import compare as compare_module
 from vera_cli.commands.adapt import build_pipeline
-from vera_cli.commands.count_params import count_params
-from vera_cli.config import AdaptConfig, AdapterConfig, CompareConfig, TrainConfig
+from vera_cli.param_count import count_params
+from vera_cli import config
+from vera_cli.config import AdaptConfig, AdapterConfig, CompareConfig
 from vera_cli.data import load_cifar10
 from vera_cli.metrics import predict_logits
 from vera_cli.models import ConvNet
@@ -21,7 +22,7 @@ from vera_cli.runs import Run
 
 def test_adapting_convolutions_turns_the_feature_cache_off_trains_them_and_exports_merged(vera, pretrained, cifar_root):
     data = load_cifar10(cifar_root, download=False)
-    settings = AdaptConfig(adapter=AdapterConfig(targets=["all"]), train=TrainConfig(batch_size=16, crop=False, flip=False))
+    settings = config.load(AdaptConfig, "adapt-vera", {"adapter.targets": ["all"], "train.batch_size": 16})
     assert settings.cache_features
     model = inject(ConvNet(), settings.adapter)
     pipeline = build_pipeline(model, data.train, data.test, settings)
@@ -46,7 +47,8 @@ def test_adapting_convolutions_turns_the_feature_cache_off_trains_them_and_expor
 
 
 def test_compare_grid_names_the_targets_of_vera_and_lora_only():
-    points = compare_module.grid(CompareConfig(methods=["vera", "head"], ranks=[4], targets=["linear", "all", "fc[12]"]))
+    points = compare_module.grid(config.load(CompareConfig, "compare", {"methods": ["vera", "head"], "ranks": [4],
+                                                                      "targets": ["linear", "all", "fc[12]"]}))
     assert [p.name for p in points] == ["vera-r4-replay-s0", "vera-r4-all-replay-s0", "vera-r4-fc_12_-replay-s0",
                                         "head-replay-s0"]
     assert [p.targets for p in points] == ["linear", "all", "fc[12]", None]

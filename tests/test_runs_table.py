@@ -11,7 +11,7 @@ import pytest
 
 from conftest import QUICK, fake_run
 from vera_cli.adapter_files import META_FILE
-from vera_cli.commands.runs_table import ADAPTER_META_FILE
+from vera_cli.run_list import ADAPTER_META_FILE
 
 
 def test_the_table_reads_real_runs(vera, pretrained):

@@ -4,12 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from vera_cli.config import TrainConfig
 from vera_cli.train import Trainer, fit, lr_factor, make_optimizer
+
+from conftest import train_config
 
 
 def test_linear_schedule_warms_up_then_decays_to_zero_at_every_step():
-    cfg = TrainConfig(schedule="linear", warmup=0.2)
+    cfg = train_config(schedule="linear", warmup=0.2)
     factors = [lr_factor(step, 100, cfg) for step in range(100)]
     # 20 warm-up steps rise by 1/20 each; 80 decay steps fall by 1/80 each from the peak.
     expected = [(step + 1) / 20 for step in range(20)] + [1 - (step - 20) / 80 for step in range(20, 100)]
@@ -18,9 +19,9 @@ def test_linear_schedule_warms_up_then_decays_to_zero_at_every_step():
 
 
 def test_cosine_and_constant_schedules():
-    cosine = TrainConfig(schedule="cosine", warmup=0.0)
+    cosine = train_config(schedule="cosine", warmup=0.0)
     assert [lr_factor(s, 4, cosine) for s in range(5)] == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466, 0.0])
-    assert {lr_factor(s, 100, TrainConfig(schedule="constant")) for s in range(100)} == {1.0}
+    assert {lr_factor(s, 100, train_config(schedule="constant")) for s in range(100)} == {1.0}
 
 
 @pytest.mark.parametrize("optimizer, reference", [
@@ -30,7 +31,7 @@ def test_the_fused_optimizer_takes_the_same_steps_as_the_per_parameter_loop(opti
     torch.manual_seed(0)
     ours = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
-    fused = make_optimizer(ours, TrainConfig(lr=0.1, optimizer=optimizer, weight_decay=5e-4))
+    fused = make_optimizer(ours, train_config(lr=0.1, optimizer=optimizer, weight_decay=5e-4))
     plain = reference(theirs)
     assert fused.param_groups[0]["fused"] is True
     for _ in range(5):
@@ -50,7 +51,7 @@ def test_precision_sets_the_forward_dtype_and_keeps_fp32_weights(precision, dtyp
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     seen = []
     trainer = Trainer(lambda x: seen.append(model(x)) or seen[-1], model,
-                      TrainConfig(epochs=1, lr=0.1, precision=precision), steps_per_epoch=2)
+                      train_config(epochs=1, lr=0.1, precision=precision), steps_per_epoch=2)
     batches = [(torch.randn(4, 8), torch.tensor([0, 1, 2, 0])) for _ in range(2)]
     before = model[0].weight.clone()
     trainer.epoch(1, iter(batches), 8, progress=False)
@@ -60,7 +61,7 @@ def test_precision_sets_the_forward_dtype_and_keeps_fp32_weights(precision, dtyp
 
 def test_fit_spreads_at_most_five_test_evaluations_over_a_long_run_and_always_evaluates_the_last_epoch():
     model = torch.nn.Linear(4, 3)
-    cfg = TrainConfig(epochs=25, batch_size=2, lr=0.1)
+    cfg = train_config(epochs=25, batch_size=2, lr=0.1)
     trainer = Trainer(model, model, cfg, steps_per_epoch=1)
     batch = (torch.randn(2, 4), torch.tensor([0, 2]))
     reports = []

@@ -8,16 +8,18 @@ import torch
 import torch.nn.functional as F
 
 from vera_cli.adapters.inject import inject
-from vera_cli.commands.compare import Row, aggregate, grid
-from vera_cli.commands.count_params import count_params
-from vera_cli.config import AdapterConfig, CompareConfig, TrainConfig
+from vera_cli.commands.compare import grid
+from vera_cli.comparison import Row, aggregate
+from vera_cli.param_count import count_params
+from vera_cli import config
+from vera_cli.config import AdapterConfig, CompareConfig
 from vera_cli.data import CLASSES, load_cifar10
 from vera_cli.distill import distillation_loss
 from vera_cli.models import ConvNet
 from vera_cli.selection import select, without_classes
 from vera_cli.train import Trainer
 
-from conftest import QUICK
+from conftest import QUICK, train_config
 
 HELD_OUT = ["cat", "bird", "dog"]
 HELD_OUT_IDS = [CLASSES.index(name) for name in HELD_OUT]
@@ -91,13 +93,13 @@ def test_same_seed_gives_the_same_shots_and_the_same_numbers(pretrained, vera):
 
 def test_head_lr_reaches_the_optimizer_in_a_group_of_the_head_alone():
     model = inject(ConvNet(), AdapterConfig(method="vera", rank=4, train_head=True))
-    trainer = Trainer(model, model, TrainConfig(lr=0.05, head_lr=0.003, schedule="constant"), steps_per_epoch=1)
+    trainer = Trainer(model, model, train_config(lr=0.05, head_lr=0.003, schedule="constant"), steps_per_epoch=1)
     groups = trainer.optimizer.param_groups
     assert [group["lr"] for group in groups] == [0.05, 0.003]
     assert {id(p) for p in groups[1]["params"]} == {id(model.fc5.weight), id(model.fc5.bias)}
     assert all(p.requires_grad for p in model.fc5.parameters())
     assert not any(name.startswith("fc5.") and "vera" in name for name, _ in model.named_parameters())
-    plain = Trainer(model, model, TrainConfig(lr=0.05), steps_per_epoch=1)
+    plain = Trainer(model, model, train_config(lr=0.05), steps_per_epoch=1)
     assert len(plain.optimizer.param_groups) == 1
 
 
@@ -140,8 +142,8 @@ def test_compare_picks_the_learning_rate_that_wins_on_validation_not_on_test():
 
 
 def test_compare_axes_name_each_point_and_leave_head_lrs_to_head_methods():
-    cfg = CompareConfig(methods=["vera", "vera+head"], ranks=[4], lrs=[0.01, 0.05], head_lrs=[0.1, 0.2],
-                        shots=[10, "all"], validation=5)
+    cfg = config.load(CompareConfig, "compare", {"methods": ["vera", "vera+head"], "ranks": [4], "lrs": [0.01, 0.05],
+                                                 "head_lrs": [0.1, 0.2], "shots": [10, "all"], "validation": 5})
     names = [point.name for point in grid(cfg)]
     assert len(names) == len(set(names)) == 2 * 2 + 2 * 2 * 2
     assert "vera-r4-replay-lr0.01-k10-s0" in names and "vera+head-r4-replay-lr0.05-hlr0.2-kall-s0" in names

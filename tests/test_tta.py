@@ -11,11 +11,13 @@ from vera_cli.adapters.inject import inject
 from vera_cli.bases import WEIGHTS_FILE, fingerprint, load_pretrained
 from vera_cli.commands import pretrain as pretrain_module
 from vera_cli.commands.adapt import build_pipeline
-from vera_cli.config import AdaptConfig, AdapterConfig, TrainConfig
+from vera_cli import config
+from vera_cli.config import AdaptConfig, AdapterConfig
 from vera_cli.data import CLASSES, Split, load_cifar10
 from vera_cli.metrics import accuracy_report, predict_logits, view_outputs
 from vera_cli.models import ConvNet
-from vera_cli.runs import Run, write_tensors
+from vera_cli.runs import Run
+from vera_cli.files import write_tensors
 
 from conftest import QUICK
 
@@ -43,7 +45,7 @@ def test_flip_averages_the_logits_of_each_image_and_of_its_mirror_image(cifar_ro
 
 def test_cached_features_give_the_same_flip_averaged_logits_as_whole_images(cifar_root):
     data = load_cifar10(cifar_root, download=False)
-    settings = AdaptConfig(base="runs/base", train=TrainConfig(crop=False, flip=False))
+    settings = config.load(AdaptConfig, "adapt-vera", {"base": "runs/base"})
     model = inject(ConvNet(), AdapterConfig(method="vera", rank=8)).eval()
     cached = build_pipeline(model, data.train, data.test, settings, "flip")
     assert next(iter(cached.train_batches(torch.Generator().manual_seed(0))))[0].dim() == 2  # cached, not images

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from vera_cli import config as config_module
 from vera_cli.adapters.inject import inject
 from vera_cli.commands.adapt import build_pipeline
-from vera_cli.config import AdaptConfig, AdapterConfig, PretrainConfig, TrainConfig
+from vera_cli.config import AdaptConfig, AdapterConfig, PretrainConfig
 from vera_cli.data import load_cifar10
 from vera_cli.metrics import predict_logits
 from vera_cli.models import ModelConfig, build_model, count_parameters
@@ -29,8 +29,8 @@ def test_pretrain_records_the_vit_section_and_eval_rebuilds_it(vera, vit_base):
 
 
 def test_a_config_that_names_the_model_as_a_string_still_loads():
-    assert config_module.build(PretrainConfig, {"model": "vit"}).model == ModelConfig("vit")
-    assert config_module.build(PretrainConfig, {}).model == ModelConfig("convnet")
+    assert config_module.load_recorded(PretrainConfig, {"model": "vit"}, "config.yaml").model == ModelConfig("vit")
+    assert config_module.load_recorded(PretrainConfig, {}, "config.yaml").model == ModelConfig("convnet")
 
 
 def test_vera_on_query_value_stores_only_those_vectors_and_merges_to_the_same_predictions(vera, vit_base):
@@ -58,7 +58,7 @@ def test_every_other_method_adapts_the_vit(vera, vit_base, method):
 
 def test_head_training_caches_the_frozen_body_and_adapters_in_blocks_do_not(cifar_root):
     data = load_cifar10(cifar_root, download=False)
-    cfg = AdaptConfig(train=TrainConfig(epochs=1, batch_size=16, crop=False, flip=False))
+    cfg = config_module.load(AdaptConfig, "adapt-vera", {"train.epochs": 1, "train.batch_size": 16})
     torch.manual_seed(0)
     model = inject(build_model(TINY_VIT).eval(), AdapterConfig(method="head"))
     pipeline = build_pipeline(model, data.train, data.test, cfg)

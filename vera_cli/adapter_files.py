@@ -17,7 +17,7 @@ from vera_cli.adapters.config import AdapterConfig
 from vera_cli.adapters.errors import AdapterError
 from vera_cli.adapters.state import adapter_metadata, adapter_tensors, load_adapter
 from vera_cli.errors import VeraError
-from vera_cli.runs import read_json, read_tensors, write_json, write_tensors
+from vera_cli.files import read_json, read_tensors, write_json, write_tensors
 
 ADAPTER_FILE = "adapter.safetensors"
 META_FILE = "adapter.json"

@@ -15,7 +15,8 @@ from vera_cli import config as config_module
 from vera_cli.config import PretrainConfig
 from vera_cli.errors import VeraError
 from vera_cli.models import ModelConfig, build_model
-from vera_cli.runs import STATUS_FILE, Run, latest_run, open_run, read_tensors, read_text
+from vera_cli.runs import STATUS_FILE, Run, latest_run, open_run
+from vera_cli.files import read_tensors, read_text
 from vera_cli.yamlsafe import safe_load
 
 WEIGHTS_FILE = "model.safetensors"
@@ -67,11 +68,7 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def pretrain_config(run: Run) -> PretrainConfig:
-    try:
-        return config_module.build(PretrainConfig, run_config(run))
-    except VeraError as exc:
-        # A hand-edited file: the message must say which one.
-        raise VeraError(f"{run.file('config.yaml')}: {exc}; correct it there or repeat the run") from exc
+    return config_module.load_recorded(PretrainConfig, run_config(run), str(run.file("config.yaml")))
 
 
 def model_config(run: Run) -> ModelConfig:

@@ -16,7 +16,8 @@ from torch import nn
 
 from vera_cli.errors import VeraError
 from vera_cli.metrics import AccuracyReport, percent
-from vera_cli.runs import CHECKPOINT_FILE, Run, append_jsonl, first_nonfinite, read_jsonl, write_bytes_atomic
+from vera_cli.runs import CHECKPOINT_FILE, Run
+from vera_cli.files import append_jsonl, first_nonfinite, read_jsonl, write_bytes_atomic
 from vera_cli.train import EpochStats, Trainer
 
 METRICS_FILE = "metrics.jsonl"

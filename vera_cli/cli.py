@@ -19,7 +19,7 @@ from rich.console import Console
 from vera_cli import __version__
 from vera_cli import completion as complete
 from vera_cli import config as cfg
-from vera_cli import entry
+from vera_cli import signals
 from vera_cli.adapters.errors import AdapterError
 from vera_cli.errors import RunInterrupted, VeraError, describe_os_error
 
@@ -101,7 +101,7 @@ def _settings(cls, kind: str, config_name: str, config_path: Optional[str], over
 
     if resume and config_path:
         raise VeraError("--resume continues a run with its own config; drop --config")
-    run, settings = load_settings(cls, kind, config_path or config_name, overrides, resume)
+    run, settings = load_settings(cls, kind, config_name, config_path, overrides, resume)
     if print_config:
         print(yaml.safe_dump(cfg.to_dict(settings), sort_keys=False), end="")
         raise typer.Exit(0)
@@ -225,7 +225,7 @@ def count_params(
     config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt,
 ) -> None:
     """Count trainable and frozen parameters (projections included) and the adapter file size."""
-    from vera_cli.commands.count_params import count_params as count, versus_lora
+    from vera_cli.param_count import count_params as count, versus_lora
     from vera_cli.models import build_model
     from vera_cli.report import count_tables
 
@@ -371,7 +371,7 @@ def runs_list(
     """One table of the runs: kind, status, base, method, rank, classes, accuracies, wall time."""
     if ctx.invoked_subcommand is not None:
         return
-    from vera_cli.commands import runs_table as rt
+    from vera_cli import run_list as rt
 
     root = Path(runs_dir)
     entries = rt.sort_entries(rt.select(rt.find_runs(root), kind, status, classes), sort, reverse)
@@ -387,7 +387,7 @@ def runs_rm(
     yes: bool = YesOpt,
 ) -> None:
     """Remove runs (refuses running ones); asks first unless --yes."""
-    from vera_cli.commands import runs_table as rt
+    from vera_cli import run_list as rt
 
     _remove(rt.runs_to_remove(runs), yes)
 
@@ -400,7 +400,7 @@ def runs_clean(
     runs_dir: str = RunsDirOpt, yes: bool = YesOpt,
 ) -> None:
     """Remove the failed (or interrupted, or unreadable) runs under --runs-dir; asks first unless --yes."""
-    from vera_cli.commands import runs_table as rt
+    from vera_cli import run_list as rt
 
     statuses = tuple(name for name, wanted in (("failed", failed), ("interrupted", interrupted),
                                                ("unreadable", unreadable)) if wanted)
@@ -414,7 +414,7 @@ def runs_clean(
 
 
 def _remove(entries: list, yes: bool) -> None:
-    from vera_cli.commands.runs_table import directory_bytes, remove
+    from vera_cli.run_list import directory_bytes, remove
 
     sizes = {entry.path: directory_bytes(entry.path) for entry in entries}
     for entry in entries:
@@ -456,14 +456,14 @@ def run(argv: list[str]) -> int:
     if complete.completing("vera"):
         complete.expand_completion_words(os.environ, expand_list_options, LIST_OPTIONS)
     # SIGTERM (a scheduler, `kill`) stops a run as cleanly as Ctrl-C does.
-    previous = entry.install()
+    previous = signals.install()
     try:
         # Outside standalone mode typer returns a typer.Exit's code instead of raising it, and turns a
         # KeyboardInterrupt it meets into a returned 130; any signal seen counts as one.
         code = command.main(args=argv, prog_name="vera", standalone_mode=False)
-        if code == entry.INTERRUPTED or entry.interrupted():
+        if code == signals.INTERRUPTED or signals.interrupted():
             _say("interrupted")
-            return entry.INTERRUPTED
+            return signals.INTERRUPTED
         return code if isinstance(code, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
@@ -474,10 +474,10 @@ def run(argv: list[str]) -> int:
         _say("interrupted")
         return 130
     except Exception as exc:
-        if entry.interrupted() and not debug:
+        if signals.interrupted() and not debug:
             # A failure that follows a signal (library code swallowed its KeyboardInterrupt) is that interrupt.
             _say("interrupted")
-            return entry.INTERRUPTED
+            return signals.INTERRUPTED
         # Typer's usage errors (bad option, wrong type) carry format_message() and an exit code;
         # OSError is a full or read-only disk or a path that is a file, in the system's own words.
         is_usage = hasattr(exc, "format_message") and hasattr(exc, "exit_code")
@@ -492,13 +492,10 @@ def run(argv: list[str]) -> int:
         _say(f"error: {' '.join(message.split())}")
         return 2
     finally:
-        entry.restore(previous)
+        signals.restore(previous)
 
 
 def _say(line: str) -> None:
     # A path that is not valid UTF-8 reaches us with surrogate escapes, which no stream can print.
     err.print(line.encode("utf-8", "backslashreplace").decode("utf-8"), highlight=False, markup=False, soft_wrap=True)
 
-
-def main() -> None:
-    entry.main()

@@ -23,7 +23,7 @@ from vera_cli.cifar_classes import CLASSES
 from vera_cli.config import METHODS, CompareMethod
 
 if TYPE_CHECKING:
-    from vera_cli.commands.runs_table import RunEntry
+    from vera_cli.run_list import RunEntry
 
 Expand = Callable[[list[str]], list[str]]
 
@@ -49,7 +49,7 @@ def complete_compare_methods(incomplete: str) -> list[str]:
 
 
 def _run_paths(incomplete: str, keep: Callable[["RunEntry"], bool]) -> list[str]:
-    from vera_cli.commands.runs_table import find_runs
+    from vera_cli.run_list import find_runs
     from vera_cli.runs import RUNS_ROOT
 
     # The runs in the folder typed so far (`other/ex` -> other/), else under runs/.

@@ -1,10 +1,13 @@
 """Typed configuration: YAML in, validated dataclasses out.
 
-Every command reads one YAML config shipped in the package (`vera_cli/configs/`,
-listed by `vera config list`) or a file given with `--config`, applies
-command-line overrides as dotted keys, and validates the result once. A config
-(or any section of one) may start from another with `extends: NAME`, stating
-only what differs. Code past this module trusts the dataclasses it receives.
+The dataclasses here are the schema and hold no values: every default lives in
+the YAML shipped in the package (`vera_cli/configs/`, listed by `vera config
+list`), so the two cannot disagree. A command reads its shipped config, or a
+file given with `--config` laid over that same config (unless the file names
+another with `extends:`), applies command-line overrides as dotted keys, and
+validates the result once. Any section may start from another config with
+`extends: NAME`, stating only what differs. Code past this module trusts the
+dataclasses it receives.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import math
 import reprlib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -24,7 +27,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 # The adapter section is the standalone adapters package's own config, re-exported here.
-from vera_cli.adapters.config import DEFAULT_TARGETS, METHODS, SHARING_MODES, AdapterConfig
+from vera_cli.adapters.config import METHODS, SHARING_MODES, AdapterConfig
 from vera_cli.errors import VeraError
 from vera_cli.models import ModelConfig
 from vera_cli.yamlsafe import safe_load
@@ -48,31 +51,30 @@ _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxoth
 
 @dataclass
 class DataConfig:
-    dir: str = "data"
-    download: bool = True
+    dir: str
+    download: bool
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 256
-    lr: float = 0.05
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: Literal["constant", "linear", "cosine"] = "linear"
-    warmup: float = 0.2
-    label_smoothing: float = 0.0
-    crop: bool = True
-    # Zero padding around each image before the random crop. The shipped pretrain config uses 1: the
-    # write-up's ConvNet is too small for the usual 4 (3 seeds each: see benchmarks/README.md).
-    crop_padding: int = 4
-    flip: bool = True
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: Literal["sgd", "adamw"]
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    schedule: Literal["constant", "linear", "cosine"]
+    warmup: float
+    label_smoothing: float
+    crop: bool
+    # Zero padding around each image before the random crop.
+    crop_padding: int
+    flip: bool
     # bf16: forward and loss under autocast (mixed precision; meant for CUDA, where it is cheap).
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16"]
     # The classifier layer's own peak learning rate when it trains beside an adapter; None: lr.
-    head_lr: Optional[float] = None
+    head_lr: Optional[float]
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs must be at least 1")
@@ -96,9 +98,9 @@ class LoggingConfig:
     """What a training run records beside metrics.jsonl."""
 
     # Event files under <run>/tensorboard/: per-step loss and lr, per-epoch accuracies, images/s, the config.
-    tensorboard: bool = False
+    tensorboard: bool
     # Pictures in the run: training curves, and per-class accuracy before and after for adapt runs.
-    plots: bool = True
+    plots: bool
 
     def __post_init__(self) -> None:
         _require(not self.tensorboard or importlib.util.find_spec("tensorboard") is not None,
@@ -108,15 +110,15 @@ class LoggingConfig:
 
 @dataclass
 class PretrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    seed: int = 0
-    device: Device = "auto"
-    run_dir: Optional[str] = None
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    model: ModelConfig
+    seed: int
+    device: Device
+    run_dir: Optional[str]
+    data: DataConfig
+    train: TrainConfig
+    logging: LoggingConfig
     # Classes kept out of pretraining (no image of them is seen), so that adaptation can learn new classes.
-    exclude_classes: list[str] = field(default_factory=list)
+    exclude_classes: list[str]
 
     def __post_init__(self) -> None:
         _require_seed(self.seed, "seed")
@@ -124,33 +126,33 @@ class PretrainConfig:
 
 @dataclass
 class AdaptConfig:
-    base: Optional[str] = None
-    classes: list[str] = field(default_factory=lambda: ["cat", "bird", "dog"])
-    seed: int = 0
-    device: Device = "auto"
-    run_dir: Optional[str] = None
-    data: DataConfig = field(default_factory=DataConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(crop=False, flip=False))
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    base: Optional[str]
+    classes: list[str]
+    seed: int
+    device: Device
+    run_dir: Optional[str]
+    data: DataConfig
+    adapter: AdapterConfig
+    train: TrainConfig
+    logging: LoggingConfig
     # Without augmentation the frozen conv prefix gives the same output every epoch: compute it once.
-    cache_features: bool = True
+    cache_features: bool
     # How to keep the classes not trained on: none; mask (the loss sees only the chosen
     # classes' logits); replay (add images of the other classes, replay_fraction times
     # as many as the chosen classes have, with their own labels).
     # distill: replay, plus a term that keeps the classes not trained on close to the base model's
     # logits for them (softened by distill_temperature, weighted by distill_weight) on every training image.
-    forgetting: Forgetting = "replay"
-    replay_fraction: float = 0.5
-    distill_weight: float = 1.0
-    distill_temperature: float = 2.0
+    forgetting: Forgetting
+    replay_fraction: float
+    distill_weight: float
+    distill_temperature: float
     # Training images per chosen class (null: all of them); drawn with the run's seed and recorded.
-    shots: Optional[int] = None
+    shots: Optional[int]
     # Images per class carved from the training images before anything else is drawn, never trained on:
     # where settings are chosen (compare's learning-rate axes), so that the test set is not.
-    validation: int = 0
+    validation: int
     # At least this many optimizer steps: a tiny (few-shot) set gets more passes than `train.epochs`.
-    min_steps: int = 0
+    min_steps: int
 
     def __post_init__(self) -> None:
         _require(self.replay_fraction >= 0, "replay_fraction must not be negative")
@@ -167,28 +169,28 @@ class AdaptConfig:
 class CompareConfig:
     """A grid over methods, ranks, targets, forgetting options and seeds; each method keeps its own adapt config."""
 
-    base: Optional[str] = None
-    classes: list[str] = field(default_factory=lambda: ["cat", "bird", "dog"])
-    methods: list[CompareMethod] = field(default_factory=lambda: ["vera", "lora", "full", "head"])
-    ranks: list[int] = field(default_factory=lambda: [4, 16, 64, 256])
+    base: Optional[str]
+    classes: list[str]
+    methods: list[CompareMethod]
+    ranks: list[int]
     # For vera and lora: each entry one adapter.targets setting (a preset such as all, or a regex).
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    forgetting: list[Forgetting] = field(default_factory=lambda: ["replay"])
-    seeds: int = 1
-    epochs: Optional[int] = None  # None: each method's own config decides
-    device: Device = "auto"
-    run_dir: Optional[str] = None
-    data: DataConfig = field(default_factory=DataConfig)
+    targets: list[str]
+    forgetting: list[Forgetting]
+    seeds: int
+    epochs: Optional[int]  # None: each method's own config decides
+    device: Device
+    run_dir: Optional[str]
+    data: DataConfig
     # Axes a protocol adds; an empty list leaves the setting to each method's own config.
-    lrs: list[float] = field(default_factory=list)
-    head_lrs: list[float] = field(default_factory=list)  # for methods with +head
-    shots: list[Union[int, Literal["all"]]] = field(default_factory=list)
-    bases: list[str] = field(default_factory=list)  # pretrain runs, e.g. a held-out base and a full one
-    validation: int = 0  # images per class; needed to choose among lrs / head_lrs
-    select_by: SelectBy = "overall"
-    min_steps: int = 0  # see AdaptConfig.min_steps
-    batch_size: Optional[int] = None  # None: each method's config decides; few-shot sets want small batches
-    replay_fraction: Optional[float] = None  # None: each method's config decides
+    lrs: list[float]
+    head_lrs: list[float]
+    shots: list[Union[int, Literal["all"]]]
+    bases: list[str]
+    validation: int  # images per class; needed to choose among lrs / head_lrs
+    select_by: SelectBy
+    min_steps: int  # see AdaptConfig.min_steps
+    batch_size: Optional[int]  # None: each method's config decides; few-shot sets want small batches
+    replay_fraction: Optional[float]  # None: each method's config decides
 
     def __post_init__(self) -> None:
         _require(len(self.classes) > 0, "classes is empty: name at least one class, e.g. --classes cat bird dog")
@@ -210,10 +212,18 @@ class ExperimentConfig:
     """The write-up in one run: pretrain (unless `base` is given), count, adapt. Each section is a whole
     command config, so anything `vera pretrain` or `vera adapt` accepts can be set here."""
 
-    base: Optional[str] = None
-    run_dir: Optional[str] = None
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    base: Optional[str]
+    run_dir: Optional[str]
+    pretrain: PretrainConfig
+    adapt: AdaptConfig
+
+
+# The shipped config each command reads when given none (adapt: adapt-<method>, chosen by the command line).
+COMMAND_CONFIGS = {"PretrainConfig": "pretrain", "AdaptConfig": "adapt-vera", "CompareConfig": "compare",
+                   "ExperimentConfig": "experiment"}
+# Keys a run recorded before they existed, whose behaviour then differs from today's shipped value: runs
+# pretrained before test-time flip existed were measured on the images alone.
+RECORDED_BEFORE_KEYS = {"PretrainConfig": {"model": {"tta": "none"}}}
 
 
 def _require_seed(value: int, key: str) -> None:
@@ -260,13 +270,17 @@ def read_yaml(where: str, text: str) -> dict[str, Any]:
     return raw
 
 
-def read_config(name_or_path: str | Path, chain: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A config as one mapping, every `extends:` (at the top or in any section) resolved."""
+def read_config(name_or_path: str | Path, chain: tuple[str, ...] = (), default: str | None = None) -> dict[str, Any]:
+    """A config as one mapping, every `extends:` (at the top or in any section) resolved; a file that
+    extends nothing extends `default` when one is given."""
     where, text = config_source(name_or_path)
     if where in chain:
         raise VeraError(f"config {where} extends itself (through {' -> '.join(chain)}): remove one extends")
     folder = Path(name_or_path).parent if Path(name_or_path).is_file() else None
-    return _resolve_extends(read_yaml(where, text), folder, (*chain, where))
+    raw = read_yaml(where, text)
+    if folder is not None and default is not None and "extends" not in raw:
+        raw["extends"] = default
+    return _resolve_extends(raw, folder, (*chain, where))
 
 
 def _resolve_extends(raw: dict[str, Any], folder: Path | None, chain: tuple[str, ...]) -> dict[str, Any]:
@@ -341,6 +355,11 @@ def build(cls: type[T], raw: dict[str, Any], where: str = "") -> T:
             hint = f"; did you mean {where}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
             raise VeraError(f"unknown config key {where}{key}{hint}")
         kwargs[key] = _convert(value, hints[key], f"{where}{key}")
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise VeraError(f"config key {where}{missing[0]} is missing{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
+                        "set it, or start the file from a shipped config (extends: NAME, see vera config list)")
     try:
         return cls(**kwargs)
     except ValueError as exc:
@@ -348,9 +367,27 @@ def build(cls: type[T], raw: dict[str, Any], where: str = "") -> T:
         raise VeraError(f"{where}{exc}") from exc
 
 
-def load(cls: type[T], name_or_path: str | Path, overrides: dict[str, Any]) -> T:
-    raw = _sections_in_full(cls, read_config(name_or_path))
+def load(cls: type[T], name_or_path: str | Path, overrides: dict[str, Any], default: str | None = None) -> T:
+    """The config `name_or_path` (a shipped name or a file) with `overrides` applied.
+
+    A file that extends nothing starts from the shipped config `default` (the command's own, what
+    `--print-config` prints without `--config`), so every key it leaves out has the command's value.
+    """
+    raw = _sections_in_full(cls, read_config(name_or_path, default=default or COMMAND_CONFIGS[cls.__name__]))
     return build(cls, apply_overrides(raw, expand_shorthands(cls, overrides)))
+
+
+def load_recorded(cls: type[T], recorded: dict[str, Any], where: str) -> T:
+    """A run's own config.yaml (already read): keys added since the run was written take the command's
+    shipped values, except those whose older behaviour differs (RECORDED_BEFORE_KEYS)."""
+    shipped = read_config(COMMAND_CONFIGS[cls.__name__])
+    older = RECORDED_BEFORE_KEYS.get(cls.__name__, {})
+    raw = merge_mappings(merge_mappings(shipped, older), _sections_in_full(cls, recorded))
+    try:
+        return build(cls, raw)
+    except VeraError as exc:
+        # A hand-edited file: the message must say which one.
+        raise VeraError(f"{where}: {exc}; correct it there or repeat the run") from exc
 
 
 def expand_shorthands(cls: type, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ Data parallelism (pretrain, adapt): every rank draws the same seeded shuffle and
 augmentation of the global batch, trains on its contiguous part of it through
 DistributedDataParallel, and the loss is weighted so that DDP's gradient average
 over ranks is the mean over the global batch even when the parts are unequal.
-Rank 0 alone writes the run (the lifecycles below).
+Rank 0 alone writes the run (Ranks, the hook vera_cli.lifecycle is given).
 
 Grid spreading (compare): each rank runs whole rows; a row goes to the first rank
 that creates its claim file, so a fast rank takes more rows and a shared runs
@@ -18,10 +18,8 @@ folder makes this work across nodes.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -31,11 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vera_cli.checkpoint import load_checkpoint
-from vera_cli.config import LoggingConfig
 from vera_cli.errors import VeraError
-from vera_cli.lifecycle import RunLifecycle
-from vera_cli.runs import Run
 
 T = TypeVar("T")
 
@@ -93,11 +87,9 @@ class World:
         finally:
             dist.destroy_process_group()
 
-    def lifecycle(self, kind: str, cfg: Any, resume: Run | None = None, **options: Any) -> RunLifecycle:
-        """The run's lifecycle for this process: rank 0 writes the run, the others only take part."""
-        if self.size == 1:
-            return RunLifecycle(kind, cfg, resume, **options)
-        return (LeaderLifecycle if self.is_main else FollowerLifecycle)(kind, cfg, resume, **options)
+    def shared(self) -> "Ranks | None":
+        """How this process takes part in a run: None alone; under torchrun rank 0 writes it."""
+        return Ranks(self) if self.size > 1 else None
 
     def data_parallel(self) -> "DataParallel | None":
         return DataParallel(self) if self.size > 1 else None
@@ -185,41 +177,14 @@ class DataParallel:
         return total / self.world.size
 
 
-class LeaderLifecycle(RunLifecycle):
-    """Rank 0: the ordinary lifecycle, announcing the run directory to the other ranks."""
+class Ranks:
+    """A run shared by every rank (vera_cli.lifecycle.Shared): rank 0 writes it, the others take part."""
 
-    @contextlib.contextmanager
-    def open(self) -> Iterator[Run]:
-        # No rank checks the run directory after rank 0 has created it.
+    def __init__(self, world: World) -> None:
+        self.writes = world.is_main
+
+    def barrier(self) -> None:
         dist.barrier()
-        with super().open() as run:
-            _broadcast(str(run.path))
-            yield run
 
-    def by_writer(self, action: Callable[[], T]) -> T:
-        return _broadcast(action())
-
-
-class FollowerLifecycle(RunLifecycle):
-    """Ranks other than 0: the same run, read but never written."""
-
-    writes = False
-
-    @contextlib.contextmanager
-    def open(self) -> Iterator[Run]:
-        dist.barrier()
-        self._run = Run(Path(_broadcast(None)))
-        self._started = time.perf_counter()
-        yield self._run
-
-    def restore(self, model: nn.Module, trainer: Any, generator: torch.Generator) -> int:
-        return load_checkpoint(self.run, model, trainer, generator) + 1 if self.resume else 1
-
-    def logging(self, cfg: LoggingConfig) -> LoggingConfig:
-        return dataclasses.replace(cfg, tensorboard=False, plots=False)
-
-    def by_writer(self, action: Callable[[], T]) -> T:
-        return _broadcast(None)
-
-    def finish(self, summary: Any) -> Any:
-        return summary
+    def share(self, value: T) -> T:
+        return _broadcast(value)

@@ -16,22 +16,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from vera_cli.adapters.config import DEFAULT_TARGETS  # noqa: E402
-from vera_cli.runs import write_bytes_atomic  # noqa: E402
+from vera_cli.comparison import TableLine, axis_label  # noqa: E402
+from vera_cli.files import write_bytes_atomic  # noqa: E402
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-    from vera_cli.commands.compare import TableLine
 
 PANELS = (("chosen", "chosen classes, 10-way"), ("task", "chosen classes, task"), ("rest", "other classes"))
 STYLES = {"vera": ("tab:blue", "o"), "vera-sliced": ("tab:cyan", "D"), "lora": ("tab:orange", "s"),
           "full": ("tab:red", "^"), "head": ("tab:green", "v")}
 
 
-def series_label(line: "TableLine", rows: list["TableLine"]) -> str:
+def series_label(line: TableLine, rows: list[TableLine]) -> str:
     """The method, with what else tells its series apart (targets, forgetting, shots, base) and the head it trains."""
-    from vera_cli.commands.compare import axis_label
-
     parts = [f"{key} {axis_label(getattr(line, key))}" for key in ("targets", "forgetting", "shots", "base")
              if getattr(line, key) is not None and len({getattr(r, key) for r in rows} - {None}) > 1]
     head = [f"head {line.head_trainable:,} incl."] if line.head_trainable and line.adapter_trainable else []
@@ -39,13 +36,13 @@ def series_label(line: "TableLine", rows: list["TableLine"]) -> str:
     return line.method + (f" ({', '.join(extra)})" if extra else "")
 
 
-def plot_comparison(table: list["TableLine"], classes: list[str], path: Path) -> Path:
+def plot_comparison(table: list[TableLine], classes: list[str], path: Path) -> Path:
     """Accuracy against total trainable parameters; only the settings that won their tuning on validation."""
     base = table[0]
     rows = [line for line in table if line.method != "base" and line.selected]
     figure, axes = plt.subplots(1, len(PANELS), figsize=(15, 4.8), sharex=True)
     for axis, (metric, title) in zip(axes, PANELS):
-        series: dict[str, list["TableLine"]] = {}
+        series: dict[str, list[TableLine]] = {}
         for row in rows:
             if row.mean[metric] is not None:
                 series.setdefault(series_label(row, rows), []).append(row)

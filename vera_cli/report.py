@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from rich import box
 from rich.table import Table
 
+from vera_cli.comparison import TableLine, axis_label
 from vera_cli.metrics import AccuracyReport, percent as _pct
-
-if TYPE_CHECKING:
-    from vera_cli.commands.compare import TableLine
-    from vera_cli.commands.count_params import ParamCount
+from vera_cli.param_count import ParamCount
 
 
 def _change(value: Optional[float]) -> str:
@@ -82,7 +80,7 @@ def comparison_table(reports: dict[str, AccuracyReport], title: str, held_out: l
     return table
 
 
-def count_tables(count: "ParamCount") -> list[Table]:
+def count_tables(count: ParamCount) -> list[Table]:
     """Per-layer counts, the shared projection pairs, and the totals of a `ParamCount`."""
     layers = Table(title=f"{count.method} parameters" + (f", rank {count.rank}" if count.method in ("vera", "lora") else ""))
     for column in ("layer", "shape", "trainable", "frozen"):
@@ -122,15 +120,13 @@ def count_tables(count: "ParamCount") -> list[Table]:
 PROTOCOL_COLUMNS = (("shots", "shots"), ("base", "base"), ("lr", "lr"), ("head_lr", "head lr"))
 
 
-def compare_table(table: list["TableLine"], title: str, select_by: str = "overall") -> Table:
+def compare_table(table: list[TableLine], title: str, select_by: str = "overall") -> Table:
     """One line per setting (mean over seeds, with the spread when there are several), base first.
 
     Where learning rates were tuned, only the lines that won on the validation split are shown, with
     their test numbers. Trainable parameters appear twice: without the head (the VeRA paper's count)
     and the head's own.
     """
-    from vera_cli.commands.compare import axis_label
-
     shown = [line for line in table if line.selected]
     protocol = [(key, heading) for key, heading in PROTOCOL_COLUMNS if any(getattr(line, key) is not None for line in shown)]
     tuned = any(line.validation is not None for line in shown)
@@ -145,7 +141,7 @@ def compare_table(table: list["TableLine"], title: str, select_by: str = "overal
     def points(value: Optional[float]) -> str:
         return "n/a" if value is None else f"{100 * value:.1f}"
 
-    def cell(line: "TableLine", metric: str) -> str:
+    def cell(line: TableLine, metric: str) -> str:
         spread = line.std[metric]
         return points(line.mean[metric]) + (f" ± {100 * spread:.1f}" if line.seeds > 1 and spread is not None else "")
 

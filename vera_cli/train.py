@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +16,18 @@ from vera_cli.adapters.head import head_parameters
 from vera_cli.config import DEVICES, TrainConfig, shown
 from vera_cli.errors import VeraError
 
-if TYPE_CHECKING:
-    from vera_cli.distributed import DataParallel
+# Where a command's progress lines go (print, or the CLI's stderr console).
+Log = Callable[[str], None]
+
+
+class DataParallel(Protocol):
+    """How this process takes part in training one global batch with others (vera_cli.distributed)."""
+
+    def wrap(self, forward: Callable[[torch.Tensor], torch.Tensor], model: nn.Module) -> nn.Module: ...
+
+    def local(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]: ...
+
+    def average(self, values: torch.Tensor) -> torch.Tensor: ...
 
 
 def resolve_device(name: str) -> torch.device:

@@ -17,14 +17,16 @@ from vera_cli.adapters.inject import inject
 from vera_cli.adapters.layer import AdaptedLayer
 from vera_cli.bases import base_reference, fingerprint, load_pretrained, resolve_base
 from vera_cli.checkpoint import METRICS_FILE, EpochRecorder
-from vera_cli.commands.pretrain import Log
+from vera_cli.train import Log
 from vera_cli.config import AdaptConfig
 from vera_cli.data import CLASSES, Cifar10, Split, batch_indices, batches, class_ids, load_cifar10, require_images
 from vera_cli.distill import distillation_loss, rows_as_labels
 from vera_cli.distributed import LOCAL, World
+from vera_cli.lifecycle import RunLifecycle
 from vera_cli.metrics import AccuracyReport, accuracy_report, predict_features, predict_logits, view_outputs
 from vera_cli.run_plots import PER_CLASS_FILE, write_per_class, write_training_curves
-from vera_cli.runs import Run, environment, write_json
+from vera_cli.runs import Run, environment
+from vera_cli.files import write_json
 from vera_cli.selection import SELECTION_FILE, Selection, select, take
 from vera_cli.tensorboard_log import training_logs
 from vera_cli.train import Trainer, fit, resolve_device
@@ -169,7 +171,8 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
     device = world.place(resolve_device(cfg.device))
     chosen = class_ids(cfg.classes)
     base_run = resolve_base(cfg.base)
-    life = world.lifecycle("adapt", cfg, resume, recorded={**config_module.to_dict(cfg), "base": str(base_run.path)})
+    life = RunLifecycle("adapt", cfg, resume, recorded={**config_module.to_dict(cfg), "base": str(base_run.path)},
+                        shared=world.shared())
     data = (data or load_cifar10(cfg.data.dir, cfg.data.download)).to(device)
     require_images(data.train, chosen, data.classes, "training")
     model, base_cfg = load_pretrained(base_run, device)

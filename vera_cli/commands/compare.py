@@ -20,10 +20,8 @@ import csv
 import dataclasses
 import io
 import itertools
-import json
 import re
 import shutil
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -34,26 +32,25 @@ from vera_cli import config as config_module
 from vera_cli.adapters.config import DEFAULT_TARGETS
 from vera_cli.adapters.inject import inject
 from vera_cli.bases import load_pretrained, model_config, resolve_base
+from vera_cli.comparison import METRICS, RANKLESS, Row, TableLine, aggregate, axis_label, method_parts
 from vera_cli.commands.adapt import AdaptSummary, run_adapt
-from vera_cli.commands.pretrain import Log
+from vera_cli.train import Log
 from vera_cli.config import AdaptConfig, CompareConfig
 from vera_cli.data import Cifar10, class_ids, load_cifar10, require_images
 from vera_cli.distributed import LOCAL, World
 from vera_cli.grid_progress import GridProgress
+from vera_cli.lifecycle import RunLifecycle
 from vera_cli.metrics import accuracy_report, percent, predict_logits
 from vera_cli.plot import plot_comparison
-from vera_cli.runs import Run, append_jsonl, read_json, read_jsonl, write_bytes_atomic, write_json
+from vera_cli.runs import Run
+from vera_cli.files import append_jsonl, read_json, read_jsonl, write_bytes_atomic, write_json
 from vera_cli.train import resolve_device
 
 ROWS_FILE = "rows.jsonl"
-METRICS = ("chosen", "task", "rest", "overall")
-RANKLESS = ("full", "head")  # no rank and no targets: they train whole modules
 CLAIMS_DIR = "claims"  # under torchrun: which rank took which row (vera_cli.distributed)
 # Protocol axes of a grid point: (field, prefix in the point's name). A point names only the axes
 # the comparison sets, so that a grid without them keeps its old names.
 NAMED_AXES = (("lr", "lr"), ("head_lr", "hlr"), ("shots", "k"), ("base", "on-"))
-# Axes tuned on the validation split: lines that differ only in these compete.
-TUNED_AXES = ("lr", "head_lr")
 
 
 @dataclass
@@ -81,82 +78,6 @@ class GridPoint:
     @property
     def name(self) -> str:
         return f"{self.setting}-s{self.seed}"
-
-
-def axis_label(value: Any) -> str:
-    """How an axis value reads in names and tables: a run by its folder name, a number without trailing zeros."""
-    if isinstance(value, float):
-        return f"{value:g}"
-    return Path(value).name if isinstance(value, str) and "/" in value else str(value)
-
-
-def method_parts(method: str) -> tuple[str, str, bool]:
-    """`vera-sliced+head` -> ("vera", "sliced", True): the adapt method, its sharing mode, whether the head trains."""
-    name, plus, _ = method.partition("+")
-    adapt_method, _, sharing = name.partition("-")
-    return adapt_method, sharing, bool(plus)
-
-
-@dataclass
-class Row:
-    """One finished grid point, as rows.jsonl records it."""
-
-    name: str
-    method: str
-    rank: Optional[int]
-    forgetting: str
-    targets: Optional[str]
-    seed: int
-    trainable: int
-    adapter_bytes: int
-    chosen: Optional[float]
-    task: Optional[float]
-    rest: Optional[float]
-    overall: float
-    seconds: float
-    setting: str = ""
-    lr: Optional[float] = None
-    head_lr: Optional[float] = None
-    shots: Union[int, str, None] = None
-    base: Optional[str] = None
-    head_trainable: int = 0  # of trainable, the classifier head's
-    validation: Optional[dict[str, Optional[float]]] = None  # the METRICS on the validation split
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class TableLine:
-    """One setting aggregated over its seeds: mean and population standard deviation per metric."""
-
-    method: str
-    rank: Optional[int]
-    forgetting: str
-    targets: Optional[str]
-    seeds: int
-    trainable: int
-    adapter_bytes: int
-    mean: dict[str, Optional[float]]
-    std: dict[str, Optional[float]]
-    lr: Optional[float] = None
-    head_lr: Optional[float] = None
-    shots: Union[int, str, None] = None
-    base: Optional[str] = None
-    head_trainable: int = 0
-    validation: Optional[float] = None  # mean select_by accuracy on the validation split
-    selected: bool = True  # won on validation among the lines that differ only in learning rates
-
-    @property
-    def adapter_trainable(self) -> int:
-        """Trainable parameters without the head: the VeRA paper's count."""
-        return self.trainable - self.head_trainable
-
-    def to_dict(self) -> dict[str, Any]:
-        flat = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("mean", "std")}
-        for metric in (*METRICS, "seconds"):
-            flat[metric], flat[f"{metric}_std"] = self.mean[metric], self.std[metric]
-        return flat
 
 
 @dataclass
@@ -221,45 +142,6 @@ def row_from_summary(point: GridPoint, summary: AdaptSummary) -> Row:
                {m: validation.metric(m) for m in METRICS} if validation else None)
 
 
-def _mean_std(values: list[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
-    if any(v is None for v in values):
-        return None, None
-    return statistics.fmean(values), statistics.pstdev(values)
-
-
-def aggregate(base_lines: list[TableLine], rows: list[Row], select_by: str = "overall") -> list[TableLine]:
-    """One line per setting, base lines first; each line that won its learning-rate tuning is `selected`."""
-    groups: dict[str, list[Row]] = {}
-    for row in rows:
-        groups.setdefault(row.setting or row.name.rpartition("-s")[0], []).append(row)
-    lines = []
-    for members in groups.values():
-        first = members[0]
-        stats = {metric: _mean_std([getattr(m, metric) for m in members]) for metric in (*METRICS, "seconds")}
-        validation = [m.validation[select_by] for m in members if m.validation]
-        lines.append(TableLine(first.method, first.rank, first.forgetting, first.targets, len(members), first.trainable,
-                               first.adapter_bytes, {k: v[0] for k, v in stats.items()},
-                               {k: v[1] for k, v in stats.items()}, first.lr, first.head_lr, first.shots, first.base,
-                               first.head_trainable,
-                               statistics.fmean(validation) if len(validation) == len(members) else None))
-    mark_selected(lines)
-    return [*base_lines, *lines]
-
-
-def mark_selected(lines: list[TableLine]) -> None:
-    """Among lines equal but for TUNED_AXES, keep `selected` only on the best on validation."""
-    contests: dict[tuple, list[TableLine]] = {}
-    for line in lines:
-        key = tuple(v for k, v in dataclasses.asdict(line).items()
-                    if k not in (*TUNED_AXES, "mean", "std", "seeds", "validation", "selected"))
-        contests.setdefault(key, []).append(line)
-    for entrants in contests.values():
-        scored = [line for line in entrants if line.validation is not None]
-        winner = max(scored, key=lambda line: line.validation) if scored else None
-        for line in entrants:
-            line.selected = winner is None or line is winner
-
-
 def write_tables(run: Run, table: list[TableLine]) -> None:
     lines = [line.to_dict() for line in table]
     write_json(run.file("table.json"), lines)
@@ -322,7 +204,8 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
         log("note: the bases classify test images differently (" + ", ".join(f"{path}: model.tta {tta}" for path, tta
             in ttas.items()) + "), so their accuracies differ by that too; pretrain them with the same model.tta "
             "to compare like with like")
-    life = world.lifecycle("compare", cfg, resume, recorded={**config_module.to_dict(cfg), "base": str(base_run.path)})
+    life = RunLifecycle("compare", cfg, resume, recorded={**config_module.to_dict(cfg), "base": str(base_run.path)},
+                        shared=world.shared())
     points = grid(cfg)
     order = {point.name: index for index, point in enumerate(points)}
     own = method_configs(cfg)

@@ -8,8 +8,9 @@ from typing import Any
 
 from vera_cli.bases import model_config, resolve_base
 from vera_cli.commands.adapt import AdaptSummary, run_adapt
-from vera_cli.commands.count_params import ParamCount, count_params
-from vera_cli.commands.pretrain import Log, run_pretrain
+from vera_cli.param_count import ParamCount, count_params
+from vera_cli.commands.pretrain import run_pretrain
+from vera_cli.train import Log
 from vera_cli.config import ExperimentConfig
 from vera_cli.data import class_ids, load_cifar10
 from vera_cli.lifecycle import RunLifecycle

@@ -32,7 +32,8 @@ from vera_cli.config import AdapterConfig
 from vera_cli.data import MEAN, STD
 from vera_cli.errors import VeraError
 from vera_cli.models import ModelConfig
-from vera_cli.runs import open_run, publish, staged_dir, write_bytes_atomic, write_tensors
+from vera_cli.runs import open_run, publish, staged_dir
+from vera_cli.files import write_bytes_atomic, write_tensors
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from vera_cli.bases import WEIGHTS_FILE, fingerprint
 from vera_cli.checkpoint import METRICS_FILE, EpochRecorder
@@ -12,15 +12,16 @@ from vera_cli.config import PretrainConfig
 from vera_cli.data import CLASSES, Cifar10, batches, class_ids, load_cifar10
 from vera_cli.errors import VeraError
 from vera_cli.distributed import LOCAL, World
+from vera_cli.lifecycle import RunLifecycle
 from vera_cli.metrics import AccuracyReport, accuracy_report, view_outputs
 from vera_cli.models import build_model, count_parameters
 from vera_cli.run_plots import write_training_curves
-from vera_cli.runs import Run, environment, write_tensors
+from vera_cli.runs import Run, environment
+from vera_cli.files import write_tensors
 from vera_cli.selection import without_classes
 from vera_cli.tensorboard_log import training_logs
-from vera_cli.train import Trainer, fit, resolve_device
+from vera_cli.train import Log, Trainer, fit, resolve_device
 
-Log = Callable[[str], None]
 
 
 @dataclass
@@ -60,7 +61,7 @@ def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, d
     if len(excluded) == len(CLASSES):
         raise VeraError("exclude_classes names every class: leave at least one to pretrain on")
     # Everything that can fail on bad input is checked before the run directory exists.
-    life = world.lifecycle("pretrain", cfg, resume)
+    life = RunLifecycle("pretrain", cfg, resume, shared=world.shared())
     data = (data or load_cifar10(cfg.data.dir, cfg.data.download)).to(device)
     with world.joined(device), life.open() as run:
         generator = life.seed(cfg.seed, device)

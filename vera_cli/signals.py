@@ -1,0 +1,41 @@
+"""The one interrupt flag: Ctrl-C and SIGTERM as one KeyboardInterrupt, remembered once it came.
+
+Imports nothing of ours, so that the entry point can install it before anything
+heavy is imported, and every layer (run files, training) can ask whether an
+interrupt arrived.
+"""
+
+from __future__ import annotations
+
+import signal
+
+INTERRUPTED = 130
+_interrupted = False
+
+
+def _raise_once(_signum, _frame) -> None:
+    # A second signal while the first unwinds is ignored, so that the run's status and
+    # temporary files are cleaned up instead of being cut off half-way.
+    global _interrupted
+    if not _interrupted:
+        _interrupted = True
+        raise KeyboardInterrupt
+
+
+def install() -> dict:
+    """Route SIGINT and SIGTERM into one KeyboardInterrupt; returns the handlers it replaced."""
+    global _interrupted
+    _interrupted = False
+    # A signal ignored by whoever started us (`vera ... &` in a script ignores SIGINT) stays ignored.
+    return {sig: signal.signal(sig, _raise_once) for sig in (signal.SIGINT, signal.SIGTERM)
+            if signal.getsignal(sig) is not signal.SIG_IGN}
+
+
+def interrupted() -> bool:
+    """Whether a signal arrived since install(), even one that library code swallowed."""
+    return _interrupted
+
+
+def restore(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
