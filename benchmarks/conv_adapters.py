@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from timing import round_robin_ms
+from timing import product_forward, round_robin_ms
 from vera_cli.adapters.config import AdapterConfig
 from vera_cli.adapters.inject import inject
 from vera_cli import config
@@ -43,7 +43,7 @@ def conv_adapter_timing(rounds: int) -> dict:
     labels = torch.randint(0, 10, (BATCH,), generator=generator)
     train = config.load(AdaptConfig, "adapt-vera", {"train.epochs": 1, "train.lr": 1e-4, "train.schedule": "constant"}).train
     models = {name: inject(copy.deepcopy(base), spec).train() for name, spec in ADAPTERS.items()}
-    trainers = {name: Trainer(model, model, train, steps_per_epoch=1) for name, model in models.items()}
+    trainers = {name: Trainer(product_forward(model), model, train, steps_per_epoch=1) for name, model in models.items()}
 
     def step(name: str) -> None:
         trainers[name].epoch(1, iter([(images, labels)]), BATCH, progress=False)
@@ -53,7 +53,7 @@ def conv_adapter_timing(rounds: int) -> dict:
     train_ms = round_robin_ms(steps, rounds)
     x = images[:64]
     with torch.no_grad():
-        calls = {name: functools.partial(model.eval(), x) for name, model in {"base": base.eval(), **models}.items()}
+        calls = {name: functools.partial(product_forward(model.eval()), x) for name, model in {"base": base.eval(), **models}.items()}
         round_robin_ms(calls, 2)
         infer_ms = round_robin_ms(calls, 10 * rounds)
     return {"train_step_ms": train_ms, "inference_ms": infer_ms,

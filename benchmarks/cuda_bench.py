@@ -30,6 +30,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from vera_cli import config as config_module
+from vera_cli import fast
 from vera_cli.adapters.inject import inject, merged_plain
 from vera_cli.bases import load_pretrained
 from vera_cli.commands.adapt import run_adapt
@@ -46,7 +47,7 @@ def host_to_device_copies(data: Cifar10, device: torch.device) -> int:
     """Host-to-device copies the profiler sees during ten augmented ConvNet training steps."""
     cfg = config_module.load(PretrainConfig, "pretrain", {"device": "cuda"})
     model = build_model(cfg.model).to(device)
-    trainer = Trainer(model, model, cfg.train, steps_per_epoch=10)
+    trainer = Trainer(fast.forward(model), model, cfg.train, steps_per_epoch=10)
     generator = make_generator(0, device)
     steps = iter(batches(data.train, cfg.train.batch_size, generator, cfg.train.crop_pixels, flip=True))
     trainer.epoch(0, (next(steps) for _ in range(2)), 2 * cfg.train.batch_size, progress=False)  # warm-up
@@ -73,8 +74,9 @@ def inference_ms(model: torch.nn.Module, data: Cifar10, repeats: int = 5) -> flo
     """Milliseconds to predict the whole test split at batch 1024 (best of `repeats`)."""
     model.eval()
     with torch.no_grad():
-        predict_logits(model, data.test, batch_size=1024)
-        return 1000 * min(timed(lambda: predict_logits(model, data.test, batch_size=1024))[1] for _ in range(repeats))
+        forward = fast.forward(model)
+        predict_logits(forward, data.test, batch_size=1024)
+        return 1000 * min(timed(lambda: predict_logits(forward, data.test, batch_size=1024))[1] for _ in range(repeats))
 
 
 def main() -> None:

@@ -47,16 +47,17 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from conv_adapters import conv_adapter_timing
-from timing import median_seconds, round_robin_ms
+from timing import median_seconds, product_forward, round_robin_ms
 from vit_adapters import adapter_costs
 from vera_cli import config as config_module
+from vera_cli import fast
 from vera_cli.adapters.inject import inject, merged_plain
 from vera_cli.bases import load_pretrained
-from vera_cli.commands.adapt import build_pipeline, run_adapt
+from vera_cli.commands.adapt import run_adapt
 from vera_cli.commands.pretrain import run_pretrain
 from vera_cli.config import AdaptConfig, AdapterConfig, ExperimentConfig, PretrainConfig, TrainConfig
 from vera_cli.data import batches, class_ids, load_cifar10
-from vera_cli.kernels.build import library
+from vera_cli.fast.build import library
 from vera_cli.metrics import predict_logits
 from vera_cli.models import ConvNet, build_model
 from vera_cli.runs import Run, environment
@@ -245,13 +246,13 @@ def adaptation(base_run: str, data_dir: str, scale: Scale) -> dict:
     cfg = config_module.load(AdaptConfig, "adapt-vera", {})
     model = inject(copy.deepcopy(base), cfg.adapter)
     started = time.perf_counter()
-    pipeline = build_pipeline(model, subset, data.test, cfg, base_cfg.model.tta)  # test views as `vera adapt` caches them
+    pipeline = fast.build_pipeline(model, subset, data.test, cfg, base_cfg.model.tta)  # test views as `vera adapt` caches them
     cache_seconds = time.perf_counter() - started
     trainer = Trainer(pipeline.forward, model, cfg.train, steps_per_epoch=len(subset) // cfg.train.batch_size + 1)
     generator = torch.Generator().manual_seed(0)
     calls = {
         # The images alone: an epoch trains on them once, so that is the forward pass to compare it with.
-        "base_eval": lambda: predict_logits(base, subset),
+        "base_eval": lambda: predict_logits(fast.forward(base), subset),
         "vera_epoch": lambda: trainer.epoch(1, pipeline.train_batches(generator), len(subset), progress=False),
     }
     steps = [(x, y) for x, y in batches(subset, 64, torch.Generator().manual_seed(0))][:scale.peft_steps]
@@ -261,11 +262,12 @@ def adaptation(base_run: str, data_dir: str, scale: Scale) -> dict:
         peft_model = peft.get_peft_model(copy.deepcopy(base),
                                          peft.VeraConfig(r=32, target_modules=["fc1", "fc2", "fc3", "fc4", "fc5"]))
         optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+        peft_forward = product_forward(peft_model)
 
         def peft_loop():
             for x, y in steps:
                 optimizer.zero_grad()
-                F.cross_entropy(peft_model(x), y).backward()
+                F.cross_entropy(peft_forward(x), y).backward()
                 optimizer.step()
 
         calls["peft_loop"] = peft_loop
@@ -304,7 +306,7 @@ def inference(base_run: str, scale: Scale) -> dict:
         pass
     models["base (a second copy: the noise floor)"] = copy.deepcopy(base)
     with torch.no_grad():
-        times = round_robin_ms({name: functools.partial(model.eval(), x) for name, model in models.items()},
+        times = round_robin_ms({name: functools.partial(product_forward(model.eval()), x) for name, model in models.items()},
                                scale.inference_calls)
     return {name: {"ms": t, "ratio": t / times["base"]} for name, t in times.items()}
 
@@ -312,10 +314,10 @@ def inference(base_run: str, scale: Scale) -> dict:
 def step_throughput(model: torch.nn.Module, cfg: TrainConfig, data_dir: str, images: int) -> float:
     """Images per second of augmented training steps as `vera pretrain` runs them (after three warm-up steps)."""
     data = load_cifar10(data_dir, download=False)
-    trainer = Trainer(model, model, cfg, steps_per_epoch=100)
+    trainer = Trainer(fast.forward(model), model, cfg, steps_per_epoch=100)
     generator = torch.Generator().manual_seed(0)
     # Epoch after epoch, so that a small (smoke) data set still fills every timed step.
-    source = itertools.chain.from_iterable(batches(data.train, cfg.batch_size, generator, cfg.crop_pixels, flip=True)
+    source = itertools.chain.from_iterable(batches(data.train, cfg.batch_size, generator, cfg.crop_pixels, True, fast.augmented)
                                            for _ in itertools.count())
     warm = [next(source) for _ in range(3)]
     trainer.epoch(0, iter(warm), 3 * cfg.batch_size, progress=False)
@@ -394,7 +396,7 @@ def machine() -> dict:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    kernels = "compiled (vera_cli/kernels)" if library() is not None else "off: torch's operators only"
+    kernels = "compiled (vera_cli/fast)" if library() is not None else "off: torch's operators only"
     return {"cpu": cpu, "date": datetime.date.today().isoformat(), "cpu_kernels": kernels, **environment()}
 
 

@@ -7,6 +7,10 @@ import statistics
 import time
 from typing import Callable
 
+import torch
+
+from vera_cli import fast
+
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     times = []
@@ -32,3 +36,9 @@ def round_robin_ms(calls: dict[str, Callable[[], object]], rounds: int) -> dict[
             calls[name]()
             timings[name].append(time.perf_counter() - start)
     return {name: 1000 * statistics.median(values) for name, values in timings.items()}
+
+
+def product_forward(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A model's forward as the product runs it (vera_cli.fast); a PEFT model's base gets the same speed-ups, so
+    that a comparison with PEFT measures the adapters alone."""
+    return fast.forward(model.get_base_model() if hasattr(model, "get_base_model") else model)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from timing import round_robin_ms
+from timing import product_forward, round_robin_ms
 from vera_cli.adapters.inject import inject
 from vera_cli.adapters.targets import select_targets
 from vera_cli.bases import load_pretrained
@@ -56,7 +56,7 @@ def adapter_costs(base: nn.Module, targets: list[str], vera_rank: int = 256, lor
     labels = torch.randint(0, 10, (batch,), generator=generator)
     models = adapted_models(base, targets, vera_rank, lora_rank)
     train = config.load(AdaptConfig, "adapt-vera", {"train.epochs": 1, "train.lr": 1e-4, "train.schedule": "constant"}).train
-    trainers = {name: Trainer(model.train(), model, train, steps_per_epoch=1) for name, model in models.items()}
+    trainers = {name: Trainer(product_forward(model.train()), model, train, steps_per_epoch=1) for name, model in models.items()}
 
     def step(name: str) -> None:
         trainers[name].epoch(1, iter([(images, labels)]), batch, progress=False)
@@ -65,7 +65,7 @@ def adapter_costs(base: nn.Module, targets: list[str], vera_rank: int = 256, lor
     round_robin_ms(steps, 2)  # warm-up: lazy allocations, kernel choice
     train_ms = round_robin_ms(steps, rounds)
     with torch.no_grad():
-        calls = {name: functools.partial(model.eval(), images) for name, model in {"base": base.eval(), **models}.items()}
+        calls = {name: functools.partial(product_forward(model.eval()), images) for name, model in {"base": base.eval(), **models}.items()}
         round_robin_ms(calls, 2)
         infer_ms = round_robin_ms(calls, rounds)
     return {

@@ -12,7 +12,7 @@ import signal
 import sys
 
 import torch._dynamo  # noqa: F401 - what the first optimizer imports: seconds, paid once here
-from vera_cli import cli, signals  # noqa: F401 - imported once, before any fork
+from vera_cli import cli, entry, signals  # noqa: F401 - imported once, before any fork
 from vera_cli.commands import adapt, compare, evaluate, export, pretrain  # noqa: F401
 
 # Installed here so that a child interrupted before its own entry point runs still ends with 130.
@@ -33,7 +33,7 @@ def child(request: dict) -> int:
     except KeyboardInterrupt:
         # Before the entry point ran: what `python -m vera_cli` says when interrupted that early.
         sys.stderr.write("interrupted\n")
-        return entry.INTERRUPTED
+        return signals.INTERRUPTED
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

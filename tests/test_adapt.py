@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vera_cli.commands.adapt import build_pipeline, masked_to, run_adapt, training_selection
+from vera_cli.commands.adapt import masked_to, run_adapt, training_selection
+from vera_cli.fast import build_pipeline
 from vera_cli import config
 from vera_cli.config import AdaptConfig, AdapterConfig
 from vera_cli.data import batch_indices, load_cifar10, normalize
@@ -63,7 +64,10 @@ def test_the_feature_cache_stops_before_a_layer_with_dropout_or_a_trainable_base
         inputs, _ = next(iter(pipeline.train_batches(torch.Generator().manual_seed(0))))
         assert inputs.shape == (16, 400)
     full = inject(ConvNet(), AdapterConfig(method="full"))
-    assert build_pipeline(full, data.train, data.test, adapt_config()).forward is full
+    pipeline = build_pipeline(full, data.train, data.test, adapt_config())
+    images, _ = next(iter(pipeline.train_batches(torch.Generator().manual_seed(0))))
+    assert images.shape == (16, 3, 32, 32)  # a trainable prefix: whole images every step
+    torch.testing.assert_close(pipeline.forward(images), full(images), rtol=1e-5, atol=1e-5)
 
 
 def test_replay_adds_the_asked_share_of_other_class_images(cifar_root):

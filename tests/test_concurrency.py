@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from vera_cli import files as files_module
 from vera_cli import runs as runs_module
 from vera_cli.runlock import RunLock
 
@@ -119,7 +120,7 @@ def test_ctrl_c_right_after_a_temporary_folder_or_file_is_made_leaves_nothing(tm
         open(path, mode).close()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runs_module, "open", open_then_ctrl_c, raising=False)
+    monkeypatch.setattr(files_module, "open", open_then_ctrl_c, raising=False)
     with pytest.raises(KeyboardInterrupt):
-        runs_module.write_bytes_atomic(tmp_path / "config.yaml", b"seed: 0\n")
+        files_module.write_bytes_atomic(tmp_path / "config.yaml", b"seed: 0\n")
     assert list(tmp_path.iterdir()) == []

@@ -20,6 +20,7 @@ from vera_cli.adapters.vera import VeraConv2d
 from vera_cli.param_count import count_params
 from vera_cli.models import ConvNet
 from vera_cli.bases import fingerprint
+from vera_cli.fast.weight_path import choose_per_call
 
 INPUT = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
@@ -46,6 +47,8 @@ class Attention(nn.Module):
             {name: nn.Linear(8, 8) for name in ("query", "key", "value", "out")})})])
         self.head = nn.Linear(8, 3)
 
+    classifier_name = "head"
+
 
 @pytest.mark.parametrize("targets, expected", [
     ([], ["fc1", "fc2", "fc3", "fc4", "fc5"]),
@@ -65,6 +68,19 @@ def test_attention_preset_takes_query_and_value_only():
     assert select_targets(Attention(), ["all-linear"]) == [f"blocks.0.attn.{n}" for n in ("query", "key", "value", "out")]
     with pytest.raises(AdapterError, match=r"preset 'attention' \(nn.Linear layers named query or value"):
         select_targets(convnet(), ["attention"])
+
+
+def test_the_head_is_the_layer_the_model_names_never_a_guess():
+    undeclared = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3))
+    with pytest.raises(AdapterError, match="Sequential does not name its classifier head: set its classifier_name"):
+        select_targets(undeclared, ["all-linear"])
+    with pytest.raises(AdapterError, match="does not name its classifier head"):
+        inject(undeclared, AdapterConfig(method="head"))
+    assert select_targets(undeclared, ["linear"]) == ["0", "1"]  # presets that need no head still work
+    undeclared.classifier_name = "0"  # the head need not be registered last
+    assert select_targets(undeclared, ["all-linear"]) == ["1"]
+    assert [n for n, p in inject(undeclared, AdapterConfig(method="head")).named_parameters() if p.requires_grad] == [
+        "0.weight", "0.bias"]
 
 
 def test_a_bad_regex_is_refused_when_the_config_is_made():
@@ -111,6 +127,7 @@ def test_vera_conv_forward_equals_the_convolution_with_the_explicit_kernel():
 
 def test_vera_conv_builds_the_kernel_in_forward_only_where_that_costs_less_and_trains_the_same(monkeypatch):
     _, _, vera = conv_under_test()
+    choose_per_call(vera)
     built = []
     original = VeraConv2d.delta_weight
     monkeypatch.setattr(VeraConv2d, "delta_weight", lambda self: built.append(1) or original(self))

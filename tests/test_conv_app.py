@@ -10,7 +10,7 @@ from vera_cli.adapter_files import apply_adapter
 from vera_cli.adapters.inject import inject
 from vera_cli.bases import fingerprint, load_pretrained
 from vera_cli.commands import compare as compare_module
-from vera_cli.commands.adapt import build_pipeline
+from vera_cli.fast import build_pipeline
 from vera_cli.param_count import count_params
 from vera_cli import config
 from vera_cli.config import AdaptConfig, AdapterConfig, CompareConfig
@@ -26,9 +26,9 @@ def test_adapting_convolutions_turns_the_feature_cache_off_trains_them_and_expor
     assert settings.cache_features
     model = inject(ConvNet(), settings.adapter)
     pipeline = build_pipeline(model, data.train, data.test, settings)
-    assert pipeline.forward is model
     inputs, _ = next(iter(pipeline.train_batches(torch.Generator().manual_seed(0))))
-    assert inputs.shape == (16, 3, 32, 32)
+    assert inputs.shape == (16, 3, 32, 32)  # adapted convolutions: no cached prefix
+    torch.testing.assert_close(pipeline.forward(inputs), model(inputs), rtol=1e-5, atol=1e-5)
     # Through the CLI: the conv layers' vectors move (a cached prefix would leave b at its zero start).
     result = vera("adapt", "--target", "all", "--epochs", "1", "--batch-size", "32", "--run-dir", "runs/a")
     assert result.code == 0, result.err

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from vera_cli import data
-from vera_cli.data import (CLASSES, FOLDER, Split, augmented, batches, class_ids, crop, crop_offsets, flip_draws,
+from vera_cli.data import (CLASSES, FOLDER, Split, batches, class_ids, crop, crop_offsets, flip_draws,
                            load_cifar10, mirror, normalize)
-from vera_cli.kernels import augment as fast_augment
-from vera_cli.kernels.build import library
+from vera_cli.fast import augment as fast_augment
+from vera_cli.fast.build import library
 from vera_cli.errors import VeraError
 
 from synthetic import TEST_SIZE, TRAIN_SIZES, synthetic_batch
@@ -168,7 +168,7 @@ def test_the_compiled_augmentation_gives_the_torch_operators_floats_exactly(padd
     index = torch.randperm(300, generator=generator)[:37]
     offsets = crop_offsets(37, padding, generator) if crops else None
     flags = flip_draws(37, generator) if flips else None
-    fast = augmented(images, index, padding, offsets, flags)
+    fast = fast_augment.augmented(images, index, padding, offsets, flags)
     expected = images[index]
     expected = crop(expected, padding, *offsets) if crops else expected
     expected = mirror(expected, flags) if flips else expected
@@ -182,7 +182,8 @@ def test_a_seed_gives_the_same_batches_with_and_without_the_compiled_augmentatio
     for switch in ("on", "off"):
         monkeypatch.setenv("VERA_CLI_KERNELS", switch)
         library.cache_clear()
-        made.append(list(batches(split, 32, torch.Generator().manual_seed(3), crop_padding=2, flip=True)))
+        made.append(list(batches(split, 32, torch.Generator().manual_seed(3), crop_padding=2, flip=True,
+                                 augment=fast_augment.augmented)))
     library.cache_clear()
     assert len(made[0]) == len(made[1]) == 3
     for (x, y), (x_torch, y_torch) in zip(*made):

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from vera_cli.kernels.build import cache_dir, library
+from vera_cli.fast.build import cache_dir, library
 from vera_cli.models import ConvNet
 
 
@@ -54,7 +54,7 @@ def test_a_damaged_cached_library_is_built_again(fresh):
     junk.write_bytes(b"not a shared library")
     os.replace(junk, built)
     # In a new process: this one would get its loaded library back for the same path.
-    check = "from vera_cli.kernels.build import library; assert library() is not None"
+    check = "from vera_cli.fast.build import library; assert library() is not None"
     subprocess.run([sys.executable, "-c", check], check=True, env={**os.environ, "XDG_CACHE_HOME": str(fresh)})
     assert built.read_bytes()[:4] == b"\x7fELF"
 
@@ -67,7 +67,7 @@ def test_without_a_home_folder_each_process_builds_its_own(fresh, monkeypatch):
     def homeless():
         raise RuntimeError("Could not determine home directory.")
 
-    monkeypatch.setattr("vera_cli.kernels.build.cache_dir", homeless)
+    monkeypatch.setattr("vera_cli.fast.build.cache_dir", homeless)
     assert library() is not None
 
 

@@ -23,25 +23,26 @@ def _cut_run(vera, interrupt_after_epoch) -> Run:
 
 def test_a_resumed_run_keeps_its_own_config_even_through_the_python_api(vera, interrupt_after_epoch, cifar_root):
     run = _cut_run(vera, interrupt_after_epoch)
-    _, recorded = load_settings(config.PretrainConfig, "pretrain", "unused", {}, str(run.path))
+    _, recorded = load_settings(config.PretrainConfig, "pretrain", "pretrain", None, {}, str(run.path))
     changed = dataclasses.replace(recorded, train=dataclasses.replace(recorded.train, lr=0.5))
     with pytest.raises(VeraError, match=r"these keys differ from it: train.lr"):
         run_pretrain(changed, log=lambda m: None, progress=False, data=load_cifar10(cifar_root, download=False), resume=run)
     assert run.status["status"] == "interrupted"
     with pytest.raises(VeraError, match=r"drop train.epochs"):
-        load_settings(config.PretrainConfig, "pretrain", "unused", {"train.epochs": 3}, str(run.path))
+        load_settings(config.PretrainConfig, "pretrain", "pretrain", None, {"train.epochs": 3}, str(run.path))
 
 
 def test_a_run_started_before_a_config_key_existed_resumes_with_its_default(vera, interrupt_after_epoch):
     run = _cut_run(vera, interrupt_after_epoch)
     # As written before model.tta and train.crop_padding were keys: those runs were measured on images alone
-    # with a padding of 4, which the dataclass defaults keep.
+    # with a padding of 4 (config.RECORDED_BEFORE_KEYS).
     recorded = yaml.safe_load(run.file("config.yaml").read_text())
     del recorded["model"]["tta"], recorded["train"]["crop_padding"]
     run.file("config.yaml").write_text(yaml.safe_dump(recorded))
     resumed = vera("pretrain", "--resume", "runs/cut")
     assert resumed.code == 0, resumed.err
     assert json.loads(run.file("summary.json").read_text())["tta"] == "none"
+    assert yaml.safe_load(run.file("config.yaml").read_text())["train"]["crop_padding"] == 4
     assert "images alone" not in resumed.err
 
 

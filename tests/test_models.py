@@ -2,8 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vera_cli import fast
 from vera_cli.errors import VeraError
-from vera_cli.kernels.build import library
+from vera_cli.fast.build import library
 from vera_cli.models import ConvNet, build_model, count_parameters
 
 
@@ -62,7 +63,7 @@ def _assert_same_function_and_gradients(model: ConvNet, x: torch.Tensor, convolu
     expected = _six_channel_reference(model, x)
     expected_grads = torch.autograd.grad(F.cross_entropy(expected, labels), list(model.parameters()))
     convolutions.clear()
-    logits = model(x)
+    logits = fast.forward(model)(x)
     grads = torch.autograd.grad(F.cross_entropy(logits, labels), list(model.parameters()))
     ran = list(convolutions)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
@@ -100,7 +101,7 @@ def test_compiled_kernels_let_a_nan_through_as_torch_does(compiled):
     model = ConvNet()
     with torch.no_grad():
         model.conv1.weight[0, 0, 0, 0] = float("nan")
-    assert model(torch.randn(2, 3, 32, 32)).isnan().all()
+    assert fast.forward(model)(torch.randn(2, 3, 32, 32)).isnan().all()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -111,7 +112,7 @@ def test_compiled_kernels_pass_gradients_through_non_finite_windows_as_torch_doe
     x[0, :, 10, 10] = bad  # torch's pool sends a NaN window's gradient to its last NaN, its ReLU lets it pass
     expected = torch.autograd.grad(_six_channel_reference(model, x).sum(), list(model.parameters()))
     convolutions.clear()
-    grads = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    grads = torch.autograd.grad(fast.forward(model)(x).sum(), list(model.parameters()))
     assert convolutions == []
     for name, grad, want in zip([n for n, _ in model.named_parameters()], grads, expected):
         torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-5, equal_nan=True, msg=name)
@@ -120,10 +121,10 @@ def test_compiled_kernels_pass_gradients_through_non_finite_windows_as_torch_doe
 def test_images_that_need_a_gradient_or_another_size_run_on_torchs_operators(compiled, convolutions):
     model = ConvNet()
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
-    model(x).sum().backward()
+    fast.forward(model)(x).sum().backward()
     assert convolutions == [(8, 3, 5, 5), (16, 8, 5, 5)] and x.grad.abs().sum() > 0
     convolutions.clear()
-    assert model.features(torch.randn(2, 3, 36, 36)).shape == (2, 16 * 6 * 6) and len(convolutions) == 2
+    assert fast.features(model)(torch.randn(2, 3, 36, 36)).shape == (2, 16 * 6 * 6) and len(convolutions) == 2
 
 
 def test_without_the_kernels_lane_padded_convolutions_compute_the_write_ups_function(torch_only, convolutions):
@@ -143,10 +144,10 @@ def test_an_adapted_convolution_runs_its_own_forward_and_merges_back_to_the_fast
         for p in trainable_state(model).values():
             p.add_(torch.randn_like(p) * 0.1)
     x = torch.randn(4, 3, 32, 32)
-    adapted = model(x)
+    adapted = fast.forward(model)(x)
     assert (16, 6, 5, 5) in convolutions and not [k for k in convolutions if 8 in k[:2]]
     convolutions.clear()
-    merged = merged_plain(model)(x)
+    merged = fast.forward(merged_plain(model))(x)
     assert convolutions == ([] if library() else [(8, 3, 5, 5), (16, 8, 5, 5)])
     torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-5)
 
@@ -163,7 +164,7 @@ def test_a_hooked_convolution_is_called_as_a_module_and_trains_pruned(convolutio
     x, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     for _ in range(2):
         optimizer.zero_grad()
-        F.cross_entropy(model(x), labels).backward()
+        F.cross_entropy(fast.forward(model)(x), labels).backward()
         optimizer.step()
     assert calls == ["conv2", "conv2"] and convolutions == [(6, 3, 5, 5), (16, 6, 5, 5)] * 2
     assert int((model.conv1.weight == 0).sum()) == 6 * 3 * 5 * 5 // 2

@@ -10,7 +10,7 @@ from vera_cli.adapter_files import apply_adapter
 from vera_cli.adapters.inject import inject
 from vera_cli.bases import WEIGHTS_FILE, fingerprint, load_pretrained
 from vera_cli.commands import pretrain as pretrain_module
-from vera_cli.commands.adapt import build_pipeline
+from vera_cli.fast import build_pipeline
 from vera_cli import config
 from vera_cli.config import AdaptConfig, AdapterConfig
 from vera_cli.data import CLASSES, Split, load_cifar10
@@ -62,14 +62,14 @@ def summary(run: Path) -> dict:
 def eval_mode_images(monkeypatch) -> list[int]:
     """Sizes of the batches the ConvNet classifies in eval mode: test-time passes, not training steps."""
     seen: list[int] = []
-    features = ConvNet.features
+    classifier = ConvNet.classifier
 
     def counted(self, x):
         if not self.training:
             seen.append(len(x))
-        return features(self, x)
+        return classifier(self, x)
 
-    monkeypatch.setattr(ConvNet, "features", counted)
+    monkeypatch.setattr(ConvNet, "classifier", counted)
     return seen
 
 

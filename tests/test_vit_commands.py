@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from vera_cli import config as config_module
 from vera_cli.adapters.inject import inject
-from vera_cli.commands.adapt import build_pipeline
+from vera_cli.fast import build_pipeline
 from vera_cli.config import AdaptConfig, AdapterConfig, PretrainConfig
 from vera_cli.data import load_cifar10
 from vera_cli.metrics import predict_logits

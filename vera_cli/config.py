@@ -222,8 +222,8 @@ class ExperimentConfig:
 COMMAND_CONFIGS = {"PretrainConfig": "pretrain", "AdaptConfig": "adapt-vera", "CompareConfig": "compare",
                    "ExperimentConfig": "experiment"}
 # Keys a run recorded before they existed, whose behaviour then differs from today's shipped value: runs
-# pretrained before test-time flip existed were measured on the images alone.
-RECORDED_BEFORE_KEYS = {"PretrainConfig": {"model": {"tta": "none"}}}
+# pretrained before test-time flip existed were measured on the images alone, and cropped with 4 pixels.
+RECORDED_BEFORE_KEYS = {"PretrainConfig": {"model": {"tta": "none"}, "train": {"crop_padding": 4}}}
 
 
 def _require_seed(value: int, key: str) -> None:

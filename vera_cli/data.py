@@ -12,14 +12,13 @@ import functools
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from vera_cli.cifar_classes import CLASSES
 from vera_cli.errors import VeraError
-from vera_cli.kernels import augment as fast_augment
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -214,7 +213,7 @@ def require_images(split: Split, ids: list[int], classes: list[str], what: str) 
 
 
 @functools.lru_cache(maxsize=None)
-def _channel_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std on the 0-255 scale, made once per device rather than once per batch."""
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
@@ -223,7 +222,7 @@ def _channel_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32 standardised per channel."""
-    mean, std = _channel_stats(images.device)
+    mean, std = channel_stats(images.device)
     return (images.float() - mean) / std
 
 
@@ -257,13 +256,7 @@ def mirror(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
 
 def augmented(images: torch.Tensor, index: torch.Tensor, padding: int = 0,
               offsets: tuple[torch.Tensor, torch.Tensor] | None = None, flips: torch.Tensor | None = None) -> torch.Tensor:
-    """normalize(flip(crop(images[index]))), each step only where given.
-
-    On the CPU one compiled pass (vera_cli/kernels/augment.c) where it can run: the same floats as the torch
-    operators below, which made a quarter of a training step at batch 512.
-    """
-    if fast_augment.supports(images, padding):
-        return fast_augment.augment(images, index, padding, offsets, flips, *_channel_stats(images.device))
+    """normalize(flip(crop(images[index]))), each step only where given (vera_cli.fast.augment: one compiled pass)."""
     batch = images[index]
     if offsets is not None:
         batch = crop(batch, padding, *offsets)
@@ -283,19 +276,25 @@ def batch_indices(count: int, batch_size: int, generator: torch.Generator | None
         yield order[start:start + batch_size]
 
 
+Augment = Callable[[torch.Tensor, torch.Tensor, int, Optional[tuple[torch.Tensor, torch.Tensor]], Optional[torch.Tensor]],
+                   torch.Tensor]
+
+
 def batches(
     split: Split,
     batch_size: int,
     generator: torch.Generator | None = None,
     crop_padding: int = 0,
     flip: bool = False,
+    augment: Augment = augmented,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield normalised (images, labels) batches; shuffled and augmented when a generator is given.
 
-    `crop_padding`: pixels of zero padding around each image before a random crop (0: no crop).
+    `crop_padding`: pixels of zero padding around each image before a random crop (0: no crop);
+    `augment`: what gathers, crops, flips and normalises a batch (`augmented`, or the same, faster).
     """
     for index in batch_indices(len(split), batch_size, generator, split.labels.device):
         # Drawn in this order (crop rows, crop columns, flips) so that a seed gives the batches it always gave.
         offsets = crop_offsets(len(index), crop_padding, generator) if generator is not None and crop_padding else None
         flips = flip_draws(len(index), generator) if generator is not None and flip else None
-        yield augmented(split.images, index.to(split.images.device), crop_padding, offsets, flips), split.labels[index]
+        yield augment(split.images, index.to(split.images.device), crop_padding, offsets, flips), split.labels[index]

@@ -101,7 +101,7 @@ def count_tables(count: ParamCount) -> list[Table]:
     totals.add_column("count", justify="right")
     totals.add_row("trainable", f"{count.trainable:,}")
     totals.add_row("  without the head (the VeRA paper's count)", f"{count.adapter_trainable:,}")
-    totals.add_row("  the head (last linear layer)", f"{count.head_trainable:,}")
+    totals.add_row("  the head (classifier layer)", f"{count.head_trainable:,}")
     totals.add_row("frozen base weights", f"{count.frozen_base:,}")
     totals.add_row("frozen projections", f"{count.frozen_projections:,}")
     totals.add_row("total", f"{count.total:,}")

@@ -97,7 +97,7 @@ class Trainer:
 
     With `parallel` (under torchrun) each step trains on this process's part of the
     global batch and DDP averages the gradients over the processes. `criterion(logits, targets)`
-    replaces cross-entropy on labels (a batch mean); the head (last linear layer) trains at
+    replaces cross-entropy on labels (a batch mean); the classifier head trains at
     `cfg.head_lr` when that is set.
     """
 

@@ -36,7 +36,7 @@ class AdapterConfig:
     targets: list[str] = field(default_factory=list)
     # Modules kept fully trainable beside the adapters (for example the classifier).
     trainable: list[str] = field(default_factory=list)
-    # Train the classifier (the last linear layer) fully beside the adapter, as PEFT's modules_to_save;
+    # Train the classifier head (the model's classifier_name) fully beside the adapter, as PEFT's modules_to_save;
     # the adapter then leaves that layer alone.
     train_head: bool = False
     store_projections: bool = False

@@ -1,4 +1,4 @@
-"""The classifier head's trainable parameters: the model's last linear layer, which may train fully
+"""The classifier head's trainable parameters: the layer the model names in `classifier_name`, which may train fully
 beside an adapter (PEFT's `modules_to_save`). Counting them apart lets a reader compare adapters on
 the VeRA paper's terms (head excluded) and on total terms.
 """
@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from vera_cli.adapters.targets import head_name
+from vera_cli.adapters.targets import has_head, head_name
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The head's trainable parameters: none when it is frozen or the model has no linear layer."""
-    if not any(isinstance(module, nn.Linear) for module in model.modules()):
+    """The head's trainable parameters: none when it is frozen or the model names no head."""
+    if not has_head(model):
         return []
     return [p for p in model.get_submodule(head_name(model)).parameters() if p.requires_grad]

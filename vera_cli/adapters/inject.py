@@ -4,8 +4,8 @@ Methods:
 - vera / lora: wrap the target nn.Linear and nn.Conv2d layers; only adapter tensors
   (and any modules named in `trainable`) train.
 - full: every weight trains (the fine-tuning baseline).
-- head: only the last nn.Linear trains.
-With `train_head`, vera / lora leave the last nn.Linear out of their targets and train it fully.
+- head: only the classifier head (the model's `classifier_name`) trains.
+With `train_head`, vera / lora leave the head out of their targets and train it fully.
 """
 
 from __future__ import annotations

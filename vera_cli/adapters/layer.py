@@ -6,7 +6,7 @@ base type has a geometry mixin: nn.Linear multiplies over the last dimension;
 nn.Conv2d runs the down factor as a convolution with the layer's own kernel size,
 stride, padding and dilation into r channels, and the up factor as a 1x1
 convolution, as PEFT's LoRA does. The full (out, in, kh, kw) kernel is built for
-merging, and in a forward pass only where that costs fewer multiply-adds.
+merging (and by vera_cli.fast, for a forward pass where that costs fewer multiply-adds).
 """
 
 from __future__ import annotations
@@ -62,22 +62,6 @@ class AdaptedLayer(nn.Module):
         """The delta from `frozen_delta_input(x)`."""
         return self.delta(frozen)
 
-    def caches_frozen_part(self) -> bool:
-        """Whether `frozen_part` holds for training: an unmerged Linear whose base is frozen, without dropout."""
-        return (isinstance(self.base, nn.Linear) and not self.merged and self.dropout is None
-                and not any(p.requires_grad for p in self.base.parameters()))
-
-    def frozen_part(self, x: torch.Tensor) -> torch.Tensor:
-        """Everything the layer computes from x with frozen weights, as one (..., out + k) tensor: the base's
-        output beside the delta's frozen input. For inputs that never change (adapt's feature cache) it is
-        computed once, and each step only runs `from_frozen_part` (see `caches_frozen_part`)."""
-        return torch.cat([self.base(x), self.frozen_delta_input(x)], dim=-1)
-
-    def from_frozen_part(self, part: torch.Tensor) -> torch.Tensor:
-        """The layer's output from `frozen_part(x)`: the same as forward(x) on the factored path."""
-        output, frozen = part.split([self.out_features, part.shape[-1] - self.out_features], dim=-1)
-        return output + self.delta_from_frozen(frozen)
-
     def delta_weight(self) -> torch.Tensor:
         """The same contribution in the base weight's shape, for merging."""
         raise NotImplementedError
@@ -86,24 +70,11 @@ class AdaptedLayer(nn.Module):
     def rank(self) -> int:
         raise NotImplementedError
 
-    def weight_path_is_cheaper(self, x: torch.Tensor) -> bool:
-        """Whether running x through W0 + delta W (built for this call) costs fewer multiply-adds than the
-        factored delta beside W0. Factored: about P r (in + out) per pass, 2.5x that with the backward.
-        Weight path: r in out to build delta W; with a backward, 3x that plus P in out for its gradient. P, the
-        positions x holds, dwarfs in and out in a ViT (tokens times batch): VeRA at rank 256 then costs 8x less."""
-        positions, r, fan_in, out = self.positions(x), self.rank, self.fan_in, self.out_features
-        if torch.is_grad_enabled():
-            return 3 * r * fan_in * out + positions * fan_in * out < 2.5 * positions * r * (fan_in + out)
-        return fan_in * out < positions * (fan_in + out)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        # Dropout acts on the adapter's input only: it needs the factored path.
-        if self.dropout is None and self.weight_path_is_cheaper(x):
-            return self.with_weight(x, self.base.weight + self.delta_weight())
-        output = self.base(x)
-        return output + self.delta(x if self.dropout is None else self.dropout(x))
+        # Dropout acts on the adapter's input only.
+        return self.base(x) + self.delta(x if self.dropout is None else self.dropout(x))
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -22,7 +22,7 @@ class Preset:
     description: str
     types: tuple[type[nn.Module], ...]
     name: str | None = None  # a regex the module name must match in full
-    without_head: bool = False  # leave out the classifier (the last nn.Linear)
+    without_head: bool = False  # leave out the classifier head (the model's classifier_name)
 
 
 PRESETS: dict[str, Preset] = {
@@ -37,12 +37,23 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def has_head(model: nn.Module) -> bool:
+    """Whether the model names its classifier head, an nn.Linear, in `classifier_name` (timm's convention)."""
+    name = getattr(model, "classifier_name", None)
+    if not isinstance(name, str):
+        return False
+    try:
+        return isinstance(model.get_submodule(name), nn.Linear)
+    except AttributeError:
+        return False
+
+
 def head_name(model: nn.Module) -> str:
-    """The classifier: the model's last nn.Linear."""
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if not names:
-        raise AdapterError("the model has no nn.Linear layer to treat as its classifier head")
-    return names[-1]
+    """The classifier head's module name, as the model declares it."""
+    if not has_head(model):
+        raise AdapterError(f"{type(model).__name__} does not name its classifier head: set its classifier_name "
+                           "attribute to the name of that nn.Linear layer (e.g. model.classifier_name = 'fc')")
+    return model.classifier_name
 
 
 def _matches(preset: Preset, name: str, module: nn.Module, head: str | None) -> bool:
@@ -58,10 +69,12 @@ def select_targets(model: nn.Module, patterns: list[str]) -> list[str]:
     least one layer, so that a typo does not silently adapt less than asked.
     """
     candidates = {name: module for name, module in model.named_modules() if isinstance(module, ADAPTABLE)}
-    head = head_name(model) if any(isinstance(m, nn.Linear) for m in candidates.values()) else None
+    head = head_name(model) if has_head(model) else None
     chosen: set[str] = set()
     for pattern in patterns or DEFAULT_TARGETS:
         preset = PRESETS.get(pattern)
+        if preset is not None and preset.without_head and head is None:
+            head_name(model)  # says how to name it
         if preset is not None:
             matched = [name for name, module in candidates.items() if _matches(preset, name, module, head)]
         else:

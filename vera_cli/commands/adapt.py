@@ -5,34 +5,30 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import torch
-from torch import nn
 
 from vera_cli import config as config_module
+from vera_cli import fast
 from vera_cli.adapter_files import ADAPTER_FILE, save_adapter
 from vera_cli.adapters.head import head_parameters
 from vera_cli.adapters.inject import inject
-from vera_cli.adapters.layer import AdaptedLayer
 from vera_cli.bases import base_reference, fingerprint, load_pretrained, resolve_base
 from vera_cli.checkpoint import METRICS_FILE, EpochRecorder
-from vera_cli.train import Log
 from vera_cli.config import AdaptConfig
-from vera_cli.data import CLASSES, Cifar10, Split, batch_indices, batches, class_ids, load_cifar10, require_images
+from vera_cli.data import CLASSES, Cifar10, class_ids, load_cifar10, require_images
 from vera_cli.distill import distillation_loss, rows_as_labels
 from vera_cli.distributed import LOCAL, World
 from vera_cli.lifecycle import RunLifecycle
-from vera_cli.metrics import AccuracyReport, accuracy_report, predict_features, predict_logits, view_outputs
+from vera_cli.metrics import AccuracyReport, accuracy_report, predict_logits
 from vera_cli.run_plots import PER_CLASS_FILE, write_per_class, write_training_curves
-from vera_cli.runs import Run, environment
 from vera_cli.files import write_json
+from vera_cli.runs import Run, environment
 from vera_cli.selection import SELECTION_FILE, Selection, select, take
 from vera_cli.tensorboard_log import training_logs
-from vera_cli.train import Trainer, fit, resolve_device
+from vera_cli.train import Log, Trainer, fit, resolve_device
 
-Forward = Callable[[torch.Tensor], torch.Tensor]
-BatchSource = Callable[[torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 
 @dataclass
@@ -79,62 +75,6 @@ class AdaptSummary:
         return cls(run=run, base=base, test=test, validation=validation, **fields)
 
 
-def prefix_is_frozen(model: nn.Module) -> bool:
-    modules = getattr(model, "feature_modules", None)
-    return modules is not None and not any(p.requires_grad for m in modules() for p in m.parameters())
-
-
-@dataclass
-class Pipeline:
-    """How adaptation feeds the model: whole images, or cached features of a frozen prefix.
-
-    `logits_of(split)` prepares a split once (its features, when cached) and returns what computes its logits.
-    """
-
-    forward: Forward
-    train_batches: BatchSource
-    logits_of: Callable[[Split], Callable[[], torch.Tensor]]
-    test_logits: Callable[[], torch.Tensor]
-
-
-def build_pipeline(model: nn.Module, train_split: Split, test_split: Split, cfg: AdaptConfig,
-                   tta: str = "none") -> Pipeline:
-    """Cache the frozen conv prefix's output once when nothing before the adapters can change.
-
-    The test images' features never change then; the training images' features
-    do not either unless augmentation is on. Test logits follow the base's `tta`.
-    """
-    train = cfg.train
-    image_batches = lambda generator: batches(train_split, train.batch_size, generator, train.crop_pixels, train.flip)  # noqa: E731
-    if not (cfg.cache_features and prefix_is_frozen(model)):
-        image_logits = lambda split: lambda: predict_logits(model, split, tta)  # noqa: E731
-        return Pipeline(model, image_batches, image_logits, image_logits(test_split))
-
-    def cached_logits(split: Split) -> Callable[[], torch.Tensor]:
-        features = view_outputs(model.features, split, tta)
-        return lambda: predict_features(model.classifier, features)
-
-    test_logits = cached_logits(test_split)
-    if train.crop or train.flip:
-        return Pipeline(model, image_batches, cached_logits, test_logits)
-    features = view_outputs(model.features, train_split)[0]
-    forward = model.classifier
-    first = model.first_classifier_layer() if hasattr(model, "first_classifier_layer") else None
-    if isinstance(first, AdaptedLayer) and first.caches_frozen_part():
-        # The cache reaches into the first adapted layer: its frozen base and (VeRA) down-projection of the
-        # cached features never change either. An epoch of adapt-vera on cat, bird and dog: see README.
-        with torch.no_grad():
-            features = first.frozen_part(features)
-        forward = lambda part: model.after_first_classifier_layer(first.from_frozen_part(part))  # noqa: E731
-
-    def feature_batches(generator: torch.Generator):
-        for index in batch_indices(len(train_split), train.batch_size, generator, train_split.labels.device):
-            # index_select, not features[index]: 5x faster on the CPU (22 against 107 us for 256 x 400 floats).
-            yield features.index_select(0, index), train_split.labels.index_select(0, index)
-
-    return Pipeline(forward, feature_batches, cached_logits, test_logits)
-
-
 def training_selection(labels: torch.Tensor, chosen: list[int], held_out: list[int], cfg: AdaptConfig) -> Selection:
     """The validation split, the chosen classes' images (all, or `shots` each) and, for replay and distill,
     replayed images of the classes the base learned and the run does not train on."""
@@ -143,8 +83,8 @@ def training_selection(labels: torch.Tensor, chosen: list[int], held_out: list[i
     return select(labels, chosen, kept, cfg.shots, cfg.validation, replay, cfg.seed)
 
 
-def masked_to(chosen: list[int], forward: Forward, source: BatchSource,
-              device: torch.device) -> tuple[Forward, BatchSource]:
+def masked_to(chosen: list[int], forward: fast.Forward, source: fast.BatchSource,
+              device: torch.device) -> tuple[fast.Forward, fast.BatchSource]:
     """Train on the chosen classes' logits only: the other classes' logits get no gradient."""
     chosen_ids = torch.tensor(chosen, device=device)
     remap = torch.full((max(chosen) + 1,), -1, dtype=torch.long, device=device)
@@ -179,19 +119,19 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
     held_out = class_ids(base_cfg.exclude_classes, data.classes) if base_cfg.exclude_classes else []
     base_fingerprint = fingerprint(model)
     tta = base_cfg.model.tta
-    base_report = accuracy_report(predict_logits(model, data.test, tta), data.test.labels, data.classes, chosen)
+    base_report = accuracy_report(predict_logits(fast.forward(model), data.test, tta), data.test.labels, data.classes, chosen)
     selection = training_selection(data.train.labels, chosen, held_out, cfg)
     train_split, validation_split = take(data.train, selection.train), take(data.train, selection.validation)
     kept = [c for c in range(len(data.classes)) if c not in chosen and c not in held_out]
     loss = None
     if cfg.forgetting == "distill":
-        loss = distillation_loss(train_split.labels, predict_logits(model, train_split), kept, cfg.distill_weight,
+        loss = distillation_loss(train_split.labels, predict_logits(fast.forward(model), train_split), kept, cfg.distill_weight,
                                  cfg.distill_temperature, cfg.train.label_smoothing)
     generator = life.seed(cfg.seed, device)
     inject(model, cfg.adapter)
     with world.joined(device), life.open() as run:
         life.by_writer(lambda: write_json(run.file(SELECTION_FILE), selection.to_dict()))
-        pipeline = build_pipeline(model, rows_as_labels(train_split) if loss else train_split, data.test, cfg, tta)
+        pipeline = fast.build_pipeline(model, rows_as_labels(train_split) if loss else train_split, data.test, cfg, tta)
         forward, source = pipeline.forward, pipeline.train_batches
         if cfg.forgetting == "mask":
             forward, source = masked_to(chosen, forward, source, device)

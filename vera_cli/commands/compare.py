@@ -29,6 +29,7 @@ from typing import Any, Optional, Union
 import torch
 
 from vera_cli import config as config_module
+from vera_cli import fast
 from vera_cli.adapters.config import DEFAULT_TARGETS
 from vera_cli.adapters.inject import inject
 from vera_cli.bases import load_pretrained, model_config, resolve_base
@@ -165,7 +166,7 @@ def finished_rows(run: Run) -> list[Row]:
 
 def base_line(base_run: Run, device: torch.device, data: Cifar10, chosen: list[int], label: Optional[str]) -> TableLine:
     model, base_cfg = load_pretrained(base_run, device)
-    report = accuracy_report(predict_logits(model, data.test, base_cfg.model.tta), data.test.labels, data.classes, chosen)
+    report = accuracy_report(predict_logits(fast.forward(model), data.test, base_cfg.model.tta), data.test.labels, data.classes, chosen)
     return TableLine("base", None, "-", None, 1, 0, 0, {**{m: report.metric(m) for m in METRICS}, "seconds": 0.0},
                      {m: 0.0 for m in (*METRICS, "seconds")}, base=label)
 

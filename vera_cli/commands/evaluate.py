@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from vera_cli import fast
 from vera_cli.adapter_files import apply_adapter, read_adapter_meta
 from vera_cli.adapters.inject import merged_plain
 from vera_cli.bases import adapter_base, fingerprint, load_pretrained, pretrain_config
@@ -58,7 +59,7 @@ def evaluate_runs(run_path: str | None, adapter_paths: list[str], do_merge: bool
     reports: dict[str, AccuracyReport] = {}
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    reports["base"] = accuracy_report(predict_logits(base, data.test, base_cfg.model.tta), data.test.labels, data.classes, chosen)
+    reports["base"] = accuracy_report(predict_logits(fast.forward(base), data.test, base_cfg.model.tta), data.test.labels, data.classes, chosen)
     seconds["base"] = time.perf_counter() - started
     for adapter in adapter_runs:
         model = copy.deepcopy(base)
@@ -67,7 +68,7 @@ def evaluate_runs(run_path: str | None, adapter_paths: list[str], do_merge: bool
             merged_plain(model)
         model.eval()
         started = time.perf_counter()
-        logits = predict_logits(model, data.test, base_cfg.model.tta)
+        logits = predict_logits(fast.forward(model), data.test, base_cfg.model.tta)
         seconds[str(adapter.path)] = time.perf_counter() - started
         reports[str(adapter.path)] = accuracy_report(logits, data.test.labels, data.classes,
                                                      class_ids(meta["classes"], data.classes))

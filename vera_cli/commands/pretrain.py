@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from vera_cli import fast
 from vera_cli.bases import WEIGHTS_FILE, fingerprint
 from vera_cli.checkpoint import METRICS_FILE, EpochRecorder
 from vera_cli.config import PretrainConfig
@@ -68,7 +69,8 @@ def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, d
         model = build_model(cfg.model).to(device)
         train = cfg.train
         images = without_classes(data.train, excluded)
-        trainer = Trainer(model, model, train, steps_per_epoch=math.ceil(len(images) / train.batch_size),
+        forward = fast.forward(model)
+        trainer = Trainer(forward, model, train, steps_per_epoch=math.ceil(len(images) / train.batch_size),
                           parallel=world.data_parallel())
         start = life.restore(model, trainer, generator)
         held_out = [data.classes[i] for i in excluded]
@@ -79,14 +81,14 @@ def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, d
         alone = []  # the last evaluation's accuracy on the images without their mirrors
 
         def evaluate() -> AccuracyReport:
-            views = view_outputs(model, data.test, tta)
+            views = view_outputs(forward, data.test, tta)
             alone[:] = [accuracy_report(views[0], data.test.labels, data.classes).overall]
             return accuracy_report(views.mean(0), data.test.labels, data.classes)
 
         with training_logs(life.logging(cfg.logging), run, trainer, life.recorded) as listeners:
             recorder = EpochRecorder(run, model, trainer, generator, log, listeners)
-            report = fit(trainer, model, lambda g: batches(images, train.batch_size, g, train.crop_pixels, train.flip),
-                         len(images), generator, evaluate,
+            source = lambda g: batches(images, train.batch_size, g, train.crop_pixels, train.flip, fast.augmented)  # noqa: E731
+            report = fit(trainer, model, source, len(images), generator, evaluate,
                          lambda stats, report: life.by_writer(lambda: recorder(stats, report)), start, progress)
 
         def save() -> None:

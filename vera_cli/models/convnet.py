@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vera_cli.kernels import convnet_features as fused
+
+def conv_pool_relu(x: torch.Tensor, conv: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    # ReLU after the pool, not before: the two commute exactly, and the ReLU then touches a quarter of the values.
+    return F.relu(F.max_pool2d(conv(x), 2))
 
 
 class ConvNet(nn.Module):
@@ -18,6 +21,8 @@ class ConvNet(nn.Module):
     convolutional prefix and `classifier` the fully connected part, so that a
     frozen prefix can be run once and its output cached.
     """
+
+    classifier_name = "fc5"
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
@@ -30,23 +35,7 @@ class ConvNet(nn.Module):
         self.fc5 = nn.Linear(84, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._modules_called() and fused.supports(x, self.conv1, self.conv2):
-            return fused.features(x, self.conv1, self.conv2)
-        # oneDNN's convolutions run 10-40 % faster on channels-last input (measured on 2 CPU cores).
-        x = x.contiguous(memory_format=torch.channels_last)
-        plain = not self._modules_called() and x.device.type == "cpu"
-        conv1, conv2 = _lane_padded(self.conv1, self.conv2) if plain else (self.conv1, self.conv2)
-        # ReLU after the pool, not before: the two commute exactly, and the ReLU and its backward
-        # then touch a quarter of the values.
-        x = F.relu(F.max_pool2d(conv1(x), 2))
-        x = F.relu(F.max_pool2d(conv2(x), 2))
-        return torch.flatten(x, 1)
-
-    def _modules_called(self) -> bool:
-        # An adapter wraps a convolution in its own forward, and a hook (pruning, weight norm) expects the module
-        # to be called: those run as they are, and so does a GPU or the meta device (not measured).
-        return any(type(conv) is not nn.Conv2d or conv._forward_pre_hooks or conv._forward_hooks
-                   for conv in (self.conv1, self.conv2))
+        return torch.flatten(conv_pool_relu(conv_pool_relu(x, self.conv1), self.conv2), 1)
 
     def classifier(self, x: torch.Tensor) -> torch.Tensor:
         return self.after_first_classifier_layer(self.fc1(x))
@@ -66,19 +55,3 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
-
-
-# A 256-bit vector holds 8 float32s: oneDNN's convolution kernels and the channels-last pool vectorise over
-# channels, and conv1's 6 leave a quarter of each vector empty. conv1 runs with 2 zero filters appended, whose
-# outputs stay 0 through pool and ReLU, and conv2 reads them through 2 zero input channels: the same function
-# and gradients (the padding's gradient is dropped). A training step, 2 CPU cores, batch 512: about 10 %
-# more images/s, measured round robin on AVX2 (benchmarks/README.md, round six).
-LANES = 8
-
-
-def _lane_padded(conv1: nn.Conv2d, conv2: nn.Conv2d) -> tuple[Callable, Callable]:
-    extra = -conv1.out_channels % LANES
-    weight1 = F.pad(conv1.weight, (0, 0, 0, 0, 0, 0, 0, extra)).contiguous(memory_format=torch.channels_last)
-    bias1 = F.pad(conv1.bias, (0, extra))
-    weight2 = F.pad(conv2.weight, (0, 0, 0, 0, 0, extra)).contiguous(memory_format=torch.channels_last)
-    return (lambda x: F.conv2d(x, weight1, bias1)), (lambda x: F.conv2d(x, weight2, conv2.bias))

@@ -76,6 +76,8 @@ class ViT(nn.Module):
     """`features` is everything up to the pooled vector and `classifier` the head, as in the
     ConvNet, so head-only adaptation can run the frozen body once and cache its output."""
 
+    classifier_name = "head"
+
     def __init__(self, cfg: ViTConfig | None = None, num_classes: int = 10, image_size: int = 32) -> None:
         super().__init__()
         cfg = cfg or ViTConfig()
@@ -83,7 +85,6 @@ class ViT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
-        # Registered last: the "head" adaptation method trains the last nn.Linear in module order.
         self.head = nn.Linear(cfg.dim, num_classes)
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.embed.position, std=0.02)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vera_cli.kernels.build import address, library
+from vera_cli.fast.build import address, library
 
 
 def _plain_5x5(conv: nn.Conv2d, in_channels: int, out_channels: int) -> bool:

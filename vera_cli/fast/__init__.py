@@ -1,0 +1,19 @@
+"""Every speed-up of vera-cli, behind one seam; the plain path is the model and the adapters as written.
+
+- `forward(model)` / `features(model)`: the ConvNet's convolutional prefix as one compiled CPU kernel
+  (convnet_features.c), else lane-padded channels-last convolutions (convnet.py); adapted layers through
+  W0 + delta W where that costs fewer multiply-adds (weight_path.py).
+- `augmented`: a batch gathered, cropped, flipped and normalised in one compiled pass (augment.c).
+- `build_pipeline`: adapt's feature cache, a frozen prefix (and the first adapted layer's frozen part)
+  computed once (feature_cache.py).
+
+The kernels compile on first use into a per-user cache (build.py); without a compiler, on another
+processor, or with VERA_CLI_KERNELS=off, torch's operators run instead. Every path computes the plain
+path's function to float rounding, and the tests hold each one to it.
+"""
+
+from vera_cli.fast.augment import augmented
+from vera_cli.fast.feature_cache import BatchSource, Pipeline, build_pipeline
+from vera_cli.fast.forward import Forward, features, forward
+
+__all__ = ["BatchSource", "Forward", "Pipeline", "augmented", "build_pipeline", "features", "forward"]
