@@ -7,13 +7,11 @@
 Checks first that the whole dataset sits on the GPU, that batches are drawn there, and
 that a training epoch makes no host-to-device copy (counted by torch.profiler). Then runs,
 with device cuda:
-  - the default ConvNet pretrain (15 epochs), also in bf16, and the same for 30 epochs (issue 17's goal,
-    set when 30 was the default: under 10 s);
+  - the default ConvNet pretrain (the `pretrain` config), also in bf16, and the same for 30 epochs;
   - pretrain-fast; the ViT of pretrain-vit-gpu for --vit-epochs epochs (images/s);
   - VeRA and LoRA adapt on the ConvNet and VeRA (attention, r256) on that ViT;
   - inference over the test split at batch 1024: base, merged and unmerged VeRA, ViT too.
-Prints one table and, with --out, writes it as JSON. Meant for one short session on a lent
-GPU: about three minutes of GPU time with the defaults.
+Prints one row per measurement and, with --out, writes them as JSON.
 """
 
 from __future__ import annotations
