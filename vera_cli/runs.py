@@ -23,7 +23,7 @@ import yaml
 
 from vera_cli.entry import interrupted
 from vera_cli.errors import RunInterrupted, VeraError, describe_os_error, warn
-from vera_cli.runlock import LOCK_FILE, RunLock
+from vera_cli.runlock import HOLDER_FILE, LOCK_FILE, RunLock
 
 if TYPE_CHECKING:
     import torch
@@ -191,6 +191,7 @@ class Run:
         self.file(CHECKPOINT_FILE).unlink(missing_ok=True)
         # Nobody writes a finished run again (a resume re-checks the status once it holds the lock).
         self.file(LOCK_FILE).unlink(missing_ok=True)
+        self.file(HOLDER_FILE).unlink(missing_ok=True)
 
     def file(self, name: str) -> Path:
         return self.path / name

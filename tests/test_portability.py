@@ -1,0 +1,92 @@
+"""What must hold off Linux: the package imports where fcntl does not exist (Windows), the run lock
+falls back sanely, and --device picks among cuda, mps and cpu as the machine allows."""
+
+import errno
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import filelock
+import pytest
+
+from vera_cli import runlock
+from vera_cli.runlock import HOLDER_FILE, LOCK_FILE, RunLock, process_start
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_without_fcntl_every_module_imports_and_commands_that_write_no_run_work(tmp_path):
+    # `import fcntl` raises ImportError as on Windows; a fresh interpreter so no module is imported yet.
+    code = textwrap.dedent("""
+        import importlib, json, pkgutil, sys
+        sys.modules["fcntl"] = None
+        import vera_cli
+        for module in pkgutil.walk_packages(vera_cli.__path__, "vera_cli."):
+            if not module.name.endswith("__main__"):  # that one runs the CLI
+                importlib.import_module(module.name)
+        from pathlib import Path
+        from vera_cli import cli
+        from vera_cli.runlock import RunLock
+        assert cli.run(["config", "list"]) == 0
+        assert cli.run(["count-params", "--json"]) == 0
+        # A run can still be written, unlocked, rather than not at all.
+        Path("run").mkdir()
+        RunLock.acquire(Path("run")).release()
+        print(json.dumps(sorted(p.name for p in Path("run").iterdir())))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "pretrain" in lines and json.loads(lines[-1]) == []
+    assert '"trainable"' in done.stdout
+    assert done.stderr == ""  # no warning about filelock's soft lock either
+
+
+def test_the_lock_file_stays_and_the_holder_is_named_beside_it(tmp_path):
+    lock = RunLock.acquire(tmp_path)
+    holder = json.loads((tmp_path / HOLDER_FILE).read_text())
+    assert holder == {"pid": os.getpid(), "start": process_start(os.getpid())}
+    lock.release()
+    lock.release()  # a second release does nothing
+    assert (tmp_path / LOCK_FILE).exists()
+    RunLock.acquire(tmp_path).release()
+
+
+def test_a_second_writer_in_the_same_process_is_refused_too(tmp_path):
+    lock = RunLock.acquire(tmp_path)
+    try:
+        with pytest.raises(runlock.VeraError, match=rf"being written by another vera process \(pid {os.getpid()}\)"):
+            RunLock.acquire(tmp_path)
+    finally:
+        lock.release()
+
+
+def test_a_file_system_without_flock_is_written_unlocked(tmp_path, monkeypatch):
+    real = fcntl.flock
+
+    def no_flock(fd, operation):
+        if operation & fcntl.LOCK_EX:
+            raise OSError(errno.ENOSYS, "Function not implemented")
+        return real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    first = RunLock.acquire(tmp_path)
+    second = RunLock.acquire(tmp_path)  # nothing to refuse with
+    first.release()
+    second.release()
+    # No soft lock's marker: one would outlive a killed process and block its resume.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]
+
+
+def test_a_soft_lock_is_never_kept(tmp_path, monkeypatch):
+    # What an older filelock does on a file system without flock: it turns itself into its soft lock.
+    monkeypatch.setattr(runlock, "_os_lock", lambda module, path: filelock.SoftFileLock(path))
+    lock = RunLock.acquire(tmp_path)
+    assert lock._lock is None
+    assert list(tmp_path.iterdir()) == []
+    RunLock.acquire(tmp_path).release()
