@@ -78,7 +78,7 @@ def test_set_and_overrides_reach_the_written_config(vera):
 @pytest.mark.parametrize("args, message", [
     (["--set", "train.epoch=3"], "error: unknown config key train.epoch; did you mean train.epochs?"),
     (["--set", "train.epochs=many"], "error: train.epochs must be an integer, got 'many' (str)"),
-    (["--device", "tpu"], "error: device must be one of auto, cpu, cuda; got 'tpu'"),
+    (["--device", "tpu"], "error: device must be one of auto, cpu, cuda, mps; got 'tpu'"),
     (["--epochs", "x"], "error: Invalid value for '--epochs'"),
 ])
 def test_bad_options_are_one_line_errors_with_exit_code_2(vera, args, message):

@@ -48,10 +48,10 @@ def test_resume_of_a_run_another_process_writes_is_refused_until_that_process_di
         # A crash leaves the lock file behind; the kernel drops the lock itself, so the run resumes.
         os.kill(holder, signal.SIGKILL)
         os.waitpid(holder, 0)
-    assert json.loads(Path("runs/cut/.lock").read_text())["pid"] == holder
+    assert json.loads(Path("runs/cut/.lock.holder").read_text())["pid"] == holder
     resumed = vera("pretrain", "--resume", "runs/cut")
     assert resumed.code == 0, resumed.err
-    assert not Path("runs/cut/.lock").exists()
+    assert not Path("runs/cut/.lock").exists() and not Path("runs/cut/.lock.holder").exists()
 
 
 def test_runs_created_in_the_same_second_by_several_processes_get_distinct_directories(tmp_path, monkeypatch):

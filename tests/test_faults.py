@@ -64,7 +64,7 @@ def test_ranks_no_layer_can_use_are_refused_before_a_run_exists(vera, pretrained
 
 
 def test_eval_device_is_validated_like_the_other_commands(vera, pretrained):
-    one_line_error(vera("eval", "runs/base", "--device", "gpu"), "--device must be one of auto, cpu, cuda, got 'gpu'")
+    one_line_error(vera("eval", "runs/base", "--device", "gpu"), "--device must be one of auto, cpu, cuda, mps, got 'gpu'")
 
 
 def yaml_bomb(levels: int = 9) -> str:

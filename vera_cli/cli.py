@@ -38,7 +38,7 @@ PrintConfigOpt = typer.Option(False, "--print-config", help="print the effective
 EpochsOpt = typer.Option(None, "--epochs", help="training epochs")
 BatchOpt = typer.Option(None, "--batch-size", help="batch size")
 LrOpt = typer.Option(None, "--lr", help="peak learning rate")
-DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda")
+DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or mps (Apple silicon); auto takes cuda, else mps, else cpu")
 SeedOpt = typer.Option(None, "--seed", help="random seed")
 DataDirOpt = typer.Option(None, "--data-dir", help="folder that holds cifar-10-batches-py/")
 RunDirOpt = typer.Option(None, "--run-dir", help="where to write the run (must not exist)")

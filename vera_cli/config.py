@@ -32,7 +32,7 @@ from vera_cli.errors import VeraError
 from vera_cli.models import ModelConfig
 from vera_cli.yamlsafe import safe_load
 
-Device = Literal["auto", "cpu", "cuda"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
 DEVICES: tuple[str, ...] = typing.get_args(Device)
 Forgetting = Literal["none", "mask", "replay", "distill"]
 # What compare's tuning axes (learning rates) pick on: a metric on the validation split.

@@ -1,21 +1,31 @@
 """One writer per run directory: an advisory lock that dies with its process.
 
-`flock` is released by the kernel when the holding process ends however it ends
-(SIGKILL, a crash), so a stale lock can never block a resume; the holder's pid and
-start time are written into the lock file only to say who holds it.
+The operating system's lock (flock on Linux and macOS, msvcrt on Windows, through `filelock`)
+is released by the kernel when the holding process ends however it ends (SIGKILL, a crash),
+so a stale lock can never block a resume. The holder's pid and start time go in a file of
+their own beside it, only to say who holds it: filelock 3 empties the lock file whenever a
+process opens it, and on Windows the locked region cannot be read by the process it refuses.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
+import contextlib
+import inspect
 import json
 import os
+import sys
+import warnings
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from vera_cli.errors import VeraError
 
+if TYPE_CHECKING:
+    from filelock import BaseFileLock
+
 LOCK_FILE = ".lock"
+HOLDER_FILE = ".lock.holder"
 
 
 def process_start(pid: int) -> str | None:
@@ -27,27 +37,39 @@ def process_start(pid: int) -> str | None:
 
 
 class RunLock:
-    def __init__(self, fd: int) -> None:
-        self._fd: int | None = fd
+    def __init__(self, lock: BaseFileLock | None) -> None:
+        self._lock = lock
 
     @classmethod
     def acquire(cls, folder: Path) -> "RunLock":
         """Hold `folder`'s lock or refuse with who holds it. A run directory that cannot be locked
         (a file system without flock) is written unlocked rather than not at all."""
-        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        filelock = _filelock()
+        if sys.platform != "win32" and not filelock.has_fcntl:
+            return cls(None)  # no lock of the operating system's here
+        lock = _os_lock(filelock, folder / LOCK_FILE)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return cls(fd)
-            holder = _read_holder(fd)
-            os.close(fd)
+            lock.acquire(blocking=False)
+        except filelock.Timeout:  # an OSError too, so caught first
+            holder = _read_holder(folder)
             raise VeraError(f"{folder} is being written by another vera process (pid {holder.get('pid', '?')}): "
                             "wait for it to end or stop it, then try again") from None
-        payload = json.dumps({"pid": os.getpid(), "start": process_start(os.getpid())}).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, payload, 0)
-        return cls(fd)
+        except OSError as exc:
+            if exc.filename is not None:
+                raise  # the lock file could not be opened: nor could the run's own files
+            return cls(None)  # it opened but would not lock
+        except NotImplementedError:  # what filelock 3 raises for a file system without flock
+            return cls(None)
+        if not isinstance(lock, (filelock.UnixFileLock, filelock.WindowsFileLock)):
+            # A filelock without the fallback_to_soft option turned itself into its soft lock.
+            lock.release()
+            return cls(None)
+        try:
+            _write_holder(folder)
+        except BaseException:
+            lock.release()
+            raise
+        return cls(lock)
 
     @classmethod
     def check(cls, folder: Path) -> None:
@@ -55,20 +77,58 @@ class RunLock:
         cls.acquire(folder).release()
 
     def release(self) -> None:
-        # The file stays: unlinking it would let a waiting process lock an inode nobody else sees.
-        # The descriptor is forgotten before it is closed: a Ctrl-C between the two steps would
-        # otherwise leave __del__ closing it again (EBADF at exit, or another file's reused number).
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
+        # On Unix the file stays: unlinking it would let a waiting process lock an inode nobody else
+        # sees. The lock is forgotten before it is released: a Ctrl-C inside the release would
+        # otherwise leave __del__ releasing it again.
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
     def __del__(self) -> None:
         self.release()
 
 
-def _read_holder(fd: int) -> dict:
+def _filelock() -> ModuleType:
+    """Imported on first use: commands that never write a run do not pay for it at start-up."""
+    with warnings.catch_warnings():
+        # Without fcntl it warns that its default lock is the soft one, which is not used here.
+        warnings.simplefilter("ignore")
+        import filelock
+    return filelock
+
+
+def _os_lock(filelock: ModuleType, path: Path) -> BaseFileLock:
+    """The operating system's lock, never filelock's soft one: a file that says "locked" outlives a
+    killed process and would block its resume."""
+    kind = filelock.WindowsFileLock if sys.platform == "win32" else filelock.UnixFileLock
+    # A file system without flock then raises instead of getting a soft lock, and Windows keeps the
+    # file as Unix does. Looked up rather than tried: an older filelock's half-made lock complains
+    # on stderr when it is collected.
+    options = inspect.signature(kind.__init__).parameters
+    modern = {"preserve_lock_file": True, "fallback_to_soft": False} if "fallback_to_soft" in options else {}
+    # Not thread-local: __del__ may release it from whichever thread the garbage collector runs in.
+    return kind(path, thread_local=False, **modern)
+
+
+def _write_holder(folder: Path) -> None:
+    """Who holds the lock, replaced whole so a refused process never reads half of it. Only the
+    holder writes it, so its pid names the temporary file. Failing to write it costs only the pid
+    in another process's refusal."""
+    payload = json.dumps({"pid": os.getpid(), "start": process_start(os.getpid())}).encode()
+    tmp = folder / f"{HOLDER_FILE}.{os.getpid()}"
     try:
-        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        tmp.write_bytes(payload)
+        os.replace(tmp, folder / HOLDER_FILE)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if not isinstance(exc, OSError):
+            raise
+
+
+def _read_holder(folder: Path) -> dict:
+    try:
+        holder = json.loads((folder / HOLDER_FILE).read_bytes() or b"{}")
     except (OSError, ValueError):
         return {}
     return holder if isinstance(holder, dict) else {}

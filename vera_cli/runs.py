@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from vera_cli.errors import RunInterrupted, VeraError, describe_os_error, warn
 from vera_cli.files import read_json, unused_name, write_bytes_atomic, write_json
-from vera_cli.runlock import LOCK_FILE, RunLock
+from vera_cli.runlock import HOLDER_FILE, LOCK_FILE, RunLock
 from vera_cli.signals import interrupted
 
 RUNS_ROOT = Path("runs")
@@ -59,6 +59,7 @@ class Run:
         self.file(CHECKPOINT_FILE).unlink(missing_ok=True)
         # Nobody writes a finished run again (a resume re-checks the status once it holds the lock).
         self.file(LOCK_FILE).unlink(missing_ok=True)
+        self.file(HOLDER_FILE).unlink(missing_ok=True)
 
     def file(self, name: str) -> Path:
         return self.path / name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -35,8 +36,10 @@ def resolve_device(name: str) -> torch.device:
         raise VeraError(f"--device must be one of {', '.join(DEVICES)}, got {shown(name)}")
     if name == "cuda" and not torch.cuda.is_available():
         raise VeraError("--device cuda was asked for but CUDA is not available here: use --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise VeraError("--device mps was asked for but MPS (Apple silicon) is not available here: use --device cpu or auto")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     return torch.device(name)
 
 
@@ -106,6 +109,10 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise VeraError("nothing to train: no parameter requires grad (check adapter.targets and adapter.method)")
+        if cfg.precision == "bf16" and self.params[0].device.type == "mps":
+            # Autocast on mps: none before torch 2.5, then bf16 only in some versions and from macOS 14, else
+            # silently fp32.
+            raise VeraError("train.precision bf16 runs on cuda or cpu, not on mps: use --set train.precision=fp32")
         self.forward = parallel.wrap(forward, model) if parallel else forward
         self.parallel = parallel
         self.cfg = cfg
@@ -128,7 +135,9 @@ class Trainer:
             weight = None
             if self.parallel:
                 inputs, labels, weight = self.parallel.local(inputs, labels)
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+            # Only made for bf16: torch before 2.5 refuses an autocast on mps even when it is disabled.
+            with (torch.autocast(device_type, dtype=torch.bfloat16) if self.cfg.precision == "bf16"
+                  else contextlib.nullcontext()):
                 logits = self.forward(inputs)
             loss = self.loss(logits.float(), labels, weight)
             self.optimizer.zero_grad(set_to_none=True)
