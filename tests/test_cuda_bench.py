@@ -1,5 +1,5 @@
-"""The CUDA benchmark (benchmarks/cuda_bench.py) in its CPU dry run: no GPU has run it yet,
-so a lent one must not be the first to find a broken step."""
+"""The CUDA benchmark (benchmarks/cuda_bench.py) in its CPU dry run: every step runs here first, so that
+the first GPU to run it does not find a broken step."""
 
 import importlib.util
 import json

@@ -1,7 +1,7 @@
 """Bad numbers, poisoned files, damaged runs, broken disks and options that lie, met through the CLI.
 
 Every case must end as one `error:` line and exit 2 (no traceback), with nothing
-half-written; the tables in the issue's closing note come from these cases.
+half-written.
 """
 
 import errno

@@ -10,8 +10,7 @@
  * addressing is immediate offsets. An image's intermediate maps stay in a thread's scratch (in cache); only
  * the first layer's output (the second layer's input, needed for its weight gradient) and one bit per pool
  * window, position and channel (where its gradient goes) are kept for the backward. Each thread takes a slice
- * of the batch and sums its own weight gradients; the caller adds the slices up. Measured kernel by kernel in
- * benchmarks/README.md (round seven).
+ * of the batch and sums its own weight gradients; the caller adds the slices up.
  *
  * Layouts (float32 unless said, channels innermost inside an image unless said):
  *   x    [B][3][32][32]   input images, planar (NCHW)
