@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from vera_cli import cli
@@ -25,6 +26,20 @@ def pytest_configure(config) -> None:
     # lost. They play a user at a terminal: children start with Python's usual SIGINT.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Torch's operators on one thread: on these tiny models and batches a second thread buys nothing and costs
+    # a wait at every operator, many times the work where the cores are shared with another job. Tests that
+    # exercise the kernels' threading set their thread count themselves (or take `machine_threads`).
+    config.machine_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def machine_threads(request) -> int:
+    """Torch's own thread count for this machine, for this test (the others run on one thread)."""
+    threads = request.config.machine_threads
+    torch.set_num_threads(threads)
+    yield threads
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
