@@ -170,6 +170,7 @@ def test_several_learning_rates_without_a_validation_split_are_refused(pretraine
     assert not Path("runs/never").exists()
 
 
+@pytest.mark.slow
 def test_fewshot_experiment_holds_out_adapts_ten_shots_and_trains_the_head(vera):
     result = vera("experiment", "--config", "experiment-fewshot", "--run-dir", "runs/fewshot",
                   "--set", "pretrain.train.epochs=1", "--set", "adapt.min_steps=4")
