@@ -1,4 +1,8 @@
-"""Fixtures: a small CIFAR-10 in the real on-disk format, and a CLI runner."""
+"""Fixtures: a small CIFAR-10 in the real on-disk format, a CLI runner, and trained bases.
+
+The bases (`pretrained`, `vit_base`) are trained once per session and each test gets its own copy.
+Tests marked `slow` run only when asked for: `pytest -m slow` (see pyproject.toml).
+"""
 
 from __future__ import annotations
 
