@@ -1,12 +1,21 @@
-"""Fixtures: a small CIFAR-10 in the real on-disk format, and a CLI runner."""
+"""Fixtures: a small CIFAR-10 in the real on-disk format, a CLI runner, and trained bases.
+
+The bases (`pretrained`, `vit_base`) are trained once per session and each test gets its own copy.
+Tests marked `slow` run only when asked for: `pytest -m slow` (see pyproject.toml).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from vera_cli import cli
@@ -22,6 +31,20 @@ def pytest_configure(config) -> None:
     # lost. They play a user at a terminal: children start with Python's usual SIGINT.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Torch's operators on one thread: on these tiny models and batches a second thread buys nothing and costs
+    # a wait at every operator, many times the work where the cores are shared with another job. Tests that
+    # exercise the kernels' threading set their thread count themselves (or take `machine_threads`).
+    config.machine_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def machine_threads(request) -> int:
+    """Torch's own thread count for this machine, for this test (the others run on one thread)."""
+    threads = request.config.machine_threads
+    torch.set_num_threads(threads)
+    yield threads
+    torch.set_num_threads(1)
 
 
 def train_config(**changes):
@@ -82,21 +105,51 @@ TINY_VIT_SETTINGS = "model.vit={patch_size: 8, dim: 16, depth: 2, heads: 2, mlp_
 ATTENTION = "attention"
 
 
-@pytest.fixture
-def vit_base(vera) -> Path:
-    """A finished pretrain run of the tiny ViT in the test's working folder."""
-    result = vera("pretrain", "--config", "pretrain-vit", "--set", TINY_VIT_SETTINGS, "--epochs", "1",
-                   "--batch-size", "32", "--run-dir", "runs/vit")
-    assert result.code == 0, result.err
-    return Path("runs/vit")
+def train_once(tmp_path_factory, data_dir: Path, *args: str) -> Path:
+    """Run `vera` (as the `vera` fixture does: local data, cpu, no progress) in a folder of its own;
+    the folder it ran in. For runs that many tests start from: trained once, copied per test."""
+    folder = tmp_path_factory.mktemp("trained")
+    argv = [args[0], "--data-dir", str(data_dir), "--device", "cpu", "--no-progress", *args[1:]]
+    said = io.StringIO()
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            code = cli.run(argv)
+    finally:
+        os.chdir(before)
+    assert code == 0, said.getvalue()
+    return folder
+
+
+def copy_run(trained: Path, run: str) -> Path:
+    """A private copy of `trained`'s run `run` at the same relative path in the test's working folder
+    (the copy keeps the files, their times and the recorded paths, all relative: a test may change it freely)."""
+    shutil.copytree(trained / run, run)
+    return Path(run)
+
+
+@pytest.fixture(scope="session")
+def trained_vit_base(tmp_path_factory, cifar_root) -> Path:
+    return train_once(tmp_path_factory, cifar_root, "pretrain", "--config", "pretrain-vit", "--set", TINY_VIT_SETTINGS,
+                      "--epochs", "1", "--batch-size", "32", "--run-dir", "runs/vit")
 
 
 @pytest.fixture
-def pretrained(vera) -> Path:
-    """A finished pretrain run in the test's working folder."""
-    result = vera("pretrain", *QUICK, "--run-dir", "runs/base")
-    assert result.code == 0, result.err
-    return Path("runs/base")
+def vit_base(vera, trained_vit_base) -> Path:
+    """A finished pretrain run of the tiny ViT in the test's working folder (a copy of one trained per session)."""
+    return copy_run(trained_vit_base, "runs/vit")
+
+
+@pytest.fixture(scope="session")
+def trained_base(tmp_path_factory, cifar_root) -> Path:
+    return train_once(tmp_path_factory, cifar_root, "pretrain", *QUICK, "--run-dir", "runs/base")
+
+
+@pytest.fixture
+def pretrained(vera, trained_base) -> Path:
+    """A finished pretrain run in the test's working folder (a copy of one trained per session)."""
+    return copy_run(trained_base, "runs/base")
 
 
 @pytest.fixture

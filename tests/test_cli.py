@@ -188,6 +188,7 @@ def test_adapting_an_adapt_run_is_refused(vera, pretrained):
     assert result.code == 2 and "runs/first is an adapt run; this needs a pretrain run" in result.err
 
 
+@pytest.mark.slow
 def test_experiment_runs_the_whole_write_up(vera):
     result = vera("experiment", "--run-dir", "runs/exp", "--set", "pretrain.train.epochs=1", "--set", "adapt.train.epochs=1")
     assert result.code == 0, result.err

@@ -24,6 +24,7 @@ def test_grid_names_every_setting_once():
     assert "vera-r8-none-s1" in names and "full-replay-s0" in names
 
 
+@pytest.mark.slow
 def test_compare_runs_the_grid_and_writes_table_csv_and_plot(vera, pretrained):
     result = vera("compare", *GRID, "--run-dir", "runs/cmp")
     assert result.code == 0, result.err
@@ -59,6 +60,7 @@ def test_compare_runs_the_grid_and_writes_table_csv_and_plot(vera, pretrained):
     assert all(left for _, left in progress[:-1]) and not progress[-1][1]
 
 
+@pytest.mark.slow
 def test_interrupted_compare_keeps_finished_rows_and_resume_runs_only_the_rest(vera, pretrained, monkeypatch):
     calls = []
     armed = [True]

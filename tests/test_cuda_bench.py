@@ -6,12 +6,15 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 SPEC = importlib.util.spec_from_file_location("cuda_bench", BENCHMARKS / "cuda_bench.py")
 bench = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(bench)
 
 
+@pytest.mark.slow
 def test_the_dry_run_times_every_step_and_writes_the_table(cifar_root, tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setattr(sys, "argv", ["cuda_bench.py", "--data-dir", str(cifar_root), "--dry-run", "--out", str(out)])

@@ -160,7 +160,7 @@ def test_random_flip_mirrors_about_half_of_a_batch():
 
 
 @pytest.mark.parametrize("padding, crops, flips", [(4, True, True), (2, True, False), (0, False, True), (0, False, False)])
-def test_the_compiled_augmentation_gives_the_torch_operators_floats_exactly(padding, crops, flips):
+def test_the_compiled_augmentation_gives_the_torch_operators_floats_exactly(machine_threads, padding, crops, flips):
     if library() is None:
         pytest.skip("no C compiler here: batches are made by torch's operators")
     images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -176,7 +176,7 @@ def test_the_compiled_augmentation_gives_the_torch_operators_floats_exactly(padd
     assert torch.equal(fast, normalize(expected))
 
 
-def test_a_seed_gives_the_same_batches_with_and_without_the_compiled_augmentation(monkeypatch):
+def test_a_seed_gives_the_same_batches_with_and_without_the_compiled_augmentation(monkeypatch, machine_threads):
     split = Split(torch.randint(0, 256, (90, 3, 32, 32), dtype=torch.uint8), torch.arange(90) % 10)
     made = []
     for switch in ("on", "off"):

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import vera_cli
-from conftest import QUICK
 from vera_cli.distributed import DataParallel, World
 
 # Two processes sum the same products in another order than one process does: after a few
@@ -62,6 +61,7 @@ def test_rank_parts_cover_the_global_batch_and_weights_give_its_mean_loss(count,
     assert averaged.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_ddp_pretrain_on_two_processes_matches_one_process(vera, tmp_path):
     # Batch 33 splits 17/16 and the last batch of 250 images (19) 10/9: uneven parts every step.
     args = ["pretrain", "--epochs", "2", "--batch-size", "33", "--lr", "0.05", "--data-dir", str(vera.data_dir)]
@@ -83,6 +83,7 @@ def test_ddp_pretrain_on_two_processes_matches_one_process(vera, tmp_path):
     assert "cpu x 2 processes, run runs/two" in result.stderr
 
 
+@pytest.mark.slow
 def test_ddp_adapt_resumes_under_torchrun_to_the_one_process_adapter(vera, pretrained, interrupt_after_epoch, tmp_path):
     args = ["--method", "lora", "--rank", "4", "--epochs", "3", "--batch-size", "25", "--set", "forgetting=mask"]
     assert vera("adapt", *args, "--run-dir", "runs/straight").code == 0
@@ -107,6 +108,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_interrupted_compare_resumes_on_two_processes_to_the_one_process_table(vera, pretrained, monkeypatch, tmp_path,
                                                                               one_thread):
     from vera_cli.commands import compare as compare_module

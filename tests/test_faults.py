@@ -308,18 +308,6 @@ def test_other_classes_print_na_when_every_class_is_chosen(vera, pretrained):
     assert json.loads(Path("runs/all/summary.json").read_text())["test"]["rest"] is None
 
 
-def test_a_resumed_run_reports_its_total_wall_time(vera, interrupt_after_epoch):
-    interrupt_after_epoch(1)
-    assert vera("pretrain", "--epochs", "2", "--batch-size", "64", "--run-dir", "runs/cut").code == 130
-    first_part = json.loads(Path("runs/cut/status.json").read_text())["wall_seconds"]
-    assert first_part > 0
-    resumed = vera("pretrain", "--resume", "runs/cut")
-    assert resumed.code == 0
-    total = json.loads(Path("runs/cut/summary.json").read_text())["wall_seconds"]
-    assert total > first_part
-    assert f"in {total:.1f}s" in resumed.err
-
-
 def test_the_usable_rank_of_a_convolution_counts_its_kernel():
     from torch import nn
 

@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 INTERRUPTED, KILLED = 130, -signal.SIGKILL
 
+pytestmark = pytest.mark.slow
+
 
 class ForkServer:
     def __init__(self) -> None:

@@ -1,8 +1,10 @@
 """The CPU kernels' build: compiled once into a cache, reused, and stepped around where they cannot run."""
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,28 @@ def fresh(monkeypatch, tmp_path):
     library.cache_clear()
 
 
+@pytest.fixture(scope="session")
+def built_once(tmp_path_factory) -> Path:
+    """A kernel cache that library() filled once for the session (empty where it cannot build here)."""
+    root = tmp_path_factory.mktemp("kernel-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(root))
+        patch.delenv("VERA_CLI_KERNELS", raising=False)
+        library.cache_clear()
+        library()
+    library.cache_clear()
+    return root
+
+
+@pytest.fixture
+def prebuilt(fresh, built_once):
+    """`fresh`, with the session's compiled library already in its cache: for the tests whose subject is
+    a second build or a later load, not the first build (that one has its own test)."""
+    if (built_once / "vera-cli").exists():
+        shutil.copytree(built_once / "vera-cli", fresh / "vera-cli")
+    return fresh
+
+
 def test_the_library_is_built_once_and_then_loaded_from_the_cache(fresh):
     if library() is None:
         pytest.skip("no C compiler or no AVX2 here")
@@ -33,11 +57,11 @@ def test_the_library_is_built_once_and_then_loaded_from_the_cache(fresh):
     assert [p.name for p in cache_dir().iterdir()] == [built[0].name]  # no scratch left beside it
 
 
-def test_a_cache_that_cannot_be_written_still_gets_the_kernels(fresh, monkeypatch):
+def test_a_cache_that_cannot_be_written_still_gets_the_kernels(prebuilt, monkeypatch):
     if library() is None:
         pytest.skip("no C compiler or no AVX2 here")
     library.cache_clear()
-    blocked = fresh / "not-a-folder"
+    blocked = prebuilt / "not-a-folder"
     blocked.write_text("")  # the cache would go under a file: even root cannot create it
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
     assert library() is not None
@@ -45,7 +69,7 @@ def test_a_cache_that_cannot_be_written_still_gets_the_kernels(fresh, monkeypatc
     assert torch.equal(ConvNet().eval()(torch.zeros(1, 3, 32, 32)).isfinite(), torch.ones(1, 10, dtype=torch.bool))
 
 
-def test_a_damaged_cached_library_is_built_again(fresh):
+def test_a_damaged_cached_library_is_built_again(prebuilt):
     if library() is None:
         pytest.skip("no C compiler or no AVX2 here")
     (built,) = cache_dir().glob("*.so")
@@ -55,11 +79,11 @@ def test_a_damaged_cached_library_is_built_again(fresh):
     os.replace(junk, built)
     # In a new process: this one would get its loaded library back for the same path.
     check = "from vera_cli.fast.build import library; assert library() is not None"
-    subprocess.run([sys.executable, "-c", check], check=True, env={**os.environ, "XDG_CACHE_HOME": str(fresh)})
+    subprocess.run([sys.executable, "-c", check], check=True, env={**os.environ, "XDG_CACHE_HOME": str(prebuilt)})
     assert built.read_bytes()[:4] == b"\x7fELF"
 
 
-def test_without_a_home_folder_each_process_builds_its_own(fresh, monkeypatch):
+def test_without_a_home_folder_each_process_builds_its_own(prebuilt, monkeypatch):
     if library() is None:
         pytest.skip("no C compiler or no AVX2 here")
     library.cache_clear()
@@ -71,7 +95,7 @@ def test_without_a_home_folder_each_process_builds_its_own(fresh, monkeypatch):
     assert library() is not None
 
 
-def test_a_compiler_command_with_arguments_is_split_as_a_shell_would(fresh, monkeypatch):
+def test_a_compiler_command_with_arguments_is_split_as_a_shell_would(prebuilt, monkeypatch):
     if library() is None:
         pytest.skip("no C compiler or no AVX2 here")
     (built,) = cache_dir().glob("*.so")

@@ -14,13 +14,25 @@ def test_convnet_has_the_write_ups_parameters_without_the_dead_conv3():
     assert [name for name, _ in model.named_children()] == ["conv1", "conv2", "fc1", "fc2", "fc3", "fc4", "fc5"]
 
 
-def test_forward_is_features_then_classifier():
+def test_features_are_the_write_ups_convolutions_and_the_classifier_its_five_linear_layers():
+    """The split the feature cache relies on, against the write-up's network written out here."""
     torch.manual_seed(0)
     model = ConvNet().eval()
     x = torch.randn(5, 3, 32, 32)
+    # conv, ReLU, pool twice; 16 channels of 5 x 5, flattened channel by channel.
+    h = F.max_pool2d(F.relu(F.conv2d(x, model.conv1.weight, model.conv1.bias)), 2)
+    h = F.max_pool2d(F.relu(F.conv2d(h, model.conv2.weight, model.conv2.bias)), 2)
+    features = h.reshape(5, 400)
     assert model.features(x).shape == (5, 400)
+    torch.testing.assert_close(model.features(x), features, rtol=1e-5, atol=1e-6)
+    # fc1 to fc4 each followed by a ReLU, then fc5: the logits.
+    logits = features
+    for layer in (model.fc1, model.fc2, model.fc3, model.fc4):
+        logits = F.relu(F.linear(logits, layer.weight, layer.bias))
+    logits = F.linear(logits, model.fc5.weight, model.fc5.bias)
     assert model(x).shape == (5, 10)
-    assert torch.equal(model(x), model.classifier(model.features(x)))
+    torch.testing.assert_close(model.classifier(features), logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(x), logits, rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_model_is_refused():

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from vera_cli import runlock
-from vera_cli.config import TrainConfig
 from vera_cli.errors import VeraError
 from vera_cli.runlock import HOLDER_FILE, LOCK_FILE, RunLock, process_start
 from vera_cli.train import Trainer, resolve_device
+
+from conftest import train_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,7 +133,7 @@ def test_bf16_is_refused_on_mps(monkeypatch):
     monkeypatch.setattr(nn.Linear, "parameters", lambda self: iter([SimpleNamespace(requires_grad=True,
                                                                                       device=torch.device("mps"))]))
     with pytest.raises(VeraError, match="train.precision bf16 runs on cuda or cpu, not on mps"):
-        Trainer(model, model, TrainConfig(precision="bf16"), steps_per_epoch=1)
+        Trainer(model, model, train_config(precision="bf16"), steps_per_epoch=1)
 
 
 def test_fp32_training_makes_no_autocast(monkeypatch):
@@ -143,7 +144,7 @@ def test_fp32_training_makes_no_autocast(monkeypatch):
     monkeypatch.setattr(torch, "autocast", no_autocast)
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
-    trainer = Trainer(model, model, TrainConfig(epochs=1, batch_size=2), steps_per_epoch=2)
+    trainer = Trainer(model, model, train_config(epochs=1, batch_size=2), steps_per_epoch=2)
     batches = [(torch.randn(2, 4), torch.tensor([0, 1])), (torch.randn(2, 4), torch.tensor([2, 0]))]
     stats = trainer.epoch(1, iter(batches), 4, progress=False)
     assert stats.images == 4

@@ -63,6 +63,7 @@ def test_resume_refuses_finished_runs_and_new_settings(vera, pretrained):
     assert wrong_kind.code == 2 and "resume it with vera pretrain --resume" in wrong_kind.err
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_run_cleanly(cifar_root, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(

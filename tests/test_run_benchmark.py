@@ -3,6 +3,9 @@
 import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # as when the script runs: it imports the shared timing helper beside it
@@ -18,13 +21,22 @@ def test_flops_per_training_image_are_the_six_channel_networks_forward_times_thr
     assert bench.flops_per_training_image() == 3 * 2 * (conv_macs + linear_macs) == 3_994_992
 
 
-def test_round_robin_times_every_call_each_round_after_varying_predecessors():
-    from timing import round_robin_ms
+def test_round_robin_times_every_call_each_round_after_varying_predecessors(monkeypatch):
+    import timing
 
-    sequence = []
-    calls = {name: (lambda name=name: sequence.append(name)) for name in "abcd"}
-    medians = round_robin_ms(calls, 40)
-    assert set(medians) == set("abcd") and all(ms >= 0 for ms in medians.values())
+    # A clock that each call moves on by its own cost: 1, 2, 3 or 4 ms, and 100 times that every fourth time
+    # it runs (a slow outlier the median leaves out, where a mean would not).
+    clock, sequence = [0.0], []
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def call(name: str) -> None:
+        sequence.append(name)
+        cost = "abcd".index(name) + 1
+        clock[0] += cost / 1000 * (100 if sequence.count(name) % 4 == 0 else 1)
+
+    calls = {name: (lambda name=name: call(name)) for name in "abcd"}
+    medians = timing.round_robin_ms(calls, 40)
+    assert medians == pytest.approx({"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0})
     rounds = [sequence[i:i + 4] for i in range(0, len(sequence), 4)]
     assert len(rounds) == 40 and all(sorted(r) == list("abcd") for r in rounds)
     # No call always follows the same one (a twin before it ran faster in a fixed order).

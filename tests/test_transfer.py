@@ -19,7 +19,7 @@ from vera_cli.models import ConvNet
 from vera_cli.selection import select, without_classes
 from vera_cli.train import Trainer
 
-from conftest import QUICK, train_config
+from conftest import QUICK, copy_run, train_config, train_once
 
 HELD_OUT = ["cat", "bird", "dog"]
 HELD_OUT_IDS = [CLASSES.index(name) for name in HELD_OUT]
@@ -29,11 +29,15 @@ def summary(path: str) -> dict:
     return json.loads(Path(path, "summary.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def trained_held_out_base(tmp_path_factory, cifar_root) -> Path:
+    return train_once(tmp_path_factory, cifar_root, "pretrain", *QUICK, "--exclude-classes", *HELD_OUT,
+                      "--run-dir", "runs/held-out")
+
+
 @pytest.fixture
-def held_out_base(vera) -> Path:
-    result = vera("pretrain", *QUICK, "--exclude-classes", *HELD_OUT, "--run-dir", "runs/held-out")
-    assert result.code == 0, result.err
-    return Path("runs/held-out")
+def held_out_base(vera, trained_held_out_base) -> Path:
+    return copy_run(trained_held_out_base, "runs/held-out")
 
 
 def test_excluding_classes_removes_every_image_of_them(cifar_root):
@@ -168,6 +172,7 @@ def test_several_learning_rates_without_a_validation_split_are_refused(pretraine
     assert not Path("runs/never").exists()
 
 
+@pytest.mark.slow
 def test_fewshot_experiment_holds_out_adapts_ten_shots_and_trains_the_head(vera):
     result = vera("experiment", "--config", "experiment-fewshot", "--run-dir", "runs/fewshot",
                   "--set", "pretrain.train.epochs=1", "--set", "adapt.min_steps=4")

@@ -22,12 +22,19 @@ def images(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return (x / 255 - 0.5) / 0.25, torch.as_tensor(batch[b"labels"])
 
 
-def test_cifar_images_in_logits_out_and_features_are_the_pooled_tokens():
+def test_cifar_images_in_logits_out_and_each_image_is_classified_on_its_own():
     model = tiny_vit().eval()
     x = torch.randn(5, 3, 32, 32)
     assert model.features(x).shape == (5, 16)
-    assert model(x).shape == (5, 10)
-    assert torch.equal(model(x), model.classifier(model.features(x)))
+    logits = model(x)
+    assert logits.shape == (5, 10)
+    # Attention mixes the tokens of one image, never two images: a view or transpose that mixed the batch
+    # into the tokens or heads would give an image other logits beside other images than alone.
+    for i in range(5):
+        torch.testing.assert_close(model(x[i:i + 1]), logits[i:i + 1], rtol=1e-5, atol=1e-6)
+    # The position embedding tells the patches apart: the same patches in another order are another image.
+    swapped = torch.cat([x[:, :, 8:], x[:, :, :8]], dim=2)  # the top row of 8 x 8 patches moved to the bottom
+    assert not torch.allclose(model.features(swapped), model.features(x), atol=1e-4)
 
 
 def test_attention_has_separate_query_key_value_out_and_the_head_is_the_last_linear():

@@ -36,11 +36,33 @@ def test_the_timed_adapters_start_as_the_base_and_train_what_their_method_says()
     assert trainable == {"vera": 4 * (8 + 16), "peft vera": 4 * (8 + 16), "lora": 4 * 2 * 32, "peft lora": 4 * 2 * 32}
 
 
-def test_adapter_costs_reports_every_model_and_vera_s_ratios():
-    result = bench.adapter_costs(tiny_base(), [ATTENTION], vera_rank=8, lora_rank=2, batch=4, rounds=2)
-    others = set(result["train_ms"]) - {"vera"}
-    assert {"lora"} <= others
-    for name in others:
-        assert result["train_ratio"][f"vera / {name}"] == pytest.approx(result["train_ms"]["vera"] / result["train_ms"][name])
-    assert set(result["inference_ratio"]) == {f"{name} / base" for name in result["train_ms"]}
-    assert all(ms > 0 for ms in result["inference_ms"].values())
+def test_adapter_costs_time_training_steps_and_inference_and_give_vera_s_ratios_to_each_other_model(monkeypatch):
+    base = tiny_base()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    # Milliseconds chosen here (a hundred times more for a warm-up), so that each figure can be traced to its call.
+    chosen = {"vera": 3.0, "lora": 2.0, "peft vera": 6.0, "peft lora": 1.5, "base": 1.0}
+    timed = []
+
+    def each_call_once(calls, rounds):
+        timed.append((rounds, {name: call() for name, call in calls.items()}))
+        return {name: chosen[name] * (1 if rounds == 7 else 100) for name in calls}
+
+    monkeypatch.setattr(bench, "round_robin_ms", each_call_once)
+    result = bench.adapter_costs(base, [ATTENTION], vera_rank=8, lora_rank=2, batch=4, rounds=7)
+    models = set(result["trainable"])
+    assert {"vera", "lora"} <= models
+    # Training steps of every adapter, then inference of each and of the base: a warm-up, then the timed rounds.
+    assert [(rounds, set(outputs)) for rounds, outputs in timed] == [
+        (2, models), (7, models), (2, models | {"base"}), (7, models | {"base"})]
+    # The timed steps trained the adapters, not the base: after them every adapter answers otherwise than
+    # the base it started as (the first test), without a graph (inference under no_grad).
+    inference = timed[-1][1]
+    assert all(out.shape == (4, 10) and not out.requires_grad for out in inference.values())
+    assert all(not torch.equal(inference[name], inference["base"]) for name in models)
+    assert all(torch.equal(value, before[key]) for key, value in base.state_dict().items())
+    # The timed rounds are reported, not the warm-up; VeRA over each other model, each model over the base.
+    assert result["train_ms"] == {name: chosen[name] for name in models}
+    assert result["inference_ms"] == {name: chosen[name] for name in models | {"base"}}
+    ratios = {"vera / lora": 1.5, "vera / peft vera": 0.5, "vera / peft lora": 2.0}
+    assert result["train_ratio"] == {key: ratios[key] for key in ratios if key.split(" / ")[1] in models}
+    assert result["inference_ratio"] == {f"{name} / base": chosen[name] for name in models}

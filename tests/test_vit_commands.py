@@ -111,6 +111,7 @@ def test_interrupted_vit_pretrain_resumes_to_identical_weights(vera, interrupt_a
     assert straight.keys() == cut.keys() and all(torch.equal(straight[k], cut[k]) for k in straight)
 
 
+@pytest.mark.slow
 def test_experiment_vit_runs_the_write_up_on_the_vit_with_the_paper_s_adapter(vera):
     quick = ["--set", f"pretrain.{TINY_VIT_SETTINGS}", "--set", "pretrain.train.epochs=1", "--set",
              "pretrain.train.batch_size=32", "--set", "adapt.train.epochs=1"]
