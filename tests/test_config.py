@@ -63,7 +63,8 @@ COMMANDS_SETTING_ONE_KEY = [
 ]
 
 
-@pytest.mark.parametrize("command, text, changed", COMMANDS_SETTING_ONE_KEY, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+@pytest.mark.parametrize("command, text, changed", COMMANDS_SETTING_ONE_KEY,
+                         ids=["pretrain", "adapt", "adapt-lora", "adapt-head", "compare", "experiment"])
 def test_a_file_that_sets_one_key_gets_the_commands_own_default_for_every_other(vera, tmp_path: Path, command, text, changed):
     (tmp_path / "one.yaml").write_text(text)
     shipped = vera(*command, "--print-config", data=False)
@@ -72,7 +73,7 @@ def test_a_file_that_sets_one_key_gets_the_commands_own_default_for_every_other(
     assert yaml.safe_load(mine.out) == {**yaml.safe_load(shipped.out), **changed}
 
 
-def test_a_file_without_extends_names_the_key_it_lacks_only_when_its_extends_lacks_it(tmp_path: Path):
+def test_a_config_that_lacks_a_key_names_it(tmp_path: Path):
     (tmp_path / "partial.yaml").write_text("extends: adapt-vera\ntrain: {epochs: 2}\n")
     assert config.load(AdaptConfig, tmp_path / "partial.yaml", {}).train.lr == 0.05
     with pytest.raises(VeraError, match=r"config key train\.batch_size is missing \(and 13 more\): set it, or start"):
