@@ -4,11 +4,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
 from conftest import QUICK
 from vera_cli.errors import VeraError
+from vera_cli.fast.build import library
 
 
 def summary(run: Path) -> dict:
@@ -24,7 +26,12 @@ def test_pretrain_writes_a_complete_run_and_eval_reproduces_it(vera, pretrained)
     result = summary(pretrained)
     assert result["epochs"] == 2 and result["seed"] == 0 and result["device"] == "cpu"
     assert result["parameters"] == 76_286
-    assert {"torch", "torchvision", "python"} <= set(result["environment"])
+    environment = result["environment"]
+    assert {"torch", "torchvision", "python"} <= set(environment) and environment["cpu_threads"] == str(torch.get_num_threads())
+    # The shipped recipe augments its batches and trains the ConvNet: both through the kernels where they run.
+    assert environment["compute"].startswith(
+        "compiled kernels for batch augmentation and the ConvNet's features (compiler " if library() is not None
+        else "torch's operators (")
     assert [row["total"] for row in result["test"]["per_class"]] == [10] * 10
     assert result["test"]["overall"] == metrics[-1]["test_accuracy"]
 

@@ -26,31 +26,42 @@ def forked(body) -> int:
     return pid
 
 
-def test_resume_of_a_run_another_process_writes_is_refused_until_that_process_dies(vera, interrupt_after_epoch):
+def test_a_run_another_process_writes_refuses_resume_and_removal_until_that_process_dies_then_shows_crashed(
+        vera, interrupt_after_epoch):
     interrupt_after_epoch(1)
     assert vera("pretrain", "--epochs", "2", "--batch-size", "64", "--run-dir", "runs/cut").code == 130
     read, write = os.pipe()
 
-    def hold_the_lock():
+    def resume_and_hang():
         lock = RunLock.acquire(Path("runs/cut"))
+        runs_module.Run(Path("runs/cut")).set_status("running")
         os.write(write, b"locked")
         time.sleep(60)
         lock.release()
 
-    holder = forked(hold_the_lock)
+    def listed() -> str:
+        (row,) = vera("runs", "--json").json()
+        return row["status"]
+
+    holder = forked(resume_and_hang)
     try:
         assert os.read(read, 6) == b"locked"
         refused = vera("pretrain", "--resume", "runs/cut")
         assert refused.code == 2
         assert f"runs/cut is being written by another vera process (pid {holder})" in refused.err
-        assert json.loads(Path("runs/cut/status.json").read_text())["status"] == "interrupted"
+        assert listed() == "running"
+        refused = vera("runs", "rm", "runs/cut", "--yes")
+        assert refused.code == 2 and "refusing to remove running run(s): runs/cut" in refused.err
     finally:
-        # A crash leaves the lock file behind; the kernel drops the lock itself, so the run resumes.
+        # A crash leaves the lock file behind and the status running; the kernel drops the lock itself.
         os.kill(holder, signal.SIGKILL)
         os.waitpid(holder, 0)
     assert json.loads(Path("runs/cut/.lock.holder").read_text())["pid"] == holder
+    assert json.loads(Path("runs/cut/status.json").read_text())["status"] == "running"
+    assert listed() == "crashed"
     resumed = vera("pretrain", "--resume", "runs/cut")
     assert resumed.code == 0, resumed.err
+    assert listed() == "finished"
     assert not Path("runs/cut/.lock").exists() and not Path("runs/cut/.lock.holder").exists()
 
 

@@ -8,7 +8,7 @@ from vera_cli import data
 from vera_cli.data import (CLASSES, FOLDER, Split, batches, class_ids, crop, crop_offsets, flip_draws,
                            load_cifar10, mirror, normalize)
 from vera_cli.fast import augment as fast_augment
-from vera_cli.fast.build import library
+from vera_cli.fast.build import kernels, library
 from vera_cli.errors import VeraError
 
 from synthetic import TEST_SIZE, TRAIN_SIZES, synthetic_batch
@@ -181,10 +181,10 @@ def test_a_seed_gives_the_same_batches_with_and_without_the_compiled_augmentatio
     made = []
     for switch in ("on", "off"):
         monkeypatch.setenv("VERA_CLI_KERNELS", switch)
-        library.cache_clear()
+        kernels.cache_clear()
         made.append(list(batches(split, 32, torch.Generator().manual_seed(3), crop_padding=2, flip=True,
                                  augment=fast_augment.augmented)))
-    library.cache_clear()
+    kernels.cache_clear()
     assert len(made[0]) == len(made[1]) == 3
     for (x, y), (x_torch, y_torch) in zip(*made):
         assert torch.equal(x, x_torch) and torch.equal(y, y_torch)

@@ -25,6 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from forkserver import ForkServer
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 INTERRUPTED, KILLED = 130, -signal.SIGKILL
@@ -32,39 +34,9 @@ INTERRUPTED, KILLED = 130, -signal.SIGKILL
 pytestmark = pytest.mark.slow
 
 
-class ForkServer:
-    def __init__(self) -> None:
-        self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py")], env=ENV,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.children: list[int] = []
-
-    def start(self, argv: list[str], cwd: Path, log: Path) -> int:
-        self.process.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "log": str(log)}) + "\n")
-        self.process.stdin.flush()
-        pid = json.loads(self.process.stdout.readline())["pid"]
-        self.children.append(pid)
-        return pid
-
-    def wait(self) -> int:
-        return json.loads(self.process.stdout.readline())["code"]
-
-    def run(self, argv: list[str], cwd: Path, log: Path) -> int:
-        self.start(argv, cwd, log)
-        return self.wait()
-
-    def close(self) -> None:
-        for pid in self.children:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.process.kill()
-        self.process.wait()
-
-
 @pytest.fixture(scope="module")
 def server():
-    started = ForkServer()
+    started = ForkServer(ENV)
     yield started
     started.close()
 

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from vera_cli import fast
 from vera_cli.errors import VeraError
-from vera_cli.fast.build import library
+from vera_cli.fast.build import kernels, library
 from vera_cli.models import ConvNet, build_model, count_parameters
 
 
@@ -58,9 +58,9 @@ def compiled() -> None:
 @pytest.fixture
 def torch_only(monkeypatch) -> None:
     monkeypatch.setenv("VERA_CLI_KERNELS", "off")
-    library.cache_clear()
+    kernels.cache_clear()
     yield
-    library.cache_clear()
+    kernels.cache_clear()
 
 
 def _six_channel_reference(model: ConvNet, x: torch.Tensor) -> torch.Tensor:

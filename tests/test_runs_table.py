@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QUICK, fake_run
+from vera_cli.runlock import HOLDER_FILE, LOCK_FILE, process_start
 
 
 def test_the_table_reads_real_runs(vera, pretrained):
@@ -60,7 +61,8 @@ def test_filters_and_sorting(vera, tmp_path):
     wrong = vera("runs", "--sort", "accuracy")
     assert wrong.code == 2 and "cannot sort by 'accuracy': choose one of name, kind" in wrong.err
     wrong = vera("runs", "--status", "done")
-    assert wrong.code == 2 and "--status 'done': choose one of running, finished, interrupted, failed, unreadable" in wrong.err
+    assert wrong.code == 2 and ("--status 'done': choose one of running, finished, interrupted, failed, crashed, "
+                                "unreadable") in wrong.err
 
 
 def test_unreadable_runs_are_listed_not_fatal(vera, tmp_path):
@@ -106,6 +108,69 @@ def test_rm_refuses_running_runs_and_removes_with_yes(vera, tmp_path):
     assert removed.code == 0, removed.err
     assert "removed 2 run(s)" in removed.err
     assert sorted(p.name for p in root.iterdir()) == ["live", "no-pid"]
+
+
+def _statuses(vera, *args) -> dict[str, str]:
+    listed = vera("runs", "--json", *args)
+    assert listed.code == 0, listed.err
+    return {row["name"]: row["status"] for row in listed.json()}
+
+
+def _holder(run: Path, pid: int, start) -> None:
+    (run / HOLDER_FILE).write_text(json.dumps({"pid": pid, "start": start}))
+
+
+def test_a_running_run_whose_process_is_gone_is_listed_as_crashed_and_can_be_removed(vera, tmp_path):
+    root = tmp_path / "runs"
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    (fake_run(root, "free-lock", status="running") / LOCK_FILE).touch()  # the kernel dropped a killed writer's lock
+    _holder(fake_run(root, "holder-gone", status="running"), ended.pid, None)  # no lock here: the holder file tells
+    _holder(fake_run(root, "holder-here", status="running"), os.getpid(), process_start(os.getpid()))
+    live = fake_run(root, "live", status="running")
+    fake_run(root, "untold", status="running")  # neither a lock nor a process recorded: taken at its word
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from vera_cli.runlock import RunLock; lock = RunLock.acquire(Path(sys.argv[1])); "
+                               "print('locked', flush=True); time.sleep(60)", str(live)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        assert _statuses(vera) == {"free-lock": "crashed", "holder-gone": "crashed", "holder-here": "running",
+                                   "live": "running", "untold": "running"}
+        assert "crashed" in next(line for line in vera("runs").out.splitlines() if line.startswith("free-lock "))
+        assert list(_statuses(vera, "--status", "crashed")) == ["free-lock", "holder-gone"]
+        refused = vera("runs", "rm", str(root / "free-lock"), str(live), "--yes")
+        assert refused.code == 2 and f"refusing to remove running run(s): {live}" in refused.err
+        assert vera("runs", "rm", str(root / "free-lock"), "--yes").code == 0
+        cleaned = vera("runs", "clean", "--crashed", "--yes")
+        assert cleaned.code == 0 and "holder-gone  adapt, crashed" in cleaned.err
+        assert sorted(p.name for p in root.iterdir()) == ["holder-here", "live", "untold"]
+        assert _statuses(vera)["live"] == "running"  # looking did not take its lock away
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _statuses(vera)["live"] == "crashed"
+
+
+@pytest.mark.skipif(process_start(os.getpid()) is None, reason="needs process start times (/proc)")
+def test_a_holder_pid_given_to_a_later_process_is_not_taken_for_the_writer(vera, tmp_path):
+    run = fake_run(tmp_path / "runs", "reused", status="running")
+    _holder(run, os.getpid(), str(int(process_start(os.getpid())) - 1))  # this pid, but a process started earlier
+    assert _statuses(vera) == {"reused": "crashed"}
+    _holder(run, os.getpid(), process_start(os.getpid()))
+    assert _statuses(vera) == {"reused": "running"}
+
+
+def test_rm_of_a_link_removes_the_link_and_never_what_it_points_to(vera, tmp_path):
+    root = tmp_path / "runs"
+    inside, outside = fake_run(root, "real"), fake_run(tmp_path / "elsewhere", "kept")
+    (root / "alias").symlink_to(inside.resolve())
+    (root / "outside").symlink_to(outside.resolve())
+    before = {p: sorted(q.name for q in p.iterdir()) for p in (inside, outside)}
+    removed = vera("runs", "rm", str(root / "alias"), str(root / "outside"), "--yes")
+    assert removed.code == 0, removed.err
+    assert f"a link to {outside.resolve()}: only the link goes" in removed.err and "removed 2 run(s), 0 bytes" in removed.err
+    assert sorted(p.name for p in root.iterdir()) == ["real"]  # nothing half-renamed left beside it
+    assert {p: sorted(q.name for q in p.iterdir()) for p in (inside, outside)} == before
 
 
 def test_clean_removes_only_failed_runs(vera, tmp_path):

@@ -361,7 +361,7 @@ def runs_list(
     ctx: typer.Context,
     runs_dir: str = RunsDirOpt,
     kind: Optional[str] = typer.Option(None, "--kind", help="only runs of this kind: pretrain, adapt, compare, experiment"),
-    status: Optional[str] = typer.Option(None, "--status", help="only runs in this state: running, finished, failed, interrupted, unreadable"),
+    status: Optional[str] = typer.Option(None, "--status", help="only runs in this state: running, finished, failed, interrupted, crashed, unreadable"),
     classes: list[str] = typer.Option([], "--classes", help="only runs trained on all of these classes",
                                       autocompletion=complete.complete_classes),
     sort: str = typer.Option("created", "--sort", help="column to sort by (accuracies and wall time: highest first)"),
@@ -386,7 +386,7 @@ def runs_rm(
     runs: list[str] = typer.Argument(..., help="run directories to remove", autocompletion=complete.complete_any_run),
     yes: bool = YesOpt,
 ) -> None:
-    """Remove runs (refuses running ones); asks first unless --yes."""
+    """Remove runs (refuses running ones; a link goes, not what it points to); asks first unless --yes."""
     from vera_cli import run_list as rt
 
     _remove(rt.runs_to_remove(runs), yes)
@@ -396,16 +396,17 @@ def runs_rm(
 def runs_clean(
     failed: bool = typer.Option(False, "--failed", help="remove runs that failed"),
     interrupted: bool = typer.Option(False, "--interrupted", help="remove runs that were interrupted (they cannot resume after)"),
+    crashed: bool = typer.Option(False, "--crashed", help="remove runs whose process died while running (they cannot resume after)"),
     unreadable: bool = typer.Option(False, "--unreadable", help="remove runs whose files cannot be read"),
     runs_dir: str = RunsDirOpt, yes: bool = YesOpt,
 ) -> None:
-    """Remove the failed (or interrupted, or unreadable) runs under --runs-dir; asks first unless --yes."""
+    """Remove the failed (or interrupted, crashed, unreadable) runs under --runs-dir; asks first unless --yes."""
     from vera_cli import run_list as rt
 
-    statuses = tuple(name for name, wanted in (("failed", failed), ("interrupted", interrupted),
+    statuses = tuple(name for name, wanted in (("failed", failed), ("interrupted", interrupted), ("crashed", crashed),
                                                ("unreadable", unreadable)) if wanted)
     if not statuses:
-        raise VeraError("say what to clean: --failed, --interrupted and/or --unreadable")
+        raise VeraError("say what to clean: --failed, --interrupted, --crashed and/or --unreadable")
     entries = rt.runs_in_state(Path(runs_dir), statuses)
     if not entries:
         _log(f"no {' or '.join(statuses)} runs under {runs_dir}")
@@ -418,7 +419,9 @@ def _remove(entries: list, yes: bool) -> None:
 
     sizes = {entry.path: directory_bytes(entry.path) for entry in entries}
     for entry in entries:
-        _log(f"{entry.path}  {entry.kind or '?'}, {entry.status}, {sizes[entry.path]:,} bytes")
+        what = (f"a link to {os.readlink(entry.path)}: only the link goes" if entry.path.is_symlink()
+                else f"{sizes[entry.path]:,} bytes")
+        _log(f"{entry.path}  {entry.kind or '?'}, {entry.status}, {what}")
     if not yes:
         if not sys.stdin.isatty():
             raise VeraError("not removing without confirmation: add --yes")

@@ -75,7 +75,7 @@ def complete_adapters(incomplete: str) -> list[str]:
 
 def complete_resumable(ctx: typer.Context, incomplete: str) -> list[str]:
     """Unfinished runs of the command being completed (`vera adapt --resume` offers adapt runs)."""
-    return _run_paths(incomplete, lambda e: e.kind == ctx.info_name and e.status in ("interrupted", "failed", "running"))
+    return _run_paths(incomplete, lambda e: e.kind == ctx.info_name and e.status in ("interrupted", "failed", "crashed", "running"))
 
 
 def complete_any_run(incomplete: str) -> list[str]:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vera_cli import config as config_module
+from vera_cli import fast
 from vera_cli.bases import run_config
 from vera_cli.checkpoint import load_checkpoint, restore
 from vera_cli.config import LoggingConfig
@@ -108,6 +109,8 @@ class RunLifecycle:
     def __init__(self, kind: str, cfg: Any, resume: Run | None = None, resumable: bool = True,
                  recorded: dict[str, Any] | None = None, shared: Shared | None = None) -> None:
         self.kind, self.cfg, self.resume, self.resumable, self.shared = kind, cfg, resume, resumable, shared
+        # The run's recorded environment names the path that computed this run, from its first evaluation on.
+        fast.forget_use()
         # What config.yaml holds: the config, with anything resolved at start (the base run) filled in.
         self.recorded = recorded if recorded is not None else config_module.to_dict(cfg)
         if resume is None:

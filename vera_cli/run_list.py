@@ -2,7 +2,9 @@
 
 Only each run's small files are read (status.json, summary.json, and adapter.json or
 config.yaml), never weights, and torch is not imported: reading 112 runs took 0.08 s.
-A run whose files cannot be read is listed as unreadable, with the reason.
+A run whose files cannot be read is listed as unreadable, with the reason. A run marked running whose
+process has died (its lock is free, or its recorded process is gone) is listed as crashed: it can be
+resumed or removed.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from typing import Any, Optional
 import yaml
 
 from vera_cli.errors import VeraError
+from vera_cli.files import unused_name
+from vera_cli.runlock import owner_alive, process_alive
 from vera_cli.runs import STATUS_FILE
 
 UNREADABLE = "unreadable"
+CRASHED = "crashed"  # marked running, but its process is gone (killed, or the machine went down)
 KINDS = ("pretrain", "adapt", "compare", "experiment")
-STATES = ("running", "finished", "interrupted", "failed", UNREADABLE)
+STATES = ("running", "finished", "interrupted", "failed", CRASHED, UNREADABLE)
 # adapter_files.META_FILE, named here because that module imports torch.
 ADAPTER_META_FILE = "adapter.json"
 # Where each kind's config keeps the adapter settings and classes, and its summary the test report.
@@ -87,6 +92,8 @@ def read_entry(path: Path, root: Path) -> RunEntry:
     entry.kind, entry.status = status.get("kind"), str(status.get("status", UNREADABLE))
     entry.created, entry.wall_seconds, entry.pid = status.get("created"), status.get("wall_seconds"), status.get("pid")
     entry.created_ns = status.get("created_ns") if isinstance(status.get("created_ns"), int) else None
+    if entry.status == "running" and _owner_gone(entry):
+        entry.status = CRASHED
     finished_adapter = entry.kind == "adapt" and entry.status == "finished"
     settings_file = ADAPTER_META_FILE if finished_adapter else "config.yaml"
     try:
@@ -100,7 +107,7 @@ def read_entry(path: Path, root: Path) -> RunEntry:
             config = {}  # nothing in the table comes from a pretrain config
     except (OSError, ValueError, yaml.YAMLError) as exc:
         # A run killed between its status and its config has no config yet; that is not damage.
-        if entry.status != "running":
+        if entry.status not in ("running", CRASHED):
             entry.status, entry.problem = UNREADABLE, f"{settings_file}: {_reason(exc)}"
         return entry
     _fill_from_config(entry, config)
@@ -188,23 +195,14 @@ def _sortable(value: Any) -> Any:
     return ",".join(map(str, value)) if isinstance(value, list) else value
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
-def is_running(entry: RunEntry) -> bool:
-    """Marked running and, where the run recorded its process, that process still exists.
-
-    A run without a recorded process is taken at its word: removing a live run is worse than
-    asking the user to remove a dead one by hand.
-    """
-    return entry.status == "running" and (entry.pid is None or process_alive(int(entry.pid)))
+def _owner_gone(entry: RunEntry) -> bool:
+    """Whether the process of a run marked running is known to be gone: its lock is free, or the process
+    recorded as holding it (or in its status) has ended. A run that cannot tell is taken at its word:
+    removing a live run is worse than asking the user to remove a dead one by hand."""
+    alive = owner_alive(entry.path)
+    if alive is None:
+        alive = process_alive(entry.pid)
+    return alive is False
 
 
 def runs_to_remove(paths: list[str]) -> list[RunEntry]:
@@ -215,10 +213,10 @@ def runs_to_remove(paths: list[str]) -> list[RunEntry]:
         if not (path / STATUS_FILE).exists():
             raise VeraError(f"{path} is not a run directory (no {STATUS_FILE}); vera removes only runs it made")
         entries.append(read_entry(path, path.parent))
-    running = [str(e.path) for e in entries if is_running(e)]
+    running = [str(e.path) for e in entries if e.status == "running"]
     if running:
         raise VeraError(f"refusing to remove running run(s): {', '.join(running)}; stop them first "
-                        "(a run whose process died stays marked running: remove that folder by hand)")
+                        f"(a run whose process has died is listed as {CRASHED} and can be removed)")
     return entries
 
 
@@ -228,17 +226,22 @@ def runs_in_state(root: Path, statuses: tuple[str, ...]) -> list[RunEntry]:
     A folder without a status.json is not one vera made, so it is never among them.
     """
     return [e for e in find_runs(root) if e.status in statuses and len(e.path.relative_to(root).parts) == 1
-            and (e.path / STATUS_FILE).exists() and not is_running(e)]
+            and (e.path / STATUS_FILE).exists()]
 
 
 def directory_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """What removing `path` frees: nothing for a link, which goes without what it points to."""
+    return 0 if path.is_symlink() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def remove(entries: list[RunEntry]) -> None:
-    """Each run is first renamed out of sight, so an interrupted removal never leaves half a run that looks whole."""
+    """Each run is first renamed out of sight, so an interrupted removal never leaves half a run that looks whole.
+    A link to a run is removed itself, never what it points to (another run, or a folder vera did not make)."""
     for entry in entries:
-        hidden = entry.path.with_name(f".removing-{entry.path.name}")
+        if entry.path.is_symlink():
+            entry.path.unlink()
+            continue
+        hidden = unused_name(entry.path.parent, f".removing-{entry.path.name}-")
         os.replace(entry.path, hidden)
         shutil.rmtree(hidden)
 

@@ -2,7 +2,8 @@
 
 The operating system's lock (flock on Linux and macOS, msvcrt on Windows, through `filelock`)
 is released by the kernel when the holding process ends however it ends (SIGKILL, a crash),
-so a stale lock can never block a resume. The holder's pid and start time go in a file of
+so a stale lock can never block a resume, and a free lock on a run marked running tells that its
+writer died (`owner_alive`, for `vera runs`). The holder's pid and start time go in a file of
 their own beside it, only to say who holds it: filelock 3 empties the lock file whenever a
 process opens it, and on Windows the locked region cannot be read by the process it refuses.
 """
@@ -44,25 +45,13 @@ class RunLock:
     def acquire(cls, folder: Path) -> "RunLock":
         """Hold `folder`'s lock or refuse with who holds it. A run directory that cannot be locked
         (a file system without flock) is written unlocked rather than not at all."""
-        filelock = _filelock()
-        if sys.platform != "win32" and not filelock.has_fcntl:
-            return cls(None)  # no lock of the operating system's here
-        lock = _os_lock(filelock, folder / LOCK_FILE)
         try:
-            lock.acquire(blocking=False)
-        except filelock.Timeout:  # an OSError too, so caught first
+            lock = _take(folder / LOCK_FILE)
+        except _filelock().Timeout:
             holder = _read_holder(folder)
             raise VeraError(f"{folder} is being written by another vera process (pid {holder.get('pid', '?')}): "
                             "wait for it to end or stop it, then try again") from None
-        except OSError as exc:
-            if exc.filename is not None:
-                raise  # the lock file could not be opened: nor could the run's own files
-            return cls(None)  # it opened but would not lock
-        except NotImplementedError:  # what filelock 3 raises for a file system without flock
-            return cls(None)
-        if not isinstance(lock, (filelock.UnixFileLock, filelock.WindowsFileLock)):
-            # A filelock without the fallback_to_soft option turned itself into its soft lock.
-            lock.release()
+        if lock is None:
             return cls(None)
         try:
             _write_holder(folder)
@@ -86,6 +75,66 @@ class RunLock:
 
     def __del__(self) -> None:
         self.release()
+
+
+def owner_alive(folder: Path) -> bool | None:
+    """Whether the process that writes `folder` is alive: False once it is gone (killed, crashed), None where
+    neither its lock nor the holder file can tell (a file system without locks and no holder recorded).
+
+    The lock is taken for an instant to find it free: a process starting to write the run in that instant is
+    refused as if the run were busy, and can simply try again.
+    """
+    if (folder / LOCK_FILE).is_file():
+        try:
+            lock = _take(folder / LOCK_FILE)
+        except _filelock().Timeout:
+            return True
+        except OSError:  # a run this user cannot write: the holder file may still tell
+            lock = None
+        if lock is not None:
+            lock.release()
+            return False
+    holder = _read_holder(folder)
+    return process_alive(holder.get("pid"), holder.get("start"))
+
+
+def process_alive(pid: object, start: object = None) -> bool | None:
+    """Whether process `pid` still runs, and is the one that started at `start` (where that is known) rather
+    than a later one given the same pid; None where it cannot be told."""
+    if not isinstance(pid, int) or pid <= 0 or sys.platform == "win32":  # os.kill would end it there
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process
+    now = process_start(pid)
+    return start is None or now is None or now == start
+
+
+def _take(path: Path) -> BaseFileLock | None:
+    """`path`'s operating-system lock, taken without waiting; None where this file system or system has none.
+    Raises filelock.Timeout while another process holds it, an OSError when the file cannot be opened."""
+    filelock = _filelock()
+    if sys.platform != "win32" and not filelock.has_fcntl:
+        return None
+    lock = _os_lock(filelock, path)
+    try:
+        lock.acquire(blocking=False)
+    except filelock.Timeout:  # an OSError too, so caught first
+        raise
+    except OSError as exc:
+        if exc.filename is not None:
+            raise  # the lock file could not be opened: nor could the run's own files
+        return None  # it opened but would not lock
+    except NotImplementedError:  # what filelock 3 raises for a file system without flock
+        return None
+    if not isinstance(lock, (filelock.UnixFileLock, filelock.WindowsFileLock)):
+        # A filelock without the fallback_to_soft option turned itself into its soft lock.
+        lock.release()
+        return None
+    return lock
 
 
 def _filelock() -> ModuleType:

@@ -239,6 +239,7 @@ def environment() -> dict[str, str]:
     import torch
 
     from vera_cli import __version__
+    from vera_cli.fast import compute_path
 
     return {
         "vera_cli": __version__,
@@ -247,6 +248,8 @@ def environment() -> dict[str, str]:
         # Read from the package metadata: importing torchvision costs about 160 MB of memory.
         "torchvision": version("torchvision"),
         "platform": platform.platform(),
-        "cpu_threads": str(torch.get_num_threads()),
+        "cpu_threads": str(torch.get_num_threads()),  # torch's thread count, which the kernels use too
+        # The compiled kernels (and the compiler that built them) or torch's operators (and why).
+        "compute": compute_path(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
     }

@@ -8,12 +8,15 @@
   computed once (feature_cache.py).
 
 The kernels compile on first use into a per-user cache (build.py); without a compiler, on another
-processor, or with VERA_CLI_KERNELS=off, torch's operators run instead. Every path computes the plain
-path's function to float rounding, and the tests hold each one to it.
+processor, or with VERA_CLI_KERNELS=off, torch's operators run instead; a cached library is checked before it
+is loaded, and one that fails is built again. `compute_path()` says which path ran, for each run's record.
+Every path computes the plain path's function to float rounding, and the tests hold each one to it.
 """
 
 from vera_cli.fast.augment import augmented
+from vera_cli.fast.build import compute_path, forget_use
 from vera_cli.fast.feature_cache import BatchSource, Pipeline, build_pipeline
 from vera_cli.fast.forward import Forward, features, forward
 
-__all__ = ["BatchSource", "Forward", "Pipeline", "augmented", "build_pipeline", "features", "forward"]
+__all__ = ["BatchSource", "Forward", "Pipeline", "augmented", "build_pipeline", "compute_path", "features", "forget_use",
+           "forward"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from vera_cli.data import augmented as plain_augmented, channel_stats
-from vera_cli.fast.build import address, library
+from vera_cli.fast.build import address, call, library
 
 
 def augmented(images: torch.Tensor, index: torch.Tensor, padding: int = 0,
@@ -49,8 +49,8 @@ def augment(images: torch.Tensor, index: torch.Tensor, padding: int, offsets: tu
         raise ValueError(f"crop offsets must lie in [0, {2 * padding}]")
     height, width = images.shape[2:]
     out = torch.empty(count, channels, height, width)
-    if library().vc_augment(count, torch.get_num_threads(), channels, height, width, padding, address(images),
-                            address(index), address(rows), address(cols), address(flips), address(mean),
-                            address(std), address(out)):
+    if call("vc_augment", count, torch.get_num_threads(), channels, height, width, padding, address(images),
+            address(index), address(rows), address(cols), address(flips), address(mean),
+            address(std), address(out)):
         raise ValueError(f"augment.c takes images 32 pixels wide and crops of up to 32 pixels, not {width} and {padding}")
     return out
