@@ -33,11 +33,15 @@ INTRO = """\
 Every command reads one YAML config: a shipped one by name (`--config pretrain-fast`) or a file
 (`--config mine.yaml`). Options on the command line override it, and `--set key=value` overrides any
 key (`--set train.label_smoothing=0.1`). A config may start from another with `extends: NAME` and
-state only what differs. `vera config show NAME` prints a config resolved; `--print-config` on
+state only what differs; a file of yours that extends nothing (directly or through your other files)
+starts from the command's own config below, so every key it leaves out has the value plain
+`--print-config` shows. `vera config show NAME` prints a config resolved; `--print-config` on
 pretrain, adapt, compare and experiment prints the effective config and stops.
 
-`adapt` and `count-params` load `adapt-<method>` for `--method` (default `vera`); every
-`adapt-<method>` extends `adapt`. `experiment` holds a whole pretrain config under `pretrain.` and a
+`adapt` and `count-params` load `adapt-<method>` for `--method` (else the `adapter.method` a
+`--config` file names, else `vera`); every `adapt-<method>` extends `adapt`. In an experiment file,
+an `adapt:` section that changes the method should say `extends: adapt-<method>` to take that
+method's learning rate. `experiment` holds a whole pretrain config under `pretrain.` and a
 whole adapt config under `adapt.`. Below, each command's default config lists every key with its
 type, its value as the command loads it and the comment on its line in the shipped YAML; each other
 shipped config lists the keys it changes. The transfer-protocol keys (`exclude_classes`, `shots`,

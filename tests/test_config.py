@@ -73,6 +73,21 @@ def test_a_file_that_sets_one_key_gets_the_commands_own_default_for_every_other(
     assert yaml.safe_load(mine.out) == {**yaml.safe_load(shipped.out), **changed}
 
 
+def test_a_file_that_names_a_method_starts_from_that_methods_config(vera, tmp_path: Path):
+    (tmp_path / "mine.yaml").write_text("adapter: {method: lora}\n")
+    mine = vera("adapt", "--config", "mine.yaml", "--print-config", data=False)
+    assert mine.code == 0, mine.err
+    assert yaml.safe_load(mine.out) == yaml.safe_load(vera("adapt", "--method", "lora", "--print-config", data=False).out)
+
+
+def test_a_chain_of_the_users_files_starts_from_the_commands_config(tmp_path: Path):
+    (tmp_path / "base.yaml").write_text("seed: 4\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\ntrain: {epochs: 2}\n")
+    child = config.load(PretrainConfig, tmp_path / "child.yaml", {}, default="pretrain")
+    shipped = config.load(PretrainConfig, "pretrain", {"seed": 4, "train.epochs": 2})
+    assert child == shipped
+
+
 def test_a_config_that_lacks_a_key_names_it(tmp_path: Path):
     (tmp_path / "partial.yaml").write_text("extends: adapt-vera\ntrain: {epochs: 2}\n")
     assert config.load(AdaptConfig, tmp_path / "partial.yaml", {}).train.lr == 0.05

@@ -72,7 +72,7 @@ def test_attention_preset_takes_query_and_value_only():
 
 def test_the_head_is_the_layer_the_model_names_never_a_guess():
     undeclared = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3))
-    with pytest.raises(AdapterError, match="Sequential does not name its classifier head: set its classifier_name"):
+    with pytest.raises(AdapterError, match="preset 'all-linear' leaves out the classifier head, and Sequential names none"):
         select_targets(undeclared, ["all-linear"])
     with pytest.raises(AdapterError, match="does not name its classifier head"):
         inject(undeclared, AdapterConfig(method="head"))

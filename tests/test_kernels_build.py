@@ -18,6 +18,7 @@ import torch
 
 from forkserver import ForkServer
 from test_models import _assert_same_function_and_gradients
+from vera_cli import fast
 from vera_cli.fast import build
 from vera_cli.fast.build import SOURCES, SWITCH, Recipe, cache_dir, compute_path, forget_use, kernels, library
 from vera_cli.models import ConvNet
@@ -84,7 +85,9 @@ def test_a_cache_that_cannot_be_written_still_gets_the_kernels(compilable, fresh
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
     assert library() is not None and "built for this process alone: the cache cannot be written" in kernels().how
     assert blocked.read_text() == "" and not cache_dir().exists()
-    assert torch.equal(ConvNet().eval()(torch.zeros(1, 3, 32, 32)).isfinite(), torch.ones(1, 10, dtype=torch.bool))
+    forget_use()
+    assert torch.equal(fast.forward(ConvNet().eval())(torch.zeros(1, 3, 32, 32)).isfinite(), torch.ones(1, 10, dtype=torch.bool))
+    assert compute_path().startswith(COMPILED)  # the copy this process built ran
 
 
 def test_without_a_home_folder_each_process_builds_its_own(compilable, monkeypatch):
@@ -133,7 +136,9 @@ def test_without_a_working_compiler_the_model_runs_on_torchs_operators(fresh, mo
     x = torch.randn(2, 3, 32, 32)
     reference = model.classifier(torch.flatten(torch.relu(torch.max_pool2d(model.conv2(torch.relu(torch.max_pool2d(
         model.conv1(x), 2))), 2)), 1))
-    torch.testing.assert_close(model(x), reference)
+    forget_use()
+    torch.testing.assert_close(fast.forward(model)(x), reference)
+    assert compute_path().startswith("torch's operators (")
 
 
 @pytest.mark.parametrize("value", ["off", "0", "false", "OFF"])
@@ -264,10 +269,18 @@ def _replacement(kind: str):
     return replace
 
 
-@pytest.mark.parametrize("damage", [_truncate, _flip_bytes, _replacement("foreign"), _replacement("other flags"),
-                                    _drop_record, _garble_record],
-                         ids=["truncated", "bytes flipped", "another program's library",
-                              "the kernels built with other flags", "no digest recorded", "a garbled record"])
+# The truncated library (a SIGBUS when loaded) stays in `pytest -q`; each other damage costs a rebuild: slow tier.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(_truncate, id="truncated"),
+    pytest.param(_flip_bytes, id="bytes flipped", marks=SLOW),
+    pytest.param(_replacement("foreign"), id="another program's library", marks=SLOW),
+    pytest.param(_replacement("other flags"), id="the kernels built with other flags", marks=SLOW),
+    pytest.param(_drop_record, id="no digest recorded", marks=SLOW),
+    pytest.param(_garble_record, id="a garbled record", marks=SLOW),
+])
 def test_a_damaged_or_replaced_library_is_never_loaded_and_is_built_again(server, cache, bad_libraries, damage):
     library_file = _only_library(_kernels_folder(cache))
     damage(library_file, bad_libraries)
@@ -281,6 +294,7 @@ def _plant(library_file: Path, replacement: Path) -> None:
     library_file.with_suffix(".json").write_text(json.dumps({"sha256": hashlib.sha256(library_file.read_bytes()).hexdigest()}))
 
 
+@SLOW
 def test_a_library_whose_record_was_rewritten_to_match_is_refused_for_its_missing_functions(server, cache,
                                                                                              bad_libraries):
     _plant(_only_library(_kernels_folder(cache)), bad_libraries["harmless"])
@@ -308,6 +322,7 @@ def test_a_library_that_others_can_write_is_not_loaded_and_is_built_again(server
     _assert_used_the_rebuilt_library(_trial(server, cache, cache), _kernels_folder(cache), bad_inode)
 
 
+@SLOW
 def test_a_library_owned_by_another_user_is_not_loaded_and_is_built_again(server, cache, bad_libraries):
     library_file = _only_library(_kernels_folder(cache))
     _plant(library_file, bad_libraries["foreign"])
@@ -316,6 +331,7 @@ def test_a_library_owned_by_another_user_is_not_loaded_and_is_built_again(server
     _assert_used_the_rebuilt_library(result, _kernels_folder(cache), bad_inode)
 
 
+@SLOW
 def test_a_cache_of_another_user_is_left_alone_and_a_private_copy_runs(server, cache, bad_libraries, tmp_path):
     folder = _kernels_folder(cache)
     _plant(_only_library(folder), bad_libraries["foreign"])
@@ -328,6 +344,7 @@ def test_a_cache_of_another_user_is_left_alone_and_a_private_copy_runs(server, c
     assert not mapped.startswith(str(cache)) and mapped.endswith(" (deleted)")  # its temporary folder is gone
 
 
+@SLOW
 def test_a_compiler_whose_library_cannot_be_loaded_leaves_torchs_operators(server, good_cache, tmp_path):
     if _sanitizer() is None:
         pytest.skip("this compiler has no address sanitizer")

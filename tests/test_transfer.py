@@ -15,6 +15,7 @@ from vera_cli import config
 from vera_cli.config import AdapterConfig, CompareConfig
 from vera_cli.data import CLASSES, load_cifar10
 from vera_cli.distill import distillation_loss
+from vera_cli.errors import VeraError
 from vera_cli.models import ConvNet
 from vera_cli.selection import select, without_classes
 from vera_cli.train import Trainer
@@ -105,6 +106,9 @@ def test_head_lr_reaches_the_optimizer_in_a_group_of_the_head_alone():
     assert not any(name.startswith("fc5.") and "vera" in name for name, _ in model.named_parameters())
     plain = Trainer(model, model, train_config(lr=0.05), steps_per_epoch=1)
     assert len(plain.optimizer.param_groups) == 1
+    unnamed = torch.nn.Sequential(torch.nn.Linear(4, 3))  # names no head: a head_lr would go nowhere
+    with pytest.raises(VeraError, match="train.head_lr is set, but Sequential names no classifier head"):
+        Trainer(unnamed, unnamed, train_config(lr=0.05, head_lr=0.003), steps_per_epoch=1)
 
 
 def test_count_params_shows_the_head_apart_from_the_adapter():

@@ -9,7 +9,7 @@ import torch
 from vera_cli.adapter_files import apply_adapter
 from vera_cli.adapters.inject import inject
 from vera_cli.bases import WEIGHTS_FILE, fingerprint, load_pretrained
-from vera_cli.commands import pretrain as pretrain_module
+from vera_cli import fast
 from vera_cli.fast import build_pipeline
 from vera_cli import config
 from vera_cli.config import AdaptConfig, AdapterConfig
@@ -110,7 +110,7 @@ def test_pretrain_classifies_each_test_image_and_its_mirror_image_only_with_flip
         shown.append(views)
         return views
 
-    monkeypatch.setattr(pretrain_module, "view_outputs", mirror_views_that_disagree)
+    monkeypatch.setattr(fast, "view_outputs", mirror_views_that_disagree)
     assert vera("pretrain", *QUICK, "--run-dir", "runs/flip").code == 0
     # Two epochs, each evaluated: 100 test images and their 100 mirror images each time; images_alone
     # comes from the same pass.

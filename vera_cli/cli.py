@@ -47,7 +47,7 @@ NoProgressOpt = typer.Option(False, "--no-progress", help="hide progress bars")
 TargetOpt = typer.Option([], "--target", help="layers to adapt: presets linear (default), conv, all, all-linear, "
                          "attention, or regexes over layer names: --target conv fc5")
 TensorBoardOpt = typer.Option(False, "--tensorboard", help="write TensorBoard event files in the run (logging.tensorboard)")
-ResumeOpt = typer.Option(None, "--resume", help="continue an interrupted run (its own config; only --device and --data-dir apply)",
+ResumeOpt = typer.Option(None, "--resume", help="continue an interrupted run (its own config; only --device, --data-dir and logging may change)",
                          autocompletion=complete.complete_resumable)
 
 
@@ -161,7 +161,7 @@ def adapt(
                             "adapter.method": method, "adapter.rank": rank, "adapter.sharing": sharing,
                             "adapter.targets": target or None, "base": base, "logging.tensorboard": tensorboard or None,
                             "shots": shots, "adapter.train_head": train_head, "train.head_lr": head_lr}, set_)
-    run, settings = _settings(cfg.AdaptConfig, "adapt", _adapt_config_name(method or "vera"), config, overrides, resume,
+    run, settings = _settings(cfg.AdaptConfig, "adapt", _adapt_config_name(method, config), config, overrides, resume,
                               print_config)
     summary = run_adapt(settings, log=_log, progress=not no_progress and world.is_main, resume=run,
                        world=world)
@@ -172,7 +172,12 @@ def adapt(
          f"{summary.wall_seconds:.1f}s")
 
 
-def _adapt_config_name(method: str) -> str:
+def _adapt_config_name(method: Optional[str], config_path: Optional[str] = None) -> str:
+    """The shipped adapt-<method> config a run starts from: --method's, else the method a --config file names
+    (its learning rate is that method's), else VeRA's."""
+    if method is None:
+        named = cfg.read_config(config_path).get("adapter") if config_path else None
+        method = named.get("method", "vera") if isinstance(named, dict) else "vera"
     if method not in cfg.METHODS:
         raise VeraError(f"unknown method {method!r}: choose one of {', '.join(cfg.METHODS)}")
     return f"adapt-{method}"
@@ -215,7 +220,8 @@ def eval_(
 
 @app.command(name="count-params")
 def count_params(
-    method: str = typer.Option("vera", "--method", help="vera, lora, full or head", autocompletion=complete.complete_methods),
+    method: Optional[str] = typer.Option(None, "--method", help="vera (default), lora, full or head",
+                                         autocompletion=complete.complete_methods),
     rank: Optional[int] = typer.Option(None, "--rank", help="adapter rank"),
     sharing: Optional[str] = typer.Option(None, "--sharing", help="per-shape or sliced"),
     target: list[str] = TargetOpt,
@@ -231,11 +237,11 @@ def count_params(
 
     overrides = _overrides({"adapter.method": method, "adapter.rank": rank, "adapter.sharing": sharing,
                             "adapter.targets": target or None}, set_)
-    _, settings = _settings(cfg.AdaptConfig, "adapt", _adapt_config_name(method), config, overrides)
+    _, settings = _settings(cfg.AdaptConfig, "adapt", _adapt_config_name(method, config), config, overrides)
     base = build_model(model)
     result = count(base, settings.adapter)
     if lora_rank is not None:
-        if method != "vera":
+        if settings.adapter.method != "vera":
             raise VeraError("--versus-lora sets VeRA beside LoRA: use it with --method vera")
         result = versus_lora(result, base, settings.adapter, lora_rank)
     if as_json:
@@ -346,7 +352,10 @@ def config_show(
     name: str = typer.Argument(..., help="a shipped config (vera config list) or a YAML file"),
     set_: list[str] = SetOpt,
 ) -> None:
-    """Print a config with every `extends` resolved and the --set overrides applied, ready to copy and edit."""
+    """Print a config with every `extends` resolved and the --set overrides applied, ready to copy and edit.
+
+    A file is shown as it is written; `vera <command> --config FILE --print-config` shows it as that
+    command reads it (laid over the command's own config)."""
     print(yaml.safe_dump(cfg.apply_overrides(cfg.read_config(name), cfg.parse_set_options(set_)), sort_keys=False), end="")
 
 

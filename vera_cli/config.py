@@ -280,10 +280,13 @@ def read_config(name_or_path: str | Path, chain: tuple[str, ...] = (), default: 
     raw = read_yaml(where, text)
     if folder is not None and default is not None and "extends" not in raw:
         raw["extends"] = default
-    return _resolve_extends(raw, folder, (*chain, where))
+    return _resolve_extends(raw, folder, (*chain, where), default)
 
 
-def _resolve_extends(raw: dict[str, Any], folder: Path | None, chain: tuple[str, ...]) -> dict[str, Any]:
+def _resolve_extends(raw: dict[str, Any], folder: Path | None, chain: tuple[str, ...],
+                     default: str | None = None) -> dict[str, Any]:
+    """`raw` with its `extends` resolved; a file it extends that extends nothing itself starts from `default`
+    (the root of a chain of the user's files starts from the command's config)."""
     raw = {key: _resolve_extends(value, folder, chain) if isinstance(value, dict) else value for key, value in raw.items()}
     parent = raw.pop("extends", None)
     if parent is None:
@@ -292,7 +295,7 @@ def _resolve_extends(raw: dict[str, Any], folder: Path | None, chain: tuple[str,
         raise VeraError(f"extends must name one config, got {shown(parent)} in {chain[-1]}")
     # A file beside the config that extends wins; otherwise a shipped config by that name.
     source = folder / parent if folder is not None and (folder / parent).is_file() else parent
-    return merge_mappings(read_config(source, chain), raw)
+    return merge_mappings(read_config(source, chain, default), raw)
 
 
 def merge_mappings(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -355,16 +358,28 @@ def build(cls: type[T], raw: dict[str, Any], where: str = "") -> T:
             hint = f"; did you mean {where}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
             raise VeraError(f"unknown config key {where}{key}{hint}")
         kwargs[key] = _convert(value, hints[key], f"{where}{key}")
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = _missing_keys(cls, raw, where)
     if missing:
-        raise VeraError(f"config key {where}{missing[0]} is missing{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
+        raise VeraError(f"config key {missing[0]} is missing{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
                         "set it, or start the file from a shipped config (extends: NAME, see vera config list)")
     try:
         return cls(**kwargs)
     except ValueError as exc:
         # The adapters package validates with ValueError, its messages starting with the field's name.
         raise VeraError(f"{where}{exc}") from exc
+
+
+def _missing_keys(cls: Any, raw: dict[str, Any], where: str) -> list[str]:
+    """Every key the schema needs that `raw` lacks, in its sections too (which hold no defaults either)."""
+    hints = typing.get_type_hints(cls)
+    missing = []
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                missing.append(f"{where}{f.name}")
+        elif dataclasses.is_dataclass(hints[f.name]) and isinstance(raw[f.name], dict):
+            missing += _missing_keys(hints[f.name], raw[f.name], f"{where}{f.name}.")
+    return missing
 
 
 def load(cls: type[T], name_or_path: str | Path, overrides: dict[str, Any], default: str | None = None) -> T:

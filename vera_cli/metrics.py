@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from vera_cli.data import Split, batches
+from vera_cli.data import Augment, Split, augmented, batches
 
 
 def test_views(images: torch.Tensor, tta: str) -> list[torch.Tensor]:
@@ -26,16 +26,17 @@ def test_views(images: torch.Tensor, tta: str) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def view_outputs(forward: Callable[[torch.Tensor], torch.Tensor], split: Split, tta: str = "none", *,
-                 batch_size: int = 1000) -> torch.Tensor:
-    """`forward`'s output for every test view of every image: (views, images, ...); view 0 is the image alone."""
+                 batch_size: int = 1000, augment: Augment = augmented) -> torch.Tensor:
+    """`forward`'s output for every test view of every image: (views, images, ...); view 0 is the image alone.
+    `augment` makes the batches (here it only gathers and normalises)."""
     return torch.cat([torch.stack([forward(view).float() for view in test_views(images, tta)])
-                      for images, _ in batches(split, batch_size)], dim=1)
+                      for images, _ in batches(split, batch_size, augment=augment)], dim=1)
 
 
 def predict_logits(forward: Callable[[torch.Tensor], torch.Tensor], split: Split, tta: str = "none", *,
-                   batch_size: int = 1000) -> torch.Tensor:
+                   batch_size: int = 1000, augment: Augment = augmented) -> torch.Tensor:
     """The logits the model predicts: with tta "flip", the mean over each image and its mirror image."""
-    return view_outputs(forward, split, tta, batch_size=batch_size).mean(0)
+    return view_outputs(forward, split, tta, batch_size=batch_size, augment=augment).mean(0)
 
 
 @torch.no_grad()

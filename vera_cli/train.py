@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vera_cli.adapters.head import head_parameters
+from vera_cli.adapters.targets import has_head
 from vera_cli.config import DEVICES, TrainConfig, shown
 from vera_cli.errors import VeraError
 
@@ -109,6 +110,9 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise VeraError("nothing to train: no parameter requires grad (check adapter.targets and adapter.method)")
+        if cfg.head_lr is not None and not has_head(model):
+            raise VeraError(f"train.head_lr is set, but {type(model).__name__} names no classifier head (its classifier_name "
+                            "attribute): name the head, or leave train.head_lr null")
         if cfg.precision == "bf16" and self.params[0].device.type == "mps":
             # Autocast on mps: none before torch 2.5, then bf16 only in some versions and from macOS 14, else
             # silently fp32.

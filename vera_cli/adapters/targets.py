@@ -74,7 +74,8 @@ def select_targets(model: nn.Module, patterns: list[str]) -> list[str]:
     for pattern in patterns or DEFAULT_TARGETS:
         preset = PRESETS.get(pattern)
         if preset is not None and preset.without_head and head is None:
-            head_name(model)  # says how to name it
+            raise AdapterError(f"preset {pattern!r} leaves out the classifier head, and {type(model).__name__} names "
+                               "none: set its classifier_name attribute to that nn.Linear layer's name")
         if preset is not None:
             matched = [name for name, module in candidates.items() if _matches(preset, name, module, head)]
         else:

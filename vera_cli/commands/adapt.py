@@ -21,7 +21,7 @@ from vera_cli.data import CLASSES, Cifar10, class_ids, load_cifar10, require_ima
 from vera_cli.distill import distillation_loss, rows_as_labels
 from vera_cli.distributed import LOCAL, World
 from vera_cli.lifecycle import RunLifecycle
-from vera_cli.metrics import AccuracyReport, accuracy_report, predict_logits
+from vera_cli.metrics import AccuracyReport, accuracy_report
 from vera_cli.run_plots import PER_CLASS_FILE, write_per_class, write_training_curves
 from vera_cli.files import write_json
 from vera_cli.runs import Run, environment
@@ -119,13 +119,13 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
     held_out = class_ids(base_cfg.exclude_classes, data.classes) if base_cfg.exclude_classes else []
     base_fingerprint = fingerprint(model)
     tta = base_cfg.model.tta
-    base_report = accuracy_report(predict_logits(fast.forward(model), data.test, tta), data.test.labels, data.classes, chosen)
+    base_report = accuracy_report(fast.predict_logits(fast.forward(model), data.test, tta), data.test.labels, data.classes, chosen)
     selection = training_selection(data.train.labels, chosen, held_out, cfg)
     train_split, validation_split = take(data.train, selection.train), take(data.train, selection.validation)
     kept = [c for c in range(len(data.classes)) if c not in chosen and c not in held_out]
     loss = None
     if cfg.forgetting == "distill":
-        loss = distillation_loss(train_split.labels, predict_logits(fast.forward(model), train_split), kept, cfg.distill_weight,
+        loss = distillation_loss(train_split.labels, fast.predict_logits(fast.forward(model), train_split), kept, cfg.distill_weight,
                                  cfg.distill_temperature, cfg.train.label_smoothing)
     generator = life.seed(cfg.seed, device)
     inject(model, cfg.adapter)

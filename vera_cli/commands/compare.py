@@ -41,7 +41,7 @@ from vera_cli.data import Cifar10, class_ids, load_cifar10, require_images
 from vera_cli.distributed import LOCAL, World
 from vera_cli.grid_progress import GridProgress
 from vera_cli.lifecycle import RunLifecycle
-from vera_cli.metrics import accuracy_report, percent, predict_logits
+from vera_cli.metrics import accuracy_report, percent
 from vera_cli.plot import plot_comparison
 from vera_cli.runs import Run
 from vera_cli.files import append_jsonl, read_json, read_jsonl, write_bytes_atomic, write_json
@@ -166,7 +166,7 @@ def finished_rows(run: Run) -> list[Row]:
 
 def base_line(base_run: Run, device: torch.device, data: Cifar10, chosen: list[int], label: Optional[str]) -> TableLine:
     model, base_cfg = load_pretrained(base_run, device)
-    report = accuracy_report(predict_logits(fast.forward(model), data.test, base_cfg.model.tta), data.test.labels, data.classes, chosen)
+    report = accuracy_report(fast.predict_logits(fast.forward(model), data.test, base_cfg.model.tta), data.test.labels, data.classes, chosen)
     return TableLine("base", None, "-", None, 1, 0, 0, {**{m: report.metric(m) for m in METRICS}, "seconds": 0.0},
                      {m: 0.0 for m in (*METRICS, "seconds")}, base=label)
 

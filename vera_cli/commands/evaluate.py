@@ -13,7 +13,7 @@ from vera_cli.adapters.inject import merged_plain
 from vera_cli.bases import adapter_base, fingerprint, load_pretrained, pretrain_config
 from vera_cli.data import class_ids, load_cifar10
 from vera_cli.errors import VeraError
-from vera_cli.metrics import AccuracyReport, accuracy_report, predict_logits
+from vera_cli.metrics import AccuracyReport, accuracy_report
 from vera_cli.runs import Run, latest_run, open_run
 from vera_cli.train import resolve_device
 
@@ -59,7 +59,7 @@ def evaluate_runs(run_path: str | None, adapter_paths: list[str], do_merge: bool
     reports: dict[str, AccuracyReport] = {}
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    reports["base"] = accuracy_report(predict_logits(fast.forward(base), data.test, base_cfg.model.tta), data.test.labels, data.classes, chosen)
+    reports["base"] = accuracy_report(fast.predict_logits(fast.forward(base), data.test, base_cfg.model.tta), data.test.labels, data.classes, chosen)
     seconds["base"] = time.perf_counter() - started
     for adapter in adapter_runs:
         model = copy.deepcopy(base)
@@ -68,7 +68,7 @@ def evaluate_runs(run_path: str | None, adapter_paths: list[str], do_merge: bool
             merged_plain(model)
         model.eval()
         started = time.perf_counter()
-        logits = predict_logits(fast.forward(model), data.test, base_cfg.model.tta)
+        logits = fast.predict_logits(fast.forward(model), data.test, base_cfg.model.tta)
         seconds[str(adapter.path)] = time.perf_counter() - started
         reports[str(adapter.path)] = accuracy_report(logits, data.test.labels, data.classes,
                                                      class_ids(meta["classes"], data.classes))

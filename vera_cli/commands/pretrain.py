@@ -14,7 +14,7 @@ from vera_cli.data import CLASSES, Cifar10, batches, class_ids, load_cifar10
 from vera_cli.errors import VeraError
 from vera_cli.distributed import LOCAL, World
 from vera_cli.lifecycle import RunLifecycle
-from vera_cli.metrics import AccuracyReport, accuracy_report, view_outputs
+from vera_cli.metrics import AccuracyReport, accuracy_report
 from vera_cli.models import build_model, count_parameters
 from vera_cli.run_plots import write_training_curves
 from vera_cli.runs import Run, environment
@@ -81,7 +81,7 @@ def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, d
         alone = []  # the last evaluation's accuracy on the images without their mirrors
 
         def evaluate() -> AccuracyReport:
-            views = view_outputs(forward, data.test, tta)
+            views = fast.view_outputs(forward, data.test, tta)
             alone[:] = [accuracy_report(views[0], data.test.labels, data.classes).overall]
             return accuracy_report(views.mean(0), data.test.labels, data.classes)
 

@@ -3,7 +3,8 @@
 - `forward(model)` / `features(model)`: the ConvNet's convolutional prefix as one compiled CPU kernel
   (convnet_features.c), else lane-padded channels-last convolutions (convnet.py); adapted layers through
   W0 + delta W where that costs fewer multiply-adds (weight_path.py).
-- `augmented`: a batch gathered, cropped, flipped and normalised in one compiled pass (augment.c).
+- `augmented`: a batch gathered, cropped, flipped and normalised in one compiled pass (augment.c), and
+  `predict_logits` / `view_outputs` on such batches.
 - `build_pipeline`: adapt's feature cache, a frozen prefix (and the first adapted layer's frozen part)
   computed once (feature_cache.py).
 
@@ -16,7 +17,7 @@ Every path computes the plain path's function to float rounding, and the tests h
 from vera_cli.fast.augment import augmented
 from vera_cli.fast.build import compute_path, forget_use
 from vera_cli.fast.feature_cache import BatchSource, Pipeline, build_pipeline
-from vera_cli.fast.forward import Forward, features, forward
+from vera_cli.fast.forward import Forward, features, forward, predict_logits, view_outputs
 
 __all__ = ["BatchSource", "Forward", "Pipeline", "augmented", "build_pipeline", "compute_path", "features", "forget_use",
-           "forward"]
+           "forward", "predict_logits", "view_outputs"]

@@ -18,8 +18,8 @@ from vera_cli.adapters.layer import AdaptedLayer
 from vera_cli.config import AdaptConfig
 from vera_cli.data import Split, batch_indices, batches
 from vera_cli.fast.augment import augmented
-from vera_cli.fast.forward import Forward, features as prefix_of, forward as forward_of
-from vera_cli.metrics import predict_features, predict_logits, view_outputs
+from vera_cli.fast.forward import Forward, features as prefix_of, forward as forward_of, predict_logits, view_outputs
+from vera_cli.metrics import predict_features
 
 BatchSource = Callable[[torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 

@@ -8,7 +8,7 @@ float rounding; merged layers and dropout keep the adapters' own path.
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 from torch import nn
@@ -36,4 +36,5 @@ def choose_per_call(model: nn.Module) -> None:
     parameters, the state dict and the adapter files are untouched)."""
     for module in model.modules():
         if isinstance(module, AdaptedLayer):
-            module.forward = types.MethodType(_forward, module)
+            # A partial, not a bound method: a model saved whole with torch.save loads again.
+            module.forward = functools.partial(_forward, module)
