@@ -40,6 +40,15 @@ def test_pretrain_writes_a_complete_run_and_eval_reproduces_it(vera, pretrained)
     assert evaluated.json()["reports"]["base"] == result["test"]
 
 
+def test_adapt_runs_its_cached_prefix_and_its_evaluations_through_the_fast_paths(vera, pretrained):
+    # Nothing is augmented in adapt: the compiled pass gathers and normalises the evaluations' batches.
+    result = vera("adapt", *QUICK, "--run-dir", "runs/adapted")
+    assert result.code == 0, result.err
+    assert summary(Path("runs/adapted"))["environment"]["compute"].startswith(
+        "compiled kernels for batch augmentation and the ConvNet's features (compiler " if library() is not None
+        else "torch's operators (")
+
+
 def test_eval_defaults_to_the_latest_run_and_prints_a_table(vera, pretrained):
     result = vera("eval")
     assert result.code == 0, result.err
