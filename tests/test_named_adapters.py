@@ -208,6 +208,8 @@ def test_a_full_fine_tune_or_a_model_trained_in_place_cannot_take_named_adapters
 MIXED = {
     "v1": VERA_ALL, "v2": VERA_ALL, "v3": VERA_ALL,
     "v4": AdapterConfig(method="vera", rank=4, projection_seed=7, sharing="sliced"),
+    # A rank above the layers' widths: its samples go through its delta W where that costs less.
+    "v5": AdapterConfig(method="vera", rank=64, projection_seed=11, targets=["all"]),
     "l1": AdapterConfig(method="lora", rank=4, targets=["all"]), "l2": AdapterConfig(method="lora", rank=2),
     "h1": AdapterConfig(method="head"), "vh": AdapterConfig(method="vera", rank=8, train_head=True),
     **{f"m{i}": AdapterConfig(method="lora", rank=4, targets=["all"], alpha=4 + i) for i in range(LOOP_UP_TO + 2)},

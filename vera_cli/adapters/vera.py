@@ -6,7 +6,8 @@ delta W = diag(b) B diag(d) A, reshaped to the layer's kernel.
 
 In a mixed batch every sample's adapter reads the same A and B (when they share a projection
 bank), so one `A x` and one `B` product serve the whole group; only `d` and `b` differ per
-sample, gathered into (samples, r) and (samples, out) tables.
+sample, gathered into (samples, r) and (samples, out) tables. Where the rank exceeds the layer's
+width, a few adapters over many positions cost less through each adapter's delta W on its rows.
 """
 
 from __future__ import annotations
@@ -60,8 +61,17 @@ class VeraAdapter(LayerAdapter):
 
     @staticmethod
     def mixed(layer: AdaptedLayer, x: torch.Tensor, out: torch.Tensor, group: Group) -> torch.Tensor:
+        inputs = group.inputs(x)
+        positions, rank = layer.positions(inputs), group.parts[0].rank
+        # Multiply-adds: the factored form costs r (in + out) per position; building each adapter's delta W costs
+        # r in out, then in out per position. A rank above the layer's width (VeRA r256 on a ViT of width 128)
+        # makes the second cheaper for a few adapters over many positions.
+        if len(group.parts) * rank * layer.fan_in * layer.out_features + positions * layer.fan_in * layer.out_features \
+                < positions * rank * (layer.fan_in + layer.out_features):
+            return group.one_by_one(x, out, lambda part, rows: layer.apply_weight(rows, part.delta_weight(layer), None),
+                                    add=True)
         a, b = group.parts[0].projections(layer)
-        h = layer.down(group.inputs(x), a)
+        h = layer.down(inputs, a)
         y = layer.up(h * layer.per_sample(group.gathered("vera_d"), h), b)
         return group.put(out, y * layer.per_sample(group.gathered("vera_b"), y), add=True)
 
