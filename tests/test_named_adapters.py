@@ -292,4 +292,16 @@ def test_lora_mixed_batch_equals_peft_adapter_names_on_the_same_weights(count):
         per_sample = [names[i % count] if i % 5 else None for i in range(len(INPUT))]
         logits = forward_mixed(ours, INPUT, per_sample)
         reference = theirs(INPUT, adapter_names=[name or "__base__" for name in per_sample])
-    assert (logits - reference).abs().max() < 1e-5 * reference.abs().max()
+    assert (logits - reference).abs().max() < 1e-5
+
+
+def test_an_adapter_that_trains_layers_whole_keeps_its_own_copies():
+    model = with_adapters(convnet(), {"a": VERA_ALL})
+    add_adapter(model, "b", AdapterConfig(method="lora", targets=["fc1"], trainable=["conv1", "fc5"]))
+    set_adapter(model, "b")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"fc1.adapters.b.lora_A", "fc1.adapters.b.lora_B", "conv1.adapters.b.weight",
+                         "conv1.adapters.b.bias", "fc5.adapters.b.weight", "fc5.adapters.b.bias"}
+    with pytest.raises(AdapterError, match="adapter 'c' cannot sit beside others: trainable names fc1, which the "
+                       "adapter also adapts"):
+        add_adapter(model, "c", AdapterConfig(method="vera", trainable=["fc1"]))

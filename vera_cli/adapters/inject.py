@@ -95,11 +95,15 @@ def named_refusal(model: nn.Module, spec: AdapterConfig) -> str | None:
     """Why an adapter like `spec` cannot sit beside others on one base (None: it can)."""
     if spec.method == "full":
         return "a full fine-tune changes every weight: it is a model of its own, not an adapter beside others"
+    modules = dict(model.named_modules())
+    adapted = set(select_targets(model, spec.targets)) if spec.method in LOW_RANK else set()
     for name in fully_trained(model, spec):
-        layer = base_of(model.get_submodule(name)) if name in dict(model.named_modules()) else None
+        layer = base_of(modules[name]) if name in modules else None
         if layer is not None and (not isinstance(layer, (nn.Linear, nn.Conv2d)) or unsupported_reason(layer)):
             return (f"it trains {name} ({type(layer).__name__}) whole, and an adapter beside others keeps its own "
                     "copy of an nn.Linear or a plain nn.Conv2d only")
+        if name in adapted and name in spec.trainable:
+            return f"trainable names {name}, which the adapter also adapts: leave it out of the targets or of trainable"
     return None
 
 
@@ -176,14 +180,9 @@ def attach(model: nn.Module, name: str, spec: AdapterConfig, in_place: bool = Fa
     _check_trainable(model, spec.trainable)
     layers = target_layers(model, spec) if spec.method in LOW_RANK else {}
     copies = [] if in_place else fully_trained(model, spec)
-    if copies:
-        reason = named_refusal(model, spec)
-        if reason is not None:
-            raise AdapterError(f"adapter {name!r} cannot sit beside others: {reason}")
-        overlap = [copy for copy in copies if copy in layers]
-        if overlap:
-            raise AdapterError(f"trainable names {', '.join(overlap)}, which the adapter also adapts: "
-                               "leave it out of the targets or of trainable")
+    reason = named_refusal(model, spec) if copies else None
+    if reason is not None:
+        raise AdapterError(f"adapter {name!r} cannot sit beside others: {reason}")
     bank = _bank_for(model, layers, spec, recorded) if spec.method == "vera" else None
     is_new_bank = bank is not None and all(bank is not other for _, other in banks(model))
     # From here on nothing depends on the input: the model changes.
