@@ -78,4 +78,5 @@ def evaluate_runs(run_path: str | None, adapter_paths: list[str], do_merge: bool
 
 def _first_classes(adapter_runs: list[Run], classes: list[str]) -> list[int] | None:
     """The base's report counts the classes the first adapter was trained on as chosen, for comparison."""
-    return class_ids(read_adapter_meta(adapter_runs[0].path)["classes"], classes) if adapter_runs else None
+    first = read_adapter_meta(adapter_runs[0].path)["classes"] if adapter_runs else []
+    return class_ids(first, classes) if first else None
