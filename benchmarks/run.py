@@ -20,7 +20,10 @@ Measures, on whatever machine runs it (targets: TARGETS below, one table):
   7. the ViT of pretrain-vit: pretrain step throughput, peak RSS of a one-epoch pretrain, and VeRA's
      training step and unmerged inference against LoRA's and PEFT's VeRA (vit_adapters.py);
   8. the few-shot protocol's adaptation (experiment-fewshot's adapt section) on the experiment's base;
-  9. a `vera compare` grid in one process against the same grid spread over two (torchrun).
+  9. a `vera compare` grid in one process against the same grid spread over two (torchrun);
+ 10. serving N = 1, 8, 64, 512 adapters over one base (ConvNet and ViT), batch 256 with each sample's adapter
+     drawn at random: VeRA and LoRA mixed batches (ours, and PEFT's adapter_names on the same LoRA weights)
+     against one merged model per adapter, images/s, peak memory and bytes on disk (serving.py).
 Prints a markdown report and writes it to the output folder (not in --smoke mode). The
 classic pipeline is part of the benchmark only, not of the product.
 """
@@ -47,6 +50,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from conv_adapters import conv_adapter_timing
+from serving import serving
 from timing import median_seconds, product_forward, round_robin_ms
 from vit_adapters import adapter_costs
 from vera_cli import config as config_module
@@ -81,10 +85,14 @@ class Scale:
     vit_rounds: int
     fewshot_steps: Optional[int]  # None: the config's own min_steps
     grid_epochs: int
+    serving_adapters: tuple[int, ...]
+    serving_calls: int
+    serving_batch: int
 
 
-FULL = Scale(6, (), 5, 2000, 12_800, 100, 30, 2048, 30, None, 6)
-SMOKE = Scale(1, ("--set", "pretrain.train.epochs=1", "--set", "adapt.train.epochs=1"), 1, 20, 512, 3, 1, 64, 1, 2, 1)
+FULL = Scale(6, (), 5, 2000, 12_800, 100, 30, 2048, 30, None, 6, (1, 8, 64, 512), 20, 256)
+SMOKE = Scale(1, ("--set", "pretrain.train.epochs=1", "--set", "adapt.train.epochs=1"), 1, 20, 512, 3, 1, 64, 1, 2, 1,
+              (1, 3), 2, 16)
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,10 @@ TARGETS = {
     "vit_step": Target("ViT, VeRA r256 training step against LoRA r8's (attention)", "<= 1.05", lambda r: r <= 1.05),
     "vit_inference": Target("ViT, unmerged VeRA inference overhead against PEFT's VeRA", "below PEFT's",
                             lambda r: r < 1),
+    "serving_vera": Target("VeRA mixed batch with the most adapters (512) against every sample on one adapter, "
+                           "images/s", ">= 0.8", lambda r: r >= 0.8),
+    "serving_lora": Target("our LoRA mixed batch against PEFT's adapter_names on the same weights, images/s",
+                           ">= 1 at every N", lambda r: r >= 1),
     "peak_rss": Target("peak RSS of `vera experiment` against the uint8 dataset", "dataset the largest allocation",
                        lambda r: True),
 }
@@ -401,6 +413,38 @@ def machine() -> dict:
     return {"cpu": cpu, "date": datetime.date.today().isoformat(), "cpu_kernels": kernels, **environment()}
 
 
+def _rate(entry: dict) -> str:
+    growth = "n/a" if entry["peak_mb"] is None else f"{entry['peak_mb']:,.1f} MB"
+    return f"{entry['images_per_second']:,.0f} img/s, peak +{growth}"
+
+
+def serving_lines(result: dict) -> tuple[list[str], list[str]]:
+    """The serving measurement's rows of the report's table, and a line of bytes on disk per model."""
+    rows, disk = [], []
+    for model, entry in result["models"].items():
+        measured = {count: row for count, row in entry["rows"].items() if count != "single"}
+        setting = f"{model} (vera r{entry['vera_rank']}, lora r{entry['lora_rank']}, {', '.join(entry['targets'])})"
+        for count, row in measured.items():
+            vera, merged = row["vera mixed"], row["merged per adapter"]
+            ratio = vera["images_per_second"] / merged["images_per_second"]
+            rows.append(f"| serving {count} adapter(s) over one {setting}, batch {result['batch']}, adapters drawn at "
+                        f"random: VeRA mixed | {_rate(vera)} | merged per adapter {_rate(merged)} | {ratio:.2f} | - |")
+            if "peft lora mixed" in row:
+                ours, peft = row["lora mixed"], row["peft lora mixed"]
+                ratio = ours["images_per_second"] / peft["images_per_second"]
+                rows.append(f"| the same, LoRA mixed | {_rate(ours)} | PEFT adapter_names {_rate(peft)} | {ratio:.2f} | "
+                            f"{verdict('serving_lora', ratio)} |")
+        most = max(measured, key=int)
+        single = entry["rows"]["single"]["vera images/s"]
+        ratio = measured[most]["vera mixed"]["images_per_second"] / single
+        rows.append(f"| VeRA mixed batch of {most} adapters against one adapter, {model} | "
+                    f"{measured[most]['vera mixed']['images_per_second']:,.0f} img/s | one adapter {single:,.0f} img/s | "
+                    f"{ratio:.2f} | {verdict('serving_vera', ratio)} |")
+        disk.append(f"Bytes on disk for N adapters, {model}: " + "; ".join(
+            f"{count}: VeRA {row['disk_bytes']['vera']:,}, LoRA {row['disk_bytes']['lora']:,}" for count, row in measured.items()) + ".")
+    return rows, disk
+
+
 def report(results: dict) -> str:
     c, f, e, a, i, t = (results[k] for k in ("classic", "fast", "experiment", "adapt", "inference", "throughput"))
     m = results["machine"]
@@ -475,6 +519,8 @@ def report(results: dict) -> str:
     one, two = g["one process"]["wall"], g["torchrun, 2 processes"]["wall"]
     lines.append(f"| `vera compare` grid (vera, lora x r4, r32), torchrun 2 processes | {two:.1f} s wall | one process "
                  f"{one:.1f} s | speed-up {one / two:.2f}x | accuracies within {g['largest_difference']:.2%} |")
+    serving_rows, serving_disk = serving_lines(results["serving"])
+    lines += serving_rows
     adapt_base, adapt_test = e["adapt"]["base"], e["adapt"]["test"]
     lines += ["", "Throughput by batch size: " + ", ".join(
         f"{r['batch_size']}: {r['images_per_second']:,.0f} img/s" for r in t["rows"]), "",
@@ -483,7 +529,7 @@ def report(results: dict) -> str:
         f"`vera experiment` wall {e['wall']:.1f} s; adapt (VeRA, cat/bird/dog): " + ", ".join(
             f"{label} {adapt_base[key]:.2%} -> {adapt_test[key]:.2%}"
             for label, key in (("chosen", "chosen"), ("task", "task"), ("other classes", "rest"), ("overall", "overall")))
-        + "."]
+        + ".", "", *serving_disk]
     return "\n".join(lines) + "\n"
 
 
@@ -528,6 +574,8 @@ def main() -> None:
         results["vit_memory"] = vit_memory(data_dir, workdir)
         print("few-shot adaptation ...", flush=True)
         results["fewshot"] = fewshot(results["experiment"]["base_run"], data_dir, workdir, scale)
+        print("serving ...", flush=True)
+        results["serving"] = serving(scale.serving_adapters, scale.serving_calls, scale.serving_batch)
         print("distributed grid ...", flush=True)
         results["grid"] = distributed_grid(results["experiment"]["base_run"], data_dir, workdir, scale)
     text = report(results)

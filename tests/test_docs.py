@@ -6,6 +6,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
 
@@ -48,8 +50,10 @@ def test_readme_holds_the_commands_ci_runs():
     assert "pip install -e '.[test]' && pytest -q" in readme
 
 
-def test_adapters_example_runs(tmp_path, monkeypatch):
-    text = (ROOT / "docs" / "adapters.md").read_text()
-    example = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+EXAMPLES = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "adapters.md").read_text(), re.S)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=["one adapter", "several adapters"])
+def test_adapters_examples_run(example, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(example, "docs/adapters.md", "exec"), {})

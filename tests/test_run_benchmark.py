@@ -43,3 +43,33 @@ def test_round_robin_times_every_call_each_round_after_varying_predecessors(monk
     for name in "abcd":
         before = {sequence[i - 1] for i in range(1, len(sequence)) if sequence[i] == name}
         assert len(before) >= 3, name
+
+
+def test_serving_measures_every_setup_on_both_models_and_the_setups_agree(monkeypatch):
+    pytest.importorskip("peft")
+    import serving
+    from conftest import TINY_VIT
+    from vera_cli.models import build_model
+
+    full_size = serving.base_model
+    monkeypatch.setattr(serving, "base_model", lambda name: full_size(name) if name == "convnet" else build_model(TINY_VIT).eval())
+    result = serving.serving((1, 3), calls=1, batch=6)
+    assert set(result["models"]) == {"convnet", "vit"}
+    for entry in result["models"].values():
+        rows = entry["rows"]
+        assert rows["single"]["vera images/s"] > 0
+        for count in (1, 3):
+            row = rows[count]
+            assert all(row[name]["images_per_second"] > 0
+                       for name in ("vera mixed", "lora mixed", "peft lora mixed", "merged per adapter"))
+            # PEFT computes our LoRA adapters' logits, the merged models our VeRA adapters'.
+            assert row["peft lora mixed"]["max_difference"] < 1e-4 and row["merged per adapter"]["max_difference"] < 1e-4
+        # A file per adapter; VeRA adds one 8-byte seed for all of them.
+        assert rows[3]["disk_bytes"]["vera"] - 8 == 3 * (rows[1]["disk_bytes"]["vera"] - 8)
+        assert rows[3]["disk_bytes"]["lora"] == 3 * rows[1]["disk_bytes"]["lora"]
+    rows, disk = bench.serving_lines(result)
+    # Per model and count a VeRA and a LoRA row, then VeRA's ratio to one adapter; LoRA's and that ratio have targets.
+    assert len(rows) == 2 * (2 * 2 + 1)
+    assert sum(row.endswith("met) |") for row in rows) == 2 * (2 + 1)
+    assert [line.split(":")[0] for line in disk] == ["Bytes on disk for N adapters, convnet",
+                                                     "Bytes on disk for N adapters, vit"]

@@ -51,14 +51,15 @@ def read_adapter_meta(folder: Path) -> dict[str, Any]:
     return meta
 
 
-def apply_adapter(model: nn.Module, folder: Path, base_fingerprint: str) -> dict[str, Any]:
-    """Inject and load the adapter stored in `folder` into a fresh copy of its base model."""
+def apply_adapter(model: nn.Module, folder: Path, base_fingerprint: str, name: str | None = None) -> dict[str, Any]:
+    """Load the adapter stored in `folder` into a fresh copy of its base model, or beside the adapters the
+    model carries under `name` (`base_fingerprint`: the base's, taken before any adapter was added)."""
     meta = read_adapter_meta(folder)
     if meta["base_fingerprint"] != base_fingerprint:
         raise VeraError(f"the adapter in {folder} was trained on another base model (its base run was "
                         f"{meta.get('base_run')}); apply it to that base")
     try:
-        load_adapter(model, meta, read_tensors(folder / ADAPTER_FILE))
+        load_adapter(model, meta, read_tensors(folder / ADAPTER_FILE), name)
     except AdapterError as exc:
         raise VeraError(f"cannot apply the adapter in {folder}: {exc}") from exc
     return meta

@@ -218,6 +218,31 @@ def eval_(
          + (" (adapters merged into the weights)" if merge else ""))
 
 
+@app.command()
+def predict(
+    run: str = typer.Argument(..., help="a pretrain run, or an adapt run (its base with its adapter)",
+                              autocompletion=complete.complete_finished),
+    images: Optional[list[str]] = typer.Argument(None, help="image files (anything Pillow reads) and folders of them"),
+    adapter: list[str] = typer.Option([], "--adapter", help="adapt runs over the base: every image through each, in one batch",
+                                      autocompletion=complete.complete_adapters),
+    adapters_csv: Optional[str] = typer.Option(None, "--adapters-csv", help="a CSV file of image,adapter rows (adapter: "
+                                               "an adapt run; empty or base: the base), served as one mixed batch"),
+    top: int = typer.Option(3, "--top", help="how many of the most probable classes to show"),
+    strict: bool = typer.Option(False, "--strict", help="classify nothing (exit code 2) when any image cannot be read"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON on stdout and nothing else there"),
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """Classify image files with a run, or with several adapters over one base in one mixed batch."""
+    from vera_cli.commands.predict import predict_images
+    from vera_cli.report import prediction_table
+
+    result = predict_images(run, images or [], adapter, adapters_csv, top, strict, device, warn=_log).to_dict()
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    out.print(prediction_table(result))
+
+
 @app.command(name="count-params")
 def count_params(
     method: Optional[str] = typer.Option(None, "--method", help="vera (default), lora, full or head",
@@ -227,11 +252,13 @@ def count_params(
     target: list[str] = TargetOpt,
     model: str = typer.Option("convnet", "--model", help="model to count: convnet or vit (default settings)"),
     lora_rank: Optional[int] = typer.Option(None, "--versus-lora", help="VeRA: also count LoRA at this rank on the same layers"),
+    adapters: Optional[int] = typer.Option(None, "--adapters", help="also state the disk storage of this many VeRA and LoRA "
+                                           "adapters (LoRA at the --versus-lora rank, else the same rank)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON on stdout"),
     config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt,
 ) -> None:
     """Count trainable and frozen parameters (projections included) and the adapter file size."""
-    from vera_cli.param_count import count_params as count, versus_lora
+    from vera_cli.param_count import count_params as count, versus_lora, with_storage
     from vera_cli.models import build_model
     from vera_cli.report import count_tables
 
@@ -244,6 +271,11 @@ def count_params(
         if settings.adapter.method != "vera":
             raise VeraError("--versus-lora sets VeRA beside LoRA: use it with --method vera")
         result = versus_lora(result, base, settings.adapter, lora_rank)
+    if adapters is not None:
+        if method not in ("vera", "lora") or adapters < 1:
+            raise VeraError("--adapters N (N >= 1) compares the storage of VeRA and LoRA adapters: use it with "
+                            "--method vera or lora")
+        result = with_storage(result, base, settings.adapter, adapters, lora_rank)
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return

@@ -58,6 +58,26 @@ class LoraContrast:
         return self.paper_lora / self.paper_vera
 
 
+# VeRA's projections regenerate from one seed, a 64-bit integer, whatever the number of adapters.
+SEED_BYTES = 8
+
+
+@dataclass
+class Storage:
+    """What N adapters of one method take on disk: a tensor file each, plus what they share."""
+
+    method: str
+    rank: int
+    adapters: int
+    values: int  # trained values per adapter
+    file_bytes: int  # one adapter's tensor file (safetensors, as `vera adapt` writes it)
+    shared_bytes: int  # stored once for all of them: VeRA's projection seed
+
+    @property
+    def total_bytes(self) -> int:
+        return self.adapters * self.file_bytes + self.shared_bytes
+
+
 @dataclass
 class ParamCount:
     method: str
@@ -71,6 +91,7 @@ class ParamCount:
     frozen_projections: int = 0
     adapter_bytes: int = 0
     versus_lora: Optional[LoraContrast] = None
+    storage: list[Storage] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -88,7 +109,8 @@ class ParamCount:
         contrast = self.versus_lora and {**asdict(self.versus_lora), "ratio": self.versus_lora.ratio,
                                          "paper_ratio": self.versus_lora.paper_ratio}
         return {**asdict(self), "versus_lora": contrast, "total": self.total, "percent_trainable": self.percent_trainable,
-                "adapter_trainable": self.adapter_trainable}
+                "adapter_trainable": self.adapter_trainable,
+                "storage": [{**asdict(row), "total_bytes": row.total_bytes} for row in self.storage]}
 
 
 def _layer_shape(module: nn.Module) -> str:
@@ -160,3 +182,15 @@ def versus_lora(count: ParamCount, model: nn.Module, spec: AdapterConfig, lora_r
     """`count` (a VeRA count of `model`) with what LoRA at `lora_rank` would train on the same targets."""
     lora = trainable_count(inject(copy.deepcopy(model), replace(spec, method="lora", rank=lora_rank)))
     return replace(count, versus_lora=LoraContrast(lora_rank, lora, count.trainable))
+
+
+def with_storage(count: ParamCount, model: nn.Module, spec: AdapterConfig, adapters: int,
+                 lora_rank: int | None = None) -> ParamCount:
+    """`count` with the disk storage of `adapters` VeRA adapters and as many LoRA adapters (at `lora_rank`, else
+    the same rank) on the same layers: a file of d and b per VeRA adapter plus one seed, of A and B per LoRA one."""
+    rows = []
+    for method, rank in (("vera", spec.rank), ("lora", lora_rank or spec.rank)):
+        counted = count if (method, rank) == (count.method, count.rank) else count_params(model, replace(spec, method=method, rank=rank))
+        shared = SEED_BYTES if method == "vera" and not spec.store_projections else 0
+        rows.append(Storage(method, rank, adapters, counted.trainable, counted.adapter_bytes, shared))
+    return replace(count, storage=rows)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from rich import box
 from rich.table import Table
@@ -113,7 +113,40 @@ def count_tables(count: ParamCount) -> list[Table]:
         totals.add_row("VeRA paper, ViT-B query|value", f"VeRA r256 {contrast.paper_vera / 1000:.1f}K, LoRA r8 "
                        f"{contrast.paper_lora / 1000:.1f}K ({contrast.paper_ratio:.1f}x)")
     tables.append(totals)
+    if count.storage:
+        tables.append(storage_table(count))
     return tables
+
+
+def storage_table(count: ParamCount) -> Table:
+    adapters = count.storage[0].adapters
+    table = Table(title=f"Storage of {adapters:,} adapter(s) on disk, the base stored once")
+    for column in ("method", "rank", "trained values each", "file each", f"{adapters:,} files", "shared", "total"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in count.storage:
+        shared = f"{row.shared_bytes:,} (the seed)" if row.shared_bytes else "0"
+        table.add_row(row.method, str(row.rank), f"{row.values:,}", f"{row.file_bytes:,}",
+                      f"{row.adapters * row.file_bytes:,}", shared, f"{row.total_bytes:,} bytes")
+    table.caption = ("VeRA's A and B regenerate from one projection seed: in memory one bank serves every adapter "
+                     "with that seed; LoRA's A and B are stored and held per adapter")
+    return table
+
+
+def prediction_table(result: dict[str, Any]) -> Table:
+    """`vera predict`'s rows (PredictResult.to_dict()): image, adapter, input, the most probable classes."""
+    table = Table(title=f"Predictions over base {result['base_run']}"
+                  + (", each image with its mirror image" if result["tta"] == "flip" else ""))
+    for column in ("image", "adapter", "input", "class", "probability", "next"):
+        table.add_column(column, justify="right" if column == "probability" else "left")
+    for row in result["predictions"]:
+        first, *rest = row["top"]
+        source = row["input"]
+        size = f"{source['width']}x{source['height']} {source['mode']}" + (", converted" if source["converted"] else "")
+        table.add_row(row["image"], row["adapter"] or "base", size, first["class"], _pct(first["probability"]),
+                      ", ".join(f"{entry['class']} {_pct(entry['probability'])}" for entry in rest))
+    if any(row["input"]["converted"] for row in result["predictions"]):
+        table.caption = f"converted: {result['conversion']}"
+    return table
 
 
 # Protocol columns of the comparison table, shown when any line sets them: (TableLine field, heading).

@@ -1,7 +1,12 @@
-"""The LoRA layer: h = W0 x + (alpha / r) B A x, with A and B trained.
+"""LoRA: h = W0 x + (alpha / r) B A x, with A and B trained.
 
 On a Conv2d the factors have PEFT's shapes, A (r, in, kh, kw) and B (out, r, 1, 1),
 so that a layer's tensors are exactly what PEFT stores for it.
+
+In a mixed batch each distinct adapter needs its own pair of products. Up to `LOOP_UP_TO`
+adapters in a layer run one after another on their own samples (as PEFT's `adapter_names` does);
+past that, every sample's A and B are gathered and the products run as one batched product per
+factor (a grouped convolution on a Conv2d).
 """
 
 from __future__ import annotations
@@ -11,35 +16,55 @@ import math
 import torch
 from torch import nn
 
-from vera_cli.adapters.layer import AdaptedLayer, Conv2dGeometry, LinearGeometry
+from vera_cli.adapters.layer import DEFAULT, AdaptedConv2d, AdaptedLayer, AdaptedLinear, LayerAdapter
+from vera_cli.adapters.routing import LOOP_UP_TO, Group
 
-
-class LoraLayer(AdaptedLayer):
+class LoraAdapter(LayerAdapter):
     """Trains `lora_A` (Kaiming-uniform over its fan-in) and `lora_B` (zeros: output equals the base)."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> None:
-        super().__init__(base, dropout)
-        weight = base.weight
+    method = "lora"
+
+    def __init__(self, layer: AdaptedLayer, holder: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
+                 order: int = 0) -> None:
+        weight = layer.base.weight
         ones = (1,) * (weight.dim() - 2)
-        self.lora_A = nn.Parameter(torch.empty(rank, *weight.shape[1:], device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, *ones, device=weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        a = torch.empty(rank, *weight.shape[1:], device=weight.device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        super().__init__(holder, {"lora_A": a, "lora_B": torch.zeros(layer.out_features, rank, *ones, device=weight.device)},
+                         dropout, order)
         self.scaling = alpha / rank
 
     @property
     def rank(self) -> int:
-        return self.lora_A.shape[0]
+        return self.tensor("lora_A").shape[0]
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x, self.lora_A), self.lora_B) * self.scaling
+    def delta(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
+        return layer.up(layer.down(x, self.tensor("lora_A")), self.tensor("lora_B")) * self.scaling
 
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B.flatten(1) @ self.lora_A.flatten(1)).view_as(self.base.weight) * self.scaling
+    def delta_weight(self, layer: AdaptedLayer) -> torch.Tensor:
+        return (self.tensor("lora_B").flatten(1) @ self.tensor("lora_A").flatten(1)).view_as(layer.base.weight) * self.scaling
+
+    @staticmethod
+    def mixed(layer: AdaptedLayer, x: torch.Tensor, out: torch.Tensor, group: Group) -> torch.Tensor:
+        if len(group.parts) <= LOOP_UP_TO:
+            return group.one_by_one(x, out, lambda part, rows: part.delta(layer, rows), add=True)
+        scaling = torch.tensor([part.scaling for part in group.parts], dtype=out.dtype, device=out.device)
+        y = layer.up_per_sample(layer.down_per_sample(group.inputs(x), group.gathered("lora_A")), group.gathered("lora_B"))
+        return group.put(out, y * layer.per_sample(scaling.index_select(0, group.local)[:, None], y), add=True)
 
 
-class LoraLinear(LinearGeometry, LoraLayer):
+class OneLora:
+    """A layer with one LoRA adapter, the default one: what `inject` builds, for a layer made by hand."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__(base)
+        self.add_part(DEFAULT, LoraAdapter(self, self, rank, alpha, dropout))
+        self.active = DEFAULT
+
+
+class LoraLinear(OneLora, AdaptedLinear):
     """LoRA on an nn.Linear: A (r, in), B (out, r)."""
 
 
-class LoraConv2d(Conv2dGeometry, LoraLayer):
+class LoraConv2d(OneLora, AdaptedConv2d):
     """LoRA on an nn.Conv2d: A a conv into r channels with the layer's kernel, B a 1x1 conv."""

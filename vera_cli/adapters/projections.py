@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -39,17 +40,29 @@ class ProjectionBank(nn.Module):
         self.rank = rank
         self.sharing = sharing
         self.seed = seed
-        if sharing == "sliced":
-            pair_shapes = {"shared": (max(i for i, _ in shapes), max(o for _, o in shapes))}
-        else:
-            pair_shapes = {self._shape_key(i, o): (i, o) for i, o in shapes}
-        self.pair_shapes = pair_shapes
+        self.pair_shapes = pair_shapes = self.pairs_for(shapes, sharing)
         # Slices are views: cached per layer shape, rebuilt only when .to() has replaced the buffers.
         self._slices: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         generator = torch.Generator(device="cpu").manual_seed(seed)
         for key, (fan_in, fan_out) in pair_shapes.items():
             self.register_buffer(f"A_{key}", kaiming_uniform(rank, fan_in, generator))
             self.register_buffer(f"B_{key}", kaiming_uniform(fan_out, rank, generator))
+        # What the seed gives: a bank whose values still hold it can serve any adapter with the same settings.
+        self.seed_checksum = self.checksum()
+
+    @classmethod
+    def pairs_for(cls, shapes: list[tuple[int, int]], sharing: str) -> dict[str, tuple[int, int]]:
+        """The pairs a bank holds for layers of these (fan_in, out) shapes, by key, in order of first use."""
+        if sharing == "sliced":
+            return {"shared": (max(i for i, _ in shapes), max(o for _, o in shapes))}
+        return {cls._shape_key(i, o): (i, o) for i, o in shapes}
+
+    def serves(self, rank: int, sharing: str, seed: int, pair_shapes: dict[str, tuple[int, int]], checksum: str | None) -> bool:
+        """Whether an adapter with these settings reads exactly this bank's values: the same pairs from the same
+        seed, and the values it was trained with (`checksum`; None: what the seed gives)."""
+        return ((self.rank, self.sharing, self.seed) == (rank, sharing, seed)
+                and list(self.pair_shapes.items()) == list(pair_shapes.items())
+                and self.checksum() == (checksum if checksum is not None else self.seed_checksum))
 
     @staticmethod
     def _shape_key(fan_in: int, fan_out: int) -> str:
@@ -79,3 +92,19 @@ class ProjectionBank(nn.Module):
             digest.update(name.encode())
             digest.update(buf.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return digest.hexdigest()
+
+
+@dataclass
+class RecordedProjections:
+    """What an adapter file says of the projections it was trained with: their checksum, the torch that made
+    them, and the tensors themselves when it stores them (A_<key>, B_<key>)."""
+
+    checksum: str | None
+    torch_version: str | None = None
+    stored: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def mismatch(self) -> AdapterError:
+        source = "stored" if self.stored else "regenerated from the seed"
+        return AdapterError(f"the VeRA projections {source} differ from those the adapter was trained with "
+                            f"(checksum mismatch; trained with torch {self.torch_version}, this is "
+                            f"{torch.__version__}); save it with store_projections=true to keep them with it")

@@ -5,6 +5,10 @@ Like PEFT's state-dict helpers this does no file IO: the caller stores the two p
 `store_projections` is set: they regenerate from `projection_seed`, and their
 checksum in the metadata catches a regeneration that differs (another torch build,
 say) instead of giving wrong results.
+
+`name` picks an adapter added by name (vera_cli.adapters.named); without it, the adapter `inject`
+added, whose file also holds whatever it trained in place. The tensors are named the same either
+way (`<layer>.vera_d`, `fc5.weight`), so a file loads as the default adapter or under any name.
 """
 
 from __future__ import annotations
@@ -17,43 +21,51 @@ from torch import nn
 
 from vera_cli.adapters.config import AdapterConfig
 from vera_cli.adapters.errors import AdapterError
-from vera_cli.adapters.inject import BANK_NAME, inject, load_trainable_state, projection_bank, trainable_state
+from vera_cli.adapters.inject import attach, inject, load_into, load_trainable_state, trainable_state
+from vera_cli.adapters.named import delete_adapter
+from vera_cli.adapters.projections import RecordedProjections
+from vera_cli.adapters.registry import BANK_NAME, named_tensors, projection_bank, require
 
 PROJECTIONS_PREFIX = BANK_NAME + "."
 
 
-def adapter_tensors(model: nn.Module, spec: AdapterConfig) -> dict[str, torch.Tensor]:
-    tensors = dict(trainable_state(model))
-    bank = projection_bank(model)
+def adapter_tensors(model: nn.Module, spec: AdapterConfig, name: str | None = None) -> dict[str, torch.Tensor]:
+    if name is not None:
+        require(model, name)
+    tensors = dict(trainable_state(model)) if name is None else {k: t.detach() for k, t in named_tensors(model, name).items()}
+    bank = projection_bank(model, name)
     if bank is not None and spec.store_projections:
-        tensors.update({PROJECTIONS_PREFIX + name: buf for name, buf in bank.named_buffers()})
+        tensors.update({PROJECTIONS_PREFIX + key: buf for key, buf in bank.named_buffers()})
     return tensors
 
 
-def adapter_metadata(model: nn.Module, spec: AdapterConfig) -> dict[str, Any]:
+def adapter_metadata(model: nn.Module, spec: AdapterConfig, name: str | None = None) -> dict[str, Any]:
     """What it takes to rebuild the adapter on a fresh base: its config and the projections' checksum."""
-    bank = projection_bank(model)
+    bank = projection_bank(model, name)
     return {"adapter": dataclasses.asdict(spec),
             "projection_checksum": bank.checksum() if bank is not None else None,
             "torch": torch.__version__}
 
 
-def load_adapter(model: nn.Module, metadata: dict[str, Any], tensors: dict[str, torch.Tensor]) -> AdapterConfig:
-    """Inject the adapter `metadata` describes into a fresh base `model` and load its tensors."""
+def load_adapter(model: nn.Module, metadata: dict[str, Any], tensors: dict[str, torch.Tensor],
+                 name: str | None = None) -> AdapterConfig:
+    """Rebuild the adapter `metadata` describes and load its tensors: into a fresh base `model` (as `inject`
+    does), or beside the model's other adapters under `name` (nothing is left of it when a tensor does not fit)."""
     try:
         spec = AdapterConfig(**metadata["adapter"])
     except TypeError as exc:
         raise AdapterError(f"the adapter metadata does not describe an adapter this version knows ({exc})") from exc
-    inject(model, spec)
-    bank = projection_bank(model)
-    stored = {name[len(PROJECTIONS_PREFIX):]: t for name, t in tensors.items() if name.startswith(PROJECTIONS_PREFIX)}
-    if bank is not None:
-        if stored:
-            bank.load_state_dict(stored)
-        if bank.checksum() != metadata["projection_checksum"]:
-            source = "stored" if stored else "regenerated from the seed"
-            raise AdapterError(f"the VeRA projections {source} differ from those the adapter was trained with "
-                               f"(checksum mismatch; trained with torch {metadata.get('torch')}, this is "
-                               f"{torch.__version__}); save it with store_projections=true to keep them with it")
-    load_trainable_state(model, {n: t for n, t in tensors.items() if not n.startswith(PROJECTIONS_PREFIX)})
+    stored = {key[len(PROJECTIONS_PREFIX):]: t for key, t in tensors.items() if key.startswith(PROJECTIONS_PREFIX)}
+    own = {key: t for key, t in tensors.items() if not key.startswith(PROJECTIONS_PREFIX)}
+    recorded = RecordedProjections(metadata.get("projection_checksum"), metadata.get("torch"), stored)
+    if name is None:
+        inject(model, spec, recorded if spec.method == "vera" else None)
+        load_trainable_state(model, own)
+        return spec
+    attach(model, name, spec, recorded=recorded if spec.method == "vera" else None)
+    try:
+        load_into(named_tensors(model, name), own)
+    except AdapterError:
+        delete_adapter(model, name)
+        raise
     return spec

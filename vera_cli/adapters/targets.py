@@ -13,6 +13,7 @@ from torch import nn
 
 from vera_cli.adapters.config import DEFAULT_TARGETS
 from vera_cli.adapters.errors import AdapterError
+from vera_cli.adapters.layer import base_of, outer_modules
 
 ADAPTABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
@@ -43,7 +44,7 @@ def has_head(model: nn.Module) -> bool:
     if not isinstance(name, str):
         return False
     try:
-        return isinstance(model.get_submodule(name), nn.Linear)
+        return isinstance(base_of(model.get_submodule(name)), nn.Linear)
     except AttributeError:
         return False
 
@@ -62,13 +63,19 @@ def _matches(preset: Preset, name: str, module: nn.Module, head: str | None) -> 
             and not (preset.without_head and name == head))
 
 
+def adaptable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every nn.Linear and nn.Conv2d by name, in model order; a layer that already carries adapters counts as
+    the layer it wraps, under its own name."""
+    return {name: base_of(module) for name, module in outer_modules(model) if isinstance(base_of(module), ADAPTABLE)}
+
+
 def select_targets(model: nn.Module, patterns: list[str]) -> list[str]:
     """Names of the adaptable layers chosen by any preset or regex, in model order.
 
     A preset name wins over a module of the same name. Every pattern must choose at
     least one layer, so that a typo does not silently adapt less than asked.
     """
-    candidates = {name: module for name, module in model.named_modules() if isinstance(module, ADAPTABLE)}
+    candidates = adaptable_layers(model)
     head = head_name(model) if has_head(model) else None
     chosen: set[str] = set()
     for pattern in patterns or DEFAULT_TARGETS:

@@ -1,8 +1,13 @@
-"""The VeRA layer: h = W0 x + diag(b) B diag(d) A x, with A and B frozen and shared.
+"""VeRA: h = W0 x + diag(b) B diag(d) A x, with A and B frozen and shared.
 
 On a Conv2d, A (r x in*kh*kw) is viewed as an (r, in, kh, kw) kernel, d scales its r
 output channels, B (out x r) runs as a 1x1 convolution and b scales the out channels:
 delta W = diag(b) B diag(d) A, reshaped to the layer's kernel.
+
+In a mixed batch every sample's adapter reads the same A and B (when they share a projection
+bank), so one `A x` and one `B` product serve the whole group; only `d` and `b` differ per
+sample, gathered into (samples, r) and (samples, out) tables. Where the rank exceeds the layer's
+width, a few adapters over many positions cost less through each adapter's delta W on its rows.
 """
 
 from __future__ import annotations
@@ -10,46 +15,79 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vera_cli.adapters.layer import AdaptedLayer, Conv2dGeometry, LinearGeometry
+from vera_cli.adapters.layer import DEFAULT, AdaptedLayer, AdaptedConv2d, AdaptedLinear, LayerAdapter
 from vera_cli.adapters.projections import ProjectionBank
+from vera_cli.adapters.routing import Group
 
 
-class VeraLayer(AdaptedLayer):
+class VeraAdapter(LayerAdapter):
     """Trains `vera_d` (r, starts at d_init) and `vera_b` (out, starts at 0: output equals the base)."""
 
-    def __init__(self, base: nn.Module, bank: ProjectionBank, rank: int, d_init: float, dropout: float = 0.0) -> None:
-        super().__init__(base, dropout)
-        device = base.weight.device
-        self.vera_d = nn.Parameter(torch.full((rank,), float(d_init), device=device))
-        self.vera_b = nn.Parameter(torch.zeros(self.out_features, device=device))
-        # A tuple keeps the bank out of this module's children: the model registers it once.
-        self._bank = (bank,)
+    method = "vera"
+
+    def __init__(self, layer: AdaptedLayer, holder: nn.Module, bank: ProjectionBank, rank: int, d_init: float,
+                 dropout: float = 0.0, order: int = 0) -> None:
+        device = layer.base.weight.device
+        super().__init__(holder, {"vera_d": torch.full((rank,), float(d_init), device=device),
+                                  "vera_b": torch.zeros(layer.out_features, device=device)}, dropout, order)
+        # The bank is registered once on the model; every part reads it.
+        self.bank = bank
 
     @property
     def rank(self) -> int:
-        return self.vera_d.shape[0]
+        return self.tensor("vera_d").shape[0]
 
-    def projections(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._bank[0].projections(self.fan_in, self.out_features)
+    def projections(self, layer: AdaptedLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.bank.projections(layer.fan_in, layer.out_features)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return self.delta_from_frozen(self.frozen_delta_input(x))
+    def delta(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
+        return self.delta_from_frozen(layer, self.frozen_delta_input(layer, x))
 
-    def frozen_delta_input(self, x: torch.Tensor) -> torch.Tensor:
+    def frozen_delta_input(self, layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
         # A is frozen: the down-projection is fixed for a fixed input.
-        return self.down(x, self.projections()[0])
+        return layer.down(x, self.projections(layer)[0])
 
-    def delta_from_frozen(self, frozen: torch.Tensor) -> torch.Tensor:
-        return self.per_feature(self.vera_b) * self.up(self.per_feature(self.vera_d) * frozen, self.projections()[1])
+    def delta_from_frozen(self, layer: AdaptedLayer, frozen: torch.Tensor) -> torch.Tensor:
+        d, b = self.tensor("vera_d"), self.tensor("vera_b")
+        return layer.per_feature(b) * layer.up(layer.per_feature(d) * frozen, self.projections(layer)[1])
 
-    def delta_weight(self) -> torch.Tensor:
-        a, b = self.projections()
-        return ((self.vera_b[:, None] * b) @ (self.vera_d[:, None] * a)).view_as(self.base.weight)
+    def delta_weight(self, layer: AdaptedLayer) -> torch.Tensor:
+        a, b = self.projections(layer)
+        return ((self.tensor("vera_b")[:, None] * b) @ (self.tensor("vera_d")[:, None] * a)).view_as(layer.base.weight)
+
+    def group_key(self) -> object:
+        # Parts reading one bank read the same A and B in every layer.
+        return (VeraAdapter, id(self.bank), self.rank)
+
+    @staticmethod
+    def mixed(layer: AdaptedLayer, x: torch.Tensor, out: torch.Tensor, group: Group) -> torch.Tensor:
+        inputs = group.inputs(x)
+        positions, rank = layer.positions(inputs), group.parts[0].rank
+        # Multiply-adds: the factored form costs r (in + out) per position; building each adapter's delta W costs
+        # r in out, then in out per position. A rank above the layer's width (VeRA r256 on a ViT of width 128)
+        # makes the second cheaper for a few adapters over many positions.
+        if len(group.parts) * rank * layer.fan_in * layer.out_features + positions * layer.fan_in * layer.out_features \
+                < positions * rank * (layer.fan_in + layer.out_features):
+            return group.one_by_one(x, out, lambda part, rows: layer.apply_weight(rows, part.delta_weight(layer), None),
+                                    add=True)
+        a, b = group.parts[0].projections(layer)
+        h = layer.down(inputs, a)
+        y = layer.up(h * layer.per_sample(group.gathered("vera_d"), h), b)
+        return group.put(out, y * layer.per_sample(group.gathered("vera_b"), y), add=True)
 
 
-class VeraLinear(LinearGeometry, VeraLayer):
+class OneVera:
+    """A layer with one VeRA adapter, the default one: what `inject` builds, for a layer made by hand."""
+
+    def __init__(self, base: nn.Module, bank: ProjectionBank, rank: int, d_init: float, dropout: float = 0.0) -> None:
+        super().__init__(base)
+        self.add_part(DEFAULT, VeraAdapter(self, self, bank, rank, d_init, dropout))
+        self.active = DEFAULT
+
+
+class VeraLinear(OneVera, AdaptedLinear):
     """VeRA on an nn.Linear."""
 
 
-class VeraConv2d(Conv2dGeometry, VeraLayer):
+class VeraConv2d(OneVera, AdaptedConv2d):
     """VeRA on an nn.Conv2d: unmerged, a conv into r channels and a 1x1 conv (or the full kernel where cheaper)."""

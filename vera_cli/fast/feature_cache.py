@@ -84,8 +84,8 @@ def build_pipeline(model: nn.Module, train_split: Split, test_split: Split, cfg:
 
 
 def _caches_frozen_part(layer: AdaptedLayer) -> bool:
-    """Whether the frozen part holds for training: an unmerged Linear whose base is frozen, without dropout."""
-    return (isinstance(layer.base, nn.Linear) and not layer.merged and layer.dropout is None
+    """Whether the frozen part holds for training: a Linear with one unmerged adapter, its base frozen, without dropout."""
+    return (isinstance(layer.base, nn.Linear) and layer.plain_delta()
             and not any(p.requires_grad for p in layer.base.parameters()))
 
 

@@ -3,7 +3,7 @@
 The adapters compute `W0 x + delta(x)`, the delta from its factors. Building delta W for the call instead
 costs r in out multiply-adds whatever the input's size, so it wins where the input holds many positions
 (tokens times batch in a ViT: VeRA at rank 256 then costs 8x less) or in inference. The same function to
-float rounding; merged layers and dropout keep the adapters' own path.
+float rounding; merged layers, dropout, no active adapter and mixed batches keep the adapters' own path.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def is_cheaper(layer: AdaptedLayer, x: torch.Tensor) -> bool:
 
 
 def _forward(layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
-    if not layer.merged and layer.dropout is None and is_cheaper(layer, x):
+    if layer.plain_delta() and is_cheaper(layer, x):
         return layer.with_weight(x, layer.base.weight + layer.delta_weight())
     return type(layer).forward(layer, x)
 

@@ -1,0 +1,307 @@
+"""Several named adapters on one base, and mixed-adapter batches (vera_cli.adapters.named, .mixed)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from vera_cli import fast
+from vera_cli.adapter_files import apply_adapter, save_adapter
+from vera_cli.adapters.config import AdapterConfig
+from vera_cli.adapters.errors import AdapterError
+from vera_cli.adapters.inject import adapted_layers, inject, merge, merged_plain, projection_bank, unmerge
+from vera_cli.adapters.layer import AdaptedLinear
+from vera_cli.adapters.mixed import forward_mixed, mixed_batch
+from vera_cli.adapters.named import (active_adapter, add_adapter, adapter_names, delete_adapter, disable_adapters,
+                                     set_adapter)
+from vera_cli.adapters.registry import banks, named_tensors
+from vera_cli.adapters.routing import LOOP_UP_TO
+from vera_cli.adapters.state import adapter_metadata, adapter_tensors, load_adapter
+from vera_cli.bases import fingerprint
+from vera_cli.models import ConvNet, ModelConfig, ViTConfig, build_model
+
+INPUT = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+TINY_VIT = ModelConfig("vit", ViTConfig(patch_size=8, dim=16, depth=2, heads=2, mlp_ratio=2))
+
+
+def convnet() -> nn.Module:
+    torch.manual_seed(0)
+    return ConvNet().eval()
+
+
+def vit() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(TINY_VIT).eval()
+
+
+def nudge(model: nn.Module, seed: int = 1) -> None:
+    """Give every adapter non-zero values, as training would (each adapter its own)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in adapter_names(model):
+            for tensor in named_tensors(model, name).values():
+                tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.1)
+
+
+def with_adapters(base: nn.Module, specs: dict[str, AdapterConfig]) -> nn.Module:
+    model = copy.deepcopy(base)
+    for name, spec in specs.items():
+        add_adapter(model, name, spec)
+    nudge(model)
+    return model
+
+
+def alone(model: nn.Module, name: str | None, x: torch.Tensor, forward=None) -> torch.Tensor:
+    """The model's output for `x` with one adapter active (None: adapters disabled)."""
+    forward = forward or model
+    if name is None:
+        with disable_adapters(model):
+            return forward(x)
+    set_adapter(model, name)
+    return forward(x)
+
+
+VERA_ALL = AdapterConfig(method="vera", rank=8, targets=["all"])
+
+
+def test_named_adapters_compute_as_each_alone_and_the_base_comes_back():
+    base = convnet()
+    specs = {"cat": VERA_ALL, "dog": AdapterConfig(method="lora", rank=4, targets=["all"]),
+             "bird": AdapterConfig(method="vera", rank=8, train_head=True), "ship": AdapterConfig(method="head")}
+    model = with_adapters(base, specs)
+    assert adapter_names(model) == list(specs) and active_adapter(model) == "cat"
+    for name, spec in specs.items():
+        # The same adapter as the only one of a fresh base (its tensors loaded by their file names).
+        single = inject(copy.deepcopy(base), spec)
+        single.load_state_dict({**single.state_dict(), **named_tensors(model, name)})
+        set_adapter(model, name)
+        assert torch.allclose(model(INPUT), single(INPUT), atol=1e-6), name
+        # Only the active adapter trains.
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        assert trainable == {id(t) for t in named_tensors(model, name).values()}, name
+    with disable_adapters(model):
+        assert torch.equal(model(INPUT), base(INPUT))
+    assert not torch.equal(model(INPUT), base(INPUT))
+    # Each adapter keeps its own copy of the head: the base's head is untouched by head and train_head adapters.
+    assert torch.equal(model.fc5.base.weight, base.fc5.weight)
+    for name in specs:
+        delete_adapter(model, name)
+    assert not adapted_layers(model) and not banks(model)
+    assert model.state_dict().keys() == base.state_dict().keys()
+    assert torch.equal(model(INPUT), base(INPUT))
+
+
+def test_deleting_the_active_adapter_activates_the_first_remaining_and_drops_unread_projections():
+    model = with_adapters(convnet(), {"a": VERA_ALL, "b": AdapterConfig(method="vera", rank=4, projection_seed=9),
+                                      "c": AdapterConfig(method="lora", rank=2)})
+    assert [name for name, _ in banks(model)] == ["vera_projections", "vera_projections_2"]
+    delete_adapter(model, "a")
+    assert active_adapter(model) == "b"
+    assert [name for name, _ in banks(model)] == ["vera_projections"] and projection_bank(model, "b").seed == 9
+    # conv1 and conv2 carried only "a": plain layers again.
+    assert type(model.conv1) is nn.Conv2d and isinstance(model.fc1, AdaptedLinear)
+    with pytest.raises(AdapterError, match="no adapter named 'a'; it has b, c"):
+        set_adapter(model, "a")
+
+
+@pytest.mark.parametrize("count", [1, 3, 8])
+def test_vera_adapters_with_one_seed_share_one_projection_bank(count):
+    model = with_adapters(convnet(), {f"a{i}": VERA_ALL for i in range(count)})
+    assert len(banks(model)) == 1
+    # One tensor in memory whatever the number of adapters: every adapter's A and B are the bank's storage.
+    buffers = {name: buf.data_ptr() for name, buf in model.named_buffers()}
+    assert len(buffers) == 12  # 6 per-shape pairs, as for a single adapter
+    for layer in adapted_layers(model).values():
+        pointers = {(part.projections(layer)[0].data_ptr(), part.projections(layer)[1].data_ptr())
+                    for part in layer.parts.values()}
+        assert len(pointers) == 1
+        assert pointers <= {(a.data_ptr(), b.data_ptr()) for a, b in [projection_bank(model).projections(layer.fan_in, layer.out_features)]}
+
+
+def test_adapter_files_load_under_names_sharing_projections_and_round_trip(tmp_path):
+    base = convnet()
+    specs = {"v": AdapterConfig(method="vera", rank=8, train_head=True),
+             "w": AdapterConfig(method="vera", rank=8, targets=["fc[1-4]"]),
+             "s": AdapterConfig(method="vera", rank=8, sharing="sliced", store_projections=True),
+             "l": AdapterConfig(method="lora", rank=4, targets=["all"])}
+    folders = {}
+    for index, (name, spec) in enumerate(specs.items()):
+        single = inject(copy.deepcopy(base), spec)
+        nudge(single, seed=index)
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        save_adapter(folders[name], single, spec, fingerprint(base), {"base_run": "b", "classes": ["cat"]})
+    model = copy.deepcopy(base)
+    for name, folder in folders.items():
+        apply_adapter(model, folder, fingerprint(base), name=name)
+    assert len(banks(model)) == 2  # v and w read one per-shape bank, s its sliced pair
+    for name, folder in folders.items():
+        single = copy.deepcopy(base)
+        apply_adapter(single, folder, fingerprint(base))
+        set_adapter(model, name)
+        assert torch.equal(model(INPUT), single(INPUT)), name
+        # Saved by name, the adapter's file holds what the single model's file holds.
+        spec = specs[name]
+        ours, theirs = adapter_tensors(model, spec, name), adapter_tensors(single, spec)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        assert adapter_metadata(model, spec, name)["projection_checksum"] == adapter_metadata(single, spec)["projection_checksum"]
+
+
+def test_a_file_that_does_not_fit_leaves_nothing_behind(tmp_path):
+    base = convnet()
+    spec = AdapterConfig(method="lora", rank=4)
+    single = inject(copy.deepcopy(base), spec)
+    tensors = adapter_tensors(single, spec)
+    tensors["fc1.lora_A"] = torch.zeros(3, 400)
+    model = with_adapters(base, {"a": VERA_ALL})
+    before = set(model.state_dict())
+    with pytest.raises(AdapterError, match="adapter tensor fc1.lora_A has shape"):
+        load_adapter(model, adapter_metadata(single, spec), tensors, name="b")
+    assert adapter_names(model) == ["a"] and set(model.state_dict()) == before
+
+
+def test_merge_and_unmerge_one_adapter_at_a_time_restore_the_weights_exactly():
+    model = with_adapters(convnet(), {"a": VERA_ALL, "b": AdapterConfig(method="lora", rank=4, train_head=True)})
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    set_adapter(model, "b")
+    expected = model(INPUT)
+    set_adapter(model, "a")
+    merge(model, "b")
+    assert torch.allclose(model(INPUT), expected, atol=1e-5)
+    with pytest.raises(AdapterError, match="adapter 'b' is merged: unmerge it before merging 'a'"):
+        merge(model, "a")
+    for refused in (lambda: set_adapter(model, "a"), lambda: disable_adapters(model).__enter__(),
+                    lambda: mixed_batch(model, ["a"] * len(INPUT)).__enter__(), lambda: delete_adapter(model, "b")):
+        with pytest.raises(AdapterError, match="'b' is merged"):
+            refused()
+    unmerge(model)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    plain = merged_plain(model, "b")
+    assert plain.state_dict().keys() == convnet().state_dict().keys()
+    assert torch.allclose(plain(INPUT), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("base", "means no adapter in a mixed batch"), ("a.b", "use letters, digits"), ("keys", "choose another name"),
+    ("a", "already has an adapter named 'a'")])
+def test_bad_names_are_refused(name, message):
+    model = with_adapters(convnet(), {"a": VERA_ALL})
+    with pytest.raises(AdapterError, match=message):
+        add_adapter(model, name, AdapterConfig(method="lora"))
+
+
+def test_a_full_fine_tune_or_a_model_trained_in_place_cannot_take_named_adapters():
+    with pytest.raises(AdapterError, match="a full fine-tune changes every weight"):
+        add_adapter(convnet(), "a", AdapterConfig(method="full"))
+    legacy = inject(convnet(), AdapterConfig(method="vera", train_head=True))
+    with pytest.raises(AdapterError, match=r"this model trains fc5.weight, fc5.bias in place"):
+        add_adapter(legacy, "b", AdapterConfig(method="lora"))
+    # The default adapter added by name keeps its head apart, so others may join it.
+    model = add_adapter(convnet(), "default", AdapterConfig(method="vera", train_head=True))
+    assert {"fc5.weight", "fc5.base.weight", "fc1.vera_d"} <= set(model.state_dict())
+    add_adapter(model, "b", AdapterConfig(method="lora"))
+
+
+MIXED = {
+    "v1": VERA_ALL, "v2": VERA_ALL, "v3": VERA_ALL,
+    "v4": AdapterConfig(method="vera", rank=4, projection_seed=7, sharing="sliced"),
+    # A rank above the layers' widths: its samples go through its delta W where that costs less.
+    "v5": AdapterConfig(method="vera", rank=64, projection_seed=11, targets=["all"]),
+    "l1": AdapterConfig(method="lora", rank=4, targets=["all"]), "l2": AdapterConfig(method="lora", rank=2),
+    "h1": AdapterConfig(method="head"), "vh": AdapterConfig(method="vera", rank=8, train_head=True),
+    **{f"m{i}": AdapterConfig(method="lora", rank=4, targets=["all"], alpha=4 + i) for i in range(LOOP_UP_TO + 2)},
+    **{f"c{i}": AdapterConfig(method="head") for i in range(LOOP_UP_TO + 1)},
+}
+
+
+# fast.forward(ViT) is the model itself; on the ConvNet it is the compiled prefix and the weight path.
+@pytest.mark.parametrize("build, use_fast", [(convnet, False), (convnet, True), (vit, False)])
+def test_each_sample_of_a_mixed_batch_gets_what_it_gets_alone(build, use_fast):
+    model = with_adapters(build(), MIXED)
+    names = [list(MIXED)[i % len(MIXED)] for i in range(len(INPUT))]
+    names[5], names[11] = None, "base"
+    forward = fast.forward(model) if use_fast else model
+    with torch.no_grad():
+        mixed = forward_mixed(model, INPUT, names, forward)
+        for row, name in enumerate(names):
+            expected = alone(model, None if name == "base" else name, INPUT[row:row + 1], forward)
+            assert (mixed[row] - expected[0]).abs().max() < 1e-5, (row, name)
+
+
+def test_positions_or_a_tensor_choose_adapters_and_a_uniform_batch_is_the_adapter_alone():
+    model = with_adapters(convnet(), {"a": VERA_ALL, "b": AdapterConfig(method="lora", rank=4)})
+    with torch.no_grad():
+        by_name = forward_mixed(model, INPUT[:4], ["a", "b", None, "a"])
+        assert torch.equal(forward_mixed(model, INPUT[:4], [0, 1, -1, 0]), by_name)
+        assert torch.equal(forward_mixed(model, INPUT[:4], torch.tensor([0, 1, -1, 0])), by_name)
+        assert torch.equal(forward_mixed(model, INPUT, ["b"] * len(INPUT)), alone(model, "b", INPUT))
+    with pytest.raises(AdapterError, match="no adapter named 'z': the model has a, b"):
+        forward_mixed(model, INPUT[:2], ["a", "z"])
+    with pytest.raises(AdapterError, match="names an adapter for 3 samples, but this layer got 4 rows"):
+        forward_mixed(model, INPUT[:4], ["a", "b", None])
+    with pytest.raises(AdapterError, match="positions must lie in -1..1"):
+        forward_mixed(model, INPUT[:2], torch.tensor([0, 2]))
+
+
+def test_vera_computes_one_down_and_one_up_product_per_layer_for_the_whole_batch(monkeypatch):
+    model = with_adapters(convnet(), {f"a{i}": VERA_ALL for i in range(6)})
+    calls = []
+    for method in ("down", "up"):  # static on the linear geometry: counted per layer through an instance method
+        original = getattr(AdaptedLinear, method)
+        monkeypatch.setattr(AdaptedLinear, method, lambda self, x, w, original=original, method=method:
+                            calls.append((method, id(self))) or original(x, w))
+    with torch.no_grad():
+        forward_mixed(model, INPUT, [f"a{i % 6}" for i in range(len(INPUT))])
+    linear = [id(layer) for layer in adapted_layers(model).values() if isinstance(layer, AdaptedLinear)]
+    assert sorted(calls) == sorted([("down", i) for i in linear] + [("up", i) for i in linear])
+
+
+def test_mixed_batches_in_training_mode_train_each_sample_through_its_own_adapter():
+    model = with_adapters(convnet(), {"a": VERA_ALL, "b": AdapterConfig(method="lora", rank=4)}).train()
+    for name in ("a", "b"):
+        for tensor in named_tensors(model, name).values():
+            tensor.requires_grad_(True)
+    forward_mixed(model, INPUT[:4], ["a", "a", None, None]).square().sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in named_tensors(model, "a").values())
+    assert all(t.grad is None for t in named_tensors(model, "b").values())
+    dropout = with_adapters(convnet(), {"a": AdapterConfig(method="vera", dropout=0.1)}).train()
+    with pytest.raises(AdapterError, match="without adapter dropout: call model.eval"):
+        forward_mixed(dropout, INPUT[:2], ["a", None])
+
+
+@pytest.mark.parametrize("count", [2, LOOP_UP_TO + 3])
+def test_lora_mixed_batch_equals_peft_adapter_names_on_the_same_weights(count):
+    peft = pytest.importorskip("peft", reason="peft is not installed: pip install -e '.[peft]' to run this")
+    targets = ["conv1", "conv2", "fc1", "fc2", "fc3", "fc4", "fc5"]
+    names = [f"a{i}" for i in range(count)]
+    ours = with_adapters(convnet(), {name: AdapterConfig(method="lora", rank=4, alpha=4 + i, targets=["all"])
+                                     for i, name in enumerate(names)})
+    theirs = peft.get_peft_model(convnet(), peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets), adapter_name=names[0])
+    for i, name in enumerate(names[1:], start=1):
+        theirs.add_adapter(name, peft.LoraConfig(r=4, lora_alpha=4 + i, target_modules=targets))
+    with torch.no_grad():
+        for name in names:
+            for layer_name, layer in adapted_layers(ours).items():
+                peft_layer = theirs.base_model.model.get_submodule(layer_name)
+                peft_layer.lora_A[name].weight.copy_(layer.parts[name].tensor("lora_A"))
+                peft_layer.lora_B[name].weight.copy_(layer.parts[name].tensor("lora_B"))
+        theirs.eval()
+        per_sample = [names[i % count] if i % 5 else None for i in range(len(INPUT))]
+        logits = forward_mixed(ours, INPUT, per_sample)
+        reference = theirs(INPUT, adapter_names=[name or "__base__" for name in per_sample])
+    assert (logits - reference).abs().max() < 1e-5
+
+
+def test_an_adapter_that_trains_layers_whole_keeps_its_own_copies():
+    model = with_adapters(convnet(), {"a": VERA_ALL})
+    add_adapter(model, "b", AdapterConfig(method="lora", targets=["fc1"], trainable=["conv1", "fc5"]))
+    set_adapter(model, "b")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"fc1.adapters.b.lora_A", "fc1.adapters.b.lora_B", "conv1.adapters.b.weight",
+                         "conv1.adapters.b.bias", "fc5.adapters.b.weight", "fc5.adapters.b.bias"}
+    with pytest.raises(AdapterError, match="adapter 'c' cannot sit beside others: trainable names fc1, which the "
+                       "adapter also adapts"):
+        add_adapter(model, "c", AdapterConfig(method="vera", trainable=["fc1"]))

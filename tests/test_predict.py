@@ -1,0 +1,238 @@
+"""`vera eval` with several adapters on one base, and `vera predict` on image files."""
+
+from __future__ import annotations
+
+import copy
+import struct
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vera_cli import cli, fast
+from vera_cli.adapter_files import apply_adapter
+from vera_cli.adapters.inject import merged_plain
+from vera_cli.adapters.routing import Routing
+from vera_cli.bases import fingerprint, load_pretrained
+from vera_cli.commands import served
+from vera_cli.commands.evaluate import evaluate_runs
+from vera_cli.data import Split, load_cifar10
+from vera_cli.images import RULE, read_image, to_cifar
+from vera_cli.metrics import accuracy_report, predict_logits
+from vera_cli.runs import Run
+
+ADAPTERS = {"vera": [], "lora": ["--method", "lora", "--rank", "4", "--set", "adapter.targets=[all]"],
+            "head": ["--train-head"], "full": ["--method", "full"]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cifar_root) -> Path:
+    """A pretrain run, `base`, and an adapt run over it per entry of ADAPTERS, made once for the module."""
+    root = tmp_path_factory.mktemp("runs")
+    common = ["--data-dir", str(cifar_root), "--device", "cpu", "--no-progress", "--batch-size", "32"]
+    assert cli.run(["pretrain", *common, "--epochs", "2", "--run-dir", str(root / "base")]) == 0
+    for name, options in ADAPTERS.items():
+        assert cli.run(["adapt", *common, "--epochs", "1", "--base", str(root / "base"), *options,
+                        "--run-dir", str(root / name)]) == 0
+    return root
+
+
+@pytest.fixture
+def linked(vera, runs):
+    """`vera` in a fresh working folder whose runs/ is the module's runs."""
+    Path("runs").symlink_to(runs, target_is_directory=True)
+    return vera
+
+
+BASE = "runs/base"
+SHARED = ["runs/vera", "runs/lora", "runs/head"]
+
+
+def per_copy_reports(base_path: Path, adapters: list[str], cifar_root: Path, merged: bool) -> dict[str, dict]:
+    """What `vera eval` reported before adapters shared the base: a deep copy of the base per adapter."""
+    base, cfg = load_pretrained(Run(base_path), torch.device("cpu"))
+    data = load_cifar10(cifar_root, download=False)
+    reports = {}
+    for path in adapters:
+        model = copy.deepcopy(base)
+        meta = apply_adapter(model, Path(path), fingerprint(base))
+        if merged:
+            merged_plain(model)
+        logits = predict_logits(fast.forward(model.eval()), data.test, cfg.model.tta)
+        chosen = [data.classes.index(name) for name in meta["classes"]]
+        reports[path] = accuracy_report(logits, data.test.labels, data.classes, chosen).to_dict()
+    return reports
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_eval_of_several_adapters_shares_one_base_and_reports_what_copies_did(linked, cifar_root, monkeypatch, merged):
+    copies = []
+    monkeypatch.setattr(served, "copy", SimpleNamespace(deepcopy=lambda model: copies.append(1) or copy.deepcopy(model)))
+    adapters = [*SHARED, "runs/full"]
+    result = evaluate_runs(BASE, adapters, merged, str(cifar_root), "cpu")
+    # A copy for the full fine-tune's own model (and the pristine base it starts from), none for the others.
+    assert len(copies) == 2
+    reports = {name: report.to_dict() for name, report in result.reports.items()}
+    assert list(reports) == ["base", *adapters]
+    assert {path: reports[path] for path in adapters} == per_copy_reports(Path(BASE), adapters, cifar_root, merged)
+
+
+def test_eval_cli_lists_every_adapter_of_one_base(linked):
+    result = linked("eval", BASE, "--adapter", *SHARED, "--json")
+    assert result.code == 0, result.err
+    assert list(result.json()["reports"]) == ["base", *SHARED]
+
+
+def write_png(path: Path, pixels: np.ndarray) -> Path:
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def huge_header_png(path: Path) -> Path:
+    """A valid PNG header that claims 100,000 x 100,000 pixels: a decompression bomb as Pillow sees one."""
+    data = bytearray((Path(write_png(path, np.zeros((1, 1, 3), np.uint8)))).read_bytes())
+    data[16:24] = struct.pack(">II", 100_000, 100_000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_the_stated_rule_is_torchvisions_resize_and_centre_crop():
+    from torchvision import transforms
+
+    torchvision_rule = transforms.Compose([transforms.Resize(32, antialias=True), transforms.CenterCrop(32)])
+    rng = np.random.default_rng(0)
+    for height, width in ((48, 64), (70, 50), (20, 20), (33, 97)):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        assert np.array_equal(np.asarray(to_cifar(image)), np.asarray(torchvision_rule(image))), (height, width)
+    assert "short side is 32 pixels (bilinear, antialiased)" in RULE
+
+
+def test_images_of_any_mode_and_size_become_32x32_rgb_and_bad_files_say_why(tmp_path):
+    rng = np.random.default_rng(1)
+    gray = write_png(tmp_path / "gray.png", rng.integers(0, 256, (20, 40), dtype=np.uint8))
+    rgba = write_png(tmp_path / "rgba.png", rng.integers(0, 256, (48, 64, 4), dtype=np.uint8))
+    exact = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert torch.equal(read_image(write_png(tmp_path / "exact.png", exact)).pixels, torch.from_numpy(exact).permute(2, 0, 1))
+    for path, mode in ((gray, "L"), (rgba, "RGBA")):
+        picture = read_image(path)
+        assert picture.pixels.shape == (3, 32, 32) and picture.pixels.dtype == torch.uint8
+        assert picture.mode == mode and picture.converted
+    assert torch.equal(read_image(gray).pixels[0], read_image(gray).pixels[2])  # gray stays gray
+
+
+def bad_files(folder: Path) -> dict[str, str]:
+    """Files `vera predict` must skip, by name, with the reason it gives."""
+    noisy = write_png(folder / "truncated.png", np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    noisy.write_bytes(noisy.read_bytes()[:600])
+    (folder / "notes.txt").write_text("not an image")
+    huge_header_png(folder / "huge.png")
+    return {"truncated.png": "damaged or truncated", "notes.txt": "not an image Pillow can read",
+            "huge.png": "larger than Pillow's limit"}
+
+
+def test_predict_on_pngs_of_the_test_split_equals_eval(linked, cifar_root):
+    data = load_cifar10(cifar_root, download=False)
+    folder = Path("images")
+    folder.mkdir()
+    count = 30
+    for index in range(count):
+        write_png(folder / f"{index:03d}.png", data.test.images[index].permute(1, 2, 0).numpy())
+    sample = Split(data.test.images[:count], data.test.labels[:count])
+    base, cfg = load_pretrained(Run(Path(BASE)), torch.device("cpu"))
+    for run in (BASE, *SHARED):
+        model = copy.deepcopy(base)
+        if run != BASE:
+            apply_adapter(model, Path(run), fingerprint(base))
+        expected = predict_logits(fast.forward(model.eval()), sample, cfg.model.tta).argmax(1)
+        result = linked("predict", run, str(folder), "--top", "1", "--json")
+        assert result.code == 0, result.err
+        rows = result.json()["predictions"]
+        assert [row["image"] for row in rows] == [str(folder / f"{index:03d}.png") for index in range(count)]
+        assert [data.classes.index(row["top"][0]["class"]) for row in rows] == expected.tolist(), run
+        assert not any(row["input"]["converted"] for row in rows)
+
+
+def probabilities(rows: list[dict]) -> dict[tuple[str, str | None], dict[str, float]]:
+    return {(row["image"], row["adapter"]): {entry["class"]: entry["probability"] for entry in row["top"]} for row in rows}
+
+
+def test_several_adapters_serve_every_image_in_one_mixed_batch_as_each_alone(linked, monkeypatch):
+    rng = np.random.default_rng(3)
+    images = [str(write_png(Path(f"{name}.png"), rng.integers(0, 256, shape, dtype=np.uint8)))
+              for name, shape in (("a", (32, 32, 3)), ("b", (50, 70, 3)), ("c", (40, 30)))]
+    Path("assign.csv").write_text("image,adapter\na.png,runs/vera\nb.png,runs/lora\nc.png,\na.png,runs/head\n"
+                                  "c.png,runs/full\nb.png,base\n")
+    mixed_calls = []
+    groups = Routing.groups
+    monkeypatch.setattr(Routing, "groups", lambda self, layer, device: mixed_calls.append(1) or groups(self, layer, device))
+    crossed = linked("predict", BASE, *images, "--adapter", "runs/vera", "--adapter", "runs/lora",
+                   "--top", "10", "--json")
+    assert crossed.code == 0, crossed.err
+    assert mixed_calls, "several adapters are served as one mixed batch"
+    from_csv = linked("predict", BASE, "--adapters-csv", "assign.csv", "--top", "10", "--json")
+    assert from_csv.code == 0, from_csv.err
+    rows = crossed.json()["predictions"] + from_csv.json()["predictions"]
+    assert [(row["image"], row["adapter"]) for row in from_csv.json()["predictions"]] == [
+        ("a.png", "runs/vera"), ("b.png", "runs/lora"), ("c.png", None), ("a.png", "runs/head"),
+        ("c.png", "runs/full"), ("b.png", None)]
+    for (image, adapter), probs in probabilities(rows).items():
+        alone = linked("predict", adapter or BASE, image, "--top", "10", "--json")
+        expected = probabilities(alone.json()["predictions"])[(image, adapter)]
+        assert probs.keys() == expected.keys()
+        assert all(abs(probs[name] - expected[name]) < 1e-5 for name in probs), (image, adapter)
+
+
+def test_unreadable_images_are_skipped_with_one_line_each_or_refused_with_strict(linked):
+    folder = Path("photos")
+    folder.mkdir()
+    good = write_png(folder / "good.png", np.random.default_rng(4).integers(0, 256, (24, 36, 3), dtype=np.uint8))
+    reasons = bad_files(folder)
+    jpeg = folder / "photo.jpg"
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (45, 60, 3), dtype=np.uint8)).save(jpeg, quality=90)
+    named = [str(folder), str(folder / "notes.txt")]  # a folder lists image extensions; notes.txt is named itself
+    result = linked("predict", BASE, *named, "--json")
+    assert result.code == 0, result.err
+    rows = result.json()
+    assert [row["image"] for row in rows["predictions"]] == [str(good), str(jpeg)]
+    assert all(row["input"]["converted"] for row in rows["predictions"]) and rows["conversion"] == RULE
+    warnings = [line for line in result.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 3
+    for name, reason in reasons.items():
+        assert any(line.startswith(f"warning: {folder / name}: {reason}") for line in warnings), name
+    assert {entry["image"] for entry in rows["skipped"]} == {str(folder / name) for name in reasons}
+    strict = linked("predict", BASE, *named, "--strict")
+    assert strict.code == 2 and strict.out == ""
+    assert strict.err.startswith("error: 3 of 5 images cannot be read, nothing classified (--strict)")
+    assert all(str(folder / name) in strict.err for name in reasons)
+    text = linked("predict", BASE, str(good), "--top", "2")
+    assert text.code == 0 and "converted: images other than 32x32 RGB" in " ".join(text.out.split())
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["x.png", "--top", "11"], "--top must be from 1 to 10"),
+    (["x.png", "--adapters-csv", "missing.csv"], "--adapters-csv names the images and their adapters"),
+    ([], "name the images to classify"),
+    (["--adapters-csv", "bad.csv"], "bad.csv must start with the header line image,adapter"),
+    (["missing.png", "--strict"], "missing.png: no such file"),
+])
+def test_predict_refuses_bad_input(linked, arguments, message):
+    Path("bad.csv").write_text("picture,run\nx.png,\n")
+    result = linked("predict", BASE, *arguments)
+    assert result.code == 2 and message in result.err, result.err
+
+
+def test_count_params_states_the_storage_of_many_adapters(vera):
+    result = vera("count-params", "--adapters", "100", "--json")
+    assert result.code == 0, result.err
+    storage = {row["method"]: row for row in result.json()["storage"]}
+    assert storage["vera"]["values"] == 542 and storage["lora"]["values"] == 36_928
+    assert storage["vera"]["total_bytes"] == 100 * storage["vera"]["file_bytes"] + 8
+    assert storage["lora"]["total_bytes"] == 100 * storage["lora"]["file_bytes"]
+    assert storage["vera"]["file_bytes"] == result.json()["adapter_bytes"] == 2_864
+    assert storage["lora"]["file_bytes"] > 4 * 36_928
+    assert vera("count-params", "--method", "head", "--adapters", "3").code == 2
