@@ -272,7 +272,7 @@ def count_params(
             raise VeraError("--versus-lora sets VeRA beside LoRA: use it with --method vera")
         result = versus_lora(result, base, settings.adapter, lora_rank)
     if adapters is not None:
-        if method not in ("vera", "lora") or adapters < 1:
+        if settings.adapter.method not in ("vera", "lora") or adapters < 1:
             raise VeraError("--adapters N (N >= 1) compares the storage of VeRA and LoRA adapters: use it with "
                             "--method vera or lora")
         result = with_storage(result, base, settings.adapter, adapters, lora_rank)
