@@ -105,20 +105,27 @@ TINY_VIT_SETTINGS = "model.vit={patch_size: 8, dim: 16, depth: 2, heads: 2, mlp_
 ATTENTION = "attention"
 
 
-def train_once(tmp_path_factory, data_dir: Path, *args: str) -> Path:
+def train_once(tmp_path_factory, data_dir: Path, *args: str, interrupt_after: int | None = None,
+               runs_from: Path | None = None) -> Path:
     """Run `vera` (as the `vera` fixture does: local data, cpu, no progress) in a folder of its own;
-    the folder it ran in. For runs that many tests start from: trained once, copied per test."""
+    the folder it ran in. For runs that many tests start from: trained once, copied per test.
+    With `interrupt_after`, the run stops as if Ctrl-C were pressed once that epoch was recorded;
+    `runs_from`'s runs/ (a base to adapt) is copied in first."""
     folder = tmp_path_factory.mktemp("trained")
+    if runs_from is not None:
+        shutil.copytree(runs_from / "runs", folder / "runs")
     argv = [args[0], "--data-dir", str(data_dir), "--device", "cpu", "--no-progress", *args[1:]]
     said = io.StringIO()
     before = os.getcwd()
     os.chdir(folder)
     try:
-        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said), pytest.MonkeyPatch.context() as patch:
+            if interrupt_after is not None:
+                _interrupt_after(patch, interrupt_after)
             code = cli.run(argv)
     finally:
         os.chdir(before)
-    assert code == 0, said.getvalue()
+    assert code == (0 if interrupt_after is None else 130), said.getvalue()
     return folder
 
 
@@ -152,19 +159,21 @@ def pretrained(vera, trained_base) -> Path:
     return copy_run(trained_base, "runs/base")
 
 
+def _interrupt_after(monkeypatch, n: int) -> None:
+    original = EpochRecorder.__call__
+
+    def recorder(self, stats, report):
+        original(self, stats, report)
+        if stats.epoch == n:
+            monkeypatch.setattr(EpochRecorder, "__call__", original)
+            raise KeyboardInterrupt
+    monkeypatch.setattr(EpochRecorder, "__call__", recorder)
+
+
 @pytest.fixture
 def interrupt_after_epoch(monkeypatch):
     """Make the next run stop as if Ctrl-C were pressed right after epoch `n` was recorded."""
-    def arm(n: int) -> None:
-        original = EpochRecorder.__call__
-
-        def recorder(self, stats, report):
-            original(self, stats, report)
-            if stats.epoch == n:
-                monkeypatch.setattr(EpochRecorder, "__call__", original)
-                raise KeyboardInterrupt
-        monkeypatch.setattr(EpochRecorder, "__call__", recorder)
-    return arm
+    return lambda n: _interrupt_after(monkeypatch, n)
 
 
 def fake_run(root: Path, name: str, kind: str = "adapt", status: str = "finished", overall: float = 0.5,

@@ -294,10 +294,13 @@ def test_list_options_keep_regexes_and_paths_with_commas_whole(vera, pretrained)
 
 
 def test_a_compare_grid_with_duplicate_points_runs_each_once(vera, pretrained):
-    result = vera("compare", "--methods", "head,head", "--ranks", "2,2", "--epochs", "1", "--run-dir", "runs/c")
+    result = vera("compare", "--methods", "head,lora,head", "--ranks", "2,2", "--targets", "fc1", "--epochs", "1",
+                  "--run-dir", "runs/c")
     assert result.code == 0, result.err
-    assert sorted(p.name for p in Path("runs/c/rows").iterdir()) == ["head-replay-s0"]
-    assert len(Path("runs/c/rows.jsonl").read_text().splitlines()) == 1
+    assert sorted(p.name for p in Path("runs/c/rows").iterdir()) == ["head-replay-s0", "lora-r2-fc1-replay-s0"]
+    # Each row says its plan before it trains: 250 images of every class but the 3 chosen at half replay, batch 256.
+    assert result.err.count(", 1 epochs, 1 optimizer steps (batch 256), cpu, run runs/c/rows/") == 2
+    assert len(Path("runs/c/rows.jsonl").read_text().splitlines()) == 2
 
 
 def test_other_classes_print_na_when_every_class_is_chosen(vera, pretrained):

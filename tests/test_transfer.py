@@ -65,6 +65,48 @@ def test_adapting_a_held_out_base_reports_new_and_retained_classes(held_out_base
     assert summary("runs/new")["held_out"] == HELD_OUT
 
 
+def test_ten_shots_of_new_classes_with_the_shipped_configs_train_by_steps_with_the_head_and_learn_them(held_out_base, vera):
+    result = vera("adapt", "--base", str(held_out_base), "--classes", *HELD_OUT, "--shots", "10", "--run-dir", "runs/k10")
+    assert result.code == 0, result.err
+    said = result.err.splitlines()
+    # 30 shots and 15 replayed images at the few-shot batch of 16: 3 steps a pass, 50 passes for 150 steps.
+    assert "(rank 32, 1,350 trainable) on cat, bird, dog (forgetting: replay): 45 images (15 replayed), 50 epochs, " \
+           "150 optimizer steps (batch 16), cpu" in said[0]
+    assert said[1] == ("cat, bird, dog are new to runs/held-out (held out at its pretraining): the classifier layer "
+                       "trains fully beside the adapter (adapter.train_head: true); --no-train-head keeps it frozen")
+    assert said[2] == ("10 shots a class: trained by steps: 45 images make 3 batch(es) of 16 a pass, so 50 passes reach "
+                       "min_steps 150 (train.epochs 6 would be 18 steps)")
+    recorded = summary("runs/k10")
+    assert (recorded["epochs"], recorded["shots"], recorded["train_images"], recorded["head_parameters"]) == (50, 10, 45, 850)
+    # Above chance among the three new classes, which the base never predicts (10-way: 0 %).
+    assert recorded["base"]["chosen"] == 0 and recorded["test"]["task"] > 1 / 3 and recorded["test"]["chosen"] > 0
+    config_yaml = Path("runs/k10/config.yaml").read_text()
+    assert "train_head: true" in config_yaml and "min_steps: 150" in config_yaml and "batch_size: 16" in config_yaml
+
+
+def test_epochs_given_with_shots_train_those_epochs_and_say_they_are_few(held_out_base, vera):
+    result = vera("adapt", "--base", str(held_out_base), "--classes", *HELD_OUT, "--shots", "10", "--epochs", "2",
+                  "--run-dir", "runs/k10")
+    assert result.code == 0, result.err
+    assert "45 images (15 replayed), 2 epochs, 2 optimizer steps (batch 256)" in result.err
+    assert ("note: 10 shots a class at batch 256 make 2 optimizer steps in 2 epochs, fewer than the few-shot budget of "
+            "150 (few_shot.min_steps): new classes may not be learned") in result.err
+
+
+def test_new_classes_with_the_head_kept_frozen_need_an_adapter_on_it(held_out_base, vera):
+    base = ["--base", str(held_out_base), "--classes", *HELD_OUT, "--no-train-head", "--epochs", "1"]
+    refused = vera("adapt", *base, "--target", "fc1", "--run-dir", "runs/never")
+    assert refused.code == 2 and not Path("runs/never").exists()
+    assert refused.err == ("error: cat, bird, dog are new to runs/held-out (held out at its pretraining) and nothing here "
+                           "trains its classifier layer fc5 (adapter.train_head is false and fc5 is not among the adapter's "
+                           "targets): their logits could not be learned; drop --no-train-head, or add fc5 to the targets\n")
+    adapted = vera("adapt", *base, "--run-dir", "runs/frozen-head")
+    assert adapted.code == 0, adapted.err
+    assert ("note: cat, bird, dog are new to runs/held-out and adapter.train_head is false: only the adapter on fc5 can "
+            "move their logits") in adapted.err
+    assert summary("runs/frozen-head")["head_parameters"] == 0
+
+
 def test_a_selection_is_reproducible_per_class_disjoint_from_validation_and_nested_in_more_shots(cifar_root):
     labels = load_cifar10(cifar_root, download=False).train.labels
     chosen, others = [3, 2, 5], [0, 1, 4]
@@ -98,7 +140,10 @@ def test_same_seed_gives_the_same_shots_and_the_same_numbers(pretrained, vera):
 
 def test_head_lr_reaches_the_optimizer_in_a_group_of_the_head_alone():
     model = inject(ConvNet(), AdapterConfig(method="vera", rank=4, train_head=True))
-    trainer = Trainer(model, model, train_config(lr=0.05, head_lr=0.003, schedule="constant"), steps_per_epoch=1)
+    # An adapt run's train section: a pretrain run refuses head_lr, it has no head beside an adapter.
+    train = config.load(config.AdaptConfig, "adapt-vera", {"train.lr": 0.05, "train.head_lr": 0.003,
+                                                           "train.schedule": "constant"}).train
+    trainer = Trainer(model, model, train, steps_per_epoch=1)
     groups = trainer.optimizer.param_groups
     assert [group["lr"] for group in groups] == [0.05, 0.003]
     assert {id(p) for p in groups[1]["params"]} == {id(model.fc5.weight), id(model.fc5.bias)}

@@ -46,8 +46,9 @@ def test_vera_on_query_value_stores_only_those_vectors_and_merges_to_the_same_pr
 
 @pytest.mark.parametrize("method", ["lora", "full", "head"])
 def test_every_other_method_adapts_the_vit(vera, vit_base, method):
-    # Rank 16: the widest any of this ViT's layers can use (min(in, out) of a 16-wide layer).
-    result = vera("adapt", "--method", method, "--rank", "16", *ONE_EPOCH, "--run-dir", f"runs/{method}")
+    # Rank 16: the widest any of this ViT's layers can use (min(in, out) of a 16-wide layer); full and head have none.
+    rank = ["--rank", "16"] if method == "lora" else []
+    result = vera("adapt", "--method", method, *rank, *ONE_EPOCH, "--run-dir", f"runs/{method}")
     assert result.code == 0, result.err
     trainable = json.loads(Path(f"runs/{method}/summary.json").read_text())["trainable_parameters"]
     # lora rank 16 on all 13 Linear layers: per block 4 of 16->16 and 16->32, 32->16; the head 16->10.

@@ -475,7 +475,8 @@ def _remove(entries: list, yes: bool) -> None:
 
 def expand_list_options(argv: list[str]) -> list[str]:
     """`--classes cat bird dog` -> `--classes cat --classes bird --classes dog` (also `cat,bird`);
-    `--target 'fc{1,2}'` stays one value: what the shell hands over as one token is one value."""
+    `--target 'fc{1,2}'` stays one value: what the shell hands over as one token is one value.
+    A token that holds no value (`--classes ""`) is kept as it is, for the option to refuse."""
     expanded: list[str] = []
     current: str | None = None
     for token in argv:
@@ -485,18 +486,41 @@ def expand_list_options(argv: list[str]) -> list[str]:
                 expanded.append(token)
             continue
         if current is not None:
-            for value in filter(None, token.split(",") if LIST_OPTIONS[current] else [token]):
+            values = [value for value in (token.split(",") if LIST_OPTIONS[current] else [token]) if value.strip()]
+            for value in values or [token]:
                 expanded += [current, value]
             continue
         expanded.append(token)
     return expanded
 
 
+def refuse_empty_values(command: Any) -> Any:
+    """Every option and argument of `command` (a click command or group, as typer builds it) that takes a
+    value refuses an empty one: `--run-dir ""` would be the current folder, `--classes ""` or `--base ""`
+    the default, silently. Returns `command`."""
+    for param in command.params:
+        if not getattr(param, "is_flag", False) and not getattr(param, "count", False):
+            param.callback = _not_empty(param.callback)
+    for sub in getattr(command, "commands", {}).values():
+        refuse_empty_values(sub)
+    return command
+
+
+def _not_empty(previous: Any) -> Any:
+    def check(ctx: Any, param: Any, value: Any) -> Any:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(each, str) and not each.strip() for each in values):
+            default = ", or leave the option out for its default" if param.param_type_name == "option" else ""
+            raise typer.BadParameter(f"the value is empty: give one{default}")
+        return previous(ctx, param, value) if previous is not None else value
+    return check
+
+
 def run(argv: list[str]) -> int:
     """Run the CLI on `argv`; returns the exit code instead of exiting."""
     debug = "--debug" in argv or os.environ.get("VERA_DEBUG", "") not in ("", "0")
     argv = expand_list_options([a for a in argv if a != "--debug"])
-    command = typer.main.get_command(app)
+    command = refuse_empty_values(typer.main.get_command(app))
     if complete.completing("vera"):
         complete.expand_completion_words(os.environ, expand_list_options, LIST_OPTIONS)
     # SIGTERM (a scheduler, `kill`) stops a run as cleanly as Ctrl-C does.

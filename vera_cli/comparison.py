@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 METRICS = ("chosen", "task", "rest", "overall")
-RANKLESS = ("full", "head")  # no rank and no targets: they train whole modules
 # Axes tuned on the validation split: lines that differ only in these compete.
 TUNED_AXES = ("lr", "head_lr")
 

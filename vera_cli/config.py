@@ -22,13 +22,14 @@ import typing
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
 # The adapter section is the standalone adapters package's own config, re-exported here.
 from vera_cli.adapters.config import METHODS, SHARING_MODES, AdapterConfig
 from vera_cli.errors import VeraError
+from vera_cli.files import MAX_TEXT_BYTES
 from vera_cli.models import ModelConfig
 from vera_cli.yamlsafe import safe_load
 
@@ -40,6 +41,9 @@ SelectBy = Literal["overall", "task", "chosen", "rest"]
 # compare's method axis: each method, plus VeRA under each sharing mode other than the default.
 # `+head`: the adapter with the classifier layer trained fully beside it (adapter.train_head).
 _ADAPTER_METHODS = ("vera", "lora") + tuple(f"vera-{mode}" for mode in SHARING_MODES[1:])
+# Methods without rank or targets: they train whole modules; the adapters are the others.
+RANKLESS = ("full", "head")
+ADAPTERS = ("vera", "lora")
 CompareMethod = Literal[METHODS + _ADAPTER_METHODS[2:] + tuple(f"{m}+head" for m in _ADAPTER_METHODS)]  # type: ignore[valid-type]
 # Values renamed since runs were first written: old run configs still load.
 RENAMED_VALUES = {"onecycle": "linear"}
@@ -125,6 +129,19 @@ class PretrainConfig:
 
 
 @dataclass
+class FewShotConfig:
+    """The step budget of a run with `shots` whose epochs and min_steps are left unset (see step_budget):
+    a few images per class are a batch or two, so epochs alone would mean a handful of steps."""
+
+    min_steps: int
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        _require(self.min_steps >= 0, "few_shot.min_steps must not be negative")
+        _require(self.batch_size >= 1, "few_shot.batch_size must be at least 1")
+
+
+@dataclass
 class AdaptConfig:
     base: Optional[str]
     classes: list[str]
@@ -152,7 +169,9 @@ class AdaptConfig:
     # where settings are chosen (compare's learning-rate axes), so that the test set is not.
     validation: int
     # At least this many optimizer steps: a tiny (few-shot) set gets more passes than `train.epochs`.
-    min_steps: int
+    # Null until loaded: `load` settles it (step_budget), so a run records the number it trained with.
+    min_steps: Optional[int]
+    few_shot: FewShotConfig
 
     def __post_init__(self) -> None:
         _require(self.replay_fraction >= 0, "replay_fraction must not be negative")
@@ -160,7 +179,7 @@ class AdaptConfig:
         _require(self.distill_temperature > 0, "distill_temperature must be positive")
         _require(self.shots is None or self.shots >= 1, "shots must be at least 1 (or null: every image)")
         _require(self.validation >= 0, "validation (images per class) must not be negative")
-        _require(self.min_steps >= 0, "min_steps must not be negative")
+        _require(self.min_steps is None or self.min_steps >= 0, "min_steps must not be negative")
         _require_seed(self.seed, "seed")
         _require(len(self.classes) > 0, "classes is empty: name at least one class, e.g. --classes cat bird dog")
 
@@ -188,7 +207,7 @@ class CompareConfig:
     bases: list[str]
     validation: int  # images per class; needed to choose among lrs / head_lrs
     select_by: SelectBy
-    min_steps: int  # see AdaptConfig.min_steps
+    min_steps: Optional[int]  # None: each row's own (a row with shots takes its method's few_shot budget)
     batch_size: Optional[int]  # None: each method's config decides; few-shot sets want small batches
     replay_fraction: Optional[float]  # None: each method's config decides
 
@@ -196,7 +215,11 @@ class CompareConfig:
         _require(len(self.classes) > 0, "classes is empty: name at least one class, e.g. --classes cat bird dog")
         _require(len(self.methods) > 0, "methods is empty: name at least one, e.g. --methods vera,lora")
         _require(all(rank >= 1 for rank in self.ranks), f"ranks must be positive integers, got {self.ranks}")
+        _require(len(self.ranks) > 0 or all(m.partition("+")[0] in RANKLESS for m in self.methods),
+                 "ranks is empty: vera and lora need at least one, e.g. --ranks 4,32")
         _require(len(self.targets) > 0, "targets is empty: name at least one, e.g. --targets linear,all")
+        _require(len(self.forgetting) > 0, "forgetting is empty: name at least one, e.g. --set forgetting=[replay]")
+        _require(self.min_steps is None or self.min_steps >= 0, "min_steps must not be negative")
         _require(1 <= self.seeds <= MAX_COMPARE_SEEDS, f"seeds must be from 1 to {MAX_COMPARE_SEEDS}, got {shown(self.seeds)}")
         _require(self.epochs is None or self.epochs >= 1, "epochs must be at least 1")
         _require(self.batch_size is None or self.batch_size >= 1, "batch_size must be at least 1")
@@ -222,8 +245,10 @@ class ExperimentConfig:
 COMMAND_CONFIGS = {"PretrainConfig": "pretrain", "AdaptConfig": "adapt-vera", "CompareConfig": "compare",
                    "ExperimentConfig": "experiment"}
 # Keys a run recorded before they existed, whose behaviour then differs from today's shipped value: runs
-# pretrained before test-time flip existed were measured on the images alone, and cropped with 4 pixels.
-RECORDED_BEFORE_KEYS = {"PretrainConfig": {"model": {"tta": "none"}, "train": {"crop_padding": 4}}}
+# pretrained before test-time flip existed were measured on the images alone, and cropped with 4 pixels;
+# runs from before min_steps trained their epochs alone.
+RECORDED_BEFORE_KEYS = {"PretrainConfig": {"model": {"tta": "none"}, "train": {"crop_padding": 4}},
+                        "AdaptConfig": {"min_steps": 0}, "CompareConfig": {"min_steps": 0}}
 
 
 def _require_seed(value: int, key: str) -> None:
@@ -245,7 +270,13 @@ def config_source(name_or_path: str | Path) -> tuple[str, str]:
     """(where, text) of a config: an existing file, or a shipped config by name (`adapt-lora`)."""
     path = Path(name_or_path)
     if path.is_file():
-        return str(path), path.read_text()
+        size = path.stat().st_size
+        if size > MAX_TEXT_BYTES:
+            raise VeraError(f"config file {path} is {size:,} bytes, far more than a config: pass a YAML file")
+        try:
+            return str(path), path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise VeraError(f"config file {path} is not text (byte {exc.start} is not UTF-8): pass a YAML file") from None
     name = path.name[:-5] if path.name.endswith(".yaml") else path.name
     if str(path) == path.name and name in config_names():
         return f"{name} (shipped)", resources.files("vera_cli.configs").joinpath(f"{name}.yaml").read_text()
@@ -388,8 +419,117 @@ def load(cls: type[T], name_or_path: str | Path, overrides: dict[str, Any], defa
     A file that extends nothing starts from the shipped config `default` (the command's own, what
     `--print-config` prints without `--config`), so every key it leaves out has the command's value.
     """
-    raw = _sections_in_full(cls, read_config(name_or_path, default=default or COMMAND_CONFIGS[cls.__name__]))
-    return build(cls, apply_overrides(raw, expand_shorthands(cls, overrides)))
+    default = default or COMMAND_CONFIGS[cls.__name__]
+    raw = _sections_in_full(cls, read_config(name_or_path, default=default))
+    expanded = expand_shorthands(cls, overrides)
+    # What the user stated: options and --set (refused where they mean nothing), and with them the keys
+    # their file changes from the command's shipped config (which settle the few-shot step budget).
+    options = set(flatten(apply_overrides({}, expanded)))
+    shipped = _sections_in_full(cls, read_config(default))
+    stated = options | {key for key, value in flatten(raw).items() if flatten(shipped).get(key, _UNSET) != value}
+    return settle(build(cls, apply_overrides(raw, expanded)), options, stated)
+
+
+_UNSET = object()
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"train": {"lr": 0.1}}` -> `{"train.lr": 0.1}`."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# (key, whether it means something in a config, what it needs, what the config has instead): a key given
+# on the command line (an option or --set) where it means nothing is refused rather than ignored.
+Rule = tuple[str, Callable[[Any], bool], str, Callable[[Any], str]]
+_SGD = lambda c: c.train.optimizer == "sgd"  # noqa: E731
+_OPTIMIZER = lambda c: f"train.optimizer {c.train.optimizer}"  # noqa: E731
+_METHOD = lambda c: f"method {c.adapter.method}"  # noqa: E731
+_FORGETTING = lambda c: f"forgetting {c.forgetting}"  # noqa: E731
+TRAIN_RULES: list[Rule] = [
+    ("train.momentum", _SGD, "train.optimizer sgd", _OPTIMIZER),
+    ("train.nesterov", _SGD, "train.optimizer sgd", _OPTIMIZER),
+    ("train.crop_padding", lambda c: c.train.crop, "train.crop true", lambda c: "train.crop false"),
+]
+PRETRAIN_RULES: list[Rule] = TRAIN_RULES + [
+    ("train.head_lr", lambda c: False, "an adapt run whose classifier layer trains beside an adapter", lambda c: "a pretrain run"),
+]
+ADAPT_RULES: list[Rule] = TRAIN_RULES + [
+    *((key, lambda c: c.adapter.method in ADAPTERS, "method vera or lora", _METHOD)
+      for key in ("adapter.rank", "adapter.targets", "adapter.dropout", "adapter.train_head")),
+    *((key, lambda c: c.adapter.method == "vera", "method vera", _METHOD)
+      for key in ("adapter.sharing", "adapter.d_init", "adapter.projection_seed", "adapter.store_projections")),
+    ("adapter.alpha", lambda c: c.adapter.method == "lora", "method lora", _METHOD),
+    ("adapter.trainable", lambda c: c.adapter.method != "full", "method vera, lora or head (full trains every module)", _METHOD),
+    # The head method's one rate is lr; beside an adapter the head needs train_head (null: decided by the base).
+    ("train.head_lr", lambda c: c.adapter.method == "full" or (c.adapter.method in ADAPTERS and c.adapter.train_head is not False),
+     "the classifier layer training beside an adapter (--train-head) or method full",
+     lambda c: _METHOD(c) + (" with train_head false" if c.adapter.method in ADAPTERS else "")),
+    ("replay_fraction", lambda c: c.forgetting in ("replay", "distill"), "forgetting replay or distill", _FORGETTING),
+    ("distill_weight", lambda c: c.forgetting == "distill", "forgetting distill", _FORGETTING),
+    ("distill_temperature", lambda c: c.forgetting == "distill", "forgetting distill", _FORGETTING),
+]
+_RANKED = lambda c: any(m.partition("+")[0] not in RANKLESS for m in c.methods)  # noqa: E731
+_METHODS = lambda c: f"--methods {','.join(c.methods)}"  # noqa: E731
+COMPARE_RULES: list[Rule] = [
+    ("ranks", _RANKED, "a method with a rank (vera, lora)", _METHODS),
+    ("targets", _RANKED, "a method with targets (vera, lora)", _METHODS),
+    ("head_lrs", lambda c: any("+" in m for m in c.methods), "a +head method (vera+head, lora+head)", _METHODS),
+    ("replay_fraction", lambda c: any(f in ("replay", "distill") for f in c.forgetting), "forgetting replay or distill",
+     lambda c: f"forgetting {','.join(c.forgetting)}"),
+]
+# The command-line option that sets a key, to name it as the user typed it.
+OPTION_NAMES = {"adapter.rank": "--rank", "adapter.targets": "--target", "adapter.sharing": "--sharing",
+                "adapter.train_head": "--train-head/--no-train-head", "train.head_lr": "--head-lr", "ranks": "--ranks",
+                "targets": "--targets", "head_lrs": "--head-lrs"}
+
+
+def refuse_inapplicable(settings: Any, rules: list[Rule], options: set[str], prefix: str = "",
+                        names: dict[str, str] | None = None) -> None:
+    """The first key of `rules` in `options` that means nothing in `settings` (a section at `prefix`), refused;
+    `names` maps keys to the command-line options that set them."""
+    for key, applies, needs, instead in rules:
+        if f"{prefix}{key}" in options and not applies(settings):
+            option = (names or {}).get(key)
+            named = f"{option} ({prefix}{key})" if option else f"{prefix}{key}"
+            raise VeraError(f"{named} means nothing here: it applies with {needs}, and this run has {instead(settings)}; "
+                            "drop it")
+
+
+def step_budget(cfg: AdaptConfig, epochs_stated: bool, batch_stated: bool) -> AdaptConfig:
+    """`min_steps` null settled: a run with `shots` whose train.epochs was not stated trains by the few-shot
+    budget (few_shot.min_steps steps at few_shot.batch_size, unless train.batch_size was stated); else 0."""
+    if cfg.min_steps is not None:
+        return cfg
+    if cfg.shots is None or epochs_stated:
+        return dataclasses.replace(cfg, min_steps=0)
+    train = cfg.train if batch_stated else dataclasses.replace(cfg.train, batch_size=cfg.few_shot.batch_size)
+    return dataclasses.replace(cfg, min_steps=cfg.few_shot.min_steps, train=train)
+
+
+def settle(settings: T, options: set[str], stated: set[str]) -> T:
+    """Refuse `options` that mean nothing in `settings` and settle what the schema leaves open (min_steps)."""
+    if isinstance(settings, AdaptConfig):
+        return _settle_adapt(settings, options, stated)
+    if isinstance(settings, ExperimentConfig):
+        refuse_inapplicable(settings.pretrain, PRETRAIN_RULES, options, "pretrain.")
+        return dataclasses.replace(settings, adapt=_settle_adapt(settings.adapt, options, stated, "adapt."))
+    if isinstance(settings, CompareConfig):
+        refuse_inapplicable(settings, COMPARE_RULES, options, names=OPTION_NAMES)
+    if isinstance(settings, PretrainConfig):
+        refuse_inapplicable(settings, PRETRAIN_RULES, options)
+    return settings
+
+
+def _settle_adapt(cfg: AdaptConfig, options: set[str], stated: set[str], prefix: str = "") -> AdaptConfig:
+    # Experiment's adapt section has no options of its own: there the key is named as --set takes it.
+    refuse_inapplicable(cfg, ADAPT_RULES, options, prefix, None if prefix else OPTION_NAMES)
+    return step_budget(cfg, f"{prefix}train.epochs" in stated, f"{prefix}train.batch_size" in stated)
 
 
 def load_recorded(cls: type[T], recorded: dict[str, Any], where: str) -> T:
@@ -489,6 +629,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         raise VeraError(f"{key} must be a finite number, got {value}")
     if hint is str:
         _require_utf8(value, key)
+        # An empty name, path or class would silently mean the current folder, or nothing at all.
+        _require(bool(value.strip()), f"{key} is empty ({value!r}): give a value, or leave the key out for its default")
     return value
 
 

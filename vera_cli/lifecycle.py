@@ -57,16 +57,6 @@ def load_settings(cls: type[T], kind: str, default: str, source: str | Path | No
     return run, config_module.build(cls, config_module.apply_overrides(config_module.to_dict(recorded), overrides))
 
 
-def _flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def check_resume_config(run: Run, recorded: dict[str, Any], cls: type) -> None:
     """Refuse to continue `run` with a config other than the one it started with.
 
@@ -74,8 +64,8 @@ def check_resume_config(run: Run, recorded: dict[str, Any], cls: type) -> None:
     run started is absent from the file and takes its default, which is no change.
     """
     started = run_config(run)
-    before = _flat({**started, **config_module.to_dict(config_module.load_recorded(cls, started, str(run.file(CONFIG_FILE))))})
-    now = _flat(recorded)
+    before = config_module.flatten({**started, **config_module.to_dict(config_module.load_recorded(cls, started, str(run.file(CONFIG_FILE))))})
+    now = config_module.flatten(recorded)
     changed = sorted(k for k in before.keys() | now.keys()
                      if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES and k != "run_dir")
     if changed:
@@ -176,12 +166,13 @@ class RunLifecycle:
         torch.manual_seed(seed)
         return torch.Generator(device=device).manual_seed(seed)
 
-    def restore(self, model: nn.Module, trainer: Any, generator: torch.Generator) -> int:
-        """The epoch to start from: 1 for a new run, the one after the last checkpoint on resume."""
+    def restore(self, model: nn.Module, trainer: Any, generator: torch.Generator, log: Callable[[str], None]) -> int:
+        """The epoch to start from: 1 for a new run, the one after the last checkpoint on resume (checked
+        against the run's config and its metrics record; `log` hears what was rebuilt)."""
         if not self.resume:
             return 1
         if self.writes:
-            return restore(self.run, model, trainer, generator)
+            return restore(self.run, model, trainer, generator, log)
         return load_checkpoint(self.run, model, trainer, generator) + 1
 
     def logging(self, cfg: LoggingConfig) -> LoggingConfig:

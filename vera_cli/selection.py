@@ -15,7 +15,9 @@ from typing import Any, Optional
 
 import torch
 
+from vera_cli.cifar_classes import CLASSES
 from vera_cli.data import Split
+from vera_cli.errors import VeraError
 
 SELECTION_FILE = "selection.json"
 
@@ -57,13 +59,36 @@ class Selection:
                 "replayed": self.replayed}
 
 
+def require_counts(labels: torch.Tensor, chosen: list[int], shots: Optional[int], validation_per_class: int,
+                   names: list[str] = CLASSES) -> None:
+    """Refuse, with the numbers, a validation split or shots that a class has too few training images for:
+    drawn anyway they would be fewer than the run records."""
+    counts = torch.bincount(labels.cpu(), minlength=len(names)).tolist()
+    present = [label for label, count in enumerate(counts) if count]
+    for label in present:
+        if validation_per_class > counts[label]:
+            raise VeraError(f"validation {validation_per_class} images per class: {names[label]} has {counts[label]} "
+                            f"training images; choose validation of at most {min(counts[c] for c in present)}")
+    for label in chosen:
+        left = counts[label] - validation_per_class
+        held = (f" outside the validation split ({counts[label]} in all, {validation_per_class} held out)"
+                if validation_per_class else "")
+        if shots is not None and shots > left:
+            raise VeraError(f"shots {shots}: {names[label]} has {left} training images{held}; ask for at most {left} "
+                            "shots" + (" or a smaller validation split" if validation_per_class else ""))
+        if left < 1:
+            raise VeraError(f"validation {validation_per_class} takes every training image of {names[label]}{held}: "
+                            "choose a smaller validation split")
+
+
 def select(labels: torch.Tensor, chosen: list[int], replay_classes: list[int], shots: Optional[int],
-           validation_per_class: int, replay_fraction: float, seed: int) -> Selection:
+           validation_per_class: int, replay_fraction: float, seed: int, names: list[str] = CLASSES) -> Selection:
     """Draw validation (every class), then the chosen classes' shots, then replay images of `replay_classes`.
 
     `replay_fraction` times as many replay images as chosen-class images are drawn at random from the
-    replay classes' images left after the validation split.
+    replay classes' images left after the validation split (all of them, when they are fewer).
     """
+    require_counts(labels, chosen, shots, validation_per_class, names)
     labels = labels.cpu()
     generator = torch.Generator().manual_seed(seed)
     available = torch.ones(len(labels), dtype=torch.bool)

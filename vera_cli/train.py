@@ -122,6 +122,7 @@ class Trainer:
         self.cfg = cfg
         self.criterion = criterion
         self.optimizer = make_optimizer(self.params, cfg, head_parameters(model))
+        self.steps_per_epoch = steps_per_epoch
         total = cfg.epochs * steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, total, cfg))
         # Called after every optimiser step with (steps done in the whole run, loss tensor, lr of the step).

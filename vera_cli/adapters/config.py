@@ -10,7 +10,7 @@ import math
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 from vera_cli.adapters.errors import AdapterError
 
@@ -37,8 +37,9 @@ class AdapterConfig:
     # Modules kept fully trainable beside the adapters (for example the classifier).
     trainable: list[str] = field(default_factory=list)
     # Train the classifier head (the model's classifier_name) fully beside the adapter, as PEFT's modules_to_save;
-    # the adapter then leaves that layer alone.
-    train_head: bool = False
+    # the adapter then leaves that layer alone. None: not decided here (an application that knows the base
+    # decides, e.g. on when the classes are new to it); this package takes it as False.
+    train_head: Optional[bool] = False
     store_projections: bool = False
 
     def __post_init__(self) -> None:

@@ -13,17 +13,19 @@ from vera_cli import config as config_module
 from vera_cli import fast
 from vera_cli.adapter_files import ADAPTER_FILE, save_adapter
 from vera_cli.adapters.head import head_parameters
-from vera_cli.adapters.inject import inject
-from vera_cli.bases import base_reference, fingerprint, load_pretrained, resolve_base
+from vera_cli.adapters.inject import adapted_layers, inject
+from vera_cli.adapters.targets import head_name
+from vera_cli.bases import base_reference, fingerprint, load_pretrained, pretrain_config, resolve_base
 from vera_cli.checkpoint import METRICS_FILE, EpochRecorder
-from vera_cli.config import AdaptConfig
+from vera_cli.config import ADAPTERS, AdaptConfig
 from vera_cli.data import CLASSES, Cifar10, class_ids, load_cifar10, require_images
 from vera_cli.distill import distillation_loss, rows_as_labels
 from vera_cli.distributed import LOCAL, World
 from vera_cli.lifecycle import RunLifecycle
 from vera_cli.metrics import AccuracyReport, accuracy_report
 from vera_cli.run_plots import PER_CLASS_FILE, write_per_class, write_training_curves
-from vera_cli.files import write_json
+from vera_cli.errors import VeraError
+from vera_cli.files import read_json, write_json
 from vera_cli.runs import Run, environment
 from vera_cli.selection import SELECTION_FILE, Selection, select, take
 from vera_cli.tensorboard_log import training_logs
@@ -75,12 +77,12 @@ class AdaptSummary:
         return cls(run=run, base=base, test=test, validation=validation, **fields)
 
 
-def training_selection(labels: torch.Tensor, chosen: list[int], held_out: list[int], cfg: AdaptConfig) -> Selection:
+def training_selection(labels: torch.Tensor, chosen: list[int], held_out: list[int], cfg: AdaptConfig,
+                       names: list[str] = CLASSES) -> Selection:
     """The validation split, the chosen classes' images (all, or `shots` each) and, for replay and distill,
     replayed images of the classes the base learned and the run does not train on."""
-    replay = cfg.replay_fraction if cfg.forgetting in ("replay", "distill") else 0.0
     kept = [c for c in range(len(CLASSES)) if c not in chosen and c not in held_out]
-    return select(labels, chosen, kept, cfg.shots, cfg.validation, replay, cfg.seed)
+    return select(labels, chosen, kept, cfg.shots, cfg.validation, replay_fraction(cfg), cfg.seed, names)
 
 
 def masked_to(chosen: list[int], forward: fast.Forward, source: fast.BatchSource,
@@ -99,28 +101,108 @@ def masked_to(chosen: list[int], forward: fast.Forward, source: fast.BatchSource
 
 def epochs_for(cfg: AdaptConfig, steps_per_epoch: int) -> int:
     """`train.epochs`, or more when that many passes fall short of `min_steps` (a few-shot set)."""
-    return max(cfg.train.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+    return max(cfg.train.epochs, math.ceil((cfg.min_steps or 0) / steps_per_epoch))
+
+
+def settle_head(cfg: AdaptConfig, new: list[str], base_run: Run) -> tuple[AdaptConfig, list[str]]:
+    """`adapter.train_head` null decided by the base: on when a chosen class is `new` to it (held out at its
+    pretraining), as in the VeRA paper's image classification; the notes say what was chosen and why."""
+    adapter = cfg.adapter
+    if adapter.method not in ADAPTERS:
+        return cfg, []  # head and full train the classifier layer whatever train_head says
+    notes = []
+    if adapter.train_head is None:
+        cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(adapter, train_head=bool(new)))
+        if new:
+            notes.append(f"{', '.join(new)} {'is' if len(new) == 1 else 'are'} new to {base_run.path} (held out at its "
+                         "pretraining): the classifier layer trains fully beside the adapter (adapter.train_head: true); "
+                         "--no-train-head keeps it frozen")
+    if cfg.train.head_lr is not None and not cfg.adapter.train_head:
+        raise VeraError("--head-lr (train.head_lr) is the classifier layer's rate when it trains beside the adapter, and "
+                        "adapter.train_head is false here: add --train-head or drop --head-lr")
+    return cfg, notes
+
+
+def require_learnable_head(model: torch.nn.Module, name: str, cfg: AdaptConfig, new: list[str], base_run: Run) -> list[str]:
+    """Refuse new classes that nothing trained could make the adapted `model` predict: their rows of a frozen,
+    unadapted classifier layer (`name`) were trained never to win. Notes when only an adapter on it reaches them."""
+    if not new or cfg.adapter.method not in ADAPTERS or cfg.adapter.train_head:
+        return []
+    reached = name in adapted_layers(model) or any(p.requires_grad for p in model.get_submodule(name).parameters())
+    if not reached:
+        raise VeraError(f"{', '.join(new)} {'is' if len(new) == 1 else 'are'} new to {base_run.path} (held out at its "
+                        f"pretraining) and nothing here trains its classifier layer {name} (adapter.train_head is false and "
+                        f"{name} is not among the adapter's targets): their logits could not be learned; drop "
+                        f"--no-train-head, or add {name} to the targets")
+    return [f"note: {', '.join(new)} {'is' if len(new) == 1 else 'are'} new to {base_run.path} and adapter.train_head "
+            f"is false: only the adapter on {name} can move their logits"]
+
+
+def budget_notes(cfg: AdaptConfig, selection: Selection, steps_per_epoch: int, epochs: int) -> list[str]:
+    """What the step budget and the replayed images came to, where they differ from what the config alone says."""
+    notes = []
+    batch, chosen_images = cfg.train.batch_size, len(selection.train) - selection.replayed
+    if cfg.shots is not None and epochs > cfg.train.epochs:
+        notes.append(f"{cfg.shots} shots a class: trained by steps: {len(selection.train):,} images make "
+                     f"{steps_per_epoch} batch(es) of {batch} a pass, so {epochs} passes reach min_steps {cfg.min_steps} "
+                     f"(train.epochs {cfg.train.epochs} would be {cfg.train.epochs * steps_per_epoch} steps)")
+    elif cfg.shots is not None and epochs * steps_per_epoch < cfg.few_shot.min_steps:
+        notes.append(f"note: {cfg.shots} shots a class at batch {batch} make {epochs * steps_per_epoch} optimizer steps in "
+                     f"{epochs} epochs, fewer than the few-shot budget of {cfg.few_shot.min_steps} (few_shot.min_steps): "
+                     "new classes may not be learned; leave train.epochs unset or raise --epochs")
+    asked = round(replay_fraction(cfg) * chosen_images)
+    if selection.replayed < asked:
+        notes.append(f"note: replay_fraction {cfg.replay_fraction:g} asks for {asked:,} replayed images; the classes it "
+                     f"draws from hold {selection.replayed:,} outside the validation split: all of them are replayed")
+    return notes
+
+
+def replay_fraction(cfg: AdaptConfig) -> float:
+    """The share of replayed images the run draws: none unless it forgets by replay or distill."""
+    return cfg.replay_fraction if cfg.forgetting in ("replay", "distill") else 0.0
+
+
+def check_selection_record(run: Run, selection: Selection, log: Log) -> None:
+    """A resumed run must train on the images it started with: the record of them must match the draw again."""
+    path = run.file(SELECTION_FILE)
+    try:
+        recorded = read_json(path) if path.is_file() else None
+    except VeraError:
+        recorded = None
+    digest = recorded.get("sha256") if isinstance(recorded, dict) else None
+    if not isinstance(digest, str):
+        log(f"note: {path} is missing or damaged (no sha256 of the images): written again from the run's seed and data")
+    elif digest != selection.digest():
+        raise VeraError(f"{path} records other training images than the run draws now (sha256 {digest[:12]}... against "
+                        f"{selection.digest()[:12]}...): the data changed since the run started; resume it with the "
+                        "--data-dir it started with, or repeat it")
 
 
 def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: Cifar10 | None = None,
-              resume: Run | None = None, world: World = LOCAL) -> AdaptSummary:
+              resume: Run | None = None, world: World = LOCAL, epoch_log: Log | None = None) -> AdaptSummary:
     """Adapt into a new run directory, or continue the unfinished run `resume`.
 
-    In a `world` of several processes (torchrun) they train one adapter data-parallel.
+    In a `world` of several processes (torchrun) they train one adapter data-parallel. `epoch_log` hears
+    the per-epoch lines (default: `log`).
     """
     device = world.place(resolve_device(cfg.device))
     chosen = class_ids(cfg.classes)
     base_run = resolve_base(cfg.base)
+    base_cfg = pretrain_config(base_run)
+    held_out = class_ids(base_cfg.exclude_classes) if base_cfg.exclude_classes else []
+    new = [CLASSES[c] for c in chosen if c in held_out]
+    cfg, notes = settle_head(cfg, new, base_run)
     life = RunLifecycle("adapt", cfg, resume, recorded={**config_module.to_dict(cfg), "base": str(base_run.path)},
                         shared=world.shared())
     data = (data or load_cifar10(cfg.data.dir, cfg.data.download)).to(device)
     require_images(data.train, chosen, data.classes, "training")
-    model, base_cfg = load_pretrained(base_run, device)
-    held_out = class_ids(base_cfg.exclude_classes, data.classes) if base_cfg.exclude_classes else []
+    model, _ = load_pretrained(base_run, device)
     base_fingerprint = fingerprint(model)
     tta = base_cfg.model.tta
+    selection = training_selection(data.train.labels, chosen, held_out, cfg, data.classes)
+    if resume is not None:
+        life.by_writer(lambda: check_selection_record(resume, selection, log))
     base_report = accuracy_report(fast.predict_logits(fast.forward(model), data.test, tta), data.test.labels, data.classes, chosen)
-    selection = training_selection(data.train.labels, chosen, held_out, cfg)
     train_split, validation_split = take(data.train, selection.train), take(data.train, selection.validation)
     kept = [c for c in range(len(data.classes)) if c not in chosen and c not in held_out]
     loss = None
@@ -128,24 +210,31 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
         loss = distillation_loss(train_split.labels, fast.predict_logits(fast.forward(model), train_split), kept, cfg.distill_weight,
                                  cfg.distill_temperature, cfg.train.label_smoothing)
     generator = life.seed(cfg.seed, device)
+    classifier = head_name(model) if new else ""
     inject(model, cfg.adapter)
+    notes += require_learnable_head(model, classifier, cfg, new, base_run)
+    steps_per_epoch = math.ceil(len(train_split) / cfg.train.batch_size)
+    train_cfg = dataclasses.replace(cfg.train, epochs=epochs_for(cfg, steps_per_epoch))
+    notes += budget_notes(cfg, selection, steps_per_epoch, train_cfg.epochs)
     with world.joined(device), life.open() as run:
         life.by_writer(lambda: write_json(run.file(SELECTION_FILE), selection.to_dict()))
         pipeline = fast.build_pipeline(model, rows_as_labels(train_split) if loss else train_split, data.test, cfg, tta)
         forward, source = pipeline.forward, pipeline.train_batches
         if cfg.forgetting == "mask":
             forward, source = masked_to(chosen, forward, source, device)
-        steps_per_epoch = math.ceil(len(train_split) / cfg.train.batch_size)
-        train_cfg = dataclasses.replace(cfg.train, epochs=epochs_for(cfg, steps_per_epoch))
         trainer = Trainer(forward, model, train_cfg, steps_per_epoch, parallel=world.data_parallel(), criterion=loss)
         trainable = sum(p.numel() for p in trainer.params)
-        start = life.restore(model, trainer, generator)
-        log(f"adapting {base_run.path} with {cfg.adapter.method} (rank {cfg.adapter.rank}, {trainable:,} trainable) on "
+        start = life.restore(model, trainer, generator, log)
+        rank = f"rank {cfg.adapter.rank}, " if cfg.adapter.method in ADAPTERS else ""
+        log(f"adapting {base_run.path} with {cfg.adapter.method} ({rank}{trainable:,} trainable) on "
             f"{', '.join(data.classes[i] for i in chosen)} (forgetting: {cfg.forgetting}): {len(train_split):,} images "
-            f"({selection.replayed:,} replayed), {train_cfg.epochs} epochs, {device}{world.note()}, run {run.path}"
-            + (f", resuming at epoch {start}" if resume else ""))
+            f"({selection.replayed:,} replayed), {train_cfg.epochs} epochs, "
+            f"{train_cfg.epochs * steps_per_epoch:,} optimizer steps (batch {train_cfg.batch_size}), {device}{world.note()}, "
+            f"run {run.path}" + (f", resuming at epoch {start}" if resume else ""))
+        for note in notes:
+            log(note)
         with training_logs(life.logging(cfg.logging), run, trainer, life.recorded) as listeners:
-            recorder = EpochRecorder(run, model, trainer, generator, log, listeners)
+            recorder = EpochRecorder(run, model, trainer, generator, epoch_log or log, listeners)
             report = fit(trainer, model, source, len(train_split), generator,
                          lambda: accuracy_report(pipeline.test_logits(), data.test.labels, data.classes, chosen),
                          lambda stats, report: life.by_writer(lambda: recorder(stats, report)), start, progress)

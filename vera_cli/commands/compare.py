@@ -33,10 +33,10 @@ from vera_cli import fast
 from vera_cli.adapters.config import DEFAULT_TARGETS
 from vera_cli.adapters.inject import inject
 from vera_cli.bases import load_pretrained, model_config, resolve_base
-from vera_cli.comparison import METRICS, RANKLESS, Row, TableLine, aggregate, axis_label, method_parts
+from vera_cli.comparison import METRICS, Row, TableLine, aggregate, axis_label, method_parts
 from vera_cli.commands.adapt import AdaptSummary, run_adapt
 from vera_cli.train import Log
-from vera_cli.config import AdaptConfig, CompareConfig
+from vera_cli.config import RANKLESS, AdaptConfig, CompareConfig
 from vera_cli.data import Cifar10, class_ids, load_cifar10, require_images
 from vera_cli.distributed import LOCAL, World
 from vera_cli.grid_progress import GridProgress
@@ -44,6 +44,7 @@ from vera_cli.lifecycle import RunLifecycle
 from vera_cli.metrics import accuracy_report, percent
 from vera_cli.plot import plot_comparison
 from vera_cli.runs import Run
+from vera_cli.selection import require_counts
 from vera_cli.files import append_jsonl, read_json, read_jsonl, write_bytes_atomic, write_json
 from vera_cli.train import resolve_device
 
@@ -117,22 +118,24 @@ def method_configs(cfg: CompareConfig) -> dict[str, AdaptConfig]:
 
 def adapt_config(cfg: CompareConfig, own: AdaptConfig, point: GridPoint, base: str, run_dir: Path) -> AdaptConfig:
     """The grid point's adapt config: the method's own, with the comparison's shared settings."""
-    _, sharing, train_head = method_parts(point.method)
+    method, sharing, train_head = method_parts(point.method)
+    # `vera` and `vera+head` are two rows: whether the head trains is the method's, never the base's to decide.
     adapter = dataclasses.replace(own.adapter, rank=point.rank or own.adapter.rank,
                                   sharing=sharing or own.adapter.sharing,
                                   targets=[point.targets] if point.targets else own.adapter.targets,
-                                  train_head=train_head or own.adapter.train_head)
+                                  train_head=train_head if method not in RANKLESS else own.adapter.train_head)
     train = dataclasses.replace(own.train, epochs=cfg.epochs or own.train.epochs, lr=point.lr or own.train.lr,
                                 batch_size=cfg.batch_size or own.train.batch_size,
                                 head_lr=point.head_lr or own.train.head_lr)
     # The comparison draws its own picture; one per row would cost more than a short row's training.
     logging = dataclasses.replace(own.logging, plots=False)
     shots = own.shots if point.shots is None else None if point.shots == "all" else point.shots
-    return dataclasses.replace(own, base=point.base or base, classes=cfg.classes, seed=point.seed, device=cfg.device,
-                               data=cfg.data, run_dir=str(run_dir), forgetting=point.forgetting, adapter=adapter,
-                               train=train, logging=logging, shots=shots, validation=cfg.validation or own.validation,
-                               min_steps=cfg.min_steps or own.min_steps,
-                               replay_fraction=own.replay_fraction if cfg.replay_fraction is None else cfg.replay_fraction)
+    row = dataclasses.replace(own, base=point.base or base, classes=cfg.classes, seed=point.seed, device=cfg.device,
+                              data=cfg.data, run_dir=str(run_dir), forgetting=point.forgetting, adapter=adapter,
+                              train=train, logging=logging, shots=shots, validation=cfg.validation or own.validation,
+                              min_steps=cfg.min_steps,
+                              replay_fraction=own.replay_fraction if cfg.replay_fraction is None else cfg.replay_fraction)
+    return config_module.step_budget(row, epochs_stated=cfg.epochs is not None, batch_stated=cfg.batch_size is not None)
 
 
 def row_from_summary(point: GridPoint, summary: AdaptSummary) -> Row:
@@ -172,10 +175,11 @@ def base_line(base_run: Run, device: torch.device, data: Cifar10, chosen: list[i
 
 
 def run_row(run: Run, point: GridPoint, cfg: AdaptConfig, data: Cifar10, log: Log,
-            progress: bool) -> tuple[Row, bool]:
+            progress: bool, detail: Log = print) -> tuple[Row, bool]:
     """The grid point's adapt run under `rows/`, and whether it ran now (it is only read when it finished already).
 
-    `log` hears of the row when it starts running.
+    `log` hears of the row when it starts running; `detail` then hears its plan (images, optimizer steps) and
+    notes, not its epochs.
     """
     row_dir = run.file("rows") / point.name
     row_run = Run(row_dir) if (row_dir / "status.json").is_file() else None
@@ -183,8 +187,8 @@ def run_row(run: Run, point: GridPoint, cfg: AdaptConfig, data: Cifar10, log: Lo
         # Finished just before an interruption could record it (or on another rank).
         return row_from_summary(point, AdaptSummary.from_dict(row_run, read_json(row_dir / "summary.json"))), False
     log(point.name + (" (resuming)" if row_run else ""))
-    summary = run_adapt(dataclasses.replace(cfg, run_dir=str(row_dir)), lambda message: None, progress, data,
-                        resume=row_run)
+    summary = run_adapt(dataclasses.replace(cfg, run_dir=str(row_dir)), lambda message: detail(f"    {message}"),
+                        progress, data, resume=row_run, epoch_log=lambda message: None)
     return row_from_summary(point, summary), True
 
 
@@ -219,6 +223,8 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
         inject(copy.deepcopy(model), adapter)
     data = load_cifar10(cfg.data.dir, cfg.data.download).to(device)
     require_images(data.train, chosen, data.classes, "training")
+    for shots, validation in {(c.shots, c.validation) for c in configs.values()}:
+        require_counts(data.train.labels, chosen, shots, validation, data.classes)
     # Rows join the table in grid order, whatever order (or process) they finished in.
     in_grid_order = lambda rows: sorted(rows, key=lambda row: order[row.name])  # noqa: E731
     with world.joined(device), life.open() as run:
@@ -231,7 +237,7 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
         progress_line = GridProgress(len(points), len(done)) if world.size == 1 else None
         for name in world.take_turns(pending, run.file(CLAIMS_DIR)):
             row, ran_here = run_row(run, points[order[name]], configs[name], data,
-                                    lambda message: log(f"[{order[name] + 1}/{len(points)}] {message}"), progress)
+                                    lambda message: log(f"[{order[name] + 1}/{len(points)}] {message}"), progress, log)
             rows.append(row)
             if life.writes:
                 append_jsonl(run.file(ROWS_FILE), row.to_dict())
