@@ -153,7 +153,7 @@ def test_head_lr_reaches_the_optimizer_in_a_group_of_the_head_alone():
     assert len(plain.optimizer.param_groups) == 1
     unnamed = torch.nn.Sequential(torch.nn.Linear(4, 3))  # names no head: a head_lr would go nowhere
     with pytest.raises(VeraError, match="train.head_lr is set, but Sequential names no classifier head"):
-        Trainer(unnamed, unnamed, train_config(lr=0.05, head_lr=0.003), steps_per_epoch=1)
+        Trainer(unnamed, unnamed, train, steps_per_epoch=1)
 
 
 def test_count_params_shows_the_head_apart_from_the_adapter():
