@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import QUICK, fake_run
 from vera_cli.runlock import HOLDER_FILE, LOCK_FILE, process_start
@@ -84,6 +85,46 @@ def test_unreadable_runs_are_listed_not_fatal(vera, tmp_path):
     table = vera("runs", "--status", "unreadable")
     assert table.code == 0 and "4 run(s)" in table.out
     assert "unreadable: no-summary: summary.json: missing" in table.out.splitlines()
+
+
+def _edit(path: Path, change) -> None:
+    data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data) if path.suffix == ".json" else yaml.safe_dump(data))
+
+
+@pytest.mark.parametrize("file, change, problem", [
+    ("status.json", lambda d: d.update(created=5), "status.json: created is 5, not a string"),
+    ("status.json", lambda d: d.update(kind={"a": 1}), "status.json: kind is {'a': 1}, not one of pretrain, adapt, "
+                                                       "compare, experiment"),
+    ("status.json", lambda d: d.pop("status"), "status.json: status is None, not one of running, finished, "
+                                               "interrupted, failed"),
+    ("status.json", lambda d: d.update(wall_seconds=float("nan")), "status.json: wall_seconds is nan, not a number of "
+                                                                   "seconds"),
+    ("status.json", lambda d: d.update(pid=2**70), "status.json: pid is 1180591620717411303424, not a process id"),
+    ("adapter.json", lambda d: d.update(classes=["cat", 3]), "adapter.json: classes is ['cat', 3], not a list of strings"),
+    ("adapter.json", lambda d: d["adapter"].update(rank=True), "adapter.json: adapter.rank is True, not a positive integer"),
+    ("summary.json", lambda d: d["test"].update(task=1.5), "summary.json: test.task is 1.5, not a rate from 0 to 1"),
+    ("summary.json", lambda d: d.update(test=[0.5]), "summary.json: test is [0.5], not a mapping"),
+    ("summary.json", lambda d: d.update(wall_seconds="12s"), "summary.json: wall_seconds is '12s', not a number of seconds"),
+])
+def test_a_value_of_the_wrong_kind_makes_the_run_unreadable_naming_it(vera, tmp_path, file, change, problem):
+    fake_run(tmp_path / "runs", "good")
+    _edit(fake_run(tmp_path / "runs", "edited") / file, change)
+    for args in ((), ("--sort", "created"), ("--sort", "task"), ("--classes", "cat")):
+        result = vera("runs", "--json", *args)
+        assert result.code == 0, result.err
+    rows = {row["name"]: row for row in vera("runs", "--json").json()}
+    assert (rows["edited"]["status"], rows["edited"]["problem"]) == ("unreadable", problem)
+    assert rows["good"]["status"] == "finished"
+    assert f"unreadable: edited: {problem}" in vera("runs").out.splitlines()
+
+
+def test_a_running_run_whose_config_holds_the_wrong_kind_of_value_is_unreadable(vera, tmp_path):
+    run = fake_run(tmp_path / "runs", "live", status="running", pid=os.getpid())
+    _edit(run / "config.yaml", lambda d: d.update(classes="cat"))
+    rows = vera("runs", "--json").json()
+    assert (rows[0]["status"], rows[0]["problem"]) == ("unreadable", "config.yaml: classes is 'cat', not a list of strings")
 
 
 def test_rm_refuses_running_runs_and_removes_with_yes(vera, tmp_path):

@@ -8,11 +8,13 @@ the adapter was trained on.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from vera_cli import config as config_module
 from vera_cli.adapters.config import AdapterConfig
 from vera_cli.adapters.errors import AdapterError
 from vera_cli.adapters.state import adapter_metadata, adapter_tensors, load_adapter
@@ -48,7 +50,12 @@ def read_adapter_meta(folder: Path) -> dict[str, Any]:
     if wrong or not all(isinstance(name, str) for name in meta["classes"]):
         raise VeraError(f"{path} is damaged ({', '.join(wrong) or 'classes'} missing or of the wrong type); "
                         "repeat the adapt run that wrote it")
-    return meta
+    try:
+        # Every value checked as a config's are: the adapters package trusts the settings it is given.
+        spec = config_module.build(AdapterConfig, meta["adapter"], "adapter.")
+    except VeraError as exc:
+        raise VeraError(f"{path} is damaged ({exc}); repeat the adapt run that wrote it") from exc
+    return {**meta, "adapter": dataclasses.asdict(spec)}
 
 
 def apply_adapter(model: nn.Module, folder: Path, base_fingerprint: str, name: str | None = None) -> dict[str, Any]:

@@ -200,6 +200,10 @@ def eval_(
 
     if plot is not None and (not plot.endswith(".png") or os.path.exists(plot)):
         raise VeraError(f"--plot {plot}: name a new .png file (it must not exist yet)")
+    if plot is not None:
+        from vera_cli.plot import require_matplotlib
+
+        require_matplotlib()
     result = evaluate_runs(run, adapter, merge, data_dir, device)
     rule = ", each image with its mirror image" if result.tta == "flip" else ""
     title = f"Test accuracy over base {result.base_run.path}" + (" (adapters merged)" if merge else "") + rule

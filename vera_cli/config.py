@@ -49,6 +49,9 @@ CompareMethod = Literal[METHODS + _ADAPTER_METHODS[2:] + tuple(f"{m}+head" for m
 RENAMED_VALUES = {"onecycle": "linear"}
 # A comparison runs every seed of every setting: more than this is a typo, not an experiment.
 MAX_COMPARE_SEEDS = 1000
+# Likewise for a run's length: past these it would train for months, not finish.
+MAX_EPOCHS = 100_000
+MAX_STEPS = 10_000_000
 _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 6, 6, 60, 60
 
@@ -81,7 +84,7 @@ class TrainConfig:
     head_lr: Optional[float]
 
     def __post_init__(self) -> None:
-        _require(self.epochs >= 1, "train.epochs must be at least 1")
+        _require(1 <= self.epochs <= MAX_EPOCHS, f"train.epochs must be from 1 to {MAX_EPOCHS:,}, got {shown(self.epochs)}")
         _require(self.batch_size >= 1, "train.batch_size must be at least 1")
         _require(self.lr > 0, "train.lr must be positive")
         _require(0 <= self.warmup < 1, "train.warmup is a fraction of the steps: use a value in [0, 1)")
@@ -137,7 +140,7 @@ class FewShotConfig:
     batch_size: int
 
     def __post_init__(self) -> None:
-        _require(self.min_steps >= 0, "few_shot.min_steps must not be negative")
+        _require_steps(self.min_steps, "few_shot.min_steps")
         _require(self.batch_size >= 1, "few_shot.batch_size must be at least 1")
 
 
@@ -179,7 +182,7 @@ class AdaptConfig:
         _require(self.distill_temperature > 0, "distill_temperature must be positive")
         _require(self.shots is None or self.shots >= 1, "shots must be at least 1 (or null: every image)")
         _require(self.validation >= 0, "validation (images per class) must not be negative")
-        _require(self.min_steps is None or self.min_steps >= 0, "min_steps must not be negative")
+        _require_steps(self.min_steps, "min_steps")
         _require_seed(self.seed, "seed")
         _require(len(self.classes) > 0, "classes is empty: name at least one class, e.g. --classes cat bird dog")
 
@@ -219,9 +222,10 @@ class CompareConfig:
                  "ranks is empty: vera and lora need at least one, e.g. --ranks 4,32")
         _require(len(self.targets) > 0, "targets is empty: name at least one, e.g. --targets linear,all")
         _require(len(self.forgetting) > 0, "forgetting is empty: name at least one, e.g. --set forgetting=[replay]")
-        _require(self.min_steps is None or self.min_steps >= 0, "min_steps must not be negative")
+        _require_steps(self.min_steps, "min_steps")
         _require(1 <= self.seeds <= MAX_COMPARE_SEEDS, f"seeds must be from 1 to {MAX_COMPARE_SEEDS}, got {shown(self.seeds)}")
-        _require(self.epochs is None or self.epochs >= 1, "epochs must be at least 1")
+        _require(self.epochs is None or 1 <= self.epochs <= MAX_EPOCHS,
+                 f"epochs must be from 1 to {MAX_EPOCHS:,} (or null: each method's own), got {shown(self.epochs)}")
         _require(self.batch_size is None or self.batch_size >= 1, "batch_size must be at least 1")
         _require(all(lr > 0 for lr in self.lrs + self.head_lrs), "lrs and head_lrs must be positive")
         _require(all(k == "all" or k >= 1 for k in self.shots), f"shots must be positive integers or all, got {self.shots}")
@@ -249,6 +253,11 @@ COMMAND_CONFIGS = {"PretrainConfig": "pretrain", "AdaptConfig": "adapt-vera", "C
 # runs from before min_steps trained their epochs alone.
 RECORDED_BEFORE_KEYS = {"PretrainConfig": {"model": {"tta": "none"}, "train": {"crop_padding": 4}},
                         "AdaptConfig": {"min_steps": 0}, "CompareConfig": {"min_steps": 0}}
+
+
+def _require_steps(value: Optional[int], key: str) -> None:
+    _require(value is None or 0 <= value <= MAX_STEPS,
+             f"{key} must be from 0 to {MAX_STEPS:,} optimizer steps, got {shown(value)}")
 
 
 def _require_seed(value: int, key: str) -> None:

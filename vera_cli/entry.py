@@ -17,6 +17,12 @@ from vera_cli import signals
 
 def main() -> None:
     signals.install()
+    # A stream that cannot encode a character (PYTHONIOENCODING=ascii, a legacy console) shows it escaped
+    # (h\xe4ld for häld) instead of failing on a run's name half-way through a table.
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     try:
         from vera_cli.cli import run
 

@@ -1,23 +1,20 @@
 """The comparison picture: accuracy against trainable parameters, one series per method and setting.
 
-matplotlib (Agg backend, no display needed) draws it: a log axis, error bars,
-legends and a PNG writer are a lot of hand-written code otherwise.
+matplotlib draws it: a log axis, error bars, legends and a PNG writer are a lot of hand-written code
+otherwise. Its Figure is used alone (no pyplot, so no display or backend), imported where a picture is
+drawn: a matplotlib that is installed but broken is a one-line error, checked before a run starts.
 """
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from vera_cli.adapters.config import DEFAULT_TARGETS  # noqa: E402
-from vera_cli.comparison import TableLine, axis_label  # noqa: E402
-from vera_cli.files import write_bytes_atomic  # noqa: E402
+from vera_cli.adapters.config import DEFAULT_TARGETS
+from vera_cli.comparison import TableLine, axis_label
+from vera_cli.errors import VeraError
+from vera_cli.files import write_bytes_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,7 +37,8 @@ def plot_comparison(table: list[TableLine], classes: list[str], path: Path) -> P
     """Accuracy against total trainable parameters; only the settings that won their tuning on validation."""
     base = table[0]
     rows = [line for line in table if line.method != "base" and line.selected]
-    figure, axes = plt.subplots(1, len(PANELS), figsize=(15, 4.8), sharex=True)
+    figure = new_figure(figsize=(15, 4.8))
+    axes = figure.subplots(1, len(PANELS), sharex=True)
     for axis, (metric, title) in zip(axes, PANELS):
         series: dict[str, list[TableLine]] = {}
         for row in rows:
@@ -67,9 +65,23 @@ def plot_comparison(table: list[TableLine], classes: list[str], path: Path) -> P
     figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
     figure.suptitle(f"Adapting on {', '.join(classes)}: accuracy against trainable parameters")
     figure.tight_layout(rect=(0, 0.08, 1, 1))
-    save_figure(figure, path)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
+
+
+def require_matplotlib(instead: str = "") -> None:
+    """Refuse, before any work, a matplotlib that is found but does not import; `instead` says how to do without."""
+    try:
+        import matplotlib.figure  # noqa: F401
+    except Exception as exc:  # a broken install raises anything on import
+        raise VeraError(f"matplotlib is installed but does not import ({type(exc).__name__}: {exc}): reinstall it "
+                        f"(pip install --force-reinstall matplotlib){instead}") from exc
+
+
+def new_figure(**kwargs: Any) -> "Figure":
+    require_matplotlib()
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
 
 
 def save_figure(figure: "Figure", path: Path) -> Path:

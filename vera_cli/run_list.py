@@ -10,7 +10,9 @@ resumed or removed.
 from __future__ import annotations
 
 import json
+import math
 import os
+import reprlib
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -81,16 +83,51 @@ def _dig(mapping: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+class _BadValue(ValueError):
+    """A file that parses but holds a value of the wrong kind: named in the run's problem."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_texts(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+# What a value the table shows must be: (description, test). Anything else makes the run unreadable.
+TEXT = ("a string", lambda v: isinstance(v, str))
+TEXTS = ("a list of strings", _is_texts)
+SECONDS = ("a number of seconds", lambda v: _is_number(v) and v >= 0)
+RATE = ("a rate from 0 to 1", lambda v: _is_number(v) and 0 <= v <= 1)
+RANK = ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+PID = ("a process id", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**31)
+
+
+def _typed(value: Any, key: str, expected: tuple[str, Any], required: bool = False) -> Any:
+    """`value` (found at `key`) when it is what the table expects (or absent, unless `required`)."""
+    if value is None and not required:
+        return None
+    if value is None or not expected[1](value):
+        raise _BadValue(f"{key} is {reprlib.repr(value)}, not {expected[0]}")
+    return value
+
+
 def read_entry(path: Path, root: Path) -> RunEntry:
     """What the run at `path` says about itself; a damaged file makes it unreadable, not an error."""
     entry = RunEntry(path, str(path.relative_to(root)))
     try:
         status = _read_mapping(path / STATUS_FILE, json.load)
+        kind = _typed(status.get("kind"), "kind", (f"one of {', '.join(KINDS)}", lambda v: v in KINDS), required=True)
+        state = _typed(status.get("status"), "status", (f"one of {', '.join(STATES[:-2])}", lambda v: v in STATES[:-2]),
+                       required=True)
+        created, wall_seconds = _typed(status.get("created"), "created", TEXT), _typed(status.get("wall_seconds"),
+                                                                                      "wall_seconds", SECONDS)
+        pid = _typed(status.get("pid"), "pid", PID)
     except (OSError, ValueError) as exc:
         entry.problem = f"{STATUS_FILE}: {_reason(exc)}"
         return entry
-    entry.kind, entry.status = status.get("kind"), str(status.get("status", UNREADABLE))
-    entry.created, entry.wall_seconds, entry.pid = status.get("created"), status.get("wall_seconds"), status.get("pid")
+    entry.kind, entry.status, entry.created, entry.wall_seconds, entry.pid = kind, state, created, wall_seconds, pid
     entry.created_ns = status.get("created_ns") if isinstance(status.get("created_ns"), int) else None
     if entry.status == "running" and _owner_gone(entry):
         entry.status = CRASHED
@@ -105,12 +142,12 @@ def read_entry(path: Path, root: Path) -> RunEntry:
             config = _read_mapping(path / settings_file, lambda handle: yaml.load(handle, Loader=_Loader))
         else:
             config = {}  # nothing in the table comes from a pretrain config
+        _fill_from_config(entry, config)
     except (OSError, ValueError, yaml.YAMLError) as exc:
         # A run killed between its status and its config has no config yet; that is not damage.
-        if entry.status not in ("running", CRASHED):
+        if entry.status not in ("running", CRASHED) or isinstance(exc, _BadValue):
             entry.status, entry.problem = UNREADABLE, f"{settings_file}: {_reason(exc)}"
         return entry
-    _fill_from_config(entry, config)
     if entry.status == "finished":
         try:
             _fill_from_summary(entry, _read_mapping(path / "summary.json", json.load))
@@ -122,32 +159,46 @@ def read_entry(path: Path, root: Path) -> RunEntry:
 def _reason(exc: Exception) -> str:
     if isinstance(exc, FileNotFoundError):
         return "missing"
+    if isinstance(exc, _BadValue):
+        return str(exc)
     return "corrupted" if isinstance(exc, (ValueError, yaml.YAMLError)) else type(exc).__name__
 
 
 def _fill_from_config(entry: RunEntry, config: dict[str, Any]) -> None:
-    entry.base = _dig(config, "base")
+    """The table's settings from a run's config (or adapter.json); a value of the wrong kind raises _BadValue
+    before any is set."""
+    def value(key: str, expected: tuple[str, Any]) -> Any:
+        return _typed(_dig(config, key), key, expected)
+
+    base = value("base", TEXT)
     if entry.kind not in CONFIG_SECTION:
+        entry.base = base
         return
     section = CONFIG_SECTION[entry.kind]
-    entry.classes = _dig(config, f"{section}classes")
+    classes = value(f"{section}classes", TEXTS)
     if entry.kind == "compare":
-        entry.method = ",".join(map(str, _dig(config, "methods") or [])) or None
+        entry.base, entry.classes = base, classes
+        entry.method = ",".join(value("methods", TEXTS) or []) or None
         return
-    entry.method = _dig(config, f"{section}adapter.method")
-    entry.rank = _dig(config, f"{section}adapter.rank") if entry.method not in ("full", "head") else None
-    entry.targets = _dig(config, f"{section}adapter.targets")
+    method = value(f"{section}adapter.method", TEXT)
+    rank = value(f"{section}adapter.rank", RANK) if method not in ("full", "head") else None
+    entry.base, entry.classes, entry.method, entry.rank = base, classes, method, rank
+    entry.targets = value(f"{section}adapter.targets", TEXTS)
 
 
 def _fill_from_summary(entry: RunEntry, summary: dict[str, Any]) -> None:
-    entry.wall_seconds = summary.get("wall_seconds", entry.wall_seconds)
-    entry.base = summary.get("base_run", entry.base)
-    report = summary.get(REPORT_KEY.get(entry.kind or "", ""))
-    if isinstance(report, dict):
-        for metric in METRICS:
-            setattr(entry, metric, report.get(metric))
-        # Summaries written before the key were measured on the images alone.
-        entry.tta = str(summary.get("tta", "none"))
+    wall_seconds, base = _typed(summary.get("wall_seconds"), "wall_seconds", SECONDS), _typed(summary.get("base_run"),
+                                                                                            "base_run", TEXT)
+    key = REPORT_KEY.get(entry.kind or "", "")
+    report = _typed(summary.get(key), key, ("a mapping", lambda v: isinstance(v, dict)))
+    # Summaries written before tta was recorded were measured on the images alone.
+    metrics = {metric: _typed(report.get(metric), f"{key}.{metric}", RATE) for metric in METRICS} if report else {}
+    tta = _typed(summary.get("tta", "none"), "tta", TEXT) if report else None
+    entry.wall_seconds = entry.wall_seconds if wall_seconds is None else wall_seconds
+    entry.base = base or entry.base
+    for metric, rate in metrics.items():
+        setattr(entry, metric, rate)
+    entry.tta = tta
 
 
 def find_runs(root: Path) -> list[RunEntry]:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING
 
 from vera_cli.metrics import AccuracyReport
-from vera_cli.plot import save_figure
+from vera_cli.plot import new_figure, save_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CURVES_FILE = "training-curves.png"
 PER_CLASS_FILE = "per-class-accuracy.png"
@@ -26,7 +28,7 @@ BAR_STYLES = (("#d9d9d9", "//"), ("#525252", ""), ("#969696", ".."), ("#252525",
 
 def training_curves(records: list[dict], title: str) -> Figure:
     """Training loss and test accuracy per epoch, from metrics.jsonl records."""
-    figure = Figure(figsize=(12, 4))
+    figure = new_figure(figsize=(12, 4))
     loss_axis, accuracy_axis = figure.subplots(1, 2)
     epochs = [record["epoch"] for record in records]
     loss_axis.plot(epochs, [record["loss"] for record in records], color="black", marker="o")
@@ -65,7 +67,7 @@ def per_class_bars(reports: dict[str, AccuracyReport], title: str) -> Figure:
     chosen = {name for report in reports.values() for name in report.chosen_classes}
     groups = [*classes, "overall"]
     width = 0.8 / len(names)
-    figure = Figure(figsize=(max(9.0, 0.7 * len(groups) * max(2, len(names)) / 2 + 2), 4.8))
+    figure = new_figure(figsize=(max(9.0, 0.7 * len(groups) * max(2, len(names)) / 2 + 2), 4.8))
     axis = figure.subplots()
     for index, name in enumerate(names):
         report = reports[name]

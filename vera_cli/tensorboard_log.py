@@ -17,7 +17,9 @@ import yaml
 
 from vera_cli.checkpoint import EpochListener
 from vera_cli.config import LoggingConfig
+from vera_cli.errors import VeraError
 from vera_cli.metrics import AccuracyReport
+from vera_cli.plot import require_matplotlib
 from vera_cli.runs import Run
 from vera_cli.train import EpochStats, Trainer
 
@@ -61,6 +63,20 @@ class TensorBoardLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def require_logs(cfg: LoggingConfig) -> None:
+    """Refuse, before a run starts, the logs `cfg` asks for that cannot be written: a tensorboard or matplotlib
+    that is installed but does not import would otherwise fail the run after its training."""
+    if cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except Exception as exc:  # a broken install raises anything on import
+            raise VeraError(f"logging.tensorboard: the tensorboard package is installed but does not import "
+                            f"({type(exc).__name__}: {exc}): reinstall it (pip install --force-reinstall tensorboard), "
+                            "or leave out --tensorboard") from exc
+    if cfg.plots:
+        require_matplotlib(", or turn the pictures off with --set logging.plots=false")
 
 
 @contextlib.contextmanager

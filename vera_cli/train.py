@@ -17,6 +17,7 @@ from vera_cli.adapters.head import head_parameters
 from vera_cli.adapters.targets import has_head
 from vera_cli.config import DEVICES, TrainConfig, shown
 from vera_cli.errors import VeraError
+from vera_cli.models import physical_memory
 
 # Where a command's progress lines go (print, or the CLI's stderr console).
 Log = Callable[[str], None]
@@ -42,6 +43,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     return torch.device(name)
+
+
+def device_memory(device: torch.device) -> int | None:
+    """The memory a model on `device` has: the GPU's own, or this machine's (cpu, and mps which shares it)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return physical_memory()
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:

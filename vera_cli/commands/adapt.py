@@ -28,7 +28,7 @@ from vera_cli.errors import VeraError
 from vera_cli.files import read_json, write_json
 from vera_cli.runs import Run, environment
 from vera_cli.selection import SELECTION_FILE, Selection, select, take
-from vera_cli.tensorboard_log import training_logs
+from vera_cli.tensorboard_log import require_logs, training_logs
 from vera_cli.train import Log, Trainer, fit, resolve_device
 
 
@@ -71,10 +71,19 @@ class AdaptSummary:
 
     @classmethod
     def from_dict(cls, run: Run, raw: dict[str, Any]) -> "AdaptSummary":
+        """The summary `run` recorded; one that does not hold one (edited, damaged) is a one-line error."""
         reports = ("base", "test", "validation")
-        fields = {k: v for k, v in raw.items() if k not in ("kind", "adapter_file", *reports)}
-        base, test, validation = (AccuracyReport.from_dict(raw[k]) if raw.get(k) else None for k in reports)
-        return cls(run=run, base=base, test=test, validation=validation, **fields)
+        try:
+            fields = {k: v for k, v in raw.items() if k not in ("kind", "adapter_file", *reports)}
+            base, test, validation = (AccuracyReport.from_dict(raw[k]) if raw.get(k) else None for k in reports)
+            summary = cls(run=run, base=base, test=test, validation=validation, **fields)
+        except (AttributeError, KeyError, TypeError) as exc:
+            raise VeraError(f"{run.file('summary.json')} is damaged ({type(exc).__name__}: {exc}); remove {run.path} "
+                            "and run it again") from exc
+        if not isinstance(summary.test, AccuracyReport) or not isinstance(summary.trainable_parameters, int):
+            raise VeraError(f"{run.file('summary.json')} is damaged (no test report or parameter count); remove "
+                            f"{run.path} and run it again")
+        return summary
 
 
 def training_selection(labels: torch.Tensor, chosen: list[int], held_out: list[int], cfg: AdaptConfig,
@@ -192,6 +201,7 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
     held_out = class_ids(base_cfg.exclude_classes) if base_cfg.exclude_classes else []
     new = [CLASSES[c] for c in chosen if c in held_out]
     cfg, notes = settle_head(cfg, new, base_run)
+    require_logs(cfg.logging)
     life = RunLifecycle("adapt", cfg, resume, recorded={**config_module.to_dict(cfg), "base": str(base_run.path)},
                         shared=world.shared())
     data = (data or load_cifar10(cfg.data.dir, cfg.data.download)).to(device)

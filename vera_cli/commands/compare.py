@@ -42,7 +42,7 @@ from vera_cli.distributed import LOCAL, World
 from vera_cli.grid_progress import GridProgress
 from vera_cli.lifecycle import RunLifecycle
 from vera_cli.metrics import accuracy_report, percent
-from vera_cli.plot import plot_comparison
+from vera_cli.plot import plot_comparison, require_matplotlib
 from vera_cli.runs import Run
 from vera_cli.selection import require_counts
 from vera_cli.files import append_jsonl, read_json, read_jsonl, write_bytes_atomic, write_json
@@ -209,6 +209,7 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
         log("note: the bases classify test images differently (" + ", ".join(f"{path}: model.tta {tta}" for path, tta
             in ttas.items()) + "), so their accuracies differ by that too; pretrain them with the same model.tta "
             "to compare like with like")
+    require_matplotlib()
     life = RunLifecycle("compare", cfg, resume, recorded={**config_module.to_dict(cfg), "base": str(base_run.path)},
                         shared=world.shared())
     points = grid(cfg)

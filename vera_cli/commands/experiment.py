@@ -16,6 +16,7 @@ from vera_cli.data import class_ids, load_cifar10
 from vera_cli.lifecycle import RunLifecycle
 from vera_cli.models import build_model
 from vera_cli.runs import Run
+from vera_cli.tensorboard_log import require_logs
 
 
 @dataclass
@@ -34,6 +35,8 @@ class ExperimentSummary:
 def run_experiment(cfg: ExperimentConfig, log: Log = print, progress: bool = True) -> ExperimentSummary:
     class_ids(cfg.adapt.classes)
     model = model_config(resolve_base(cfg.base)) if cfg.base else cfg.pretrain.model
+    for logging in (cfg.pretrain.logging, cfg.adapt.logging):
+        require_logs(logging)
     life = RunLifecycle("experiment", cfg, resumable=False)
     data = load_cifar10(cfg.adapt.data.dir, cfg.adapt.data.download)
     with life.open() as run:

@@ -15,13 +15,13 @@ from vera_cli.errors import VeraError
 from vera_cli.distributed import LOCAL, World
 from vera_cli.lifecycle import RunLifecycle
 from vera_cli.metrics import AccuracyReport, accuracy_report
-from vera_cli.models import build_model, count_parameters
+from vera_cli.models import TRAINING_BYTES, build_model, count_parameters, require_memory
 from vera_cli.run_plots import write_training_curves
 from vera_cli.runs import Run, environment
 from vera_cli.files import write_tensors
 from vera_cli.selection import without_classes
-from vera_cli.tensorboard_log import training_logs
-from vera_cli.train import Log, Trainer, fit, resolve_device
+from vera_cli.tensorboard_log import require_logs, training_logs
+from vera_cli.train import Log, Trainer, device_memory, fit, resolve_device
 
 
 
@@ -57,11 +57,13 @@ def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, d
     In a `world` of several processes (torchrun) they train one model data-parallel.
     """
     device = world.place(resolve_device(cfg.device))
+    require_memory(cfg.model, device_memory(device), TRAINING_BYTES, "training (weights, gradients, optimizer state)")
     build_model(cfg.model)
     excluded = class_ids(cfg.exclude_classes) if cfg.exclude_classes else []
     if len(excluded) == len(CLASSES):
         raise VeraError("exclude_classes names every class: leave at least one to pretrain on")
     # Everything that can fail on bad input is checked before the run directory exists.
+    require_logs(cfg.logging)
     life = RunLifecycle("pretrain", cfg, resume, shared=world.shared())
     data = (data or load_cifar10(cfg.data.dir, cfg.data.download)).to(device)
     with world.joined(device), life.open() as run:

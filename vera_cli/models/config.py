@@ -49,3 +49,12 @@ class ModelConfig:
         for ok, message in checks:
             if not ok:
                 raise VeraError(message)
+
+
+def vit_parameters(vit: ViTConfig, num_classes: int = 10) -> int:
+    """A ViT's parameter count from its settings alone (nothing is built): models.vit, layer by layer."""
+    dim, hidden, tokens = vit.dim, vit.mlp_ratio * vit.dim, (IMAGE_SIZE // vit.patch_size) ** 2
+    embed = 3 * vit.patch_size ** 2 * dim + dim + tokens * dim
+    block = 2 * dim + 4 * (dim * dim + dim) + 2 * dim + (dim * hidden + hidden) + (hidden * dim + dim)
+    return embed + vit.depth * block + 2 * dim + dim * num_classes + num_classes
+
