@@ -165,17 +165,20 @@ def checked_metrics(path: Path, records: list[dict[str, Any]], epoch: int, log: 
 
 
 def restore(run: Run, model: nn.Module, trainer: Trainer, generator: torch.Generator,
-            log: Callable[[str], None]) -> int:
-    """Load the last checkpoint and bring the metrics record to it; returns the epoch to continue from."""
+            log: Callable[[str], None], writes: bool = True) -> int:
+    """Load the last checkpoint and check the metrics record against it; returns the epoch to continue from.
+    The process that `writes` the run also brings the record to the checkpoint; the others (torchrun) only
+    check it, so that every process refuses a record that cannot be rebuilt, together."""
     epoch = load_checkpoint(run, model, trainer, generator)
     path = run.file(METRICS_FILE)
     records = read_jsonl(path)
     if epoch == 0:
         if records:
             log(f"note: {path} held {len(records)} line(s) but there is no checkpoint yet: removed, the run starts over")
-        path.unlink(missing_ok=True)
+        if writes:
+            path.unlink(missing_ok=True)
         return 1
     kept = checked_metrics(path, records, epoch, log)
-    if kept != records:
+    if kept != records and writes:
         write_bytes_atomic(path, "".join(json.dumps(record) + "\n" for record in kept).encode())
     return epoch + 1

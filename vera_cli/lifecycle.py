@@ -22,7 +22,7 @@ from torch import nn
 from vera_cli import config as config_module
 from vera_cli import fast
 from vera_cli.bases import run_config
-from vera_cli.checkpoint import load_checkpoint, restore
+from vera_cli.checkpoint import restore
 from vera_cli.config import LoggingConfig
 from vera_cli.errors import VeraError
 from vera_cli.runlock import RunLock
@@ -171,9 +171,7 @@ class RunLifecycle:
         against the run's config and its metrics record; `log` hears what was rebuilt)."""
         if not self.resume:
             return 1
-        if self.writes:
-            return restore(self.run, model, trainer, generator, log)
-        return load_checkpoint(self.run, model, trainer, generator) + 1
+        return restore(self.run, model, trainer, generator, log, self.writes)
 
     def logging(self, cfg: LoggingConfig) -> LoggingConfig:
         """The training logs (TensorBoard, plots) this process writes: all that `cfg` asks for, if it writes."""

@@ -211,7 +211,8 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
     tta = base_cfg.model.tta
     selection = training_selection(data.train.labels, chosen, held_out, cfg, data.classes)
     if resume is not None:
-        life.by_writer(lambda: check_selection_record(resume, selection, log))
+        # Every process checks (it only reads), so that all refuse together.
+        check_selection_record(resume, selection, log)
     base_report = accuracy_report(fast.predict_logits(fast.forward(model), data.test, tta), data.test.labels, data.classes, chosen)
     train_split, validation_split = take(data.train, selection.train), take(data.train, selection.validation)
     kept = [c for c in range(len(data.classes)) if c not in chosen and c not in held_out]
