@@ -434,8 +434,8 @@ def load(cls: type[T], name_or_path: str | Path, overrides: dict[str, Any], defa
     # What the user stated: options and --set (refused where they mean nothing), and with them the keys
     # their file changes from the command's shipped config (which settle the few-shot step budget).
     options = set(flatten(apply_overrides({}, expanded)))
-    shipped = _sections_in_full(cls, read_config(default))
-    stated = options | {key for key, value in flatten(raw).items() if flatten(shipped).get(key, _UNSET) != value}
+    shipped = flatten(_sections_in_full(cls, read_config(default)))
+    stated = options | {key for key, value in flatten(raw).items() if shipped.get(key, _UNSET) != value}
     return settle(build(cls, apply_overrides(raw, expanded)), options, stated)
 
 

@@ -102,6 +102,12 @@ SECONDS = ("a number of seconds", lambda v: _is_number(v) and v >= 0)
 RATE = ("a rate from 0 to 1", lambda v: _is_number(v) and 0 <= v <= 1)
 RANK = ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
 PID = ("a process id", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**31)
+# What a status.json may say; crashed and unreadable are what the table concludes, never recorded.
+RECORDED_STATES = tuple(state for state in STATES if state not in (CRASHED, UNREADABLE))
+
+
+def _one_of(choices: tuple[str, ...]) -> tuple[str, Any]:
+    return f"one of {', '.join(choices)}", lambda v: v in choices
 
 
 def _typed(value: Any, key: str, expected: tuple[str, Any], required: bool = False) -> Any:
@@ -118,11 +124,10 @@ def read_entry(path: Path, root: Path) -> RunEntry:
     entry = RunEntry(path, str(path.relative_to(root)))
     try:
         status = _read_mapping(path / STATUS_FILE, json.load)
-        kind = _typed(status.get("kind"), "kind", (f"one of {', '.join(KINDS)}", lambda v: v in KINDS), required=True)
-        state = _typed(status.get("status"), "status", (f"one of {', '.join(STATES[:-2])}", lambda v: v in STATES[:-2]),
-                       required=True)
-        created, wall_seconds = _typed(status.get("created"), "created", TEXT), _typed(status.get("wall_seconds"),
-                                                                                      "wall_seconds", SECONDS)
+        kind = _typed(status.get("kind"), "kind", _one_of(KINDS), required=True)
+        state = _typed(status.get("status"), "status", _one_of(RECORDED_STATES), required=True)
+        created = _typed(status.get("created"), "created", TEXT)
+        wall_seconds = _typed(status.get("wall_seconds"), "wall_seconds", SECONDS)
         pid = _typed(status.get("pid"), "pid", PID)
     except (OSError, ValueError) as exc:
         entry.problem = f"{STATUS_FILE}: {_reason(exc)}"

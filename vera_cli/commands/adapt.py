@@ -212,7 +212,7 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
     selection = training_selection(data.train.labels, chosen, held_out, cfg, data.classes)
     if resume is not None:
         # Every process checks (it only reads), so that all refuse together.
-        check_selection_record(resume, selection, log)
+        check_selection_record(resume, selection, notes.append)
     base_report = accuracy_report(fast.predict_logits(fast.forward(model), data.test, tta), data.test.labels, data.classes, chosen)
     train_split, validation_split = take(data.train, selection.train), take(data.train, selection.validation)
     kept = [c for c in range(len(data.classes)) if c not in chosen and c not in held_out]
@@ -235,7 +235,8 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
             forward, source = masked_to(chosen, forward, source, device)
         trainer = Trainer(forward, model, train_cfg, steps_per_epoch, parallel=world.data_parallel(), criterion=loss)
         trainable = sum(p.numel() for p in trainer.params)
-        start = life.restore(model, trainer, generator, log)
+        # What a resume rebuilt is said after the plan line, which comes first.
+        start = life.restore(model, trainer, generator, notes.append)
         rank = f"rank {cfg.adapter.rank}, " if cfg.adapter.method in ADAPTERS else ""
         log(f"adapting {base_run.path} with {cfg.adapter.method} ({rank}{trainable:,} trainable) on "
             f"{', '.join(data.classes[i] for i in chosen)} (forgetting: {cfg.forgetting}): {len(train_split):,} images "

@@ -74,12 +74,15 @@ def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, d
         forward = fast.forward(model)
         steps_per_epoch = math.ceil(len(images) / train.batch_size)
         trainer = Trainer(forward, model, train, steps_per_epoch, parallel=world.data_parallel())
-        start = life.restore(model, trainer, generator, log)
+        notes: list[str] = []  # what a resume rebuilt, said after the plan line, which comes first
+        start = life.restore(model, trainer, generator, notes.append)
         held_out = [data.classes[i] for i in excluded]
         log(f"pretraining {cfg.model.name} ({count_parameters(model):,} parameters) on {len(images):,} images, "
             + (f"holding out {', '.join(held_out)}, " if held_out else "")
             + f"{train.epochs} epochs, {train.epochs * steps_per_epoch:,} optimizer steps (batch {train.batch_size}), "
             + f"{device}{world.note()}, run {run.path}" + (f", resuming at epoch {start}" if resume else ""))
+        for note in notes:
+            log(note)
         tta = cfg.model.tta
         alone = []  # the last evaluation's accuracy on the images without their mirrors
 
