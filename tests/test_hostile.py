@@ -43,10 +43,9 @@ def test_a_stream_that_cannot_encode_a_run_name_shows_it_escaped(vera, pretraine
     evaluated = vera_process("eval", "runs/häld", "--data-dir", str(cifar_root))
     assert evaluated.returncode == 0 and "Traceback" not in evaluated.stderr, evaluated.stderr
     assert "Test accuracy, runs/h\\xe4ld" in evaluated.stdout
-    missing = vera_process("eval", "runs/nö")
+    missing = vera_process("runs", "--runs-dir", "nö")
     assert missing.returncode == 2
-    assert missing.stderr == "error: runs/n\\xf6 is not a run directory (no status.json); pass a directory made by vera, " \
-                             "e.g. under runs/\n"
+    assert missing.stderr == "error: n\\xf6 is not a folder: pass the folder that holds your runs with --runs-dir\n"
 
 
 @pytest.fixture

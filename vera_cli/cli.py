@@ -6,6 +6,7 @@ exit code 2; `--debug` or VERA_DEBUG=1 shows the full traceback instead.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -498,6 +499,13 @@ def expand_list_options(argv: list[str]) -> list[str]:
     return expanded
 
 
+@functools.cache
+def click_command() -> Any:
+    """The click command typer builds from `app`, once per process: building it reads every command's
+    signature (a quarter of a `vera runs`), and click commands hold no state between invocations."""
+    return refuse_empty_values(typer.main.get_command(app))
+
+
 def refuse_empty_values(command: Any) -> Any:
     """Every option and argument of `command` (a click command or group, as typer builds it) that takes a
     value refuses an empty one: `--run-dir ""` would be the current folder, `--classes ""` or `--base ""`
@@ -524,7 +532,7 @@ def run(argv: list[str]) -> int:
     """Run the CLI on `argv`; returns the exit code instead of exiting."""
     debug = "--debug" in argv or os.environ.get("VERA_DEBUG", "") not in ("", "0")
     argv = expand_list_options([a for a in argv if a != "--debug"])
-    command = refuse_empty_values(typer.main.get_command(app))
+    command = click_command()
     if complete.completing("vera"):
         complete.expand_completion_words(os.environ, expand_list_options, LIST_OPTIONS)
     # SIGTERM (a scheduler, `kill`) stops a run as cleanly as Ctrl-C does.
