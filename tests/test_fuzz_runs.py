@@ -107,7 +107,11 @@ def mutate(rng: random.Random, file: Path) -> str:
     return f"{file} at {list(path)} = {value!r}"
 
 
-@pytest.mark.parametrize("case", range(CASES))
+# The first FAST cases run in `pytest -q`; the rest in the slow tier (`pytest -m slow`).
+FAST = 60
+
+
+@pytest.mark.parametrize("case", [case if case < FAST else pytest.param(case, marks=pytest.mark.slow) for case in range(CASES)])
 def test_any_value_in_any_run_file_is_a_clear_outcome(vera, trained_runs, cifar_root, case):
     shutil.copytree(trained_runs / "runs", "runs", ignore=shutil.ignore_patterns("*.png"))
     rng = random.Random(case)
