@@ -1,6 +1,6 @@
 """Fixtures: a small CIFAR-10 in the real on-disk format, a CLI runner, and trained bases.
 
-The bases (`pretrained`, `vit_base`) are trained once per session and each test gets its own copy.
+The bases (`pretrained`, `vit_base`) are trained once per pytest run and each test gets its own copy.
 Tests marked `slow` run only when asked for: `pytest -m slow` (see pyproject.toml).
 """
 
@@ -144,7 +144,7 @@ def trained_vit_base(tmp_path_factory, cifar_root) -> Path:
 
 @pytest.fixture
 def vit_base(vera, trained_vit_base) -> Path:
-    """A finished pretrain run of the tiny ViT in the test's working folder (a copy of one trained per session)."""
+    """A finished pretrain run of the tiny ViT in the test's working folder (a copy of one trained once per pytest run)."""
     return copy_run(trained_vit_base, "runs/vit")
 
 
@@ -155,7 +155,7 @@ def trained_base(tmp_path_factory, cifar_root) -> Path:
 
 @pytest.fixture
 def pretrained(vera, trained_base) -> Path:
-    """A finished pretrain run in the test's working folder (a copy of one trained per session)."""
+    """A finished pretrain run in the test's working folder (a copy of one trained once per pytest run)."""
     return copy_run(trained_base, "runs/base")
 
 
