@@ -422,7 +422,7 @@ def serving_lines(result: dict) -> tuple[list[str], list[str]]:
     """The serving measurement's rows of the report's table, and a line of bytes on disk per model."""
     rows, disk = [], []
     for model, entry in result["models"].items():
-        measured = {count: row for count, row in entry["rows"].items() if count != "single"}
+        measured = {count: row for count, row in entry["rows"].items() if count not in ("single", "low rank")}
         setting = f"{model} (vera r{entry['vera_rank']}, lora r{entry['lora_rank']}, {', '.join(entry['targets'])})"
         for count, row in measured.items():
             vera, merged = row["vera mixed"], row["merged per adapter"]
@@ -440,6 +440,11 @@ def serving_lines(result: dict) -> tuple[list[str], list[str]]:
         rows.append(f"| VeRA mixed batch of {most} adapters against one adapter, {model} | "
                     f"{measured[most]['vera mixed']['images_per_second']:,.0f} img/s | one adapter {single:,.0f} img/s | "
                     f"{ratio:.2f} | {verdict('serving_vera', ratio)} |")
+        low = entry["rows"].get("low rank")
+        if low:
+            ratio = low["vera mixed images/s"] / low["vera images/s"]
+            rows.append(f"| the same at VeRA r{entry['vera_low_rank']}, below the width | {low['vera mixed images/s']:,.0f} "
+                        f"img/s | one adapter {low['vera images/s']:,.0f} img/s | {ratio:.2f} | {verdict('serving_vera', ratio)} |")
         disk.append(f"Bytes on disk for N adapters, {model}: " + "; ".join(
             f"{count}: VeRA {row['disk_bytes']['vera']:,}, LoRA {row['disk_bytes']['lora']:,}" for count, row in measured.items()) + ".")
     return rows, disk

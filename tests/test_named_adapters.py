@@ -18,6 +18,7 @@ from vera_cli.adapters.mixed import forward_mixed, mixed_batch
 from vera_cli.adapters.named import (active_adapter, add_adapter, adapter_names, delete_adapter, disable_adapters,
                                      set_adapter)
 from vera_cli.adapters.registry import banks, named_tensors
+from vera_cli.adapters import routing
 from vera_cli.adapters.routing import LOOP_UP_TO
 from vera_cli.adapters.state import adapter_metadata, adapter_tensors, load_adapter
 from vera_cli.bases import fingerprint
@@ -217,9 +218,12 @@ MIXED = {
 }
 
 
-# fast.forward(ViT) is the model itself; on the ConvNet it is the compiled prefix and the weight path.
+# fast.forward(ViT) is the model itself; on the ConvNet it is the compiled prefix and the weight path. With
+# LOOP_FROM_POSITIONS out of reach, adapters with many positions each (convolutions, tokens) are gathered per row too.
 @pytest.mark.parametrize("build, use_fast", [(convnet, False), (convnet, True), (vit, False)])
-def test_each_sample_of_a_mixed_batch_gets_what_it_gets_alone(build, use_fast):
+@pytest.mark.parametrize("loop_from_positions", [routing.LOOP_FROM_POSITIONS, 10 ** 9])
+def test_each_sample_of_a_mixed_batch_gets_what_it_gets_alone(build, use_fast, loop_from_positions, monkeypatch):
+    monkeypatch.setattr(routing, "LOOP_FROM_POSITIONS", loop_from_positions)
     model = with_adapters(build(), MIXED)
     names = [list(MIXED)[i % len(MIXED)] for i in range(len(INPUT))]
     names[5], names[11] = None, "base"
@@ -257,6 +261,44 @@ def test_vera_computes_one_down_and_one_up_product_per_layer_for_the_whole_batch
         forward_mixed(model, INPUT, [f"a{i % 6}" for i in range(len(INPUT))])
     linear = [id(layer) for layer in adapted_layers(model).values() if isinstance(layer, AdaptedLinear)]
     assert sorted(calls) == sorted([("down", i) for i in linear] + [("up", i) for i in linear])
+
+
+@pytest.mark.parametrize("change", ["in place", "load_state_dict", "replaced", "deleted"])
+def test_a_mixed_batch_sees_every_change_to_the_adapters_since_the_last(change):
+    """Mixed batches keep each layer's stacked adapter values between calls: a change of any kind must show."""
+    names = [f"a{i}" for i in range(LOOP_UP_TO + 3)]
+    model = with_adapters(convnet(), {**{name: VERA_ALL for name in names},
+                                      "l": AdapterConfig(method="lora", rank=4, targets=["all"])})
+    per_sample = [names[i % len(names)] for i in range(len(INPUT))]
+    per_sample[3] = "l"
+    with torch.no_grad():
+        before = forward_mixed(model, INPUT, per_sample)
+        assert torch.equal(forward_mixed(model, INPUT, per_sample), before)
+        layer = adapted_layers(model)["fc2"]
+        if change == "in place":
+            layer.parts["a1"].tensor("vera_b").mul_(3)
+            layer.parts["l"].tensor("lora_B").mul_(3)
+        elif change == "load_state_dict":
+            state = {key: value * 3 for key, value in model.state_dict().items()
+                     if key.startswith("fc2.") and key.endswith((".a1.vera_b", ".l.lora_B"))}
+            assert len(state) == 2
+            model.load_state_dict(state, strict=False)
+        elif change == "replaced":
+            holder = layer.parts["a1"].holder
+            new = nn.Parameter(holder.vera_b.detach() * 3)
+            while new._version < holder.vera_b._version:  # the same count of in-place changes: only identity tells
+                new.add_(0)
+            holder.vera_b = new
+        else:
+            delete_adapter(model, "a1")
+            per_sample = [None if name == "a1" else name for name in per_sample]
+        after = forward_mixed(model, INPUT, per_sample)
+        for row in (1, 3, 8):  # a1, l, a1
+            name = per_sample[row]
+            expected = alone(model, name, INPUT[row:row + 1])
+            assert (after[row] - expected[0]).abs().max() < 1e-5, (row, name)
+        assert (after[1] - before[1]).abs().max() > 1e-4
+        assert torch.equal(after[2], before[2])  # a2 untouched
 
 
 def test_mixed_batches_in_training_mode_train_each_sample_through_its_own_adapter():

@@ -67,9 +67,15 @@ def test_serving_measures_every_setup_on_both_models_and_the_setups_agree(monkey
         # A file per adapter; VeRA adds one 8-byte seed for all of them.
         assert rows[3]["disk_bytes"]["vera"] - 8 == 3 * (rows[1]["disk_bytes"]["vera"] - 8)
         assert rows[3]["disk_bytes"]["lora"] == 3 * rows[1]["disk_bytes"]["lora"]
+    # The ViT's VeRA below its width as well, at the largest N, against its own single adapter.
+    low = result["models"]["vit"]["rows"]["low rank"]
+    assert low["adapters"] == 3 and low["vera mixed images/s"] > 0 and low["vera images/s"] > 0
+    assert "low rank" not in result["models"]["convnet"]["rows"]
     rows, disk = bench.serving_lines(result)
-    # Per model and count a VeRA and a LoRA row, then VeRA's ratio to one adapter; LoRA's and that ratio have targets.
-    assert len(rows) == 2 * (2 * 2 + 1)
-    assert sum(row.endswith("met) |") for row in rows) == 2 * (2 + 1)
+    # Per model and count a VeRA and a LoRA row, then VeRA's ratio to one adapter (and the ViT's at the low rank);
+    # LoRA's and those ratios have targets.
+    assert len(rows) == 2 * (2 * 2 + 1) + 1
+    assert sum(row.endswith("met) |") for row in rows) == 2 * (2 + 1) + 1
+    assert rows[-1].startswith("| the same at VeRA r32, below the width |")
     assert [line.split(":")[0] for line in disk] == ["Bytes on disk for N adapters, convnet",
                                                      "Bytes on disk for N adapters, vit"]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from vera_cli.adapters.layer import AdaptedLayer, LayerAdapter
-from vera_cli.adapters.routing import LOOP_UP_TO, Group
+from vera_cli.adapters.routing import Group
 
 
 class FullCopy(LayerAdapter):
@@ -42,7 +42,7 @@ class FullCopy(LayerAdapter):
 
     @staticmethod
     def mixed(layer: AdaptedLayer, x: torch.Tensor, out: torch.Tensor, group: Group) -> torch.Tensor:
-        if len(group.parts) <= LOOP_UP_TO:
+        if group.loops(layer, x):
             return group.one_by_one(x, out, lambda part, rows: part.output(layer, rows), add=False)
         y = layer.down_per_sample(group.inputs(x), group.gathered("weight"))
         if layer.base.bias is not None:

@@ -148,12 +148,15 @@ class AdaptedLayer(nn.Module):
         self.fan_in = base.weight[0].numel()
         self.out_features = base.weight.shape[0]
         self.parts: dict[str, LayerAdapter] = {}
+        self.orders: dict[str, int] = {}  # each part's `order`, kept beside `parts` so that listing names is one dict update
         self.active: str | None = None
         self.disabled = False
         self.merged_name: str | None = None
         self._unmerged: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.routing: Routing | None = None
         self.mixed_plan: tuple[tuple[str, ...], list] | None = None  # see routing.layer_groups
+        # A layer wrapped in a model in eval mode stays in it (adapter dropout off) until the model's mode changes.
+        self.train(base.training)
         base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
@@ -172,10 +175,12 @@ class AdaptedLayer(nn.Module):
 
     def add_part(self, name: str, part: LayerAdapter) -> None:
         self.parts[name] = part
+        self.orders[name] = part.order
         self.mixed_plan = None
 
     def remove_part(self, name: str) -> None:
         self.parts.pop(name).remove()
+        del self.orders[name]
         self.mixed_plan = None
         named = self._modules.get(NAMED)
         if named is not None and name in named:

@@ -3,10 +3,10 @@
 On a Conv2d the factors have PEFT's shapes, A (r, in, kh, kw) and B (out, r, 1, 1),
 so that a layer's tensors are exactly what PEFT stores for it.
 
-In a mixed batch each distinct adapter needs its own pair of products. Up to `LOOP_UP_TO`
-adapters in a layer run one after another on their own samples (as PEFT's `adapter_names` does);
-past that, every sample's A and B are gathered and the products run as one batched product per
-factor (a grouped convolution on a Conv2d).
+In a mixed batch each distinct adapter needs its own pair of products. A few adapters in a layer,
+or adapters with many positions each (a ViT's tokens), run one after another on their own samples
+(as PEFT's `adapter_names` does); otherwise every sample's A and B are gathered and the products run
+as one batched product per factor (a grouped convolution on a Conv2d). See `Group.loops`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vera_cli.adapters.layer import DEFAULT, AdaptedConv2d, AdaptedLayer, AdaptedLinear, LayerAdapter
-from vera_cli.adapters.routing import LOOP_UP_TO, Group
+from vera_cli.adapters.routing import Group
 
 class LoraAdapter(LayerAdapter):
     """Trains `lora_A` (Kaiming-uniform over its fan-in) and `lora_B` (zeros: output equals the base)."""
@@ -46,7 +46,7 @@ class LoraAdapter(LayerAdapter):
 
     @staticmethod
     def mixed(layer: AdaptedLayer, x: torch.Tensor, out: torch.Tensor, group: Group) -> torch.Tensor:
-        if len(group.parts) <= LOOP_UP_TO:
+        if group.loops(layer, x):
             return group.one_by_one(x, out, lambda part, rows: part.delta(layer, rows), add=True)
         scaling = torch.tensor([part.scaling for part in group.parts], dtype=out.dtype, device=out.device)
         y = layer.up_per_sample(layer.down_per_sample(group.inputs(x), group.gathered("lora_A")), group.gathered("lora_B"))

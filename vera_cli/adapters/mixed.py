@@ -23,15 +23,14 @@ import torch
 from torch import nn
 
 from vera_cli.adapters.errors import AdapterError
-from vera_cli.adapters.registry import NO_ADAPTER, adapted_layers, adapter_names
+from vera_cli.adapters.registry import NO_ADAPTER, adapted_layers, names_in
 from vera_cli.adapters.routing import Routing
 
 Choice = Union[str, int, None]
 
 
-def sample_positions(model: nn.Module, adapters: Sequence[Choice] | torch.Tensor) -> torch.Tensor:
-    """Each sample's adapter as a position in `adapter_names(model)` (-1: none), checked."""
-    names = adapter_names(model)
+def sample_positions(names: Sequence[str], adapters: Sequence[Choice] | torch.Tensor) -> torch.Tensor:
+    """Each sample's adapter as a position in `names`, the model's adapter names (-1: none), checked."""
     if isinstance(adapters, torch.Tensor):
         if adapters.dim() != 1 or adapters.dtype.is_floating_point or adapters.dtype == torch.bool:
             raise AdapterError("per-sample adapters as a tensor must be one integer position per sample")
@@ -66,7 +65,8 @@ def mixed_batch(model: nn.Module, adapters: Sequence[Choice] | torch.Tensor) -> 
         raise AdapterError(f"adapter {merged!r} is merged into the base weights: unmerge it before a mixed batch")
     if any(layer.routing is not None for layer in layers):
         raise AdapterError("the model is already inside a mixed batch")
-    routing = Routing(tuple(adapter_names(model)), sample_positions(model, adapters))
+    names = tuple(names_in(layers))
+    routing = Routing(names, sample_positions(names, adapters))
     if any(layer.training and any(part.dropout > 0 for part in layer.parts.values()) for layer in layers):
         raise AdapterError("a mixed batch runs without adapter dropout: call model.eval() first")
     for layer in layers:

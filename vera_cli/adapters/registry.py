@@ -9,6 +9,8 @@ layer's forward ignores its children).
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 
@@ -28,9 +30,14 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
 
 def adapter_names(model: nn.Module) -> list[str]:
     """The model's adapters, in the order they were added."""
+    return names_in(adapted_layers(model).values())
+
+
+def names_in(layers: Iterable[AdaptedLayer]) -> list[str]:
+    """The adapters of these layers, in the order they were added."""
     order: dict[str, int] = {}
-    for layer in adapted_layers(model).values():
-        order.update({name: part.order for name, part in layer.parts.items()})
+    for layer in layers:
+        order.update(layer.orders)
     return sorted(order, key=order.__getitem__)
 
 

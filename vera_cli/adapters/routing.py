@@ -10,6 +10,8 @@ reused by every call in the batch's block (a test-time flip calls the model twic
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -22,19 +24,74 @@ if TYPE_CHECKING:
 # over them, each on its own rows; past it, each row's tensors gathered and one batched product per factor, which
 # costs one Python step per layer rather than one per adapter.
 LOOP_UP_TO = 4
+# ... unless each adapter has at least this many positions (tokens, pixels) to compute: then its own products are
+# large enough that the loop's Python steps cost less than the batched products' small per-sample matrices.
+LOOP_FROM_POSITIONS = 256
+
+
+class Tables:
+    """The tensors of a group's parts stacked, one table per tensor name, so that a batch gathers each row's values
+    with one index: kept between calls while no part's tensor changed (in place or replaced). Only outside
+    autograd: a table that took part in a graph would tie every later call to it."""
+
+    def __init__(self, holders: list[dict[str, torch.nn.Parameter]]) -> None:
+        self.holders = holders
+        self.cache: dict[str, tuple[list[torch.Tensor], tuple[int, ...], torch.Tensor]] = {}
+
+    def table(self, name: str) -> torch.Tensor:
+        current = list(map(operator.itemgetter(name), self.holders))
+        if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in current):
+            return torch.stack(current)
+        versions = tuple(map(_VERSION, current))
+        cached = self.cache.get(name)
+        if cached is None or cached[1] != versions or not all(map(operator.is_, cached[0], current)):
+            with torch.no_grad():
+                cached = self.cache[name] = (current, versions, torch.stack(current))
+        return cached[2]
+
+
+_VERSION = operator.attrgetter("_version")
+
+
+@dataclass
+class PlanGroup:
+    """A layer's parts of one kind that compute together, for the model's adapter names: `lookup` maps an adapter's
+    position in the names (-1 at the end: none) to its part's place in `parts`."""
+
+    kind: type[LayerAdapter]
+    parts: list[LayerAdapter]
+    lookup: torch.Tensor
+    tables: Tables
 
 
 @dataclass
 class Group:
-    """Parts of one kind that compute together, and the samples that use them.
+    """A plan group's parts and the samples of one batch that use them.
 
     rows: the batch rows of the group's samples (None: every row, in order); local: for each of those
     rows, its part's position in `parts`."""
 
-    kind: type[LayerAdapter]
-    parts: list[LayerAdapter]
+    plan: PlanGroup
     rows: torch.Tensor | None
     local: torch.Tensor
+
+    @property
+    def kind(self) -> type[LayerAdapter]:
+        return self.plan.kind
+
+    @property
+    def parts(self) -> list[LayerAdapter]:
+        return self.plan.parts
+
+    @functools.cached_property
+    def used(self) -> list[int]:
+        """The positions in `parts` that the batch uses."""
+        return torch.unique(self.local).tolist()
+
+    def loops(self, layer: AdaptedLayer, x: torch.Tensor) -> bool:
+        """Whether the parts of a kind with products per adapter should run one by one (else gathered per row)."""
+        positions = layer.positions(x) // x.shape[0] * self.local.shape[0]
+        return len(self.used) <= LOOP_UP_TO or positions >= LOOP_FROM_POSITIONS * len(self.used)
 
     def members(self, position: int) -> torch.Tensor:
         """The batch rows that use parts[position]."""
@@ -47,7 +104,7 @@ class Group:
 
     def gathered(self, name: str) -> torch.Tensor:
         """Tensor `name` of each row's part, stacked: (rows, *its shape)."""
-        return torch.stack([part.tensor(name) for part in self.parts]).index_select(0, self.local)
+        return self.plan.tables.table(name).index_select(0, self.local)
 
     def put(self, out: torch.Tensor, y: torch.Tensor, add: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
         """`y` (the group's rows, or `rows` when given) added to `out` (a delta) or written over it (an output)."""
@@ -58,10 +115,10 @@ class Group:
 
     def one_by_one(self, x: torch.Tensor, out: torch.Tensor, compute: Callable[[LayerAdapter, torch.Tensor], torch.Tensor],
                    add: bool) -> torch.Tensor:
-        """Each part on its own rows in turn: `compute(part, its rows of x)` put into `out`."""
-        for position, part in enumerate(self.parts):
+        """Each part the batch uses on its own rows in turn: `compute(part, its rows of x)` put into `out`."""
+        for position in self.used:
             rows = self.members(position)
-            out = self.put(out, compute(part, x.index_select(0, rows)), add, rows)
+            out = self.put(out, compute(self.parts[position], x.index_select(0, rows)), add, rows)
         return out
 
 
@@ -84,23 +141,20 @@ class Routing:
 
     def _group(self, layer: AdaptedLayer, device: torch.device) -> list[Group]:
         groups = []
-        for kind, parts, lookup in layer_groups(layer, self.names):
-            in_group = lookup[self.index]  # each sample's part among the group's, -1: none here
+        for plan in layer_groups(layer, self.names):
+            in_group = plan.lookup[self.index]  # each sample's part among the group's, -1: none here
             rows = (in_group >= 0).nonzero().squeeze(1)
             if rows.numel() == 0:
                 continue
             every = rows.numel() == self.size
-            # Only the parts the batch uses are gathered: their positions among those, per row.
-            used, local = torch.unique(in_group if every else in_group.index_select(0, rows), return_inverse=True)
-            groups.append(Group(kind, [parts[i] for i in used.tolist()], None if every else rows.to(device),
-                                local.to(device)))
+            groups.append(Group(plan, None if every else rows.to(device),
+                                (in_group if every else in_group.index_select(0, rows)).to(device)))
         return groups
 
 
-def layer_groups(layer: AdaptedLayer, names: tuple[str, ...]) -> list[tuple[type[LayerAdapter], list[LayerAdapter], torch.Tensor]]:
-    """The layer's parts grouped by what computes together, for a model whose adapters are `names`: per group its
-    kind, its parts, and a lookup from adapter position (-1 at the end: none) to the part's place in the group.
-    Kept on the layer until its adapters or the model's names change, so that a batch costs no walk over them."""
+def layer_groups(layer: AdaptedLayer, names: tuple[str, ...]) -> list[PlanGroup]:
+    """The layer's parts grouped by what computes together, for a model whose adapters are `names`. Kept on the
+    layer until its adapters or the model's names change, so that a batch costs no walk over them."""
     cached = layer.mixed_plan
     if cached is None or cached[0] != names:
         members: dict[object, list[tuple[int, LayerAdapter]]] = {}
@@ -112,6 +166,7 @@ def layer_groups(layer: AdaptedLayer, names: tuple[str, ...]) -> list[tuple[type
         for chosen in members.values():
             lookup = torch.full((len(names) + 1,), -1, dtype=torch.int64)
             lookup[torch.tensor([position for position, _ in chosen])] = torch.arange(len(chosen))
-            plan.append((type(chosen[0][1]), [part for _, part in chosen], lookup))
+            parts = [part for _, part in chosen]
+            plan.append(PlanGroup(type(parts[0]), parts, lookup, Tables([part.holder._parameters for part in parts])))
         cached = layer.mixed_plan = (names, plan)
     return cached[1]
