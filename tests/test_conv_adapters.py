@@ -144,6 +144,28 @@ def test_vera_conv_builds_the_kernel_in_forward_only_where_that_costs_less_and_t
     assert built == [1]  # the large input only
 
 
+@pytest.mark.parametrize("shape", [(64, 40), (8, 9, 40)])
+def test_vera_linear_trains_through_one_graph_node_with_the_plain_paths_gradients(shape):
+    torch.manual_seed(0)
+    plain = inject(nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 20)),
+                   AdapterConfig(method="vera", rank=8, targets=["all"]))
+    with torch.no_grad():
+        for tensor in plain.parameters():
+            if tensor.requires_grad:
+                tensor.add_(torch.randn_like(tensor) * 0.3)
+    fast_path = copy.deepcopy(plain)
+    choose_per_call(fast_path)
+    x = torch.randn(*shape, requires_grad=True)
+    outputs, grads = [], []
+    for model in (plain, fast_path):
+        y = model(x)
+        outputs.append(y)
+        grads.append(torch.autograd.grad(y.square().sum(), [x] + [t for t in model.parameters() if t.requires_grad]))
+    assert type(outputs[1].grad_fn).__name__ == "VeraLinearBackward"  # the last layer: one node
+    assert (outputs[0] - outputs[1]).abs().max() < 1e-5
+    assert all(torch.allclose(g, h, rtol=1e-4, atol=1e-4) for g, h in zip(*grads))
+
+
 def test_per_shape_pairs_are_keyed_by_fan_in_and_out_across_conv_and_linear():
     # conv: fan_in 4 * 3 * 3 = 36, out 8; the linear layer 36 -> 8 has the same shape.
     model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(1, 2), nn.Linear(36, 8))

@@ -1,5 +1,6 @@
 """Every command on the Vision Transformer, as on the ConvNet: a tiny ViT on the synthetic CIFAR-10."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from vera_cli import config as config_module
 from vera_cli.adapters.inject import inject
 from vera_cli.fast import build_pipeline
 from vera_cli.config import AdaptConfig, AdapterConfig, PretrainConfig
-from vera_cli.data import load_cifar10
+from vera_cli.data import batch_indices, load_cifar10, normalize
 from vera_cli.metrics import predict_logits
 from vera_cli.models import ModelConfig, build_model, count_parameters
 
@@ -65,8 +66,43 @@ def test_head_training_caches_the_frozen_body_and_adapters_in_blocks_do_not(cifa
     pipeline = build_pipeline(model, data.train, data.test, cfg)
     assert pipeline.forward == model.classifier
     assert torch.allclose(pipeline.test_logits(), predict_logits(model, data.test), atol=1e-5)
-    vera_model = inject(build_model(TINY_VIT), AdapterConfig(targets=[ATTENTION]))
-    assert build_pipeline(vera_model, data.train, data.test, cfg).forward is vera_model
+
+
+@pytest.mark.parametrize("targets, first", [([ATTENTION], 0), ([r"blocks\.1\.attn\.(query|value)"], 1)])
+def test_adapters_in_blocks_cache_the_tokens_through_the_blocks_before_them(cifar_root, targets, first):
+    data = load_cifar10(cifar_root, download=False)
+    cfg = config_module.load(AdaptConfig, "adapt-vera", {"train.epochs": 1, "train.batch_size": 16})
+    torch.manual_seed(0)
+    model = inject(build_model(TINY_VIT).eval(), AdapterConfig(targets=targets))
+    with torch.no_grad():
+        for tensor in model.parameters():
+            if tensor.requires_grad:
+                tensor.add_(torch.randn_like(tensor) * 0.1)
+    pipeline = build_pipeline(model, data.train, data.test, cfg)
+    tokens, labels = next(iter(pipeline.train_batches(torch.Generator().manual_seed(0))))
+    index = next(iter(batch_indices(len(data.train), 16, torch.Generator().manual_seed(0), labels.device)))
+    images = normalize(data.train.images[index])
+    expected = model.tokens(images)
+    for block in model.blocks[:first]:
+        expected = block(expected)
+    torch.testing.assert_close(tokens, expected.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pipeline.forward(tokens), model(images), rtol=1e-5, atol=1e-5)
+    trained = [tensor for tensor in model.parameters() if tensor.requires_grad]
+    torch.testing.assert_close(torch.autograd.grad(pipeline.forward(tokens).square().sum(), trained),
+                               torch.autograd.grad(model(images).square().sum(), trained), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pipeline.test_logits(), predict_logits(model, data.test), rtol=1e-5, atol=1e-5)
+
+
+def test_a_vit_with_dropout_or_augmentation_trains_on_whole_images(cifar_root):
+    data = load_cifar10(cifar_root, download=False)
+    cfg = config_module.load(AdaptConfig, "adapt-vera", {"train.epochs": 1, "train.batch_size": 16})
+    dropout = ModelConfig("vit", dataclasses.replace(TINY_VIT.vit, dropout=0.1))
+    model = inject(build_model(dropout), AdapterConfig(targets=[ATTENTION]))
+    assert build_pipeline(model, data.train, data.test, cfg).forward is model
+    model = inject(build_model(TINY_VIT), AdapterConfig(targets=[ATTENTION]))
+    augmenting = config_module.load(AdaptConfig, "adapt-vera", {"train.flip": True, "train.batch_size": 16})
+    images, _ = next(iter(build_pipeline(model, data.train, data.test, augmenting).train_batches(torch.Generator())))
+    assert images.shape == (16, 3, 32, 32)
 
 
 def test_count_params_sets_vera_beside_lora_and_the_paper(vera):

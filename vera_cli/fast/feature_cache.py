@@ -2,7 +2,8 @@
 
 Without augmentation the frozen convolutional prefix gives the same output every epoch, so its
 output is cached; the cache reaches into the first adapted layer where that layer's frozen base
-(and VeRA's frozen down-projection) of the cached features never change either. The plain path is
+(and VeRA's frozen down-projection) of the cached features never change either. On a ViT whose
+blocks carry adapters, the cached part is the patch tokens through the blocks in which nothing trains. The plain path is
 the whole model on images, which `build_pipeline` falls back to wherever the cache would not hold.
 """
 
@@ -53,21 +54,22 @@ def build_pipeline(model: nn.Module, train_split: Split, test_split: Split, cfg:
     image_batches = lambda generator: batches(train_split, train.batch_size, generator, train.crop_pixels, train.flip,  # noqa: E731
                                               augmented)
     whole = forward_of(model)
-    if not (cfg.cache_features and prefix_is_frozen(model)):
+    split = frozen_split(model) if cfg.cache_features else None
+    if split is None:
         image_logits = lambda split: lambda: predict_logits(whole, split, tta)  # noqa: E731
         return Pipeline(whole, image_batches, image_logits, image_logits(test_split))
-    prefix = prefix_of(model)
+    prefix, rest = split
 
     def cached_logits(split: Split) -> Callable[[], torch.Tensor]:
         features = view_outputs(prefix, split, tta)
-        return lambda: predict_features(model.classifier, features)
+        return lambda: predict_features(rest, features)
 
     test_logits = cached_logits(test_split)
     if train.crop or train.flip:
         return Pipeline(whole, image_batches, cached_logits, test_logits)
     features = view_outputs(prefix, train_split)[0]
-    forward = model.classifier
-    first = model.first_classifier_layer() if hasattr(model, "first_classifier_layer") else None
+    forward = rest
+    first = model.first_classifier_layer() if prefix_is_frozen(model) and hasattr(model, "first_classifier_layer") else None
     if isinstance(first, AdaptedLayer) and _caches_frozen_part(first):
         # The cache reaches into the first adapted layer: its frozen base and (VeRA) down-projection of the
         # cached features never change either.
@@ -81,6 +83,30 @@ def build_pipeline(model: nn.Module, train_split: Split, test_split: Split, cfg:
             yield features.index_select(0, index), train_split.labels.index_select(0, index)
 
     return Pipeline(forward, feature_batches, cached_logits, test_logits)
+
+
+def frozen_split(model: nn.Module) -> tuple[Forward, Forward] | None:
+    """The model as a frozen prefix, whose output can be cached, and the rest that trains: the features and the
+    classifier when every feature module is frozen; for a ViT, the tokens through the leading blocks in which nothing
+    trains, and the remaining blocks with the head. None where nothing before the first trained weight is fixed."""
+    if prefix_is_frozen(model):
+        return prefix_of(model), model.classifier
+    if not hasattr(model, "through_blocks"):
+        return None
+    trains = lambda module: any(p.requires_grad for p in module.parameters())  # noqa: E731
+    first = next((i for i, block in enumerate(model.blocks) if trains(block)), len(model.blocks))
+    frozen = [model.embed, model.drop, *model.blocks[:first]]
+    if any(trains(module) for module in frozen) or any(isinstance(m, nn.Dropout) and m.p > 0
+                                                        for module in frozen for m in module.modules()):
+        return None
+
+    def prefix(x: torch.Tensor) -> torch.Tensor:
+        x = model.tokens(x)
+        for block in model.blocks[:first]:
+            x = block(x)
+        return x
+
+    return prefix, lambda tokens: model.classifier(model.through_blocks(tokens, first))
 
 
 def _caches_frozen_part(layer: AdaptedLayer) -> bool:

@@ -4,6 +4,7 @@ The adapters compute `W0 x + delta(x)`, the delta from its factors. Building del
 costs r in out multiply-adds whatever the input's size, so it wins where the input holds many positions
 (tokens times batch in a ViT: VeRA at rank 256 then costs 8x less) or in inference. The same function to
 float rounding; merged layers, dropout, no active adapter and mixed batches keep the adapters' own path.
+VeRA on a Linear trains through `VeraLinear`, the same weight path as one autograd node.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from vera_cli.adapters.layer import AdaptedLayer
+from vera_cli.adapters.layer import AdaptedLayer, LayerAdapter
+from vera_cli.adapters.vera import VeraAdapter
 
 
 def is_cheaper(layer: AdaptedLayer, x: torch.Tensor) -> bool:
@@ -25,8 +28,44 @@ def is_cheaper(layer: AdaptedLayer, x: torch.Tensor) -> bool:
     return fan_in * out < positions * (fan_in + out)
 
 
+class VeraLinear(torch.autograd.Function):
+    """x (W0 + diag(b) B diag(d) A)^T + bias, trained in d and b only: one node of the autograd graph where the
+    adapters' own weight path makes six (two products, three scalings, a sum), with its backward written out.
+    On the small layers of an adaptation step the graph's per-node cost is a large part of the step."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                b_proj: torch.Tensor, d: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        scaled = b_proj @ (d[:, None] * a)  # B diag(d) A
+        full = torch.addcmul(weight, b[:, None], scaled)
+        ctx.save_for_backward(x, full, scaled, a, b_proj, b)
+        return F.linear(x, full, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, full, scaled, a, b_proj, b = ctx.saved_tensors
+        grad_x = grad @ full if ctx.needs_input_grad[0] else None
+        # The gradient of the whole weight, then of the two vectors that make it.
+        grad_full = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        grad_d = ((b_proj.t() @ (b[:, None] * grad_full)) * a).sum(1)
+        grad_b = (grad_full * scaled).sum(1)
+        return grad_x, None, None, None, None, grad_d, grad_b
+
+
+def _one_node(layer: AdaptedLayer, part: LayerAdapter) -> bool:
+    """Whether VeraLinear computes this call: VeRA on a Linear, only d and b trained, outside autocast."""
+    return (isinstance(part, VeraAdapter) and isinstance(layer.base, nn.Linear) and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(layer.base.weight.device.type)
+            and not any(p.requires_grad for p in layer.base.parameters()))
+
+
 def _forward(layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
     if layer.plain_delta() and is_cheaper(layer, x):
+        part = layer.current()
+        if _one_node(layer, part):
+            a, b_proj = part.projections(layer)
+            return VeraLinear.apply(x, layer.base.weight, layer.base.bias, a, b_proj, part.tensor("vera_d"),
+                                    part.tensor("vera_b"))
         return layer.with_weight(x, layer.base.weight + layer.delta_weight())
     return type(layer).forward(layer, x)
 

@@ -90,8 +90,15 @@ class ViT(nn.Module):
         nn.init.trunc_normal_(self.embed.position, std=0.02)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop(self.embed(x))
-        for block in self.blocks:
+        return self.through_blocks(self.tokens(x))
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The patch tokens with their positions, as the first block reads them."""
+        return self.drop(self.embed(x))
+
+    def through_blocks(self, x: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """The pooled vector from the tokens entering block `first` (adaptation caches what comes before it)."""
+        for block in self.blocks[first:]:
             x = block(x)
         return self.norm(x).mean(dim=1)
 
