@@ -9,8 +9,9 @@ that a training epoch makes no host-to-device copy (counted by torch.profiler). 
 with device cuda:
   - the default ConvNet pretrain (the `pretrain` config), also in bf16, and the same for 30 epochs;
   - pretrain-fast; the ViT of pretrain-vit-gpu for --vit-epochs epochs (images/s);
-  - VeRA and LoRA adapt on the ConvNet and VeRA (attention, r256) on that ViT;
-  - inference over the test split at batch 1024: base, merged and unmerged VeRA, ViT too.
+  - VeRA and LoRA adapt on the ConvNet, VeRA (attention, r256) and LoRA (attention, r8) on that ViT;
+  - inference over the test split at batch 1024: base, merged and unmerged VeRA, ViT too;
+  - serving N = 1, 8, 64, 512 adapters over one base, ConvNet and ViT (serving.py, on the GPU).
 Prints one row per measurement and, with --out, writes them as JSON.
 """
 
@@ -26,6 +27,8 @@ from typing import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from serving import serving
 
 from vera_cli import config as config_module
 from vera_cli import fast
@@ -109,6 +112,8 @@ def main() -> None:
             ("adapt lora", AdaptConfig, "adapt-lora", {"base": f"{tmp}/pretrain"}),
             ("adapt vera vit", AdaptConfig, "adapt-vera",
              {"base": f"{tmp}/pretrain-vit", "adapter.rank": 256, "adapter.targets": ["attention"]}),
+            ("adapt lora vit", AdaptConfig, "adapt-lora",
+             {"base": f"{tmp}/pretrain-vit", "adapter.rank": 8, "adapter.targets": ["attention"]}),
         ]
         for name, cls, path, extra in runs:
             cfg = config_module.load(cls, path, {"device": device.type, "run_dir": f"{tmp}/{name.replace(' ', '-')}",
@@ -132,6 +137,13 @@ def main() -> None:
                 row = {"name": f"inference {name} {label}", "ms_per_test_split": round(inference_ms(model, data), 2)}
                 rows.append(row)
                 print(json.dumps(row))
+    # Many adapters over one base, as benchmarks/run.py measures them on the CPU (the dry run: a small grid).
+    counts, calls, batch = ((1, 3), 1, 8) if args.dry_run else ((1, 8, 64, 512), 10, 256)
+    for model_name, entry in serving(counts, calls, batch, device=device)["models"].items():
+        for count, measured in entry["rows"].items():
+            row = {"name": f"serving {model_name} {count}", **measured}
+            rows.append(row)
+            print(json.dumps(row))
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
     print(f"peak GPU memory {peak:.0f} MiB")
     if args.out:

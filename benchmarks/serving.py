@@ -78,10 +78,16 @@ def _status_kib(field: str) -> int | None:
     return int(line.split()[1])
 
 
-def peak_growth_mb(run: Callable[[], object]) -> tuple[object, float | None]:
-    """`run()` and how far the resident set grew above its level before the call, at its peak (Linux: the
-    kernel's high-water mark, reset through /proc/self/clear_refs)."""
+def peak_growth_mb(run: Callable[[], object], device: torch.device = torch.device("cpu")) -> tuple[object, float | None]:
+    """`run()` and how far memory grew above its level before the call, at its peak: on a GPU its allocator's
+    peak; else the resident set (Linux: the kernel's high-water mark, reset through /proc/self/clear_refs)."""
     gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = run()
+        return result, (torch.cuda.max_memory_allocated() - before) / 2 ** 20
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so that the level before is the true one
         Path("/proc/self/clear_refs").write_text("5")
@@ -96,12 +102,15 @@ def peak_growth_mb(run: Callable[[], object]) -> tuple[object, float | None]:
 def _timed(call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], inputs: torch.Tensor,
            draws: list[torch.Tensor]) -> float:
     """Images per second: the median over one call per draw, after one untimed call."""
+    synchronize = torch.cuda.synchronize if inputs.is_cuda else lambda: None
     with torch.no_grad():
         call(inputs, draws[0])
         seconds = []
         for choice in draws:
+            synchronize()
             started = time.perf_counter()
             call(inputs, choice)
+            synchronize()
             seconds.append(time.perf_counter() - started)
     return len(inputs) / median(seconds)
 
@@ -153,7 +162,7 @@ def _merged_per_adapter(vera: nn.Module) -> Callable:
     def call(x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
         out = None
         for index in torch.unique(choice).tolist():
-            rows = (choice == index).nonzero().squeeze(1)
+            rows = (choice == index).nonzero().squeeze(1).to(x.device)
             for path, layer in layers.items():
                 layer.weight.data = merged[names[index]][path]
             y = forward(x.index_select(0, rows))
@@ -165,23 +174,24 @@ def _merged_per_adapter(vera: nn.Module) -> Callable:
 
 
 def serving(adapter_counts: tuple[int, ...] = (1, 8, 64, 512), calls: int = 20, batch: int = 256,
-            models: tuple[str, ...] = tuple(MODELS)) -> dict:
+            models: tuple[str, ...] = tuple(MODELS), device: torch.device = torch.device("cpu")) -> dict:
     # What lives before the measurement (torch, PEFT, transformers) stays: the collections before each setup's
     # memory is measured then walk only what the benchmark made.
     gc.freeze()
     try:
-        return _serving(adapter_counts, calls, batch, models)
+        return _serving(adapter_counts, calls, batch, models, device)
     finally:
         gc.unfreeze()
 
 
-def _serving(adapter_counts: tuple[int, ...], calls: int, batch: int, models: tuple[str, ...]) -> dict:
+def _serving(adapter_counts: tuple[int, ...], calls: int, batch: int, models: tuple[str, ...],
+             device: torch.device) -> dict:
     generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(batch, 3, 32, 32, generator=generator)
+    inputs = torch.randn(batch, 3, 32, 32, generator=generator).to(device)
     result = {"batch": batch, "calls": calls, "models": {}}
     for model_name in models:
         settings = MODELS[model_name]
-        base = base_model(model_name)
+        base = base_model(model_name).to(device)
         vera_spec = AdapterConfig(method="vera", rank=settings["vera_rank"], sharing="sliced", targets=settings["targets"])
         lora_spec = AdapterConfig(method="lora", rank=settings["lora_rank"], targets=settings["targets"])
         rows: dict = {}
@@ -198,7 +208,7 @@ def _serving(adapter_counts: tuple[int, ...], calls: int, batch: int, models: tu
                     with torch.no_grad():
                         output = call(inputs, draws[0])
                     return output, made, _timed(call, inputs, draws)
-                (output, made, rate), growth = peak_growth_mb(run)
+                (output, made, rate), growth = peak_growth_mb(run, device)
                 row[name] = {"images_per_second": rate, "peak_mb": growth}
                 if reference is not None:
                     row[name]["max_difference"] = float((output - reference).abs().max())
