@@ -23,7 +23,9 @@ Measures, on whatever machine runs it (targets: TARGETS below, one table):
   9. a `vera compare` grid in one process against the same grid spread over two (torchrun);
  10. serving N = 1, 8, 64, 512 adapters over one base (ConvNet and ViT), batch 256 with each sample's adapter
      drawn at random: VeRA and LoRA mixed batches (ours, and PEFT's adapter_names on the same LoRA weights)
-     against one merged model per adapter, images/s, peak memory and bytes on disk (serving.py).
+     against one merged model per adapter, images/s, peak memory and bytes on disk (serving.py);
+ 11. how cost grows: pretrain wall time at 1x/2x/4x the data, compare at 4/8/16 rows, adapt at
+     10/100/1000/5000 shots per class, each with the law it follows (growth.py).
 Prints a markdown report and writes it to the output folder (not in --smoke mode). The
 classic pipeline is part of the benchmark only, not of the product.
 """
@@ -50,6 +52,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from conv_adapters import conv_adapter_timing
+from growth import growth
 from serving import serving
 from timing import median_seconds, product_forward, round_robin_ms
 from vit_adapters import adapter_costs
@@ -88,11 +91,16 @@ class Scale:
     serving_adapters: tuple[int, ...]
     serving_calls: int
     serving_batch: int
+    growth_pretrain_sizes: tuple[int, ...]
+    growth_pretrain_epochs: int
+    growth_compare_seeds: tuple[int, ...]  # 4 rows per seed
+    growth_shots: tuple[int, ...]
 
 
-FULL = Scale(6, (), 5, 2000, 12_800, 100, 30, 2048, 30, None, 6, (1, 8, 64, 512), 20, 256)
+FULL = Scale(6, (), 5, 2000, 12_800, 100, 30, 2048, 30, None, 6, (1, 8, 64, 512), 20, 256,
+             (6_250, 12_500, 25_000), 3, (1, 2, 4), (10, 100, 1000, 5000))
 SMOKE = Scale(1, ("--set", "pretrain.train.epochs=1", "--set", "adapt.train.epochs=1"), 1, 20, 512, 3, 1, 64, 1, 2, 1,
-              (1, 3), 2, 16)
+              (1, 3), 2, 16, (50, 100), 1, (1, 2), (2, 4))
 
 
 @dataclass(frozen=True)
@@ -450,6 +458,18 @@ def serving_lines(result: dict) -> tuple[list[str], list[str]]:
     return rows, disk
 
 
+def growth_lines(result: dict) -> list[str]:
+    """A row per group of the growth measurement: the times by size, and the law they follow."""
+    rows = []
+    for name, entry in result.items():
+        sizes = " / ".join(f"{size:,}" for size, _ in entry["points"])
+        times = " / ".join(f"{seconds:.1f}" for _, seconds in entry["points"])
+        rows.append(f"| how cost grows: {name} wall time at {sizes} {entry['unit']} | {times} s | {entry['kind']}: "
+                    f"{entry['per_unit_seconds']:.3g} s per unit + {entry['fixed_seconds']:.1f} s fixed "
+                    f"(time grew as size^{entry['elasticity']:.2f}) | - | {entry['reason']} |")
+    return rows
+
+
 def report(results: dict) -> str:
     c, f, e, a, i, t = (results[k] for k in ("classic", "fast", "experiment", "adapt", "inference", "throughput"))
     m = results["machine"]
@@ -525,7 +545,7 @@ def report(results: dict) -> str:
     lines.append(f"| `vera compare` grid (vera, lora x r4, r32), torchrun 2 processes | {two:.1f} s wall | one process "
                  f"{one:.1f} s | speed-up {one / two:.2f}x | accuracies within {g['largest_difference']:.2%} |")
     serving_rows, serving_disk = serving_lines(results["serving"])
-    lines += serving_rows
+    lines += serving_rows + growth_lines(results["growth"])
     adapt_base, adapt_test = e["adapt"]["base"], e["adapt"]["test"]
     lines += ["", "Throughput by batch size: " + ", ".join(
         f"{r['batch_size']}: {r['images_per_second']:,.0f} img/s" for r in t["rows"]), "",
@@ -581,6 +601,9 @@ def main() -> None:
         results["fewshot"] = fewshot(results["experiment"]["base_run"], data_dir, workdir, scale)
         print("serving ...", flush=True)
         results["serving"] = serving(scale.serving_adapters, scale.serving_calls, scale.serving_batch)
+        print("how cost grows ...", flush=True)
+        results["growth"] = growth(results["experiment"]["base_run"], data_dir, workdir, scale.growth_pretrain_sizes,
+                                   scale.growth_pretrain_epochs, scale.growth_compare_seeds, 1, scale.growth_shots)
         print("distributed grid ...", flush=True)
         results["grid"] = distributed_grid(results["experiment"]["base_run"], data_dir, workdir, scale)
     text = report(results)

@@ -79,3 +79,20 @@ def test_serving_measures_every_setup_on_both_models_and_the_setups_agree(monkey
     assert rows[-1].startswith("| the same at VeRA r32, below the width |")
     assert [line.split(":")[0] for line in disk] == ["Bytes on disk for N adapters, convnet",
                                                      "Bytes on disk for N adapters, vit"]
+
+
+def test_growth_laws_tell_linear_from_a_fixed_floor_and_from_faster_growth():
+    import growth
+
+    linear = growth.law([(1, 2.0), (2, 3.0), (4, 5.0)])
+    assert linear["kind"] == "linear"
+    assert linear["per_unit_seconds"] == pytest.approx(1.0) and linear["fixed_seconds"] == pytest.approx(1.0)
+    # A floor (the few-shot step budget): the first step up costs nothing.
+    floor = growth.law([(10, 5.0), (100, 5.0), (1000, 9.0), (5000, 30.0)])
+    assert floor["kind"] == "slower than linear" and floor["elasticity"] < 1
+    quadratic = growth.law([(1, 1.0), (2, 4.0), (4, 16.0)])
+    assert quadratic["kind"] == "faster than linear" and quadratic["elasticity"] == pytest.approx(2.0)
+    rows = bench.growth_lines({"pretrain": {"unit": "training images", "points": [(1, 2.0), (2, 3.0), (4, 5.0)],
+                                            **linear, "reason": "why"}})
+    assert rows == ["| how cost grows: pretrain wall time at 1 / 2 / 4 training images | 2.0 / 3.0 / 5.0 s | linear: "
+                    "1 s per unit + 1.0 s fixed (time grew as size^0.66) | - | why |"]
