@@ -359,7 +359,19 @@ def compare(
                             settings.reference, cut))
     out.print(cost_table(result.rows, "What each line cost"))
     _log(f"table: {result.run.file('table.csv')}, plots: {', '.join(map(str, result.plots))}, "
-         f"{result.wall_seconds:.1f}s")
+         f"{result.wall_seconds:.1f}s; vera report {result.run.path} writes them into one page")
+
+
+@app.command()
+def report(
+    run: str = typer.Argument(..., help="a finished compare, adapt or experiment run",
+                              autocompletion=complete.complete_finished),
+) -> None:
+    """Write the run's report as one self-contained HTML page and as Markdown, into the run (report.html, report.md)."""
+    from vera_cli.report_page import write_report
+
+    for path in write_report(run):
+        _log(f"report written to {path}")
 
 
 @app.command()
