@@ -176,6 +176,15 @@ def interrupt_after_epoch(monkeypatch):
     return lambda n: _interrupt_after(monkeypatch, n)
 
 
+# Keys of a comparison's table line that depend on how busy the machine was: timings, memory, and with
+# them the Pareto front against training time.
+TIMED = ("seconds", "train_seconds", "inference_ms", "peak_memory", "pareto")
+
+
+def untimed(line: dict) -> dict:
+    return {key: value for key, value in line.items() if not key.startswith(TIMED)}
+
+
 def fake_run(root: Path, name: str, kind: str = "adapt", status: str = "finished", overall: float = 0.5,
              classes=("cat", "dog"), method: str = "vera", **status_extra) -> Path:
     """A run directory with the small files vera writes, and no weights: enough for the table."""
