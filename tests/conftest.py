@@ -176,6 +176,15 @@ def interrupt_after_epoch(monkeypatch):
     return lambda n: _interrupt_after(monkeypatch, n)
 
 
+# Keys of a comparison's table line that depend on how busy the machine was: timings, memory, and with
+# them the Pareto front against training time.
+TIMED = ("seconds", "train_seconds", "inference_ms", "peak_memory", "pareto")
+
+
+def untimed(line: dict) -> dict:
+    return {key: value for key, value in line.items() if not key.startswith(TIMED)}
+
+
 def fake_run(root: Path, name: str, kind: str = "adapt", status: str = "finished", overall: float = 0.5,
              classes=("cat", "dog"), method: str = "vera", **status_extra) -> Path:
     """A run directory with the small files vera writes, and no weights: enough for the table."""
@@ -192,3 +201,42 @@ def fake_run(root: Path, name: str, kind: str = "adapt", status: str = "finished
         (path / "summary.json").write_text(json.dumps({"kind": kind, "base_run": "runs/base", "test": report,
                                                        "wall_seconds": 12.5}))
     return path
+
+
+def accuracy_dict(accuracy: float, chosen=("cat", "bird", "dog")) -> dict:
+    """An accuracy report (AccuracyReport.to_dict) with every class at `accuracy` (100 test images each)."""
+    from vera_cli.data import CLASSES
+
+    correct = round(100 * accuracy)
+    return {"overall": correct / 100, "correct": 10 * correct, "total": 1000,
+            "per_class": [{"class": name, "correct": correct, "total": 100, "accuracy": correct / 100} for name in CLASSES],
+            "chosen_classes": list(chosen), "chosen": correct / 100, "task": correct / 100, "rest": correct / 100}
+
+
+def fake_compare_run(root: Path, accuracy: dict, seeds: int = 3, plan: dict | None = None, **settings) -> Path:
+    """A finished compare run as `vera compare` leaves it, without training: `accuracy` maps each method to its
+    test accuracy per seed (a list); every row records costs that grow with its method's place in the list."""
+    from vera_cli.comparison import Row, grid
+    from vera_cli.config import CompareConfig, load, to_dict
+
+    cfg = load(CompareConfig, "compare", {"methods": list(accuracy), "ranks": [8], "seeds": seeds, **settings})
+    root.mkdir(parents=True)
+    (root / "status.json").write_text(json.dumps({"kind": "compare", "status": "finished", "created": "2026-01-02T03:04:05"}))
+    (root / "config.yaml").write_text(yaml.safe_dump({**to_dict(cfg), "base": "runs/base", "run_dir": str(root)},
+                                                     sort_keys=False))
+    (root / "summary.json").write_text(json.dumps({"kind": "compare", "base_run": "runs/base", "wall_seconds": 42.0}))
+    lines = []
+    for point in grid(cfg):
+        place = list(accuracy).index(point.method) + 1
+        test = accuracy_dict(accuracy[point.method][point.seed])
+        row = Row(point.name, point.method, point.rank, point.forgetting, point.targets, point.seed, 100 * place,
+                  1000 * place, test["chosen"], test["task"], test["rest"], test["overall"], 5.0 * place, point.setting,
+                  shots=point.shots, base=point.base, train_seconds=4.0 * place, train_seconds_per_1k_images=0.5 * place,
+                  inference_ms_per_image=0.01 * place, peak_memory_bytes=2**20 * 100 * place)
+        lines.append(json.dumps(row.to_dict()))
+        (root / "rows" / point.name).mkdir(parents=True)
+        (root / "rows" / point.name / "summary.json").write_text(json.dumps({"test": test, "base": accuracy_dict(0.5)}))
+    (root / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    if plan is not None:
+        (root / "plan.json").write_text(json.dumps(plan))
+    return root

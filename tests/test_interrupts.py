@@ -25,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import untimed
 from forkserver import ForkServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,8 +62,7 @@ def outcome(run: Path, kind: str) -> tuple:
         return summary["test"], sorted(load_file(str(run / "model.safetensors")).items())
     if kind == "adapt":
         return summary["test"], summary["base"]
-    timeless = [{k: v for k, v in line.items() if not k.startswith("seconds")} for line in summary["rows"]]
-    return (timeless,)
+    return ([untimed(line) for line in summary["rows"]],)
 
 
 def same_result(run: Path, reference: Path, kind: str) -> bool:

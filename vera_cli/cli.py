@@ -155,7 +155,7 @@ def adapt(
 ) -> None:
     """Fine-tune a pretrained run on some classes with an adapter; print base vs adapted accuracy."""
     from vera_cli.commands.adapt import run_adapt
-    from vera_cli.report import comparison_table
+    from vera_cli.report import comparison_table, cost_line
 
     world = _world()
     overrides = _overrides({**_common(epochs, batch_size, lr, device, seed, data_dir, run_dir), "classes": classes or None,
@@ -170,7 +170,7 @@ def adapt(
                                f"Adapted {summary.base_run} -> {summary.run.path}", summary.held_out))
     head = f" ({summary.head_parameters:,} of them the head's)" if summary.head_parameters else ""
     _log(f"{summary.trainable_parameters:,} trainable parameters{head}, adapter file {summary.adapter_bytes:,} bytes, "
-         f"{summary.wall_seconds:.1f}s")
+         f"{summary.wall_seconds:.1f}s; {cost_line(summary.to_dict())}")
 
 
 def _adapt_config_name(method: Optional[str], config_path: Optional[str] = None) -> str:
@@ -332,25 +332,46 @@ def compare(
     lrs: Optional[str] = typer.Option(None, "--lrs", help="comma list of learning rates, chosen on validation"),
     head_lrs: Optional[str] = typer.Option(None, "--head-lrs", help="comma list of head learning rates (+head methods)"),
     shots: Optional[str] = typer.Option(None, "--shots", help="comma list of images per class, e.g. 10,100,all"),
+    reference: Optional[str] = typer.Option(None, "--reference", help="the line the others are judged against, paired "
+                                            "by seed, e.g. lora-r8 (default: the best)"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="a duration (90s, 30m, 2h): cut the grid to fit, "
+                                         "the highest seeds first"),
     epochs: Optional[int] = EpochsOpt, config: Optional[str] = ConfigOpt, device: Optional[str] = DeviceOpt,
     data_dir: Optional[str] = DataDirOpt, run_dir: Optional[str] = RunDirOpt, set_: list[str] = SetOpt,
     no_progress: bool = NoProgressOpt, resume: Optional[str] = ResumeOpt, print_config: bool = PrintConfigOpt,
 ) -> None:
     """VeRA against LoRA, full fine-tuning and head-only on one base: a table and a plot."""
     from vera_cli.commands.compare import run_compare
-    from vera_cli.report import compare_table
+    from vera_cli.report import compare_table, cost_table, verdict_table
 
     world = _world()
     overrides = _overrides({"classes": classes or None, "methods": methods, "ranks": ranks, "targets": targets, "seeds": seeds,
                             "base": base, "bases": bases, "lrs": lrs, "head_lrs": head_lrs, "shots": shots,
-                            "epochs": epochs, "device": device, "data.dir": data_dir,
-                            "run_dir": run_dir}, set_)
+                            "reference": reference, "budget": budget, "epochs": epochs, "device": device,
+                            "data.dir": data_dir, "run_dir": run_dir}, set_)
     run, settings = _settings(cfg.CompareConfig, "compare", "compare", config, overrides, resume, print_config)
     result = run_compare(settings, log=_log, progress=not no_progress and world.is_main, resume=run,
                          world=world)
+    cut = result.plan.cut_note() if result.plan else ""
     out.print(compare_table(result.rows, f"Comparison {result.run.path} on {', '.join(settings.classes)}",
-                            settings.select_by))
-    _log(f"table: {result.run.file('table.csv')}, plot: {result.plot}, {result.wall_seconds:.1f}s")
+                            settings.select_by, cut))
+    out.print(verdict_table(result.rows, "Against the reference line, paired by seed", settings.select_by,
+                            settings.reference, cut))
+    out.print(cost_table(result.rows, "What each line cost"))
+    _log(f"table: {result.run.file('table.csv')}, plots: {', '.join(map(str, result.plots))}, "
+         f"{result.wall_seconds:.1f}s; vera report {result.run.path} writes them into one page")
+
+
+@app.command()
+def report(
+    run: str = typer.Argument(..., help="a finished compare, adapt or experiment run",
+                              autocompletion=complete.complete_finished),
+) -> None:
+    """Write the run's report as one self-contained HTML page and as Markdown, into the run (report.html, report.md)."""
+    from vera_cli.report_page import write_report
+
+    for path in write_report(run):
+        _log(f"report written to {path}")
 
 
 @app.command()

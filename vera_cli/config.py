@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import importlib.util
 import math
+import re
 import reprlib
 import types
 import typing
@@ -213,8 +214,14 @@ class CompareConfig:
     min_steps: Optional[int]  # None: each row's own (a row with shots takes its method's few_shot budget)
     batch_size: Optional[int]  # None: each method's config decides; few-shot sets want small batches
     replay_fraction: Optional[float]  # None: each method's config decides
+    # The line every other is judged against, paired by seed (a setting's name or its start up to a dash,
+    # e.g. lora-r8); None: the best line on validation, else on the test set.
+    reference: Optional[str]
+    budget: Optional[str]  # a duration (90s, 30m, 2h, 1h30m): the grid is cut to fit it, highest seeds first
 
     def __post_init__(self) -> None:
+        if self.budget is not None:
+            parse_duration(self.budget, "budget")
         _require(len(self.classes) > 0, "classes is empty: name at least one class, e.g. --classes cat bird dog")
         _require(len(self.methods) > 0, "methods is empty: name at least one, e.g. --methods vera,lora")
         _require(all(rank >= 1 for rank in self.ranks), f"ranks must be positive integers, got {self.ranks}")
@@ -253,6 +260,20 @@ COMMAND_CONFIGS = {"PretrainConfig": "pretrain", "AdaptConfig": "adapt-vera", "C
 # runs from before min_steps trained their epochs alone.
 RECORDED_BEFORE_KEYS = {"PretrainConfig": {"model": {"tta": "none"}, "train": {"crop_padding": 4}},
                         "AdaptConfig": {"min_steps": 0}, "CompareConfig": {"min_steps": 0}}
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str, key: str) -> float:
+    """`90s`, `30m`, `2h` or `1h30m` in seconds; anything else is a one-line error naming `key`."""
+    compact = text.replace(" ", "")
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smh])", compact)
+    if not re.fullmatch(r"(?:\d+(?:\.\d+)?[smh])+", compact):
+        raise VeraError(f"{key} must be a duration such as 90s, 30m, 2h or 1h30m; got {shown(text)}")
+    seconds = sum(float(number) * DURATION_UNITS[unit] for number, unit in parts)
+    _require(seconds > 0, f"{key} must be longer than no time at all; got {shown(text)}")
+    return seconds
 
 
 def _require_steps(value: Optional[int], key: str) -> None:

@@ -112,6 +112,20 @@ class AccuracyReport:
         return result
 
     @classmethod
+    def pooled(cls, reports: list["AccuracyReport"]) -> "AccuracyReport":
+        """Several runs' reports on one test set as one: counts summed, so each class's accuracy is the mean
+        over the runs; chosen, task and rest are their means."""
+        first = reports[0]
+        per_class = [ClassAccuracy(row.name, sum(r.per_class[i].correct for r in reports),
+                                   sum(r.per_class[i].total for r in reports)) for i, row in enumerate(first.per_class)]
+
+        def mean(metric: str) -> Optional[float]:
+            values = [r.metric(metric) for r in reports]
+            return None if any(v is None for v in values) else sum(values) / len(values)
+
+        return cls(per_class, first.chosen_classes, mean("chosen"), mean("task"), mean("rest"))
+
+    @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "AccuracyReport":
         return cls([ClassAccuracy(c["class"], c["correct"], c["total"]) for c in raw["per_class"]],
                    raw.get("chosen_classes", []), raw.get("chosen"), raw.get("task"), raw.get("rest"))

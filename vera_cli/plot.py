@@ -1,4 +1,5 @@
-"""The comparison picture: accuracy against trainable parameters, one series per method and setting.
+"""The comparison pictures: accuracy against trainable parameters and against training time, one series per
+method and setting, with the 95 % t-interval over seeds as error bars.
 
 matplotlib draws it: a log axis, error bars, legends and a PNG writer are a lot of hand-written code
 otherwise. Its Figure is used alone (no pyplot, so no display or backend), imported where a picture is
@@ -8,8 +9,9 @@ drawn: a matplotlib that is installed but broken is a one-line error, checked be
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from vera_cli.adapters.config import DEFAULT_TARGETS
 from vera_cli.comparison import TableLine, axis_label
@@ -20,6 +22,22 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 PANELS = (("chosen", "chosen classes, 10-way"), ("task", "chosen classes, task"), ("rest", "other classes"))
+
+
+@dataclass(frozen=True)
+class XAxis:
+    """What a comparison picture puts across: each picture is `accuracy-vs-<file>.png`."""
+
+    file: str
+    label: str
+    title: str
+    value: Callable[[TableLine], Optional[float]]
+
+
+X_AXES = (XAxis("parameters", "trainable parameters, head included (log scale)", "accuracy against trainable parameters",
+                lambda line: line.trainable),
+          XAxis("training-time", "training seconds of a row, evaluation left out (log scale)",
+                "accuracy against training time", lambda line: line.mean.get("train_seconds")))
 STYLES = {"vera": ("tab:blue", "o"), "vera-sliced": ("tab:cyan", "D"), "lora": ("tab:orange", "s"),
           "full": ("tab:red", "^"), "head": ("tab:green", "v")}
 
@@ -33,10 +51,15 @@ def series_label(line: TableLine, rows: list[TableLine]) -> str:
     return line.method + (f" ({', '.join(extra)})" if extra else "")
 
 
-def plot_comparison(table: list[TableLine], classes: list[str], path: Path) -> Path:
-    """Accuracy against total trainable parameters; only the settings that won their tuning on validation."""
+def plot_comparison(table: list[TableLine], classes: list[str], path: Path, axis: XAxis = X_AXES[0]) -> Path:
+    return save_figure(comparison_figure(table, classes, axis), path)
+
+
+def comparison_figure(table: list[TableLine], classes: list[str], x_axis: XAxis = X_AXES[0]) -> "Figure":
+    """Accuracy against `x_axis`; only the settings that won their tuning on validation, and that have a value there.
+    Error bars: the 95 % Student t-interval of the mean over seeds (none with one seed)."""
     base = table[0]
-    rows = [line for line in table if line.method != "base" and line.selected]
+    rows = [line for line in table if line.method != "base" and line.selected and x_axis.value(line) is not None]
     figure = new_figure(figsize=(15, 4.8))
     axes = figure.subplots(1, len(PANELS), sharex=True)
     for axis, (metric, title) in zip(axes, PANELS):
@@ -45,11 +68,11 @@ def plot_comparison(table: list[TableLine], classes: list[str], path: Path) -> P
             if row.mean[metric] is not None:
                 series.setdefault(series_label(row, rows), []).append(row)
         for label, members in series.items():
-            members.sort(key=lambda r: r.trainable)
+            members.sort(key=x_axis.value)
             method, targets, forgetting = members[0].method, members[0].targets, members[0].forgetting
             colour, marker = STYLES.get(method.partition("+")[0], ("black", "x"))
-            axis.errorbar([r.trainable for r in members], [100 * r.mean[metric] for r in members],
-                          yerr=[100 * r.std[metric] for r in members], color=colour, marker=marker,
+            axis.errorbar([x_axis.value(r) for r in members], [100 * r.mean[metric] for r in members],
+                          yerr=[100 * (r.ci.get(metric) or 0.0) for r in members], color=colour, marker=marker,
                           # Hollow markers: the same method on other targets than the default linear layers.
                           markerfacecolor=colour if targets in (None, *DEFAULT_TARGETS) else "white",
                           linestyle="--" if forgetting == "none" else ":" if "+" in method else "-", capsize=3,
@@ -58,14 +81,14 @@ def plot_comparison(table: list[TableLine], classes: list[str], path: Path) -> P
             axis.axhline(100 * base.mean[metric], color="grey", linestyle=":", label="base model")
         axis.set_xscale("log")
         axis.set_title(title)
-        axis.set_xlabel("trainable parameters, head included (log scale)")
+        axis.set_xlabel(x_axis.label)
         axis.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
     handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
-    figure.suptitle(f"Adapting on {', '.join(classes)}: accuracy against trainable parameters")
+    figure.suptitle(f"Adapting on {', '.join(classes)}: {x_axis.title} (error bars: 95 % t-interval over seeds)")
     figure.tight_layout(rect=(0, 0.08, 1, 1))
-    return save_figure(figure, path)
+    return figure
 
 
 def require_matplotlib(instead: str = "") -> None:
@@ -86,7 +109,11 @@ def new_figure(**kwargs: Any) -> "Figure":
 
 def save_figure(figure: "Figure", path: Path) -> Path:
     """The figure as a PNG, written atomically."""
+    write_bytes_atomic(path, figure_png(figure))
+    return path
+
+
+def figure_png(figure: "Figure") -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
-    write_bytes_atomic(path, buffer.getvalue())
-    return path
+    return buffer.getvalue()

@@ -20,6 +20,17 @@ def _change(value: Optional[float]) -> str:
     return f"[{colour}]{points:+.2f}[/{colour}]"
 
 
+def cost_line(summary: dict[str, Any]) -> str:
+    """What an adapt run cost beside its accuracy, from its summary: training, inference, peak memory."""
+    def known(key: str, text: str) -> list[str]:
+        return [text.format(summary[key])] if summary.get(key) is not None else []
+
+    parts = (known("train_seconds", "training {:.1f}s") + known("train_seconds_per_1k_images", "{:.2f}s per 1,000 images")
+             + known("inference_ms_per_image", "inference {:.3f} ms per image (adapter unmerged)")
+             + ([f"peak memory {summary['peak_memory_bytes'] / 2**20:,.0f} MiB"] if summary.get("peak_memory_bytes") else []))
+    return ", ".join(parts) or "costs not recorded"
+
+
 def accuracy_table(report: AccuracyReport, title: str, held_out: list[str] = ()) -> Table:
     table = Table(title=title)
     table.add_column("class")
@@ -151,46 +162,104 @@ def prediction_table(result: dict[str, Any]) -> Table:
 
 # Protocol columns of the comparison table, shown when any line sets them: (TableLine field, heading).
 PROTOCOL_COLUMNS = (("shots", "shots"), ("base", "base"), ("lr", "lr"), ("head_lr", "head lr"))
+SETTING_COLUMNS = ("method", "rank", "targets", "forgetting")
+LEFT_COLUMNS = ("method", "targets", "forgetting", "base", "verdict", "front")
 
 
-def compare_table(table: list[TableLine], title: str, select_by: str = "overall") -> Table:
-    """One line per setting (mean over seeds, with the spread when there are several), base first.
+def _setting_table(title: str, shown: list[TableLine], columns: list[str]) -> tuple[Table, Any]:
+    """A table whose first columns name each line's setting (with the protocol columns any line sets), then
+    `columns`; and the function that gives a line's setting cells."""
+    protocol = [(key, heading) for key, heading in PROTOCOL_COLUMNS if any(getattr(line, key) is not None for line in shown)]
+    # No vertical rules and short headings: with the protocol columns the table must fit 130 columns.
+    result = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in (*SETTING_COLUMNS, *(heading for _, heading in protocol), *columns):
+        result.add_column(column, justify="left" if column in LEFT_COLUMNS else "right",
+                          no_wrap=column in ("method", "forgetting", "base"))
+
+    def setting(line: TableLine) -> list[str]:
+        return [line.method, "-" if line.rank is None else str(line.rank), line.targets or "-", line.forgetting,
+                *("-" if getattr(line, key) is None else axis_label(getattr(line, key)) for key, _ in protocol)]
+
+    return result, setting
+
+
+def _points(value: Optional[float], signed: bool = False) -> str:
+    return "n/a" if value is None else f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+
+
+def compare_table(table: list[TableLine], title: str, select_by: str = "overall", cut: str = "") -> Table:
+    """One line per setting (mean over seeds, ± the half-width of its 95 % t-interval when there are several),
+    base first; `cut` says what a time budget dropped.
 
     Where learning rates were tuned, only the lines that won on the validation split are shown, with
     their test numbers. Trainable parameters appear twice: without the head (the VeRA paper's count)
     and the head's own.
     """
     shown = [line for line in table if line.selected]
-    protocol = [(key, heading) for key, heading in PROTOCOL_COLUMNS if any(getattr(line, key) is not None for line in shown)]
     tuned = any(line.validation is not None for line in shown)
-    # No vertical rules and short headings: with the protocol columns the table must fit 130 columns.
-    result = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
-    columns = ["method", "rank", "targets", "forgetting", *(heading for _, heading in protocol), "trainable", "head",
-               "bytes", "chosen", "task", "rest", "overall", *(["val"] if tuned else []), "seconds"]
-    for column in columns:
-        result.add_column(column, justify="left" if column in ("method", "targets", "forgetting", "base") else "right",
-                          no_wrap=column in ("method", "forgetting", "base"))
-
-    def points(value: Optional[float]) -> str:
-        return "n/a" if value is None else f"{100 * value:.1f}"
+    result, setting = _setting_table(title, shown, ["trainable", "head", "bytes", "chosen", "task", "rest", "overall",
+                                                    *(["val"] if tuned else []), "seconds"])
 
     def cell(line: TableLine, metric: str) -> str:
-        spread = line.std[metric]
-        return points(line.mean[metric]) + (f" ± {100 * spread:.1f}" if line.seeds > 1 and spread is not None else "")
+        half = line.ci.get(metric)
+        return _points(line.mean[metric]) + (f" ± {100 * half:.1f}" if line.seeds > 1 and half is not None else "")
 
     for index, line in enumerate(shown):
-        result.add_row(line.method, "-" if line.rank is None else str(line.rank), line.targets or "-", line.forgetting,
-                       *("-" if getattr(line, key) is None else axis_label(getattr(line, key)) for key, _ in protocol),
-                       f"{line.adapter_trainable:,}", f"{line.head_trainable:,}", f"{line.adapter_bytes:,}",
+        result.add_row(*setting(line), f"{line.adapter_trainable:,}", f"{line.head_trainable:,}", f"{line.adapter_bytes:,}",
                        cell(line, "chosen"), cell(line, "task"), cell(line, "rest"), cell(line, "overall"),
-                       *([points(line.validation)] if tuned else []), f"{line.mean['seconds']:.1f}")
+                       *([_points(line.validation)] if tuned else []), f"{line.mean['seconds']:.1f}")
         if line.method == "base" and index + 1 < len(shown) and shown[index + 1].method != "base":
             result.add_section()
-    result.caption = ("accuracy in %. trainable: without the head (the VeRA paper's count); head: the classifier's, trained fully; "
+    result.caption = ("accuracy in %, the mean over seeds ± the half-width of its 95 % Student t-interval. trainable: "
+                      "without the head (the VeRA paper's count); head: the classifier's, trained fully; "
                       "bytes: adapter file; chosen: 10-way accuracy on the chosen classes; task: among them only; "
-                      "rest: the other classes")
+                      "rest: the other classes; seconds: a row's wall time")
     if tuned:
         result.caption += f". val: {select_by} accuracy on the validation split"
     if len(shown) < len(table):
         result.caption += "; where learning rates were compared, the line that won on val is shown, with its test numbers"
+    if cut:
+        result.caption += f". {cut}"
+    return result
+
+
+def verdict_table(table: list[TableLine], title: str, select_by: str = "overall", reference: Optional[str] = None,
+                  cut: str = "") -> Table:
+    """Each shown line against its reference line, paired seed by seed."""
+    shown = [line for line in table if line.selected and line.method != "base"]
+    result, setting = _setting_table(title, shown, ["seeds", f"Δ {select_by}", "95 % CI", "verdict"])
+    for line in shown:
+        difference = line.difference
+        interval = ("-" if difference is None or difference.half_width is None
+                    else f"[{_points(difference.low, True)}, {_points(difference.high, True)}]")
+        result.add_row(*setting(line), str(line.seeds), _points(difference.mean, True) if difference else "-", interval,
+                       line.verdict or "-")
+    references = ", ".join(dict.fromkeys(line.reference for line in shown if line.reference)) or "none yet"
+    how = f"named by --reference {reference}" if reference else f"the best on {select_by}, on val where every line has it"
+    result.caption = (f"Δ: {select_by} test accuracy minus the reference line's, in points, paired seed by seed (same "
+                      f"seed, shots and base); reference: {references} ({how}). 95 % CI: the Student t-interval of "
+                      "the mean difference; better or worse when it excludes 0")
+    if cut:
+        result.caption += f". {cut}"
+    return result
+
+
+def cost_table(table: list[TableLine], title: str) -> Table:
+    """What each shown line cost beside its accuracy (means over its seeds), and the Pareto fronts it is on."""
+    shown = [line for line in table if line.selected and line.method != "base"]
+    result, setting = _setting_table(title, shown, ["bytes", "train s", "s/1k img", "ms/img", "peak MiB", "front"])
+
+    def number(value: Optional[float], form: str) -> str:
+        return "n/a" if value is None else format(value, form)
+
+    for line in shown:
+        peak = line.mean["peak_memory_bytes"]
+        result.add_row(*setting(line), f"{line.adapter_bytes:,}", number(line.mean["train_seconds"], ".2f"),
+                       number(line.mean["train_seconds_per_1k_images"], ".2f"),
+                       number(line.mean["inference_ms_per_image"], ".3f"),
+                       number(None if peak is None else peak / 2**20, ",.0f"), line.pareto.replace(" ", ", ") or "-")
+    result.caption = ("bytes: adapter file; train s: the training epochs' seconds; s/1k img: per 1,000 training images; "
+                      "ms/img: inference per image, adapter unmerged; peak MiB: the row's peak memory (CUDA's "
+                      "allocation, else the resident set); front: on the Pareto front of task accuracy against adapter "
+                      "bytes or training seconds (time), within one shots and base; n/a: not recorded")
     return result

@@ -18,6 +18,7 @@ from vera_cli.adapters.targets import head_name
 from vera_cli.bases import base_reference, fingerprint, load_pretrained, pretrain_config, resolve_base
 from vera_cli.checkpoint import METRICS_FILE, EpochRecorder
 from vera_cli.config import ADAPTERS, AdaptConfig
+from vera_cli.costs import PeakMemory, inference_ms_per_image, per_thousand, training_seconds
 from vera_cli.data import CLASSES, Cifar10, class_ids, load_cifar10, require_images
 from vera_cli.distill import distillation_loss, rows_as_labels
 from vera_cli.distributed import LOCAL, World
@@ -25,12 +26,14 @@ from vera_cli.lifecycle import RunLifecycle
 from vera_cli.metrics import AccuracyReport, accuracy_report
 from vera_cli.run_plots import PER_CLASS_FILE, write_per_class, write_training_curves
 from vera_cli.errors import VeraError
-from vera_cli.files import read_json, write_json
+from vera_cli.files import read_json, read_jsonl, write_json
 from vera_cli.runs import Run, environment
 from vera_cli.selection import SELECTION_FILE, Selection, select, take
 from vera_cli.tensorboard_log import require_logs, training_logs
 from vera_cli.train import Log, Trainer, fit, resolve_device
 
+# Test images timed for the inference cost: enough to fill a batch, few enough to cost next to nothing.
+INFERENCE_IMAGES = 64
 
 
 @dataclass
@@ -58,6 +61,14 @@ class AdaptSummary:
     selection_sha256: str = ""
     validation: Optional[AccuracyReport] = None  # on the validation split, when there is one
     tta: str = "none"  # the base's rule behind every report here (runs recorded before it: images alone)
+    # Costs (vera_cli.costs); None in runs recorded before they were measured.
+    train_seconds: Optional[float] = None
+    inference_ms_per_image: Optional[float] = None
+    peak_memory_bytes: Optional[int] = None
+
+    @property
+    def train_seconds_per_1k_images(self) -> Optional[float]:
+        return per_thousand(self.train_seconds, self.epochs * self.train_images)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "adapt", "base_run": self.base_run, "forgetting": self.forgetting,
@@ -67,14 +78,17 @@ class AdaptSummary:
                 "wall_seconds": self.wall_seconds, "base": self.base.to_dict(), "test": self.test.to_dict(),
                 "environment": self.environment, "world_size": self.world_size, "held_out": self.held_out, "head_parameters": self.head_parameters,
                 "shots": self.shots, "selection_sha256": self.selection_sha256,
-                "validation": self.validation.to_dict() if self.validation else None, "tta": self.tta}
+                "validation": self.validation.to_dict() if self.validation else None, "tta": self.tta,
+                "train_seconds": self.train_seconds, "train_seconds_per_1k_images": self.train_seconds_per_1k_images,
+                "inference_ms_per_image": self.inference_ms_per_image, "peak_memory_bytes": self.peak_memory_bytes}
 
     @classmethod
     def from_dict(cls, run: Run, raw: dict[str, Any]) -> "AdaptSummary":
         """The summary `run` recorded; one that does not hold one (edited, damaged) is a one-line error."""
         reports = ("base", "test", "validation")
         try:
-            fields = {k: v for k, v in raw.items() if k not in ("kind", "adapter_file", *reports)}
+            fields = {k: v for k, v in raw.items() if k not in ("kind", "adapter_file", "train_seconds_per_1k_images",
+                                                                 *reports)}
             base, test, validation = (AccuracyReport.from_dict(raw[k]) if raw.get(k) else None for k in reports)
             summary = cls(run=run, base=base, test=test, validation=validation, **fields)
         except (AttributeError, KeyError, TypeError) as exc:
@@ -195,6 +209,7 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
     the per-epoch lines (default: `log`).
     """
     device = world.place(resolve_device(cfg.device))
+    memory = PeakMemory(device)
     chosen = class_ids(cfg.classes)
     base_run = resolve_base(cfg.base)
     base_cfg = pretrain_config(base_run)
@@ -253,6 +268,10 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
         validation = accuracy_report(pipeline.logits_of(validation_split)(), validation_split.labels, data.classes,
                                      chosen) if len(validation_split) else None
         classes = [data.classes[i] for i in chosen]
+        # Served as `vera eval` serves it: the adapter beside the frozen weights, the base's test-time rule.
+        sample, serve = take(data.test, torch.arange(min(INFERENCE_IMAGES, len(data.test)))), fast.forward(model)
+        inference_ms = inference_ms_per_image(lambda: fast.predict_logits(serve, sample, tta), len(sample), device)
+        train_seconds = life.by_writer(lambda: training_seconds(read_jsonl(run.file(METRICS_FILE))))
 
         def save() -> int:
             size = save_adapter(run.path, model, cfg.adapter, base_fingerprint,
@@ -268,4 +287,5 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
                                         cfg.adapter.rank, classes, trainable, adapter_bytes, train_cfg.epochs, cfg.seed,
                                         str(device), life.elapsed(), base_report, report, environment(), world.size,
                                         [data.classes[i] for i in held_out], sum(p.numel() for p in head_parameters(model)),
-                                        cfg.shots, selection.digest(), validation, tta))
+                                        cfg.shots, selection.digest(), validation, tta, train_seconds, inference_ms,
+                                        memory.bytes()))

@@ -10,7 +10,11 @@ The protocol axes (learning rate, head learning rate, shots, base) add grid
 points the same way. Learning rates are tuned, never on the test set: among the
 lines that differ only in their learning rates, the one with the best mean
 `select_by` accuracy on the validation split is marked `selected`; the printed
-table and the plot show those, with their test numbers.
+table and the plots show those, with their test numbers, each judged against a
+reference line seed by seed (vera_cli.comparison).
+
+The first row's time sets the estimate for the whole grid; with `budget` the grid
+is cut then, the highest seeds first, and the cut is recorded in `plan.json`.
 """
 
 from __future__ import annotations
@@ -19,67 +23,35 @@ import copy
 import csv
 import dataclasses
 import io
-import itertools
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 
 from vera_cli import config as config_module
 from vera_cli import fast
-from vera_cli.adapters.config import DEFAULT_TARGETS
 from vera_cli.adapters.inject import inject
 from vera_cli.bases import load_pretrained, model_config, resolve_base
-from vera_cli.comparison import METRICS, Row, TableLine, aggregate, axis_label, method_parts
+from vera_cli.comparison import (METRICS, ROWS_FILE, GridPoint, Row, TableLine, aggregate, base_line as line_of_base, grid,
+                                 method_parts, read_rows, resolve_reference)
 from vera_cli.commands.adapt import AdaptSummary, run_adapt
 from vera_cli.train import Log
 from vera_cli.config import RANKLESS, AdaptConfig, CompareConfig
 from vera_cli.data import Cifar10, class_ids, load_cifar10, require_images
 from vera_cli.distributed import LOCAL, World
-from vera_cli.grid_progress import GridProgress
+from vera_cli.errors import VeraError
+from vera_cli.grid_progress import PLAN_FILE, GridPlan, GridProgress, plan_grid
 from vera_cli.lifecycle import RunLifecycle
 from vera_cli.metrics import accuracy_report, percent
-from vera_cli.plot import plot_comparison, require_matplotlib
+from vera_cli.plot import X_AXES, plot_comparison, require_matplotlib
 from vera_cli.runs import Run
 from vera_cli.selection import require_counts
-from vera_cli.files import append_jsonl, read_json, read_jsonl, write_bytes_atomic, write_json
+from vera_cli.files import append_jsonl, read_json, write_bytes_atomic, write_json
 from vera_cli.train import resolve_device
 
-ROWS_FILE = "rows.jsonl"
 CLAIMS_DIR = "claims"  # under torchrun: which rank took which row (vera_cli.distributed)
-# Protocol axes of a grid point: (field, prefix in the point's name). A point names only the axes
-# the comparison sets, so that a grid without them keeps its old names.
-NAMED_AXES = (("lr", "lr"), ("head_lr", "hlr"), ("shots", "k"), ("base", "on-"))
-
-
-@dataclass
-class GridPoint:
-    method: str
-    rank: int | None
-    forgetting: str
-    seed: int
-    targets: str | None = None  # a preset or regex; None for the rankless methods
-    lr: Optional[float] = None
-    head_lr: Optional[float] = None
-    shots: Union[int, str, None] = None  # an int, "all", or None: the method's config decides
-    base: Optional[str] = None  # a pretrain run when the comparison has a bases axis
-
-    @property
-    def setting(self) -> str:
-        """The name without the seed: what the seeds of one setting share."""
-        rank = f"-r{self.rank}" if self.rank is not None else ""
-        # The default targets stay out of the name, so rows read as before; a regex becomes a safe folder name.
-        targets = f"-{re.sub(r'[^A-Za-z0-9.-]+', '_', self.targets)}" if self.targets not in (None, *DEFAULT_TARGETS) else ""
-        extra = "".join(f"-{prefix}{axis_label(getattr(self, axis))}" for axis, prefix in NAMED_AXES
-                        if getattr(self, axis) is not None)
-        return f"{self.method}{rank}{targets}-{self.forgetting}{extra}"
-
-    @property
-    def name(self) -> str:
-        return f"{self.setting}-s{self.seed}"
 
 
 @dataclass
@@ -87,28 +59,16 @@ class CompareSummary:
     run: Run
     base_run: str
     rows: list[TableLine]  # base first
-    plot: Path
+    plots: list[Path]  # accuracy against trainable parameters, then against training seconds
     wall_seconds: float
     world_size: int = 1  # processes that shared the rows (torchrun); the last part's on a resumed run
+    plan: Optional[GridPlan] = None  # the estimate and what a budget cut; None when no row ran in one process
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "compare", "base_run": self.base_run, "rows": [line.to_dict() for line in self.rows],
-                "plot": str(self.plot), "wall_seconds": self.wall_seconds, "world_size": self.world_size}
-
-
-def grid(cfg: CompareConfig) -> list[GridPoint]:
-    """Every point once, in the order given: `--ranks 4,4` or a method named twice adds nothing."""
-    points: dict[str, GridPoint] = {}
-    for method in cfg.methods:
-        rankless = method in RANKLESS
-        head_lrs = (cfg.head_lrs if method_parts(method)[2] else []) or [None]
-        axes = itertools.product([None] if rankless else cfg.ranks, [None] if rankless else cfg.targets, cfg.forgetting,
-                                 cfg.lrs or [None], head_lrs, cfg.shots or [None], cfg.bases or [None])
-        for rank, targets, forgetting, lr, head_lr, shots, base in axes:
-            for seed in range(cfg.seeds):
-                point = GridPoint(method, rank, forgetting, seed, targets, lr, head_lr, shots, base)
-                points.setdefault(point.name, point)
-    return list(points.values())
+                "plot": str(self.plots[0]), "plots": [str(plot) for plot in self.plots],
+                "wall_seconds": self.wall_seconds, "world_size": self.world_size,
+                "plan": self.plan.to_dict() if self.plan else None}
 
 
 def method_configs(cfg: CompareConfig) -> dict[str, AdaptConfig]:
@@ -143,7 +103,8 @@ def row_from_summary(point: GridPoint, summary: AdaptSummary) -> Row:
     return Row(point.name, point.method, point.rank, point.forgetting, point.targets, point.seed, summary.trainable_parameters,
                summary.adapter_bytes, test.chosen, test.task, test.rest, test.overall, summary.wall_seconds,
                point.setting, point.lr, point.head_lr, point.shots, point.base, summary.head_parameters,
-               {m: validation.metric(m) for m in METRICS} if validation else None)
+               {m: validation.metric(m) for m in METRICS} if validation else None, summary.train_seconds,
+               summary.train_seconds_per_1k_images, summary.inference_ms_per_image, summary.peak_memory_bytes)
 
 
 def write_tables(run: Run, table: list[TableLine]) -> None:
@@ -156,22 +117,10 @@ def write_tables(run: Run, table: list[TableLine]) -> None:
     write_bytes_atomic(run.file("table.csv"), buffer.getvalue().encode())
 
 
-def finished_rows(run: Run) -> list[Row]:
-    """Rows recorded so far; a damaged record is dropped, and its grid point is taken from its run again."""
-    rows = []
-    for record in read_jsonl(run.file(ROWS_FILE)):
-        try:
-            rows.append(Row(**record))
-        except TypeError:
-            continue
-    return rows
-
-
 def base_line(base_run: Run, device: torch.device, data: Cifar10, chosen: list[int], label: Optional[str]) -> TableLine:
     model, base_cfg = load_pretrained(base_run, device)
     report = accuracy_report(fast.predict_logits(fast.forward(model), data.test, base_cfg.model.tta), data.test.labels, data.classes, chosen)
-    return TableLine("base", None, "-", None, 1, 0, 0, {**{m: report.metric(m) for m in METRICS}, "seconds": 0.0},
-                     {m: 0.0 for m in (*METRICS, "seconds")}, base=label)
+    return line_of_base({m: report.metric(m) for m in METRICS}, label)
 
 
 def run_row(run: Run, point: GridPoint, cfg: AdaptConfig, data: Cifar10, log: Log,
@@ -197,8 +146,11 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     """Run the grid into a new run directory, or only its missing rows in the unfinished run `resume`.
 
     In a `world` of several processes (torchrun) each runs whole rows with its share of
-    the CPU threads; rank 0 writes rows.jsonl, the table and the plot.
+    the CPU threads; rank 0 writes rows.jsonl, the table and the plots.
     """
+    if cfg.budget is not None and world.size > 1:
+        # Each process would time its own first row and cut a grid the others share.
+        raise VeraError("--budget cuts the grid from one process's first row: run it without torchrun, or drop --budget")
     device = world.place(resolve_device(cfg.device))
     chosen = class_ids(cfg.classes)
     base_runs = [resolve_base(base) for base in cfg.bases] if cfg.bases else [resolve_base(cfg.base)]
@@ -213,6 +165,7 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     life = RunLifecycle("compare", cfg, resume, recorded={**config_module.to_dict(cfg), "base": str(base_run.path)},
                         shared=world.shared())
     points = grid(cfg)
+    reference = resolve_reference(cfg.reference, [point.line for point in points]) if cfg.reference else None
     order = {point.name: index for index, point in enumerate(points)}
     own = method_configs(cfg)
     configs = {point.name: adapt_config(cfg, own[point.method], point, str(base_run.path), Path("rows") / point.name)
@@ -230,32 +183,52 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     in_grid_order = lambda rows: sorted(rows, key=lambda row: order[row.name])  # noqa: E731
     with world.joined(device), life.open() as run:
         base_lines = [base_line(each, device, data, chosen, str(each.path) if cfg.bases else None) for each in base_runs]
-        recorded = [Row(**raw) for raw in life.by_writer(lambda: [row.to_dict() for row in finished_rows(run)])]
+        recorded = [Row(**raw) for raw in life.by_writer(lambda: [row.to_dict() for row in read_rows(run.file(ROWS_FILE))])]
         rows = list(recorded)
         done = {row.name for row in rows}
         pending = [point.name for point in points if point.name not in done]
-        # Under torchrun rank 0 sees only its own rows finish: no count or time left to offer.
-        progress_line = GridProgress(len(points), len(done)) if world.size == 1 else None
+        # Under torchrun rank 0 sees only its own rows finish: no count or time left to offer, no plan to make.
+        alone = world.size == 1
+        plan = GridPlan.read(run.file(PLAN_FILE)) if alone else None
+        dropped = set(plan.dropped) if plan else set()
+        progress_line = GridProgress(len(points) - len(dropped), len(done)) if alone else None
+        settings = len({point.setting for point in points})
+        log(f"{len(points)} rows: {settings} setting(s) x {cfg.seeds} seed(s)"
+            + (f"; {len(dropped)} dropped by --budget {plan.budget} when the grid began" if dropped
+               else "; the first row's time gives the estimate" if alone and plan is None else ""))
         for name in world.take_turns(pending, run.file(CLAIMS_DIR)):
+            if name in dropped:
+                continue
             row, ran_here = run_row(run, points[order[name]], configs[name], data,
                                     lambda message: log(f"[{order[name] + 1}/{len(points)}] {message}"), progress, log)
             rows.append(row)
             if life.writes:
                 append_jsonl(run.file(ROWS_FILE), row.to_dict())
-                write_tables(run, aggregate(base_lines, in_grid_order(rows), cfg.select_by))
+                write_tables(run, aggregate(base_lines, in_grid_order(rows), cfg.select_by, reference))
+            said = []
+            if alone and plan is None and ran_here:
+                plan = plan_grid([(point.name, point.seed) for point in points], {row.name for row in rows}, name,
+                                 row.seconds, cfg.budget)
+                write_json(run.file(PLAN_FILE), plan.to_dict())
+                dropped = set(plan.dropped)
+                progress_line.total -= len(dropped)
+                said = plan.lines()
             log(f"    {row.trainable:,} trainable, " + ", ".join(f"{m} {percent(getattr(row, m))}" for m in METRICS[:3])
                 + f", {row.seconds:.1f}s" + (f"; {progress_line.row_done(ran_here)}" if progress_line else ""))
+            for line in said:
+                log(line)
         others = world.from_others(rows[len(recorded):])
         if others:
             log(f"{len(others)} more row(s) ran in the other {world.size - 1} process(es)")
-        table = aggregate(base_lines, in_grid_order(rows + others), cfg.select_by)
+        table = aggregate(base_lines, in_grid_order(rows + others), cfg.select_by, reference)
 
-        def record() -> Path:
+        def record() -> list[Path]:
             for row in others:
                 append_jsonl(run.file(ROWS_FILE), row.to_dict())
             write_tables(run, table)
             shutil.rmtree(run.file(CLAIMS_DIR), ignore_errors=True)
-            return plot_comparison(table, [data.classes[i] for i in chosen], run.file("accuracy-vs-parameters.png"))
+            classes = [data.classes[i] for i in chosen]
+            return [plot_comparison(table, classes, run.file(f"accuracy-vs-{axis.file}.png"), axis) for axis in X_AXES]
 
-        plot = life.by_writer(record)
-        return life.finish(CompareSummary(run, str(base_run.path), table, plot, life.elapsed(), world.size))
+        plots = life.by_writer(record)
+        return life.finish(CompareSummary(run, str(base_run.path), table, plots, life.elapsed(), world.size, plan))
