@@ -66,8 +66,10 @@ class VeraAdapter(LayerAdapter):
         # Multiply-adds: the factored form costs r (in + out) per position; building each adapter's delta W costs
         # r in out, then in out per position. A rank above the layer's width (VeRA r256 on a ViT of width 128)
         # makes the second cheaper for a few adapters over many positions.
-        if len(group.used) * rank * layer.fan_in * layer.out_features + positions * layer.fan_in * layer.out_features \
-                < positions * rank * (layer.fan_in + layer.out_features):
+        # Counting the adapters used costs a sort: skipped where even one delta W would cost more.
+        per_weight, factored = layer.fan_in * layer.out_features, positions * rank * (layer.fan_in + layer.out_features)
+        if (rank + positions) * per_weight < factored \
+                and len(group.used) * rank * per_weight + positions * per_weight < factored:
             return group.one_by_one(x, out, lambda part, rows: layer.apply_weight(rows, part.delta_weight(layer), None),
                                     add=True)
         a, b = group.parts[0].projections(layer)
