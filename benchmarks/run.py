@@ -116,12 +116,14 @@ TARGETS = {
     "experiment_time": Target("`vera experiment` (defaults) against the classic pipeline's time", "<= 0.2",
                               lambda r: r <= 0.2),
     "pretrain_accuracy": Target("default pretrain accuracy", ">= 70 %", lambda r: r >= 0.70),
-    "adapt_epoch": Target("VeRA adaptation epoch against a base evaluation of the same images", "<= 1",
-                          lambda r: r <= 1),
-    "peft_loop": Target("VeRA adaptation epoch against a PEFT-VeRA loop", ">= 5x faster", lambda r: r >= 5),
+    "adapt_epoch": Target("VeRA adaptation epoch against a base evaluation of the same images", "<= 0.9",
+                          lambda r: r <= 0.9),
+    "peft_loop": Target("VeRA adaptation epoch against a PEFT-VeRA loop", ">= 5.5x faster", lambda r: r >= 5.5),
     "merged_inference": Target("merged inference against the base", "<= 1.02", lambda r: r <= 1.02),
     "throughput": Target("pretrain step throughput", ">= 25,000 img/s", lambda r: r >= 25_000),
-    "vit_step": Target("ViT, VeRA r256 training step against LoRA r8's (attention)", "<= 1.05", lambda r: r <= 1.05),
+    "vit_limit": Target("ViT training step against the arithmetic limit (torch's FLOP count, best sgemm)", ">= 0.65",
+                        lambda r: r >= 0.65),
+    "vit_step": Target("ViT, VeRA r256 training step against LoRA r8's (attention)", "<= 1", lambda r: r <= 1),
     "vit_inference": Target("ViT, unmerged VeRA inference overhead against PEFT's VeRA", "below PEFT's",
                             lambda r: r < 1),
     "serving_vera": Target("VeRA mixed batch with the most adapters (512) against every sample on one adapter, "
@@ -145,6 +147,13 @@ def flops_per_training_image() -> float:
     with FlopCounterMode(display=False) as counter:
         model(image)
     return 3.0 * counter.get_total_flops()
+
+
+def counted_training_flops(model: torch.nn.Module, batch: int = 8) -> float:
+    """FLOPs per image of a training step's forward and backward as torch's counter sees them run."""
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(torch.randn(batch, 3, 32, 32)), torch.zeros(batch, dtype=torch.int64)).backward()
+    return counter.get_total_flops() / batch
 
 
 def quiet(_: str) -> None:
@@ -370,7 +379,8 @@ def vit(data_dir: str, scale: Scale) -> dict:
     rate = step_throughput(build_model(cfg.model), cfg.train, data_dir, scale.vit_images)
     torch.manual_seed(0)
     costs = adapter_costs(build_model(cfg.model), ["attention"], rounds=scale.vit_rounds)
-    return {"images_per_second": rate, "batch_size": cfg.train.batch_size, "epoch_seconds": 50_000 / rate, **costs}
+    return {"images_per_second": rate, "batch_size": cfg.train.batch_size, "epoch_seconds": 50_000 / rate,
+            "flops_per_image": counted_training_flops(build_model(cfg.model)), **costs}
 
 
 def fewshot(base_run: str, data_dir: str, workdir: Path, scale: Scale) -> dict:
@@ -526,8 +536,11 @@ def report(results: dict) -> str:
         lines.append(f"| conv + linear adapters, {measure}: vera r32 | {ms['vera r32']:.3f} ms | lora r8 "
                      f"{ms['lora r8']:.3f} ms (r32 {ms['lora r32']:.3f} ms) | {ms['vera r32'] / ms['lora r8']:.2f} | - |")
     v = results["vit"]
+    fraction = v["images_per_second"] * v["flops_per_image"] / (t["sgemm_gflops"] * 1e9)
     lines.append(f"| ViT (pretrain-vit) step throughput, batch {v['batch_size']} | {v['images_per_second']:,.0f} img/s "
-                 f"({v['epoch_seconds']:.0f} s an epoch) | - | - | - |")
+                 f"({v['epoch_seconds']:.0f} s an epoch, {v['flops_per_image'] / 1e6:.0f} MFLOP per image) | limit "
+                 f"{t['sgemm_gflops'] * 1e9 / v['flops_per_image']:,.0f} img/s (the same best sgemm) | {fraction:.2f} | "
+                 f"{verdict('vit_limit', fraction)} |")
     step_ratio = v["train_ratio"]["vera / lora"]
     lines.append(f"| ViT training step, batch {v['batch']}: vera r256 ({v['trainable']['vera']:,} trainable) | "
                  f"{v['train_ms']['vera']:.2f} ms | lora r8 {v['train_ms']['lora']:.2f} ms | {step_ratio:.2f} | "
