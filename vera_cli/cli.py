@@ -22,7 +22,7 @@ from vera_cli import completion as complete
 from vera_cli import config as cfg
 from vera_cli import signals
 from vera_cli.adapters.errors import AdapterError
-from vera_cli.errors import RunInterrupted, VeraError, describe_os_error
+from vera_cli.errors import RunInterrupted, VeraError, WorkerFailed, describe_os_error
 
 app = typer.Typer(no_args_is_help=True,
                   help="VeRA and LoRA fine-tuning experiments on CIFAR-10.")
@@ -332,6 +332,8 @@ def compare(
     lrs: Optional[str] = typer.Option(None, "--lrs", help="comma list of learning rates, chosen on validation"),
     head_lrs: Optional[str] = typer.Option(None, "--head-lrs", help="comma list of head learning rates (+head methods)"),
     shots: Optional[str] = typer.Option(None, "--shots", help="comma list of images per class, e.g. 10,100,all"),
+    workers: Optional[str] = typer.Option(None, "--workers", help="local processes sharing the rows: N, or auto (one "
+                                          "per core for small CPU rows, else 1); 1 runs them in this process"),
     epochs: Optional[int] = EpochsOpt, config: Optional[str] = ConfigOpt, device: Optional[str] = DeviceOpt,
     data_dir: Optional[str] = DataDirOpt, run_dir: Optional[str] = RunDirOpt, set_: list[str] = SetOpt,
     no_progress: bool = NoProgressOpt, resume: Optional[str] = ResumeOpt, print_config: bool = PrintConfigOpt,
@@ -344,13 +346,16 @@ def compare(
     overrides = _overrides({"classes": classes or None, "methods": methods, "ranks": ranks, "targets": targets, "seeds": seeds,
                             "base": base, "bases": bases, "lrs": lrs, "head_lrs": head_lrs, "shots": shots,
                             "epochs": epochs, "device": device, "data.dir": data_dir,
-                            "run_dir": run_dir}, set_)
+                            "run_dir": run_dir},
+                           # Read as --set reads values (YAML): 4 is a number, auto a word.
+                           ([f"workers={workers}"] if workers else []) + set_)
     run, settings = _settings(cfg.CompareConfig, "compare", "compare", config, overrides, resume, print_config)
     result = run_compare(settings, log=_log, progress=not no_progress and world.is_main, resume=run,
                          world=world)
     out.print(compare_table(result.rows, f"Comparison {result.run.path} on {', '.join(settings.classes)}",
                             settings.select_by))
-    _log(f"table: {result.run.file('table.csv')}, plot: {result.plot}, {result.wall_seconds:.1f}s")
+    _log(f"table: {result.run.file('table.csv')}, plot: {result.plot}, {result.wall_seconds:.1f}s"
+         + (f"; {result.pace()}" if result.rows_per_hour else ""))
 
 
 @app.command()
@@ -563,14 +568,16 @@ def run(argv: list[str]) -> int:
         is_usage = hasattr(exc, "format_message") and hasattr(exc, "exit_code")
         # The adapters package stands alone with its own error type: bad input all the same.
         user_error = isinstance(exc, (VeraError, AdapterError, OSError))
-        if debug or not (user_error or is_usage):
+        # A worker process's bug is not bad input, but its traceback belongs to --debug: one line, exit 1.
+        from_worker = isinstance(exc, WorkerFailed)
+        if debug or not (user_error or is_usage or from_worker):
             raise
         if isinstance(exc, OSError):
             message = describe_os_error(exc)
         else:
-            message = str(exc) if user_error else f"{exc.format_message()} (see vera --help)"
+            message = str(exc) if user_error or from_worker else f"{exc.format_message()} (see vera --help)"
         _say(f"error: {' '.join(message.split())}")
-        return 2
+        return 1 if from_worker else 2
     finally:
         signals.restore(previous)
 

@@ -1,4 +1,4 @@
-"""How far a grid of runs has come, and about how long the rest will take."""
+"""How far a grid of runs has come, how fast it goes, and about how long the rest will take."""
 
 from __future__ import annotations
 
@@ -15,10 +15,17 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-class GridProgress:
-    """Rows done out of `total`; the time left is the mean time of the rows run here times the rows left.
+def per_hour(rate: float) -> str:
+    """2,118 or 0.42 rows/hour: whole numbers once there are ten or more."""
+    return f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"
 
-    Rows finished before a resume count as done but not in the mean: their time was spent elsewhere.
+
+class GridProgress:
+    """Rows done out of `total`, rows per hour of the grid's wall time (since it started), and the time left:
+    the wall time per row run here times the rows left. Rows that run side by side (several processes)
+    share the wall time, so both figures count what the processes achieve together.
+
+    Rows finished before a resume count as done but not in the rate: their time was spent elsewhere.
     """
 
     def __init__(self, total: int, done: int = 0, clock=time.perf_counter) -> None:
@@ -26,11 +33,22 @@ class GridProgress:
         self.ran = 0
         self.started = clock()
 
+    def seconds(self) -> float:
+        return self.clock() - self.started
+
+    def rows_per_hour(self, seconds: float | None = None) -> float | None:
+        """Rows run here per hour of the grid's wall time (`seconds`, else until now); None before any ran."""
+        seconds = self.seconds() if seconds is None else seconds
+        return self.ran / seconds * 3600 if self.ran and seconds > 0 else None
+
     def row_done(self, ran_here: bool = True) -> str:
         self.done += 1
         self.ran += ran_here
         left = self.total - self.done
         line = f"{self.done}/{self.total} rows done"
-        if left and self.ran:
-            line += f", about {duration((self.clock() - self.started) / self.ran * left)} left"
+        rate = self.rows_per_hour()
+        if rate is not None:
+            line += f" at {per_hour(rate)} rows/hour"
+            if left:
+                line += f", about {duration(left / rate * 3600)} left"
         return line
