@@ -23,7 +23,7 @@ import signal
 import threading
 import time
 import traceback
-from multiprocessing import connection, parent_process
+from multiprocessing import connection, parent_process, resource_tracker
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -80,6 +80,9 @@ def _sigint_blocked() -> Iterator[None]:
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
+    # multiprocessing's resource tracker, started with the first spawned process, unblocks SIGINT once it is up:
+    # started now, it cannot undo the block below.
+    resource_tracker.ensure_running()
     before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
@@ -229,6 +232,9 @@ def _stop_with_parent() -> None:
     parent = parent_process()
     if parent is None:
         return
+    if connection.wait([parent.sentinel], timeout=0):
+        # It died while this worker started: a resume may be claiming rows already, so this one claims none.
+        raise KeyboardInterrupt
 
     def watch() -> None:
         connection.wait([parent.sentinel])
