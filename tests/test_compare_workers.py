@@ -115,7 +115,8 @@ def toy_task(job: dict, name: str, log) -> tuple[str, int]:
             raise VeraError(f"row {name} cannot run: fix its input")
         if job["how"] == "bug":
             raise ZeroDivisionError("division by zero")
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGTERM if job["how"] == "stopped" else signal.SIGKILL)
+        time.sleep(5)  # the signal arrives meanwhile
     time.sleep(job.get("sleep", 0))
     return name.upper(), os.getpid()
 
@@ -140,6 +141,8 @@ def test_a_pool_runs_each_name_once_in_its_worker_processes(tmp_path, no_workers
     ("bad input", VeraError, r"^row c cannot run: fix its input$"),
     ("bug", WorkerFailed, r"^row c failed in a worker process: ZeroDivisionError: division by zero$"),
     ("killed", WorkerFailed, r"^worker process \d+ ended \(killed by signal 9\) while running row c; finished rows are kept"),
+    # Someone stopped one worker (SIGTERM to its pid): the grid stops as on Ctrl-C.
+    ("stopped", KeyboardInterrupt, "^$"),
 ])
 def test_a_workers_failure_ends_the_pool_with_one_error_and_no_process_left(tmp_path, no_workers_left, how, error, message):
     lines = []
