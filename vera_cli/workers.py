@@ -37,8 +37,9 @@ from vera_cli.errors import RunInterrupted, VeraError, WorkerFailed, describe_os
 from vera_cli.models import ModelConfig, vit_parameters
 
 # A ViT up to this size counts as small: the CPU ViT of pretrain-vit has 0.55 M parameters, pretrain-vit-gpu's 14.2 M.
-# Rows this small keep one thread busy far better than several, so one process per core finishes more rows;
-# a larger model keeps a process's threads busy itself, and more processes would only multiply its memory.
+# Small rows give a process's threads little to share: on the ConvNet, two single-thread processes ran a grid 1.22x
+# faster than one process on both cores (docs/distributed.md). A larger model keeps its process's threads busy
+# itself, and more processes would mostly multiply its memory.
 SMALL_MODEL_PARAMETERS = 2_000_000
 # A stopped worker marks its row interrupted within a moment; one stuck in a long operator is killed after this.
 STOP_SECONDS = 10.0
