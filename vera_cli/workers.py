@@ -1,7 +1,7 @@
 """Local worker processes that share a grid's rows on one machine (`vera compare --workers`).
 
 The parent starts N processes (spawn: a fresh interpreter each, so no lock or thread of the parent's
-is inherited half-held), each with its share of the CPU threads. Each claims rows the way torchrun's
+is inherited half-held), each with its share of this process's CPU threads. Each claims rows the way torchrun's
 ranks do (vera_cli.distributed.claimed: the first process to create a row's claim file runs it) and
 sends back each row it finishes; the parent writes the run. What a worker runs is the task the
 command gives, the same function one process calls, so a row computes the same numbers in a worker
@@ -100,7 +100,9 @@ class Pool:
 
     def __init__(self, count: int, task: Task, job: Any, names: list[str], claims: Path, log: Callable[[str], None]) -> None:
         self.count, self.task, self.job, self.names, self.claims, self.log = count, task, job, names, claims, log
-        self.threads = max(1, cores() // count)
+        # This process's thread count (torch's, which OMP_NUM_THREADS sets) shared out: a row then computes in a
+        # worker with the threads it would have had here whenever the rows left are few enough to run here.
+        self.threads = max(1, torch.get_num_threads() // count)
         self.processes: list[Any] = []
         self.running: dict[connection.Connection, Any] = {}  # a worker's pipe -> its process, until it says done
         self.rows: dict[connection.Connection, str] = {}  # the row each worker runs now
