@@ -128,8 +128,8 @@ class Pool:
                 reader, writer = context.Pipe(duplex=False)
                 process = context.Process(target=_serve, name=f"vera-worker-{index + 1}", daemon=True,
                                           args=(writer, self.task, self.job, self.names, self.claims, self.threads))
-                self.processes.append(process)
                 process.start()
+                self.processes.append(process)
                 # Only the worker holds the writing end: its end of the pipe closing is how a worker's death shows.
                 writer.close()
                 self.running[reader] = process
@@ -166,6 +166,7 @@ class Pool:
     def _lost(self, reader: connection.Connection) -> WorkerFailed:
         """A worker that ended without saying why (killed, out of memory, a crash in native code)."""
         process = self.running.pop(reader)
+        reader.close()
         process.join(STOP_SECONDS)
         code = process.exitcode
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
