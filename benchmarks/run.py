@@ -20,7 +20,7 @@ Measures, on whatever machine runs it (targets: TARGETS below, one table):
   7. the ViT of pretrain-vit: pretrain step throughput, peak RSS of a one-epoch pretrain, and VeRA's
      training step and unmerged inference against LoRA's and PEFT's VeRA (vit_adapters.py);
   8. the few-shot protocol's adaptation (experiment-fewshot's adapt section) on the experiment's base;
-  9. a `vera compare` grid in one process against the same grid spread over two (torchrun);
+  9. a `vera compare` grid in one process against the same grid spread over two (torchrun, and --workers 2);
  10. serving N = 1, 8, 64, 512 adapters over one base (ConvNet and ViT), batch 256 with each sample's adapter
      drawn at random: VeRA and LoRA mixed batches (ours, and PEFT's adapter_names on the same LoRA weights)
      against one merged model per adapter, images/s, peak memory and bytes on disk (serving.py);
@@ -398,25 +398,29 @@ def fewshot(base_run: str, data_dir: str, workdir: Path, scale: Scale) -> dict:
 
 
 def distributed_grid(base_run: str, data_dir: str, workdir: Path, scale: Scale) -> dict:
-    """Wall time of one `vera compare` grid (vera and lora at two ranks) in one process and under torchrun
-    with two, each in a child process, and how far the two tables' accuracies lie apart (the ranks run on
-    one thread each, the single process on all: float sums may differ in order)."""
+    """Wall time of one `vera compare` grid (vera and lora at two ranks) in one process, under torchrun
+    with two and with two local workers (`--workers 2`), each in a child process, and how far the tables'
+    accuracies lie from the one process's (the ranks and workers run on their share of the threads, the
+    single process on all: float sums may differ in order)."""
     grid = ["compare", "--base", base_run, "--data-dir", data_dir, "--device", "cpu", "--methods", "vera,lora",
             "--ranks", "4,32", "--epochs", str(scale.grid_epochs), "--no-progress"]
-    launchers = {"one process": [sys.executable, "-m", "vera_cli"],
-                 "torchrun, 2 processes": [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                           "--nproc-per-node", "2", "-m", "vera_cli"]}
+    vera = [sys.executable, "-m", "vera_cli"]
+    launches = {"one process": [*vera, *grid, "--workers", "1"],
+                "torchrun, 2 processes": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                          "--nproc-per-node", "2", "-m", "vera_cli", *grid],
+                "2 workers": [*vera, *grid, "--workers", "2"]}
     result = {}
-    for name, launcher in launchers.items():
+    for name, command in launches.items():
         run_dir = workdir / f"grid-{len(result)}"
         started = time.perf_counter()
-        subprocess.run([*launcher, *grid, "--run-dir", str(run_dir)], check=True, cwd=workdir,
+        subprocess.run([*command, "--run-dir", str(run_dir)], check=True, cwd=workdir,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         rows = json.loads((run_dir / "table.json").read_text())
         result[name] = {"wall": time.perf_counter() - started,
                         "overall": {f"{row['method']} r{row['rank']}": row["overall"] for row in rows}}
-    one, two = (entry["overall"] for entry in result.values())
-    result["largest_difference"] = max(abs(one[row] - two[row]) for row in one)
+    one = result["one process"]["overall"]
+    for name in ("torchrun, 2 processes", "2 workers"):
+        result[name]["largest_difference"] = max(abs(one[row] - result[name]["overall"][row]) for row in one)
     return result
 
 
@@ -554,9 +558,11 @@ def report(results: dict) -> str:
     lines.append(f"| few-shot adaptation (experiment-fewshot: {fs['shots']} images per class, {fs['steps']} steps) | "
                  f"{fs['wall']:.1f} s wall | - | - | - |")
     g = results["grid"]
-    one, two = g["one process"]["wall"], g["torchrun, 2 processes"]["wall"]
-    lines.append(f"| `vera compare` grid (vera, lora x r4, r32), torchrun 2 processes | {two:.1f} s wall | one process "
-                 f"{one:.1f} s | speed-up {one / two:.2f}x | accuracies within {g['largest_difference']:.2%} |")
+    one = g["one process"]["wall"]
+    for name in ("torchrun, 2 processes", "2 workers"):
+        two = g[name]["wall"]
+        lines.append(f"| `vera compare` grid (vera, lora x r4, r32), {name} | {two:.1f} s wall | one process "
+                     f"{one:.1f} s | speed-up {one / two:.2f}x | accuracies within {g[name]['largest_difference']:.2%} |")
     serving_rows, serving_disk = serving_lines(results["serving"])
     lines += serving_rows + growth_lines(results["growth"])
     adapt_base, adapt_test = e["adapt"]["base"], e["adapt"]["test"]

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from vera_cli import cli
+from vera_cli import cli, workers
 from vera_cli.checkpoint import EpochRecorder
 from vera_cli.config import PretrainConfig, load
 from vera_cli.models import ModelConfig, ViTConfig
@@ -36,6 +36,13 @@ def pytest_configure(config) -> None:
     # exercise the kernels' threading set their thread count themselves (or take `machine_threads`).
     config.machine_threads = torch.get_num_threads()
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_core(monkeypatch) -> None:
+    """`vera compare --workers auto` sees one core, as torch's operators above do: a comparison here runs its rows
+    in the test's own process on any machine; tests that mean several processes say --workers N."""
+    monkeypatch.setattr(workers, "cores", lambda: 1)
 
 
 @pytest.fixture

@@ -55,7 +55,7 @@ def test_compare_runs_the_grid_and_writes_table_csv_and_plot(vera, pretrained):
     assert not list(run.glob("rows/*/*.png"))  # the rows leave the picture to the comparison
     assert "accuracy-vs-parameters.png" in result.err
     assert "lora" in result.out and "head" in result.out
-    progress = re.findall(r"; (\d+)/10 rows done(, about \d+s left)?$", result.err, re.MULTILINE)
+    progress = re.findall(r"; (\d+)/10 rows done at [\d,.]+ rows/hour(, about \d+s left)?$", result.err, re.MULTILINE)
     assert [int(done) for done, _ in progress] == list(range(1, 11))
     assert all(left for _, left in progress[:-1]) and not progress[-1][1]
 
@@ -85,7 +85,7 @@ def test_interrupted_compare_keeps_finished_rows_and_resume_runs_only_the_rest(v
     resumed = vera("compare", "--resume", "runs/cmp")
     assert resumed.code == 0, resumed.err
     assert len(calls) == 8 and not set(calls) & set(finished)
-    assert "; 3/10 rows done, about" in resumed.err and "; 10/10 rows done" in resumed.err
+    assert re.search(r"; 3/10 rows done at [\d,.]+ rows/hour, about", resumed.err) and "; 10/10 rows done" in resumed.err
     assert len(Path("runs/cmp/rows.jsonl").read_text().splitlines()) == 10
 
 
@@ -105,9 +105,11 @@ def test_bad_compare_input_is_refused_before_anything_runs(vera, pretrained, arg
 def test_grid_progress_estimates_from_the_rows_run_here():
     now = [100.0]
     progress = GridProgress(total=5, done=2, clock=lambda: now[0])
+    assert progress.rows_per_hour() is None
     now[0] += 30
-    assert progress.row_done() == "3/5 rows done, about 1m00s left"
-    assert progress.row_done(ran_here=False) == "4/5 rows done, about 30s left"
+    assert progress.row_done() == "3/5 rows done at 120 rows/hour, about 1m00s left"
+    assert progress.row_done(ran_here=False) == "4/5 rows done at 120 rows/hour, about 30s left"
     now[0] += 7230
-    assert progress.row_done() == "5/5 rows done"
+    assert progress.row_done() == "5/5 rows done at 0.99 rows/hour"
+    assert progress.rows_per_hour(seconds=1800) == 4.0
     assert duration(3725) == "1h02m"

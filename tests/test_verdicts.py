@@ -209,6 +209,10 @@ def test_a_budget_drops_the_highest_seeds_first():
     assert plan_grid(points, set(), "a-s0", 10.0, None).lines() == [
         "the first row (a-s0) took 10s: the grid's 9 rows take about 1m30s if each takes as long (rows of other methods "
         "and ranks differ)"]
+    # Two workers run rows side by side: the same budget holds twice the rows.
+    paired = plan_grid(points, set(), "a-s0", 10.0, "40s", workers=2)
+    assert paired.dropped == ["c-s2"] and paired.estimate_seconds == 45.0
+    assert paired.lines()[0].startswith("the first row (a-s0) took 10s: the grid's 9 rows take about 45s with 2 side by side")
 
 
 def test_a_recorded_plan_reads_back_and_a_damaged_one_is_refused(tmp_path):

@@ -22,7 +22,7 @@ from vera_cli import completion as complete
 from vera_cli import config as cfg
 from vera_cli import signals
 from vera_cli.adapters.errors import AdapterError
-from vera_cli.errors import RunInterrupted, VeraError, describe_os_error
+from vera_cli.errors import RunInterrupted, VeraError, WorkerFailed, describe_os_error
 
 app = typer.Typer(no_args_is_help=True,
                   help="VeRA and LoRA fine-tuning experiments on CIFAR-10.")
@@ -336,6 +336,8 @@ def compare(
                                             "by seed, e.g. lora-r8 (default: the best)"),
     budget: Optional[str] = typer.Option(None, "--budget", help="a duration (90s, 30m, 2h): cut the grid to fit, "
                                          "the highest seeds first"),
+    workers: Optional[str] = typer.Option(None, "--workers", help="local processes sharing the rows: N, or auto (one "
+                                          "per core for small CPU rows, else 1); 1 runs them in this process"),
     epochs: Optional[int] = EpochsOpt, config: Optional[str] = ConfigOpt, device: Optional[str] = DeviceOpt,
     data_dir: Optional[str] = DataDirOpt, run_dir: Optional[str] = RunDirOpt, set_: list[str] = SetOpt,
     no_progress: bool = NoProgressOpt, resume: Optional[str] = ResumeOpt, print_config: bool = PrintConfigOpt,
@@ -348,7 +350,9 @@ def compare(
     overrides = _overrides({"classes": classes or None, "methods": methods, "ranks": ranks, "targets": targets, "seeds": seeds,
                             "base": base, "bases": bases, "lrs": lrs, "head_lrs": head_lrs, "shots": shots,
                             "reference": reference, "budget": budget, "epochs": epochs, "device": device,
-                            "data.dir": data_dir, "run_dir": run_dir}, set_)
+                            "data.dir": data_dir, "run_dir": run_dir},
+                           # Read as --set reads values (YAML): 4 is a number, auto a word.
+                           ([f"workers={workers}"] if workers else []) + set_)
     run, settings = _settings(cfg.CompareConfig, "compare", "compare", config, overrides, resume, print_config)
     result = run_compare(settings, log=_log, progress=not no_progress and world.is_main, resume=run,
                          world=world)
@@ -359,7 +363,8 @@ def compare(
                             settings.reference, cut))
     out.print(cost_table(result.rows, "What each line cost"))
     _log(f"table: {result.run.file('table.csv')}, plots: {', '.join(map(str, result.plots))}, "
-         f"{result.wall_seconds:.1f}s; vera report {result.run.path} writes them into one page")
+         f"{result.wall_seconds:.1f}s" + (f"; {result.pace()}" if result.rows_per_hour else "")
+         + f"; vera report {result.run.path} writes them into one page")
 
 
 @app.command()
@@ -584,14 +589,16 @@ def run(argv: list[str]) -> int:
         is_usage = hasattr(exc, "format_message") and hasattr(exc, "exit_code")
         # The adapters package stands alone with its own error type: bad input all the same.
         user_error = isinstance(exc, (VeraError, AdapterError, OSError))
-        if debug or not (user_error or is_usage):
+        # A worker process's bug is not bad input, but its traceback belongs to --debug: one line, exit 1.
+        from_worker = isinstance(exc, WorkerFailed)
+        if debug or not (user_error or is_usage or from_worker):
             raise
         if isinstance(exc, OSError):
             message = describe_os_error(exc)
         else:
-            message = str(exc) if user_error else f"{exc.format_message()} (see vera --help)"
+            message = str(exc) if user_error or from_worker else f"{exc.format_message()} (see vera --help)"
         _say(f"error: {' '.join(message.split())}")
-        return 2
+        return 1 if from_worker else 2
     finally:
         signals.restore(previous)
 

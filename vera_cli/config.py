@@ -50,6 +50,8 @@ CompareMethod = Literal[METHODS + _ADAPTER_METHODS[2:] + tuple(f"{m}+head" for m
 RENAMED_VALUES = {"onecycle": "linear"}
 # A comparison runs every seed of every setting: more than this is a typo, not an experiment.
 MAX_COMPARE_SEEDS = 1000
+# Likewise for compare's local processes (each imports torch and holds a model).
+MAX_WORKERS = 1024
 # Likewise for a run's length: past these it would train for months, not finish.
 MAX_EPOCHS = 100_000
 MAX_STEPS = 10_000_000
@@ -218,6 +220,8 @@ class CompareConfig:
     # e.g. lora-r8); None: the best line on validation, else on the test set.
     reference: Optional[str]
     budget: Optional[str]  # a duration (90s, 30m, 2h, 1h30m): the grid is cut to fit it, highest seeds first
+    # Local processes that share the rows (vera_cli.workers); auto decides by device, cores and model size.
+    workers: Union[int, Literal["auto"]]
 
     def __post_init__(self) -> None:
         if self.budget is not None:
@@ -237,6 +241,8 @@ class CompareConfig:
         _require(all(lr > 0 for lr in self.lrs + self.head_lrs), "lrs and head_lrs must be positive")
         _require(all(k == "all" or k >= 1 for k in self.shots), f"shots must be positive integers or all, got {self.shots}")
         _require(self.validation >= 0, "validation (images per class) must not be negative")
+        _require(self.workers == "auto" or 1 <= self.workers <= MAX_WORKERS,
+                 f"workers must be auto or a number of processes from 1 to {MAX_WORKERS:,}, got {shown(self.workers)}")
         _require(self.validation > 0 or (len(self.lrs) <= 1 and len(self.head_lrs) <= 1),
                  "several lrs or head_lrs need a validation split to choose on: set validation, e.g. --set validation=50")
 

@@ -12,7 +12,8 @@ Rank 0 alone writes the run (Ranks, the hook vera_cli.lifecycle is given).
 
 Grid spreading (compare): each rank runs whole rows; a row goes to the first rank
 that creates its claim file, so a fast rank takes more rows and a shared runs
-folder makes this work across nodes.
+folder makes this work across nodes. `vera compare --workers` (vera_cli.workers)
+claims rows the same way with local processes.
 """
 
 from __future__ import annotations
@@ -39,6 +40,28 @@ def _broadcast(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def cores() -> int:
+    """The cores this process may run on (its affinity, which taskset and container limits narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def fresh_claims(claims: Path) -> None:
+    """An empty claims folder, made before any process claims: a resumed grid starts with no stale claims."""
+    shutil.rmtree(claims, ignore_errors=True)
+    claims.mkdir(parents=True)
+
+
+def claimed(names: list[str], claims: Path) -> Iterator[str]:
+    """The names this process runs, in order: each goes to the first process that creates its file in `claims`
+    (torchrun's ranks and `vera compare --workers` processes alike)."""
+    for name in names:
+        try:
+            os.close(os.open(claims / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        yield name
 
 
 @dataclass(frozen=True)
@@ -70,8 +93,7 @@ class World:
 
     def cpu_threads(self) -> int:
         """This rank's share of the node's cores: ranks on one node must not fight over them."""
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return max(1, cores // self.local_size)
+        return max(1, cores() // self.local_size)
 
     @contextlib.contextmanager
     def joined(self, device: torch.device) -> Iterator[None]:
@@ -104,15 +126,9 @@ class World:
             yield from names
             return
         if self.is_main:
-            shutil.rmtree(claims, ignore_errors=True)
-            claims.mkdir(parents=True)
+            fresh_claims(claims)
         dist.barrier()
-        for name in names:
-            try:
-                os.close(os.open(claims / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                continue
-            yield name
+        yield from claimed(names, claims)
 
     def from_others(self, items: list[T]) -> list[T]:
         """The `items` every other rank passed, in rank order (every rank calls this)."""

@@ -11,6 +11,11 @@ class RunInterrupted(VeraError):
     """Ctrl-C or SIGTERM stopped a run after its last completed epoch was saved. Exit code 130."""
 
 
+class WorkerFailed(Exception):
+    """A worker process's unexpected error (not bad input), named with its row: one line, exit code 1;
+    `--debug` shows the worker's traceback."""
+
+
 def describe_os_error(exc: OSError) -> str:
     """`No space left on device: runs/x/model.safetensors`: what the system said, and where."""
     where = ": ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None)

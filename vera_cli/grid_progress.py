@@ -1,4 +1,5 @@
-"""How far a grid of runs has come, about how long the rest will take, and what a time budget cuts from it."""
+"""How far a grid of runs has come, how fast it goes, about how long the rest will take, and what a time budget
+cuts from it."""
 
 from __future__ import annotations
 
@@ -23,10 +24,17 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-class GridProgress:
-    """Rows done out of `total`; the time left is the mean time of the rows run here times the rows left.
+def per_hour(rate: float) -> str:
+    """2,118 or 0.42 rows/hour: whole numbers once there are ten or more."""
+    return f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"
 
-    Rows finished before a resume count as done but not in the mean: their time was spent elsewhere.
+
+class GridProgress:
+    """Rows done out of `total`, rows per hour of the grid's wall time (since it started), and the time left:
+    the wall time per row run here times the rows left. Rows that run side by side (several processes)
+    share the wall time, so both figures count what the processes achieve together.
+
+    Rows finished before a resume count as done but not in the rate: their time was spent elsewhere.
     """
 
     def __init__(self, total: int, done: int = 0, clock=time.perf_counter) -> None:
@@ -34,13 +42,24 @@ class GridProgress:
         self.ran = 0
         self.started = clock()
 
+    def seconds(self) -> float:
+        return self.clock() - self.started
+
+    def rows_per_hour(self, seconds: float | None = None) -> float | None:
+        """Rows run here per hour of the grid's wall time (`seconds`, else until now); None before any ran."""
+        seconds = self.seconds() if seconds is None else seconds
+        return self.ran / seconds * 3600 if self.ran and seconds > 0 else None
+
     def row_done(self, ran_here: bool = True) -> str:
         self.done += 1
         self.ran += ran_here
         left = self.total - self.done
         line = f"{self.done}/{self.total} rows done"
-        if left and self.ran:
-            line += f", about {duration((self.clock() - self.started) / self.ran * left)} left"
+        rate = self.rows_per_hour()
+        if rate is not None:
+            line += f" at {per_hour(rate)} rows/hour"
+            if left:
+                line += f", about {duration(left / rate * 3600)} left"
         return line
 
 
@@ -60,23 +79,31 @@ class GridPlan:
     budget: Optional[str] = None  # as the user wrote it: 30m
     dropped: list[str] = field(default_factory=list)
     settings: int = 0  # how many settings the grid has: each keeps its seed 0 whatever the budget
+    workers: int = 1  # processes running rows side by side: the grid goes that many times the pace of one row
+
+    @property
+    def grid_seconds_per_row(self) -> float:
+        return self.seconds_per_row / self.workers
 
     @property
     def estimate_seconds(self) -> float:
-        return self.rows * self.seconds_per_row
+        return self.rows * self.grid_seconds_per_row
 
     def lines(self) -> list[str]:
         """What the plan says to the user once it is made."""
+        side = f" with {self.workers} side by side" if self.workers > 1 else ""
         said = [f"the first row ({self.first_row}) took {duration(self.seconds_per_row)}: the grid's {self.rows} rows take "
-                f"about {duration(self.estimate_seconds)} if each takes as long (rows of other methods and ranks differ)"]
+                f"about {duration(self.estimate_seconds)}{side} if each takes as long (rows of other methods and ranks "
+                "differ)"]
         if self.budget is None:
             return said
         if not self.dropped:
             return [*said, f"--budget {self.budget}: every row fits"]
         kept = self.rows - len(self.dropped)
-        said.append(f"--budget {self.budget}: {kept} of the {self.rows} rows fit, about {duration(kept * self.seconds_per_row)}; "
+        said.append(f"--budget {self.budget}: {kept} of the {self.rows} rows fit, about "
+                    f"{duration(kept * self.grid_seconds_per_row)}; "
                     f"dropped, the highest seeds first: {', '.join(self.dropped)}")
-        if kept * self.seconds_per_row > budget_seconds(self.budget):
+        if kept * self.grid_seconds_per_row > budget_seconds(self.budget):
             said.append(f"note: one seed of each of the {self.settings} settings takes longer than --budget {self.budget}: "
                         "every setting keeps its seed 0 all the same")
         return said
@@ -112,19 +139,20 @@ def budget_seconds(budget: str) -> float:
 
 
 def plan_grid(points: list[tuple[str, int]], done: set[str], first_row: str, seconds_per_row: float,
-              budget: Optional[str]) -> GridPlan:
-    """The plan for `points` (name, seed) in grid order, `done` of them finished, each row taking `seconds_per_row`.
+              budget: Optional[str], workers: int = 1) -> GridPlan:
+    """The plan for `points` (name, seed) in grid order, `done` of them finished, each row taking `seconds_per_row`
+    and `workers` of them running side by side.
 
     A `budget` keeps as many rows as fit: every setting's seed 0 (and every finished row), then the other seeds
     lowest first, each seed in grid order; the rest are dropped.
     """
     settings = sum(1 for _, seed in points if seed == 0)
     if budget is None:
-        return GridPlan(len(points), first_row, seconds_per_row, settings=settings)
-    fits = int(budget_seconds(budget) // seconds_per_row) if seconds_per_row > 0 else len(points)
+        return GridPlan(len(points), first_row, seconds_per_row, settings=settings, workers=workers)
+    fits = int(budget_seconds(budget) * workers // seconds_per_row) if seconds_per_row > 0 else len(points)
     kept = set(done)
     for name, seed in sorted(points, key=lambda point: point[1]):  # stable: grid order within a seed
         if name not in kept and (seed == 0 or len(kept) < fits):
             kept.add(name)
     return GridPlan(len(points), first_row, seconds_per_row, budget, [name for name, _ in points if name not in kept],
-                    settings)
+                    settings, workers)

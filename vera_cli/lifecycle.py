@@ -30,7 +30,7 @@ from vera_cli.runs import CONFIG_FILE, Run, create_run, ensure_new, open_resumab
 from vera_cli.files import write_json, write_yaml, yaml_bytes
 
 # Keys a resumed run may change: where the data is, what it runs on and what it logs, never what it computes.
-RESUMABLE_CHANGES = ("device", "data.dir", "data.download", "logging.tensorboard", "logging.plots")
+RESUMABLE_CHANGES = ("device", "workers", "data.dir", "data.download", "logging.tensorboard", "logging.plots")
 T = TypeVar("T")
 
 

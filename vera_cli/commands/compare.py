@@ -19,6 +19,7 @@ is cut then, the highest seeds first, and the cut is recorded in `plan.json`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -26,7 +27,7 @@ import io
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -40,9 +41,9 @@ from vera_cli.commands.adapt import AdaptSummary, run_adapt
 from vera_cli.train import Log
 from vera_cli.config import RANKLESS, AdaptConfig, CompareConfig
 from vera_cli.data import Cifar10, class_ids, load_cifar10, require_images
-from vera_cli.distributed import LOCAL, World
+from vera_cli.distributed import LOCAL, World, claimed
 from vera_cli.errors import VeraError
-from vera_cli.grid_progress import PLAN_FILE, GridPlan, GridProgress, plan_grid
+from vera_cli.grid_progress import PLAN_FILE, GridPlan, GridProgress, per_hour, plan_grid
 from vera_cli.lifecycle import RunLifecycle
 from vera_cli.metrics import accuracy_report, percent
 from vera_cli.plot import X_AXES, plot_comparison, require_matplotlib
@@ -50,8 +51,9 @@ from vera_cli.runs import Run
 from vera_cli.selection import require_counts
 from vera_cli.files import append_jsonl, read_json, write_bytes_atomic, write_json
 from vera_cli.train import resolve_device
+from vera_cli.workers import Pool, worker_count
 
-CLAIMS_DIR = "claims"  # under torchrun: which rank took which row (vera_cli.distributed)
+CLAIMS_DIR = "claims"  # under torchrun or with workers: which process took which row (vera_cli.distributed)
 
 
 @dataclass
@@ -63,12 +65,35 @@ class CompareSummary:
     wall_seconds: float
     world_size: int = 1  # processes that shared the rows (torchrun); the last part's on a resumed run
     plan: Optional[GridPlan] = None  # the estimate and what a budget cut; None when no row ran in one process
+    workers: int = 1  # local processes that shared the rows (--workers); the last part's on a resumed run
+    # The rows this part ran (not those found finished), over the wall time of its grid (after the setup).
+    rows_run: int = 0
+    grid_seconds: float = 0.0
+    rows_per_hour: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "compare", "base_run": self.base_run, "rows": [line.to_dict() for line in self.rows],
                 "plot": str(self.plots[0]), "plots": [str(plot) for plot in self.plots],
                 "wall_seconds": self.wall_seconds, "world_size": self.world_size,
-                "plan": self.plan.to_dict() if self.plan else None}
+                "plan": self.plan.to_dict() if self.plan else None, "workers": self.workers, "rows_run": self.rows_run,
+                "grid_seconds": self.grid_seconds, "rows_per_hour": self.rows_per_hour}
+
+    def pace(self) -> str:
+        """`6 rows in 10.2s: 2,118 rows/hour with 2 workers`, for the last line a comparison prints."""
+        workers = f" with {self.workers} workers" if self.workers > 1 else ""
+        return (f"{self.rows_run} row{'s' * (self.rows_run != 1)} in {self.grid_seconds:.1f}s: "
+                f"{per_hour(self.rows_per_hour or 0)} rows/hour{workers}")
+
+
+@dataclass
+class RowJob:
+    """What a worker process needs to run rows (vera_cli.workers); the data's tensors are shared, not copied."""
+
+    run: Run
+    points: dict[str, GridPoint]
+    configs: dict[str, AdaptConfig]
+    data: Cifar10
+    order: dict[str, int]
 
 
 def method_configs(cfg: CompareConfig) -> dict[str, AdaptConfig]:
@@ -141,12 +166,20 @@ def run_row(run: Run, point: GridPoint, cfg: AdaptConfig, data: Cifar10, log: Lo
     return row_from_summary(point, summary), True
 
 
+def worker_row(job: RowJob, name: str, log: Log) -> tuple[Row, bool]:
+    """A row in a worker process: the one-process run_row, its lines tagged with the row (rows run side by side)."""
+    tagged = lambda message: log(f"[{job.order[name] + 1}/{len(job.order)}] {message}")  # noqa: E731
+    return run_row(job.run, job.points[name], job.configs[name], job.data, tagged, False, tagged)
+
+
 def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, resume: Run | None = None,
                 world: World = LOCAL) -> CompareSummary:
     """Run the grid into a new run directory, or only its missing rows in the unfinished run `resume`.
 
     In a `world` of several processes (torchrun) each runs whole rows with its share of
-    the CPU threads; rank 0 writes rows.jsonl, the table and the plots.
+    the CPU threads; rank 0 writes rows.jsonl, the table and the plots. Alone, the rows run in this
+    process or, with `cfg.workers` (vera_cli.workers), in local processes that claim them the same way
+    while this one writes.
     """
     if cfg.budget is not None and world.size > 1:
         # Each process would time its own first row and cut a grid the others share.
@@ -155,7 +188,8 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     chosen = class_ids(cfg.classes)
     base_runs = [resolve_base(base) for base in cfg.bases] if cfg.bases else [resolve_base(cfg.base)]
     base_run = base_runs[0]
-    ttas = {str(each.path): model_config(each).tta for each in base_runs}
+    models = {str(each.path): model_config(each) for each in base_runs}
+    ttas = {path: model.tta for path, model in models.items()}
     if len(set(ttas.values())) > 1:
         # Flip averaging alone moves a base by about 2 points: a reader of the table must know.
         log("note: the bases classify test images differently (" + ", ".join(f"{path}: model.tta {tta}" for path, tta
@@ -166,6 +200,8 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
                         shared=world.shared())
     points = grid(cfg)
     reference = resolve_reference(cfg.reference, [point.line for point in points]) if cfg.reference else None
+    # Decided (and an impossible count refused) before the run exists; the rows left cap it again below.
+    workers = worker_count(cfg.workers, device, world.size, len(points), list(models.values()))
     order = {point.name: index for index, point in enumerate(points)}
     own = method_configs(cfg)
     configs = {point.name: adapt_config(cfg, own[point.method], point, str(base_run.path), Path("rows") / point.name)
@@ -181,45 +217,67 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
         require_counts(data.train.labels, chosen, shots, validation, data.classes)
     # Rows join the table in grid order, whatever order (or process) they finished in.
     in_grid_order = lambda rows: sorted(rows, key=lambda row: order[row.name])  # noqa: E731
-    with world.joined(device), life.open() as run:
+    with world.joined(device), life.open() as run, contextlib.ExitStack() as stack:
         base_lines = [base_line(each, device, data, chosen, str(each.path) if cfg.bases else None) for each in base_runs]
         recorded = [Row(**raw) for raw in life.by_writer(lambda: [row.to_dict() for row in read_rows(run.file(ROWS_FILE))])]
         rows = list(recorded)
         done = {row.name for row in rows}
         pending = [point.name for point in points if point.name not in done]
+        workers = min(workers, max(1, len(pending)))
         # Under torchrun rank 0 sees only its own rows finish: no count or time left to offer, no plan to make.
         alone = world.size == 1
         plan = GridPlan.read(run.file(PLAN_FILE)) if alone else None
         dropped = set(plan.dropped) if plan else set()
-        progress_line = GridProgress(len(points) - len(dropped), len(done)) if alone else None
+        # The grid's wall time starts here.
+        grid_clock = GridProgress(len(points) - len(dropped), len(done))
         settings = len({point.setting for point in points})
         log(f"{len(points)} rows: {settings} setting(s) x {cfg.seeds} seed(s)"
             + (f"; {len(dropped)} dropped by --budget {plan.budget} when the grid began" if dropped
                else "; the first row's time gives the estimate" if alone and plan is None else ""))
-        for name in world.take_turns(pending, run.file(CLAIMS_DIR)):
+        pending = [name for name in pending if name not in dropped]
+        if workers > 1:
+            job = RowJob(run, {point.name: point for point in points}, configs, data, order)
+            pool = stack.enter_context(Pool(workers, worker_row, job, pending, run.file(CLAIMS_DIR), log))
+            log(f"{workers} worker processes ({pool.threads} CPU thread(s) each) share the {len(pending)} rows")
+            results: Iterator[tuple[str, tuple[Row, bool]]] = iter(pool)
+        else:
+            results = ((name, run_row(run, points[order[name]], configs[name], data,
+                                      lambda message: log(f"[{order[name] + 1}/{len(points)}] {message}"), progress, log))
+                       for name in world.take_turns(pending, run.file(CLAIMS_DIR)) if name not in dropped)
+        ran: list[tuple[Row, bool]] = []
+        for name, (row, ran_here) in results:
             if name in dropped:
-                continue
-            row, ran_here = run_row(run, points[order[name]], configs[name], data,
-                                    lambda message: log(f"[{order[name] + 1}/{len(points)}] {message}"), progress, log)
+                continue  # a worker had started it before the first row's time cut it: the table keeps to the plan
             rows.append(row)
+            ran.append((row, ran_here))
             if life.writes:
                 append_jsonl(run.file(ROWS_FILE), row.to_dict())
                 write_tables(run, aggregate(base_lines, in_grid_order(rows), cfg.select_by, reference))
             said = []
             if alone and plan is None and ran_here:
                 plan = plan_grid([(point.name, point.seed) for point in points], {row.name for row in rows}, name,
-                                 row.seconds, cfg.budget)
+                                 row.seconds, cfg.budget, workers)
                 write_json(run.file(PLAN_FILE), plan.to_dict())
                 dropped = set(plan.dropped)
-                progress_line.total -= len(dropped)
+                grid_clock.total -= len(dropped)
+                if workers > 1:  # workers claim rows through files: claiming the dropped ones keeps them from starting
+                    for _ in claimed(sorted(dropped), run.file(CLAIMS_DIR)):
+                        pass
                 said = plan.lines()
-            log(f"    {row.trainable:,} trainable, " + ", ".join(f"{m} {percent(getattr(row, m))}" for m in METRICS[:3])
-                + f", {row.seconds:.1f}s" + (f"; {progress_line.row_done(ran_here)}" if progress_line else ""))
-            for line in said:
-                log(line)
-        others = world.from_others(rows[len(recorded):])
-        if others:
-            log(f"{len(others)} more row(s) ran in the other {world.size - 1} process(es)")
+            # Rows that finish side by side name themselves; in one process the row's own lines came just before.
+            lead = f"[{order[name] + 1}/{len(points)}] " if workers > 1 else "    "
+            line = grid_clock.row_done(ran_here)
+            log(f"{lead}{row.trainable:,} trainable, " + ", ".join(f"{m} {percent(getattr(row, m))}" for m in METRICS[:3])
+                + f", {row.seconds:.1f}s" + (f"; {line}" if alone else ""))
+            for said_line in said:
+                log(said_line)
+        gathered = world.from_others(ran)
+        if gathered:
+            log(f"{len(gathered)} more row(s) ran in the other {world.size - 1} process(es)")
+        for _, ran_here in gathered:
+            grid_clock.row_done(ran_here)
+        grid_seconds = grid_clock.seconds()
+        others = [row for row, _ in gathered]
         table = aggregate(base_lines, in_grid_order(rows + others), cfg.select_by, reference)
 
         def record() -> list[Path]:
@@ -231,4 +289,5 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
             return [plot_comparison(table, classes, run.file(f"accuracy-vs-{axis.file}.png"), axis) for axis in X_AXES]
 
         plots = life.by_writer(record)
-        return life.finish(CompareSummary(run, str(base_run.path), table, plots, life.elapsed(), world.size, plan))
+        return life.finish(CompareSummary(run, str(base_run.path), table, plots, life.elapsed(), world.size, plan, workers,
+                                          grid_clock.ran, grid_seconds, grid_clock.rows_per_hour(grid_seconds)))
