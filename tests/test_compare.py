@@ -24,6 +24,14 @@ def test_grid_names_every_setting_once():
     assert "vera-r8-none-s1" in names and "full-replay-s0" in names
 
 
+def test_a_row_evaluates_the_test_split_once_and_draws_no_picture():
+    cfg = config.load(CompareConfig, "compare", {"methods": ["vera"], "ranks": [4]})
+    [point] = compare_module.grid(cfg)
+    own = compare_module.method_configs(cfg)["vera"]
+    row = compare_module.adapt_config(cfg, own, point, "runs/base", Path("rows") / point.name)
+    assert own.logging.evaluations == 5 and row.logging.evaluations == 1 and not row.logging.plots
+
+
 @pytest.mark.slow
 def test_compare_runs_the_grid_and_writes_table_csv_and_plot(vera, pretrained):
     result = vera("compare", *GRID, "--run-dir", "runs/cmp")

@@ -70,3 +70,8 @@ def test_fit_spreads_at_most_five_test_evaluations_over_a_long_run_and_always_ev
     evaluated = [epoch for epoch, report in reports if report is not None]
     assert [epoch for epoch, _ in reports] == list(range(1, 26))
     assert evaluated == [5, 10, 15, 20, 25] and final == reports[-1][1]
+    # A comparison's rows ask for one: the last epoch's.
+    once = []
+    fit(trainer, model, lambda generator: iter([batch]), 2, torch.Generator(), lambda: {"evaluated": True},
+        lambda stats, report: once.append(report), evaluations=1)
+    assert once == [None] * 24 + [{"evaluated": True}]

@@ -111,8 +111,11 @@ class LoggingConfig:
     tensorboard: bool
     # Pictures in the run: training curves, and per-class accuracy before and after for adapt runs.
     plots: bool
+    # Test-split evaluations spread over a run, the last epoch's always among them (the curves' points).
+    evaluations: int
 
     def __post_init__(self) -> None:
+        _require(self.evaluations >= 1, f"logging.evaluations must be at least 1 (the last epoch's), got {self.evaluations}")
         _require(not self.tensorboard or importlib.util.find_spec("tensorboard") is not None,
                  "logging.tensorboard needs the tensorboard package: pip install 'vera-cli[tensorboard]', "
                  "or leave out --tensorboard")

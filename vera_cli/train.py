@@ -195,20 +195,18 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-# Classifying the 10,000 test images costs about a tenth of a ConvNet pretraining epoch (a seventh with tta
-# flip: 0.8 s against 5.6 s) and more than a whole few-shot epoch: the test set is evaluated at most this many
-# times per run (always after the last epoch). 5, not 10: 2-3 s of the default experiment's 95-100 s.
-MAX_EVALUATIONS = 5
-
-
 def fit(trainer: Trainer, model: nn.Module, source: Callable[[torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]],
         num_images: int, generator: torch.Generator, evaluate: Callable[[], dict],
-        on_epoch: Callable[[EpochStats, dict | None], None], start_epoch: int = 1, progress: bool = True) -> dict:
+        on_epoch: Callable[[EpochStats, dict | None], None], start_epoch: int = 1, progress: bool = True,
+        evaluations: int = 5) -> dict:
     """Train from `start_epoch` to the configured last epoch, evaluating after every k-th epoch (k spreads
-    MAX_EVALUATIONS over the run) and the last; `on_epoch` gets None after the others. Returns the last evaluation."""
+    `evaluations` over the run) and the last; `on_epoch` gets None after the others. Returns the last evaluation.
+
+    Classifying the 10,000 test images costs about a tenth of a ConvNet pretraining epoch and more than a whole
+    few-shot epoch (on the ViT, most of a few-shot row): hence a few evaluations, not one per epoch."""
     report = None
     last = trainer.cfg.epochs
-    evaluate_every = math.ceil(last / MAX_EVALUATIONS)
+    evaluate_every = math.ceil(last / evaluations)
     for epoch in range(start_epoch, last + 1):
         model.train()
         stats = trainer.epoch(epoch, source(generator), num_images, progress)

@@ -264,7 +264,8 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
             recorder = EpochRecorder(run, model, trainer, generator, epoch_log or log, listeners)
             report = fit(trainer, model, source, len(train_split), generator,
                          lambda: accuracy_report(pipeline.test_logits(), data.test.labels, data.classes, chosen),
-                         lambda stats, report: life.by_writer(lambda: recorder(stats, report)), start, progress)
+                         lambda stats, report: life.by_writer(lambda: recorder(stats, report)), start, progress,
+                         cfg.logging.evaluations)
         validation = accuracy_report(pipeline.logits_of(validation_split)(), validation_split.labels, data.classes,
                                      chosen) if len(validation_split) else None
         classes = [data.classes[i] for i in chosen]

@@ -112,8 +112,9 @@ def adapt_config(cfg: CompareConfig, own: AdaptConfig, point: GridPoint, base: s
     train = dataclasses.replace(own.train, epochs=cfg.epochs or own.train.epochs, lr=point.lr or own.train.lr,
                                 batch_size=cfg.batch_size or own.train.batch_size,
                                 head_lr=point.head_lr or own.train.head_lr)
-    # The comparison draws its own picture; one per row would cost more than a short row's training.
-    logging = dataclasses.replace(own.logging, plots=False)
+    # The comparison draws its own picture and reads each row's last evaluation only: pictures and curve points
+    # would cost more than a short row's training (on the ViT, four test evaluations are most of a few-shot row).
+    logging = dataclasses.replace(own.logging, plots=False, evaluations=1)
     shots = own.shots if point.shots is None else None if point.shots == "all" else point.shots
     row = dataclasses.replace(own, base=point.base or base, classes=cfg.classes, seed=point.seed, device=cfg.device,
                               data=cfg.data, run_dir=str(run_dir), forgetting=point.forgetting, adapter=adapter,

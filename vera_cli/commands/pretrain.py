@@ -95,7 +95,8 @@ def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, d
             recorder = EpochRecorder(run, model, trainer, generator, log, listeners)
             source = lambda g: batches(images, train.batch_size, g, train.crop_pixels, train.flip, fast.augmented)  # noqa: E731
             report = fit(trainer, model, source, len(images), generator, evaluate,
-                         lambda stats, report: life.by_writer(lambda: recorder(stats, report)), start, progress)
+                         lambda stats, report: life.by_writer(lambda: recorder(stats, report)), start, progress,
+                         cfg.logging.evaluations)
 
         def save() -> None:
             write_tensors(run.file(WEIGHTS_FILE), model.state_dict())
