@@ -263,7 +263,7 @@ def test_vera_computes_one_down_and_one_up_product_per_layer_for_the_whole_batch
     assert sorted(calls) == sorted([("down", i) for i in linear] + [("up", i) for i in linear])
 
 
-@pytest.mark.parametrize("change", ["in place", "load_state_dict", "replaced", "deleted"])
+@pytest.mark.parametrize("change", ["in place", "load_state_dict", "replaced", "deleted", "converted"])
 def test_a_mixed_batch_sees_every_change_to_the_adapters_since_the_last(change):
     """Mixed batches keep each layer's stacked adapter values between calls: a change of any kind must show."""
     names = [f"a{i}" for i in range(LOOP_UP_TO + 3)]
@@ -289,16 +289,22 @@ def test_a_mixed_batch_sees_every_change_to_the_adapters_since_the_last(change):
             while new._version < holder.vera_b._version:  # the same count of in-place changes: only identity tells
                 new.add_(0)
             holder.vera_b = new
-        else:
+        elif change == "deleted":
             delete_adapter(model, "a1")
             per_sample = [None if name == "a1" else name for name in per_sample]
-        after = forward_mixed(model, INPUT, per_sample)
+        inputs = INPUT
+        if change == "converted":
+            model.double()
+            inputs = INPUT.double()
+            layer.parts["a1"].tensor("vera_b").mul_(3)
+        after = forward_mixed(model, inputs, per_sample)
+        assert after.dtype == inputs.dtype
         for row in (1, 3, 8):  # a1, l, a1
             name = per_sample[row]
-            expected = alone(model, name, INPUT[row:row + 1])
+            expected = alone(model, name, inputs[row:row + 1])
             assert (after[row] - expected[0]).abs().max() < 1e-5, (row, name)
         assert (after[1] - before[1]).abs().max() > 1e-4
-        assert torch.equal(after[2], before[2])  # a2 untouched
+        assert torch.allclose(after[2].float(), before[2], atol=1e-5)  # a2 untouched
 
 
 def test_mixed_batches_in_training_mode_train_each_sample_through_its_own_adapter():

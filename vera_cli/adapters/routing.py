@@ -44,7 +44,9 @@ class Tables:
             return torch.stack(current)
         versions = tuple(map(_VERSION, current))
         cached = self.cache.get(name)
-        if cached is None or cached[1] != versions or not all(map(operator.is_, cached[0], current)):
+        # `.to()` and `.double()` swap a parameter's data without counting a version: its device and dtype tell.
+        if cached is None or cached[1] != versions or not all(map(operator.is_, cached[0], current)) \
+                or cached[2].device != current[0].device or cached[2].dtype != current[0].dtype:
             with torch.no_grad():
                 cached = self.cache[name] = (current, versions, torch.stack(current))
         return cached[2]
