@@ -156,6 +156,7 @@ def test_a_workers_failure_ends_the_pool_with_one_error_and_no_process_left(tmp_
         assert 'raise ZeroDivisionError("division by zero")' in str(raised.value.__cause__)
 
 
+@pytest.mark.slow  # spawns two worker processes (a few seconds each)
 def test_two_workers_give_the_one_process_table_number_for_number(vera, pretrained, no_workers_left):
     assert vera("compare", *GRID, "--workers", "1", "--run-dir", "runs/one").code == 0
     result = vera("compare", *GRID, "--workers", "2", "--run-dir", "runs/two")
@@ -196,6 +197,7 @@ def failing_row(job, name: str, log):
     return worker_row(job, name, log)
 
 
+@pytest.mark.slow  # spawns two worker processes (a few seconds each)
 def test_a_bug_in_a_worker_ends_compare_in_one_line_and_resume_may_change_the_workers(vera, pretrained, monkeypatch, no_workers_left):
     with monkeypatch.context() as patch:
         # Handed to the workers by name: they import this module and run it.

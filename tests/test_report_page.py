@@ -173,6 +173,7 @@ def pixel_variance(path: Path) -> float:
         return ImageStat.Stat(image.convert("L")).var[0]
 
 
+@pytest.mark.slow  # starts a browser
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium (apt-get install chromium)")
 def test_chromium_renders_the_report(vera, tmp_path):
     run = fake_compare_run(Path("runs/cmp"), ACCURACY, plan=PLAN, reference="lora-r8")
