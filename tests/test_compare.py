@@ -24,6 +24,24 @@ def test_grid_names_every_setting_once():
     assert "vera-r8-none-s1" in names and "full-replay-s0" in names
 
 
+def test_an_adapter_may_fix_its_own_rank_and_targets_beside_the_axes():
+    cfg = config.load(CompareConfig, "compare", {"methods": ["lora-r8", "vera-r256@all-linear+head", "vera", "head"],
+                                                 "ranks": [4], "targets": ["attention"], "head_lrs": [0.01]})
+    points = compare_module.grid(cfg)
+    assert [(p.method, p.rank, p.targets) for p in points] == [
+        ("lora", 8, "attention"), ("vera+head", 256, "all-linear"), ("vera", 4, "attention"), ("head", None, None)]
+    assert [p.line for p in points] == ["lora-r8-attention-replay", "vera+head-r256-all-linear-replay",
+                                        "vera-r4-attention-replay", "head-replay"]
+    own = compare_module.method_configs(cfg)
+    assert set(own) == {"lora", "vera+head", "vera", "head"}
+    row = compare_module.adapt_config(cfg, own["vera+head"], points[1], "runs/base", Path("rows") / points[1].name)
+    assert (row.adapter.method, row.adapter.rank, row.adapter.targets, row.adapter.train_head) == (
+        "vera", 256, ["all-linear"], True)
+    # Named twice, once by the axis and once by itself, a setting is one line.
+    twice = config.load(CompareConfig, "compare", {"methods": ["lora", "lora-r8"], "ranks": [8], "seeds": 1})
+    assert [p.name for p in compare_module.grid(twice)] == ["lora-r8-replay-s0"]
+
+
 def test_a_row_evaluates_the_test_split_once_and_draws_no_picture():
     cfg = config.load(CompareConfig, "compare", {"methods": ["vera"], "ranks": [4]})
     [point] = compare_module.grid(cfg)
@@ -99,7 +117,11 @@ def test_interrupted_compare_keeps_finished_rows_and_resume_runs_only_the_rest(v
 
 @pytest.mark.parametrize("args, message", [
     (["--methods", "vera,dora"], "error: methods[1] must be one of vera, lora, full, head, vera-sliced, vera+head, "
-                                 "lora+head, vera-sliced+head; got 'dora'"),
+                                 "lora+head, vera-sliced+head, an adapter with its own rank or targets as in lora-r8 or "
+                                 "vera-r256@all-linear+head; got 'dora'"),
+    (["--methods", "vera,head-r8"], "error: methods[1] (head-r8) gives a rank or targets to head, which trains whole "
+                                    "modules: write head"),
+    (["--methods", "lora-r8,head", "--ranks", "4"], "error: --ranks (ranks) means nothing here"),
     (["--ranks", "4,0"], "error: ranks must be positive integers"),
     (["--classes", "cat,cta"], "error: unknown class 'cta': did you mean cat?"),
 ])

@@ -321,7 +321,7 @@ def experiment(
 @app.command()
 def compare(
     classes: list[str] = typer.Option([], "--classes", help="classes to fine-tune on", autocompletion=complete.complete_classes),
-    methods: Optional[str] = typer.Option(None, "--methods", help="comma list of vera, vera-sliced, lora, full, head",
+    methods: Optional[str] = typer.Option(None, "--methods", help="comma list of vera, vera-sliced, lora, full, head; +head trains the head beside an adapter; an adapter may fix its rank and targets: lora-r8, vera-r256@all-linear+head",
                                           autocompletion=complete.complete_compare_methods),
     ranks: Optional[str] = typer.Option(None, "--ranks", help="comma list of ranks, e.g. 4,16,64,256"),
     targets: Optional[str] = typer.Option(None, "--targets", help="comma list of targets for vera and lora, e.g. linear,all"),

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from vera_cli.adapters.config import DEFAULT_TARGETS
-from vera_cli.config import RANKLESS, CompareConfig
+from vera_cli.config import RANKLESS, CompareConfig, compared_method
 from vera_cli.errors import VeraError
 from vera_cli.files import read_jsonl
 from vera_cli.stats import Interval, interval, pareto_front, verdict
@@ -93,11 +93,13 @@ class GridPoint:
 def grid(cfg: CompareConfig) -> list[GridPoint]:
     """Every point once, in the order given: `--ranks 4,4` or a method named twice adds nothing."""
     points: dict[str, GridPoint] = {}
-    for method in cfg.methods:
-        rankless = method in RANKLESS
+    for own in map(compared_method, cfg.methods):
+        method, rankless = own.method, own.method in RANKLESS
         head_lrs = (cfg.head_lrs if method_parts(method)[2] else []) or [None]
-        axes = itertools.product([None] if rankless else cfg.ranks, [None] if rankless else cfg.targets, cfg.forgetting,
-                                 cfg.lrs or [None], head_lrs, cfg.shots or [None], cfg.bases or [None])
+        ranks = [None] if rankless else [own.rank] if own.rank else cfg.ranks
+        targets = [None] if rankless else [own.targets] if own.targets else cfg.targets
+        axes = itertools.product(ranks, targets, cfg.forgetting, cfg.lrs or [None], head_lrs, cfg.shots or [None],
+                                 cfg.bases or [None])
         for rank, targets, forgetting, lr, head_lr, shots, base in axes:
             for seed in range(cfg.seeds):
                 point = GridPoint(method, rank, forgetting, seed, targets, lr, head_lr, shots, base)

@@ -46,6 +46,35 @@ _ADAPTER_METHODS = ("vera", "lora") + tuple(f"vera-{mode}" for mode in SHARING_M
 RANKLESS = ("full", "head")
 ADAPTERS = ("vera", "lora")
 CompareMethod = Literal[METHODS + _ADAPTER_METHODS[2:] + tuple(f"{m}+head" for m in _ADAPTER_METHODS)]  # type: ignore[valid-type]
+COMPARE_METHODS: tuple[str, ...] = typing.get_args(CompareMethod)
+# A compared adapter may carry its own rank and targets, which its lines then keep whatever the ranks and
+# targets axes say: `lora-r8` beside `vera-r256` (LoRA refuses a rank above a layer's width), `vera-r256@all-linear+head`.
+_OWN_SETTINGS = re.compile(r"(?P<name>[a-z]+(?:-[a-z]+)?)(?:-r(?P<rank>[0-9]+))?(?:@(?P<targets>[^+@]+))?(?P<head>\+head)?")
+
+
+@dataclass(frozen=True)
+class ComparedMethod:
+    """One entry of compare's methods: the method as its rows name it (`vera+head`) and what it fixes for itself."""
+
+    method: str
+    rank: Optional[int] = None
+    targets: Optional[str] = None
+
+
+def compared_method(entry: str, key: str = "methods") -> ComparedMethod:
+    """`vera-r256@all-linear+head` -> ComparedMethod("vera+head", 256, "all-linear"); a plain name stays as it is."""
+    match = _OWN_SETTINGS.fullmatch(entry)
+    method = f"{match['name']}{match['head'] or ''}" if match else entry
+    if match is None or method not in COMPARE_METHODS:
+        close = difflib.get_close_matches(entry, COMPARE_METHODS, n=1)
+        raise VeraError(f"{key} must be one of {', '.join(COMPARE_METHODS)}, an adapter with its own rank or targets "
+                        f"as in lora-r8 or vera-r256@all-linear+head; got {shown(entry)}"
+                        + (f" (did you mean {close[0]}?)" if close else ""))
+    own = ComparedMethod(method, int(match["rank"]) if match["rank"] else None, match["targets"])
+    _require(own.rank is None or own.rank >= 1, f"{key} ({entry}) has rank {own.rank}: a rank is a positive integer")
+    _require(method.partition("+")[0] not in RANKLESS or (own.rank, own.targets) == (None, None),
+             f"{key} ({entry}) gives a rank or targets to {method}, which trains whole modules: write {method}")
+    return own
 # Values renamed since runs were first written: old run configs still load.
 RENAMED_VALUES = {"onecycle": "linear"}
 # A comparison runs every seed of every setting: more than this is a typo, not an experiment.
@@ -199,7 +228,7 @@ class CompareConfig:
 
     base: Optional[str]
     classes: list[str]
-    methods: list[CompareMethod]
+    methods: list[str]  # each a CompareMethod, with its own rank and targets if it fixes them (compared_method)
     ranks: list[int]
     # For vera and lora: each entry one adapter.targets setting (a preset such as all, or a regex).
     targets: list[str]
@@ -231,9 +260,11 @@ class CompareConfig:
             parse_duration(self.budget, "budget")
         _require(len(self.classes) > 0, "classes is empty: name at least one class, e.g. --classes cat bird dog")
         _require(len(self.methods) > 0, "methods is empty: name at least one, e.g. --methods vera,lora")
+        for index, entry in enumerate(self.methods):
+            compared_method(entry, f"methods[{index}]")
         _require(all(rank >= 1 for rank in self.ranks), f"ranks must be positive integers, got {self.ranks}")
-        _require(len(self.ranks) > 0 or all(m.partition("+")[0] in RANKLESS for m in self.methods),
-                 "ranks is empty: vera and lora need at least one, e.g. --ranks 4,32")
+        _require(len(self.ranks) > 0 or not _uses_ranks(self),
+                 "ranks is empty: vera and lora need at least one, e.g. --ranks 4,32, or their own, e.g. --methods lora-r8")
         _require(len(self.targets) > 0, "targets is empty: name at least one, e.g. --targets linear,all")
         _require(len(self.forgetting) > 0, "forgetting is empty: name at least one, e.g. --set forgetting=[replay]")
         _require_steps(self.min_steps, "min_steps")
@@ -513,11 +544,22 @@ ADAPT_RULES: list[Rule] = TRAIN_RULES + [
     ("distill_weight", lambda c: c.forgetting == "distill", "forgetting distill", _FORGETTING),
     ("distill_temperature", lambda c: c.forgetting == "distill", "forgetting distill", _FORGETTING),
 ]
-_RANKED = lambda c: any(m.partition("+")[0] not in RANKLESS for m in c.methods)  # noqa: E731
+def _ranked(methods: list[str]) -> list[ComparedMethod]:
+    return [own for own in map(compared_method, methods) if own.method.partition("+")[0] not in RANKLESS]
+
+
+def _uses_ranks(c: CompareConfig) -> bool:
+    return any(own.rank is None for own in _ranked(c.methods))
+
+
+def _uses_targets(c: CompareConfig) -> bool:
+    return any(own.targets is None for own in _ranked(c.methods))
+
+
 _METHODS = lambda c: f"--methods {','.join(c.methods)}"  # noqa: E731
 COMPARE_RULES: list[Rule] = [
-    ("ranks", _RANKED, "a method with a rank (vera, lora)", _METHODS),
-    ("targets", _RANKED, "a method with targets (vera, lora)", _METHODS),
+    ("ranks", _uses_ranks, "a method with a rank not its own (vera, lora; lora-r8 keeps 8)", _METHODS),
+    ("targets", _uses_targets, "a method with targets not its own (vera, lora; vera@attention keeps attention)", _METHODS),
     ("head_lrs", lambda c: any("+" in m for m in c.methods), "a +head method (vera+head, lora+head)", _METHODS),
     ("replay_fraction", lambda c: any(f in ("replay", "distill") for f in c.forgetting), "forgetting replay or distill",
      lambda c: f"forgetting {','.join(c.forgetting)}"),

@@ -98,7 +98,8 @@ class RowJob:
 
 def method_configs(cfg: CompareConfig) -> dict[str, AdaptConfig]:
     """Each compared method's own adapt config (its tuned learning rate), read once."""
-    return {method: config_module.load(AdaptConfig, f"adapt-{method_parts(method)[0]}", {}) for method in cfg.methods}
+    methods = {config_module.compared_method(entry).method for entry in cfg.methods}
+    return {method: config_module.load(AdaptConfig, f"adapt-{method_parts(method)[0]}", {}) for method in methods}
 
 
 def adapt_config(cfg: CompareConfig, own: AdaptConfig, point: GridPoint, base: str, run_dir: Path) -> AdaptConfig:
