@@ -263,7 +263,8 @@ def test_vera_computes_one_down_and_one_up_product_per_layer_for_the_whole_batch
     assert sorted(calls) == sorted([("down", i) for i in linear] + [("up", i) for i in linear])
 
 
-@pytest.mark.parametrize("change", ["in place", "load_state_dict", "replaced", "deleted", "converted"])
+@pytest.mark.parametrize("change", ["in place", "load_state_dict", "assigned", "replaced", "deleted", "converted",
+                                    "round trip", "trained"])
 def test_a_mixed_batch_sees_every_change_to_the_adapters_since_the_last(change):
     """Mixed batches keep each layer's stacked adapter values between calls: a change of any kind must show."""
     names = [f"a{i}" for i in range(LOOP_UP_TO + 3)]
@@ -283,6 +284,18 @@ def test_a_mixed_batch_sees_every_change_to_the_adapters_since_the_last(change):
                      if key.startswith("fc2.") and key.endswith((".a1.vera_b", ".l.lora_B"))}
             assert len(state) == 2
             model.load_state_dict(state, strict=False)
+        elif change == "assigned":  # new Parameters in place of the old, as a checkpoint loaded with assign
+            state = {key: value * 3 for key, value in model.state_dict().items()
+                     if key.startswith("fc2.") and key.endswith((".a1.vera_b", ".l.lora_B"))}
+            model.load_state_dict(state, strict=False, assign=True)
+            assert layer.parts["a1"].tensor("vera_b").data_ptr() == state["fc2.adapters.a1.vera_b"].data_ptr()
+        elif change == "trained":  # an optimizer step changes the tensors in place, one kernel for all of them
+            with torch.enable_grad():
+                tensors = [layer.parts["a1"].tensor("vera_b"), layer.parts["l"].tensor("lora_B")]
+                optimizer = torch.optim.AdamW(tensors, lr=0.5, foreach=True)
+                for tensor in tensors:
+                    tensor.grad = torch.ones_like(tensor)
+                optimizer.step()
         elif change == "replaced":
             holder = layer.parts["a1"].holder
             new = nn.Parameter(holder.vera_b.detach() * 3)
@@ -296,6 +309,9 @@ def test_a_mixed_batch_sees_every_change_to_the_adapters_since_the_last(change):
         if change == "converted":
             model.double()
             inputs = INPUT.double()
+            layer.parts["a1"].tensor("vera_b").mul_(3)
+        if change == "round trip":  # new data for every tensor, on the same device and of the same type as before
+            model.double().float()
             layer.parts["a1"].tensor("vera_b").mul_(3)
         after = forward_mixed(model, inputs, per_sample)
         assert after.dtype == inputs.dtype

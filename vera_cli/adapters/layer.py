@@ -70,6 +70,24 @@ def base_of(module: nn.Module) -> nn.Module:
     return module.base if isinstance(module, AdaptedLayer) else module
 
 
+class Registrations:
+    """How many parameters adapted layers and adapter holders have registered in this process: a part's tensor
+    replaced by a new Parameter (load_state_dict with assign, setattr) is registered, so a table of parts' tensors
+    built before the last registration may hold a replaced one (routing.Tables)."""
+
+    count = 0
+
+
+class CountsRegistrations(nn.Module):
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        super().register_parameter(name, param)
+        Registrations.count += 1
+
+
+class AdapterHolder(CountsRegistrations):
+    """Where a named adapter's tensors live in one layer: a plain module that counts its registrations."""
+
+
 class LayerAdapter:
     """One named adapter's part in one layer. Not a module: its tensors are registered on `holder` (the layer
     itself for the default adapter); this object says how they compute. Methods take the layer, which owns
@@ -135,7 +153,7 @@ class LayerAdapter:
         raise NotImplementedError
 
 
-class AdaptedLayer(nn.Module):
+class AdaptedLayer(CountsRegistrations):
     """Wraps a frozen layer; carries named adapters (`parts`), of which one is active."""
 
     def __init__(self, base: nn.Module) -> None:
@@ -170,7 +188,7 @@ class AdaptedLayer(nn.Module):
             self.add_module(NAMED, nn.ModuleDict())
         named = self._modules[NAMED]
         if name not in named:
-            named[name] = nn.Module()
+            named[name] = AdapterHolder()
         return named[name]
 
     def add_part(self, name: str, part: LayerAdapter) -> None:

@@ -11,11 +11,12 @@ reused by every call in the batch's block (a test-time flip calls the model twic
 from __future__ import annotations
 
 import functools
-import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
+
+from vera_cli.adapters.layer import Registrations
 
 if TYPE_CHECKING:
     from vera_cli.adapters.layer import AdaptedLayer, LayerAdapter
@@ -30,29 +31,36 @@ LOOP_FROM_POSITIONS = 256
 
 
 class Tables:
-    """The tensors of a group's parts stacked, one table per tensor name, so that a batch gathers each row's values
-    with one index: kept between calls while no part's tensor changed (in place or replaced). Only outside
-    autograd: a table that took part in a graph would tie every later call to it."""
+    """The tensors of a group's parts stacked, one table per tensor name, and each part's tensor made a view of its
+    row: whatever changes a part's values in place (an optimizer step, load_state_dict, copy_) changes the table, so a
+    batch gathers each row's values with one index and no check per part (at 512 adapters, reading each tensor's
+    version counter cost more than the layer's products). Rebuilt when a parameter was registered since (a part's
+    tensor replaced) or the first tensor is no longer the table's first row (`.to()` and `.double()` give every
+    tensor new data). Only outside autograd: a table that took part in a graph would tie every later call to it."""
 
     def __init__(self, holders: list[dict[str, torch.nn.Parameter]]) -> None:
         self.holders = holders
-        self.cache: dict[str, tuple[list[torch.Tensor], tuple[int, ...], torch.Tensor]] = {}
+        self.cache: dict[str, tuple[int, torch.Tensor]] = {}
 
     def table(self, name: str) -> torch.Tensor:
-        current = list(map(operator.itemgetter(name), self.holders))
-        if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in current):
-            return torch.stack(current)
-        versions = tuple(map(_VERSION, current))
+        if torch.is_grad_enabled():
+            current = [holder[name] for holder in self.holders]
+            if any(tensor.requires_grad for tensor in current):
+                return torch.stack(current)
         cached = self.cache.get(name)
-        # `.to()` and `.double()` swap a parameter's data without counting a version: its device and dtype tell.
-        if cached is None or cached[1] != versions or not all(map(operator.is_, cached[0], current)) \
-                or cached[2].device != current[0].device or cached[2].dtype != current[0].dtype:
-            with torch.no_grad():
-                cached = self.cache[name] = (current, versions, torch.stack(current))
-        return cached[2]
+        if cached is None or cached[0] != Registrations.count \
+                or self.holders[0][name].data_ptr() != cached[1].data_ptr():
+            cached = self.cache[name] = (Registrations.count, self._stacked(name))
+        return cached[1]
 
-
-_VERSION = operator.attrgetter("_version")
+    def _stacked(self, name: str) -> torch.Tensor:
+        current = [holder[name] for holder in self.holders]
+        # The table outlives the call: never an inference tensor, which training could not use afterwards.
+        with torch.inference_mode(False), torch.no_grad():
+            table = torch.stack(current)
+            for tensor, row in zip(current, table):
+                tensor.data = row
+        return table
 
 
 @dataclass
