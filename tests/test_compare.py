@@ -86,6 +86,32 @@ def test_compare_runs_the_grid_and_writes_table_csv_and_plot(vera, pretrained):
     assert all(left for _, left in progress[:-1]) and not progress[-1][1]
 
 
+def test_the_rows_of_a_comparison_evaluate_their_base_once(vera, pretrained, cifar_root, monkeypatch):
+    from vera_cli.commands import adapt as adapt_module
+    from vera_cli.data import load_cifar10
+
+    test_images = len(load_cifar10(cifar_root, download=False).test)
+    evaluations = []
+    original = adapt_module.fast.predict_logits
+
+    def counting(forward, images, *args, **kwargs):
+        evaluations.append(len(images))
+        return original(forward, images, *args, **kwargs)
+
+    monkeypatch.setattr(adapt_module.fast, "predict_logits", counting)
+    result = vera("compare", "--methods", "head,vera", "--ranks", "2", "--seeds", "2", "--epochs", "1", "--workers", "1",
+                  "--run-dir", "runs/cmp")
+    assert result.code == 0, result.err
+    assert evaluations.count(test_images) == 1
+    summaries = [json.loads(path.read_text()) for path in sorted(Path("runs/cmp/rows").glob("*/summary.json"))]
+    assert len(summaries) == 4 and all(summary["base"] == summaries[0]["base"] for summary in summaries)
+    # What the one evaluation gave is what a row alone measures.
+    alone = vera("adapt", "--method", "head", "--epochs", "1", "--run-dir", "runs/alone")
+    assert alone.code == 0, alone.err
+    assert json.loads(Path("runs/alone/summary.json").read_text())["base"] == summaries[0]["base"]
+    assert evaluations.count(test_images) == 2
+
+
 @pytest.mark.slow
 def test_interrupted_compare_keeps_finished_rows_and_resume_runs_only_the_rest(vera, pretrained, monkeypatch):
     calls = []

@@ -202,11 +202,14 @@ def check_selection_record(run: Run, selection: Selection, log: Log) -> None:
 
 
 def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: Cifar10 | None = None,
-              resume: Run | None = None, world: World = LOCAL, epoch_log: Log | None = None) -> AdaptSummary:
+              resume: Run | None = None, world: World = LOCAL, epoch_log: Log | None = None,
+              base_logits: dict[tuple[str, str], torch.Tensor] | None = None) -> AdaptSummary:
     """Adapt into a new run directory, or continue the unfinished run `resume`.
 
     In a `world` of several processes (torchrun) they train one adapter data-parallel. `epoch_log` hears
-    the per-epoch lines (default: `log`).
+    the per-epoch lines (default: `log`). `base_logits` keeps the base's logits on `data`'s test images by the
+    base's fingerprint and test-time rule, for the runs that share one `data` (a comparison's rows): a base is
+    evaluated once, not once per run (on the ViT, a third of a 10-shot row).
     """
     device = world.place(resolve_device(cfg.device))
     memory = PeakMemory(device)
@@ -228,7 +231,12 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
     if resume is not None:
         # Every process checks (it only reads), so that all refuse together.
         check_selection_record(resume, selection, notes.append)
-    base_report = accuracy_report(fast.predict_logits(fast.forward(model), data.test, tta), data.test.labels, data.classes, chosen)
+    key = (base_fingerprint, tta)
+    cached = base_logits.get(key) if base_logits is not None else None
+    test_logits = fast.predict_logits(fast.forward(model), data.test, tta) if cached is None else cached
+    if base_logits is not None:
+        base_logits[key] = test_logits
+    base_report = accuracy_report(test_logits, data.test.labels, data.classes, chosen)
     train_split, validation_split = take(data.train, selection.train), take(data.train, selection.validation)
     kept = [c for c in range(len(data.classes)) if c not in chosen and c not in held_out]
     loss = None

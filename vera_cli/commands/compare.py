@@ -34,7 +34,7 @@ import torch
 from vera_cli import config as config_module
 from vera_cli import fast
 from vera_cli.adapters.inject import inject
-from vera_cli.bases import load_pretrained, model_config, resolve_base
+from vera_cli.bases import fingerprint, load_pretrained, model_config, resolve_base
 from vera_cli.comparison import (METRICS, ROWS_FILE, GridPoint, Row, TableLine, aggregate, base_line as line_of_base, grid,
                                  method_parts, read_rows, resolve_reference)
 from vera_cli.commands.adapt import AdaptSummary, run_adapt
@@ -94,6 +94,7 @@ class RowJob:
     configs: dict[str, AdaptConfig]
     data: Cifar10
     order: dict[str, int]
+    base_logits: dict[tuple[str, str], torch.Tensor]  # the bases' test logits (run_adapt's base_logits)
 
 
 def method_configs(cfg: CompareConfig) -> dict[str, AdaptConfig]:
@@ -144,14 +145,18 @@ def write_tables(run: Run, table: list[TableLine]) -> None:
     write_bytes_atomic(run.file("table.csv"), buffer.getvalue().encode())
 
 
-def base_line(base_run: Run, device: torch.device, data: Cifar10, chosen: list[int], label: Optional[str]) -> TableLine:
+def base_line(base_run: Run, device: torch.device, data: Cifar10, chosen: list[int], label: Optional[str],
+              base_logits: dict[tuple[str, str], torch.Tensor]) -> TableLine:
+    """The base's line of the table; its test logits join `base_logits`, where the rows find them (run_adapt)."""
     model, base_cfg = load_pretrained(base_run, device)
-    report = accuracy_report(fast.predict_logits(fast.forward(model), data.test, base_cfg.model.tta), data.test.labels, data.classes, chosen)
+    logits = base_logits[fingerprint(model), base_cfg.model.tta] = fast.predict_logits(fast.forward(model), data.test,
+                                                                                       base_cfg.model.tta)
+    report = accuracy_report(logits, data.test.labels, data.classes, chosen)
     return line_of_base({m: report.metric(m) for m in METRICS}, label)
 
 
 def run_row(run: Run, point: GridPoint, cfg: AdaptConfig, data: Cifar10, log: Log,
-            progress: bool, detail: Log = print) -> tuple[Row, bool]:
+            progress: bool, detail: Log = print, base_logits: dict | None = None) -> tuple[Row, bool]:
     """The grid point's adapt run under `rows/`, and whether it ran now (it is only read when it finished already).
 
     `log` hears of the row when it starts running; `detail` then hears its plan (images, optimizer steps) and
@@ -164,14 +169,14 @@ def run_row(run: Run, point: GridPoint, cfg: AdaptConfig, data: Cifar10, log: Lo
         return row_from_summary(point, AdaptSummary.from_dict(row_run, read_json(row_dir / "summary.json"))), False
     log(point.name + (" (resuming)" if row_run else ""))
     summary = run_adapt(dataclasses.replace(cfg, run_dir=str(row_dir)), lambda message: detail(f"    {message}"),
-                        progress, data, resume=row_run, epoch_log=lambda message: None)
+                        progress, data, resume=row_run, epoch_log=lambda message: None, base_logits=base_logits)
     return row_from_summary(point, summary), True
 
 
 def worker_row(job: RowJob, name: str, log: Log) -> tuple[Row, bool]:
     """A row in a worker process: the one-process run_row, its lines tagged with the row (rows run side by side)."""
     tagged = lambda message: log(f"[{job.order[name] + 1}/{len(job.order)}] {message}")  # noqa: E731
-    return run_row(job.run, job.points[name], job.configs[name], job.data, tagged, False, tagged)
+    return run_row(job.run, job.points[name], job.configs[name], job.data, tagged, False, tagged, job.base_logits)
 
 
 def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, resume: Run | None = None,
@@ -220,7 +225,9 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     # Rows join the table in grid order, whatever order (or process) they finished in.
     in_grid_order = lambda rows: sorted(rows, key=lambda row: order[row.name])  # noqa: E731
     with world.joined(device), life.open() as run, contextlib.ExitStack() as stack:
-        base_lines = [base_line(each, device, data, chosen, str(each.path) if cfg.bases else None) for each in base_runs]
+        base_logits: dict[tuple[str, str], torch.Tensor] = {}
+        base_lines = [base_line(each, device, data, chosen, str(each.path) if cfg.bases else None, base_logits)
+                      for each in base_runs]
         recorded = [Row(**raw) for raw in life.by_writer(lambda: [row.to_dict() for row in read_rows(run.file(ROWS_FILE))])]
         rows = list(recorded)
         done = {row.name for row in rows}
@@ -238,13 +245,14 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
                else "; the first row's time gives the estimate" if alone and plan is None else ""))
         pending = [name for name in pending if name not in dropped]
         if workers > 1:
-            job = RowJob(run, {point.name: point for point in points}, configs, data, order)
+            job = RowJob(run, {point.name: point for point in points}, configs, data, order, base_logits)
             pool = stack.enter_context(Pool(workers, worker_row, job, pending, run.file(CLAIMS_DIR), log))
             log(f"{workers} worker processes ({pool.threads} CPU thread(s) each) share the {len(pending)} rows")
             results: Iterator[tuple[str, tuple[Row, bool]]] = iter(pool)
         else:
             results = ((name, run_row(run, points[order[name]], configs[name], data,
-                                      lambda message: log(f"[{order[name] + 1}/{len(points)}] {message}"), progress, log))
+                                      lambda message: log(f"[{order[name] + 1}/{len(points)}] {message}"), progress, log,
+                                      base_logits))
                        for name in world.take_turns(pending, run.file(CLAIMS_DIR)) if name not in dropped)
         ran: list[tuple[Row, bool]] = []
         for name, (row, ran_here) in results:
