@@ -456,17 +456,13 @@ def serving_lines(result: dict) -> tuple[list[str], list[str]]:
                 ratio = ours["images_per_second"] / peft["images_per_second"]
                 rows.append(f"| the same, LoRA mixed | {_rate(ours)} | PEFT adapter_names {_rate(peft)} | {ratio:.2f} | "
                             f"{verdict('serving_lora', ratio)} |")
-        most = max(measured, key=int)
-        single = entry["rows"]["single"]["vera images/s"]
-        ratio = measured[most]["vera mixed"]["images_per_second"] / single
-        rows.append(f"| VeRA mixed batch of {most} adapters against one adapter, {model} | "
-                    f"{measured[most]['vera mixed']['images_per_second']:,.0f} img/s | one adapter {single:,.0f} img/s | "
-                    f"{ratio:.2f} | {verdict('serving_vera', ratio)} |")
-        low = entry["rows"].get("low rank")
-        if low:
-            ratio = low["vera mixed images/s"] / low["vera images/s"]
-            rows.append(f"| the same at VeRA r{entry['vera_low_rank']}, below the width | {low['vera mixed images/s']:,.0f} "
-                        f"img/s | one adapter {low['vera images/s']:,.0f} img/s | {ratio:.2f} | {verdict('serving_vera', ratio)} |")
+        pairs = [(f"VeRA mixed batch of {{}} adapters against one adapter, timed in turn, {model}", entry["rows"]["single"])]
+        if "low rank" in entry["rows"]:
+            pairs.append((f"the same at VeRA r{entry['vera_low_rank']}, below the width ({{}} adapters)", entry["rows"]["low rank"]))
+        for label, pair in pairs:
+            ratio = pair["vera mixed images/s"] / pair["vera images/s"]
+            rows.append(f"| {label.format(pair['adapters'])} | {pair['vera mixed images/s']:,.0f} img/s | one adapter "
+                        f"{pair['vera images/s']:,.0f} img/s | {ratio:.2f} | {verdict('serving_vera', ratio)} |")
         disk.append(f"Bytes on disk for N adapters, {model}: " + "; ".join(
             f"{count}: VeRA {row['disk_bytes']['vera']:,}, LoRA {row['disk_bytes']['lora']:,}" for count, row in measured.items()) + ".")
     return rows, disk

@@ -57,6 +57,8 @@ def test_serving_measures_every_setup_on_both_models_and_the_setups_agree(monkey
     assert set(result["models"]) == {"convnet", "vit"}
     for entry in result["models"].values():
         rows = entry["rows"]
+        # The most adapters and one, timed in turn.
+        assert rows["single"]["adapters"] == 3 and rows["single"]["vera mixed images/s"] > 0
         assert rows["single"]["vera images/s"] > 0
         for count in (1, 3):
             row = rows[count]
@@ -76,7 +78,8 @@ def test_serving_measures_every_setup_on_both_models_and_the_setups_agree(monkey
     # LoRA's and those ratios have targets.
     assert len(rows) == 2 * (2 * 2 + 1) + 1
     assert sum(row.endswith("met) |") for row in rows) == 2 * (2 + 1) + 1
-    assert rows[-1].startswith("| the same at VeRA r32, below the width |")
+    assert rows[-2].startswith("| VeRA mixed batch of 3 adapters against one adapter, timed in turn, vit |")
+    assert rows[-1].startswith("| the same at VeRA r32, below the width (3 adapters) |")
     assert [line.split(":")[0] for line in disk] == ["Bytes on disk for N adapters, convnet",
                                                      "Bytes on disk for N adapters, vit"]
 
