@@ -86,9 +86,13 @@ def comparison_figure(table: list[TableLine], classes: list[str], x_axis: XAxis 
         axis.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
     handles, labels = axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
+    # Three labels a line: a setting's label names its targets and head, and six of them overflow the figure.
+    columns = min(len(labels), 3)
+    legend_lines = -(-len(labels) // max(columns, 1))
+    figure.set_figheight(4.8 + 0.25 * legend_lines)
+    figure.legend(handles, labels, loc="lower center", ncol=columns, frameon=False)
     figure.suptitle(f"Adapting on {', '.join(classes)}: {x_axis.title} (error bars: 95 % t-interval over seeds)")
-    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    figure.tight_layout(rect=(0, 0.055 * legend_lines + 0.02, 1, 1))
     return figure
 
 
