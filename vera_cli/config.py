@@ -75,6 +75,8 @@ def compared_method(entry: str, key: str = "methods") -> ComparedMethod:
     _require(method.partition("+")[0] not in RANKLESS or (own.rank, own.targets) == (None, None),
              f"{key} ({entry}) gives a rank or targets to {method}, which trains whole modules: write {method}")
     return own
+
+
 # Values renamed since runs were first written: old run configs still load.
 RENAMED_VALUES = {"onecycle": "linear"}
 # A comparison runs every seed of every setting: more than this is a typo, not an experiment.
@@ -544,6 +546,8 @@ ADAPT_RULES: list[Rule] = TRAIN_RULES + [
     ("distill_weight", lambda c: c.forgetting == "distill", "forgetting distill", _FORGETTING),
     ("distill_temperature", lambda c: c.forgetting == "distill", "forgetting distill", _FORGETTING),
 ]
+
+
 def _ranked(methods: list[str]) -> list[ComparedMethod]:
     return [own for own in map(compared_method, methods) if own.method.partition("+")[0] not in RANKLESS]
 

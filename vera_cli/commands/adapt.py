@@ -232,10 +232,11 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
         # Every process checks (it only reads), so that all refuse together.
         check_selection_record(resume, selection, notes.append)
     key = (base_fingerprint, tta)
-    cached = base_logits.get(key) if base_logits is not None else None
-    test_logits = fast.predict_logits(fast.forward(model), data.test, tta) if cached is None else cached
-    if base_logits is not None:
-        base_logits[key] = test_logits
+    test_logits = base_logits.get(key) if base_logits is not None else None
+    if test_logits is None:
+        test_logits = fast.predict_logits(fast.forward(model), data.test, tta)
+        if base_logits is not None:
+            base_logits[key] = test_logits
     base_report = accuracy_report(test_logits, data.test.labels, data.classes, chosen)
     train_split, validation_split = take(data.train, selection.train), take(data.train, selection.validation)
     kept = [c for c in range(len(data.classes)) if c not in chosen and c not in held_out]
