@@ -17,6 +17,7 @@ from vera_cli.adapters.head import head_parameters
 from vera_cli.adapters.targets import has_head
 from vera_cli.config import DEVICES, TrainConfig, shown
 from vera_cli.errors import VeraError
+from vera_cli.fast.mixed_precision import bf16_autocast, uses_bf16
 from vera_cli.models import physical_memory
 
 # Where a command's progress lines go (print, or the CLI's stderr console).
@@ -121,10 +122,13 @@ class Trainer:
         if cfg.head_lr is not None and not has_head(model):
             raise VeraError(f"train.head_lr is set, but {type(model).__name__} names no classifier head (its classifier_name "
                             "attribute): name the head, or leave train.head_lr null")
-        if cfg.precision == "bf16" and self.params[0].device.type == "mps":
+        device = self.params[0].device
+        if cfg.precision == "bf16" and device.type == "mps":
             # Autocast on mps: none before torch 2.5, then bf16 only in some versions and from macOS 14, else
             # silently fp32.
             raise VeraError("train.precision bf16 runs on cuda or cpu, not on mps: use --set train.precision=fp32")
+        # Resolved once: `auto` is bf16 only where the device multiplies it natively.
+        self.bf16 = uses_bf16(cfg.precision, device)
         self.forward = parallel.wrap(forward, model) if parallel else forward
         self.parallel = parallel
         self.cfg = cfg
@@ -149,8 +153,7 @@ class Trainer:
             if self.parallel:
                 inputs, labels, weight = self.parallel.local(inputs, labels)
             # Only made for bf16: torch before 2.5 refuses an autocast on mps even when it is disabled.
-            with (torch.autocast(device_type, dtype=torch.bfloat16) if self.cfg.precision == "bf16"
-                  else contextlib.nullcontext()):
+            with bf16_autocast(device_type) if self.bf16 else contextlib.nullcontext():
                 logits = self.forward(inputs)
             loss = self.loss(logits.float(), labels, weight)
             self.optimizer.zero_grad(set_to_none=True)

@@ -80,7 +80,8 @@ def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, d
         log(f"pretraining {cfg.model.name} ({count_parameters(model):,} parameters) on {len(images):,} images, "
             + (f"holding out {', '.join(held_out)}, " if held_out else "")
             + f"{train.epochs} epochs, {train.epochs * steps_per_epoch:,} optimizer steps (batch {train.batch_size}), "
-            + f"{device}{world.note()}, run {run.path}" + (f", resuming at epoch {start}" if resume else ""))
+            + f"{device}{', bf16 autocast' if trainer.bf16 else ''}{world.note()}, run {run.path}"
+            + (f", resuming at epoch {start}" if resume else ""))
         for note in notes:
             log(note)
         tta = cfg.model.tta

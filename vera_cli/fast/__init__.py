@@ -5,6 +5,8 @@
   W0 + delta W where that costs fewer multiply-adds (weight_path.py).
 - `augmented`: a batch gathered, cropped, flipped and normalised in one compiled pass (augment.c), and
   `predict_logits` / `view_outputs` on such batches.
+- `uses_bf16` / `bf16_autocast`: mixed precision where the hardware multiplies bf16 natively, with attention
+  on the CPU as explicit products, where torch's fused kernel is slow in bf16 (mixed_precision.py).
 - `build_pipeline`: adapt's feature cache, a frozen prefix (and the first adapted layer's frozen part)
   computed once (feature_cache.py).
 
@@ -14,10 +16,11 @@ is loaded, and one that fails is built again. `compute_path()` says which path r
 Every path computes the plain path's function to float rounding, and the tests hold each one to it.
 """
 
+from vera_cli.fast.mixed_precision import bf16_autocast, uses_bf16
 from vera_cli.fast.augment import augmented
 from vera_cli.fast.build import compute_path, forget_use
 from vera_cli.fast.feature_cache import BatchSource, Pipeline, build_pipeline
 from vera_cli.fast.forward import Forward, features, forward, predict_logits, view_outputs
 
-__all__ = ["BatchSource", "Forward", "Pipeline", "augmented", "build_pipeline", "compute_path", "features", "forget_use",
-           "forward", "predict_logits", "view_outputs"]
+__all__ = ["BatchSource", "Forward", "Pipeline", "augmented", "bf16_autocast", "build_pipeline", "compute_path", "features", "forget_use",
+           "forward", "predict_logits", "uses_bf16", "view_outputs"]

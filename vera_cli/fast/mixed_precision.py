@@ -1,0 +1,67 @@
+"""bf16 mixed precision: where the hardware multiplies bf16 natively, and attention where torch's kernel is slow.
+
+On this project's 2-core AMD EPYC (AVX512-BF16) a 2048-square bf16 product runs 2.4x faster than the fp32
+one, and the pretrain-vit ViT trains 1.9x faster under bf16 autocast with attention as below. Without those
+instructions bf16 products are emulated and slower than fp32, which is what `precision: auto` avoids.
+
+The models call `F.scaled_dot_product_attention`. On the CPU in bf16 its fused kernel ran a ViT block's
+attention (batch 256, 64 tokens, 4 heads of 32) forward and backward in 113 ms, its math backend in 50 ms,
+and the two products with a softmax between them in 22 ms; in fp32 the fused kernel is the fastest of the
+three (48 ms). `explicit_attention()` computes that one case as the products and leaves every other call,
+and every other op, to torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 in hardware: a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # Private in torch, hence looked up: a torch without them reads as "not known to be native".
+        checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return any(check() for check in checks if check is not None)
+    return False
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether training at `precision` (fp32, bf16 or auto: bf16 where it is native) runs under bf16 autocast."""
+    return precision == "bf16" or (precision == "auto" and native_bf16(device))
+
+
+@contextlib.contextmanager
+def bf16_autocast(device_type: str) -> Iterator[None]:
+    """bf16 autocast on `device_type`, with attention as explicit products on the CPU."""
+    with torch.autocast(device_type, dtype=torch.bfloat16), (explicit_attention() if device_type == "cpu"
+                                                              else contextlib.nullcontext()):
+        yield
+
+
+def products(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float = 0.0,
+             scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v, with dropout on the attention weights as torch's kernels apply it."""
+    weights = (query @ key.transpose(-2, -1) * (scale or 1 / math.sqrt(query.shape[-1]))).softmax(-1)
+    return F.dropout(weights, dropout_p) @ value if dropout_p else weights @ value
+
+
+class explicit_attention(TorchFunctionMode):  # noqa: N801 (a context manager, named as one)
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and _explicit_pays(*args, **kwargs):
+            return products(*args, dropout_p=kwargs.get("dropout_p", 0.0), scale=kwargs.get("scale"))
+        return func(*args, **kwargs)
+
+
+def _explicit_pays(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None, dropout_p: float = 0.0,
+                   is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> bool:
+    plain = attn_mask is None and not is_causal and not enable_gqa and query.dim() == 4
+    return plain and query.device.type == "cpu" and query.dtype == torch.bfloat16
