@@ -17,7 +17,8 @@ Measures, on whatever machine runs it (targets: TARGETS below, one table):
      image counted by torch.utils.flop_counter; the best of several sgemm trials);
   6. VeRA against LoRA on every conv and linear layer: training step and unmerged
      inference (conv_adapters.py);
-  7. the ViT of pretrain-vit: pretrain step throughput, peak RSS of a one-epoch pretrain, and VeRA's
+  7. the ViT of pretrain-vit: pretrain step throughput in the recipe's precision and in fp32 (against the best
+     fp32 and bf16 products), peak RSS of a one-epoch pretrain, and VeRA's
      training step and unmerged inference against LoRA's and PEFT's VeRA (vit_adapters.py);
   8. the few-shot protocol's adaptation (experiment-fewshot's adapt section) on the experiment's base;
   9. a `vera compare` grid in one process against the same grid spread over two (torchrun, and --workers 2);

@@ -66,3 +66,23 @@ def test_adapter_costs_time_training_steps_and_inference_and_give_vera_s_ratios_
     ratios = {"vera / lora": 1.5, "vera / peft vera": 0.5, "vera / peft lora": 2.0}
     assert result["train_ratio"] == {key: ratios[key] for key in ratios if key.split(" / ")[1] in models}
     assert result["inference_ratio"] == {f"{name} / base": chosen[name] for name in models}
+
+
+def test_the_precision_benchmark_times_the_same_step_three_ways(monkeypatch):
+    spec = importlib.util.spec_from_file_location("vit_precision", BENCHMARKS / "vit_precision.py")
+    precision = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(precision)
+    losses = {name: precision.training_step(TINY_VIT, 4, context)() for name, context in precision.CONTEXTS.items()}
+    # One model, one batch: the first step's loss differs only by bf16 rounding.
+    assert max(losses.values()) - min(losses.values()) < 0.02
+    ran = []
+
+    def timed(calls, rounds):
+        ran.extend(name for name, call in calls.items() if call() is not None)
+        return {name: 50.0 * (i + 1) for i, name in enumerate(calls)}
+
+    monkeypatch.setattr(precision, "round_robin_ms", timed)
+    rates = precision.precision_rates(TINY_VIT, batch=4, rounds=2, steps=3)
+    # 3 steps of 4 images in 50, 100 and 150 ms.
+    assert ran == list(precision.CONTEXTS)
+    assert rates == {"fp32": 240.0, "bf16 autocast": 120.0, "bf16, attention as products": 80.0}
