@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from vera_cli import config as config_module
 from vera_cli.adapters.inject import inject
 from vera_cli.fast import build_pipeline
+from vera_cli.fast.mixed_precision import native_bf16
 from vera_cli.config import AdaptConfig, AdapterConfig, PretrainConfig
 from vera_cli.data import batch_indices, load_cifar10, normalize
 from vera_cli.metrics import predict_logits
@@ -27,6 +28,9 @@ def test_pretrain_records_the_vit_section_and_eval_rebuilds_it(vera, vit_base):
     summary = json.loads((vit_base / "summary.json").read_text())
     assert summary["model"] == "vit" and summary["parameters"] == count_parameters(build_model(TINY_VIT))
     assert vera("eval", str(vit_base), "--json").json()["reports"]["base"] == summary["test"]
+    # pretrain-vit's precision is auto: the summary says what it resolved to on this processor.
+    assert recorded.train.precision == "auto"
+    assert summary["precision"] == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
 
 
 def test_a_config_that_names_the_model_as_a_string_still_loads():

@@ -41,13 +41,14 @@ class PretrainSummary:
     excluded_classes: list[str] = field(default_factory=list)  # never seen in training: 0 % until adapted
     tta: str = "none"  # how `test` classified an image (ModelConfig.tta)
     images_alone: float | None = None  # the overall test accuracy without the mirror image, when tta is flip
+    precision: str = "fp32"  # what training ran in: bf16 (autocast) or fp32, train.precision's `auto` resolved
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "pretrain", "model": self.model, "parameters": self.parameters,
                 "fingerprint": self.fingerprint, "epochs": self.epochs, "seed": self.seed, "device": self.device,
                 "wall_seconds": self.wall_seconds, "test": self.test.to_dict(), "environment": self.environment,
                 "world_size": self.world_size, "excluded_classes": self.excluded_classes, "tta": self.tta,
-                "images_alone": self.images_alone}
+                "images_alone": self.images_alone, "precision": self.precision}
 
 
 def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, data: Cifar10 | None = None,
@@ -110,4 +111,5 @@ def run_pretrain(cfg: PretrainConfig, log: Log = print, progress: bool = True, d
                 f"(model.tta: {tta}); {alone[0]:.2%} on the images alone")
         return life.finish(PretrainSummary(run, cfg.model.name, count_parameters(model), fingerprint(model), train.epochs,
                                            cfg.seed, str(device), life.elapsed(), report, environment(), world.size,
-                                           held_out, tta, alone[0] if tta != "none" else None))
+                                           held_out, tta, alone[0] if tta != "none" else None,
+                                           "bf16" if trainer.bf16 else "fp32"))
