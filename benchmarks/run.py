@@ -122,8 +122,8 @@ TARGETS = {
     "peft_loop": Target("VeRA adaptation epoch against a PEFT-VeRA loop", ">= 5.5x faster", lambda r: r >= 5.5),
     "merged_inference": Target("merged inference against the base", "<= 1.02", lambda r: r <= 1.02),
     "throughput": Target("pretrain step throughput", ">= 25,000 img/s", lambda r: r >= 25_000),
-    "vit_limit": Target("ViT training step against the arithmetic limit (torch's FLOP count, best sgemm)", ">= 0.65",
-                        lambda r: r >= 0.65),
+    "vit_limit": Target("ViT training step against the arithmetic limit of the precision it runs in (torch's FLOP "
+                        "count; the best sgemm, or the best bf16 product under bf16)", ">= 0.65", lambda r: r >= 0.65),
     "vit_step": Target("ViT, VeRA r256 training step against LoRA r8's (attention)", "<= 1", lambda r: r <= 1),
     "vit_inference": Target("ViT, unmerged VeRA inference overhead against PEFT's VeRA", "below PEFT's",
                             lambda r: r < 1),
@@ -366,8 +366,7 @@ def throughput(data_dir: str, scale: Scale) -> dict:
         rows.append({"batch_size": batch_size, "images_per_second": rate})
     gflops = best_gemm_gflops(torch.float32, scale)
     flops = flops_per_training_image()
-    return {"rows": rows, "sgemm_gflops": gflops, "bf16_gemm_gflops": best_gemm_gflops(torch.bfloat16, scale),
-            "flops_per_image": flops, "limit_images_per_second": gflops * 1e9 / flops}
+    return {"rows": rows, "sgemm_gflops": gflops, "flops_per_image": flops, "limit_images_per_second": gflops * 1e9 / flops}
 
 
 def best_gemm_gflops(dtype: torch.dtype, scale: Scale) -> float:
@@ -388,9 +387,12 @@ def vit(data_dir: str, scale: Scale) -> dict:
         rates[precision] = step_throughput(build_model(cfg.model), dataclasses.replace(cfg.train, precision=precision),
                                            data_dir, scale.vit_images)
     recipe = next(iter(rates))
+    # The bf16 limit only where bf16 ran: elsewhere its products are emulated, and slow to time.
+    bf16_gflops = best_gemm_gflops(torch.bfloat16, scale) if recipe == "bf16" else None
     torch.manual_seed(0)
     costs = adapter_costs(build_model(cfg.model), ["attention"], rounds=scale.vit_rounds)
     return {"images_per_second": rates[recipe], "precision": recipe, "fp32_images_per_second": rates["fp32"],
+            "bf16_gemm_gflops": bf16_gflops,
             "batch_size": cfg.train.batch_size, "epoch_seconds": 50_000 / rates[recipe],
             "flops_per_image": counted_training_flops(build_model(cfg.model)), **costs}
 
@@ -549,19 +551,21 @@ def report(results: dict) -> str:
                      f"{ms['lora r8']:.3f} ms (r32 {ms['lora r32']:.3f} ms) | {ms['vera r32'] / ms['lora r8']:.2f} | - |")
     v = results["vit"]
     limit = t["sgemm_gflops"] * 1e9 / v["flops_per_image"]
-    fraction = v["images_per_second"] / limit
-    bf16_note = ""
+    # Judged against the limit of the step's own precision: bf16 products outrun the sgemm limit by themselves.
+    own_limit, limit_note = limit, "the same best sgemm"
     if v["precision"] == "bf16":
-        bf16_limit = t["bf16_gemm_gflops"] * 1e9 / v["flops_per_image"]
-        bf16_note = (f"; {bf16_limit:,.0f} img/s at the best bf16 product ({t['bf16_gemm_gflops']:.0f} GFLOP/s), "
-                     f"{v['images_per_second'] / bf16_limit:.2f} of that")
+        own_limit = v["bf16_gemm_gflops"] * 1e9 / v["flops_per_image"]
+        limit_note = (f"the best bf16 product, {v['bf16_gemm_gflops']:.0f} GFLOP/s; against the sgemm limit "
+                      f"{limit:,.0f} img/s: {v['images_per_second'] / limit:.2f}")
+    fraction = v["images_per_second"] / own_limit
     lines.append(f"| ViT (pretrain-vit) step throughput, batch {v['batch_size']}, {v['precision']} (the recipe's precision "
                  f"here) | {v['images_per_second']:,.0f} img/s ({v['epoch_seconds']:.0f} s an epoch, "
-                 f"{v['flops_per_image'] / 1e6:.0f} MFLOP per image) | limit {limit:,.0f} img/s (the same best sgemm)"
-                 f"{bf16_note} | {fraction:.2f} | {verdict('vit_limit', fraction)} |")
+                 f"{v['flops_per_image'] / 1e6:.0f} MFLOP per image) | limit {own_limit:,.0f} img/s ({limit_note}) | "
+                 f"{fraction:.2f} | {verdict('vit_limit', fraction)} |")
     if v["precision"] != "fp32":
-        lines.append(f"| the same in fp32 | {v['fp32_images_per_second']:,.0f} img/s | limit {limit:,.0f} img/s | "
-                     f"{v['fp32_images_per_second'] / limit:.2f} | - |")
+        fp32_fraction = v["fp32_images_per_second"] / limit
+        lines.append(f"| the same in fp32 | {v['fp32_images_per_second']:,.0f} img/s | limit {limit:,.0f} img/s (the same "
+                     f"best sgemm) | {fp32_fraction:.2f} | {verdict('vit_limit', fp32_fraction)} |")
     step_ratio = v["train_ratio"]["vera / lora"]
     lines.append(f"| ViT training step, batch {v['batch']}: vera r256 ({v['trainable']['vera']:,} trainable) | "
                  f"{v['train_ms']['vera']:.2f} ms | lora r8 {v['train_ms']['lora']:.2f} ms | {step_ratio:.2f} | "

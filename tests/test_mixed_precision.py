@@ -27,7 +27,18 @@ def test_auto_trains_in_bf16_only_where_the_device_multiplies_it_natively(monkey
     assert uses_bf16("bf16", cpu) and not uses_bf16("fp32", cpu) and uses_bf16("auto", cpu) is native
 
 
-@pytest.mark.parametrize("scale", [None, 0.3])
+@pytest.mark.parametrize("capability, native", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_a_gpu_counts_as_native_bf16_from_ampere_on(monkeypatch, capability, native):
+    # torch.cuda.is_bf16_supported() says yes on a T4 (7.5), which only emulates bf16.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert mixed_precision.native_bf16(torch.device("cuda")) is native
+    assert uses_bf16("auto", torch.device("cuda")) is native
+    assert not mixed_precision.native_bf16(torch.device("mps"))
+
+
+@pytest.mark.parametrize("scale", [None, 0.3, 0.0])
 def test_the_explicit_products_are_torchs_attention(scale):
     torch.manual_seed(0)
     q, k, v = (torch.randn(3, 2, 5, 8) for _ in range(3))
@@ -35,15 +46,55 @@ def test_the_explicit_products_are_torchs_attention(scale):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_the_explicit_products_drop_attention_weights_as_torchs_dropout_does():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 5, 8) for _ in range(3))
+    torch.manual_seed(1)
+    dropped = products(q, k, v, dropout_p=0.5)
+    torch.manual_seed(1)
+    expected = F.dropout((q @ k.transpose(-2, -1) / 8 ** 0.5).softmax(-1), 0.5) @ v
+    torch.testing.assert_close(dropped, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(dropped, products(q, k, v))
+
+
 def test_only_plain_bf16_attention_on_the_cpu_takes_the_explicit_products(monkeypatch):
     calls = []
     monkeypatch.setattr(mixed_precision, "products", lambda *args, **kwargs: calls.append(args[0].dtype) or args[2])
     q, k, v = (torch.randn(2, 2, 4, 8) for _ in range(3))
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
     with explicit_attention():
         F.scaled_dot_product_attention(q, k, v)  # fp32: torch's fused kernel is the fast one
-        F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True)  # not plain
-        out = F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
-    assert calls == [torch.bfloat16] and torch.equal(out, v.bfloat16())
+        F.scaled_dot_product_attention(qb, kb, vb, is_causal=True)
+        F.scaled_dot_product_attention(qb, kb, vb, torch.ones(4, 4, dtype=torch.bool))  # a mask, positionally
+        F.scaled_dot_product_attention(qb, kb, vb, enable_gqa=True)
+        F.scaled_dot_product_attention(qb[0], kb[0], vb[0])  # not batched by heads
+        assert calls == []
+        out = F.scaled_dot_product_attention(qb, kb, vb)
+    assert calls == [torch.bfloat16] and torch.equal(out, vb)
+
+
+def test_every_way_of_passing_attentions_arguments_reaches_the_products_alike():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 4, 8, dtype=torch.bfloat16) for _ in range(3))
+    expected = products(q, k, v, scale=0.5)
+    with explicit_attention():
+        calls = [F.scaled_dot_product_attention(q, k, v, None, 0.0, False, scale=0.5),
+                 F.scaled_dot_product_attention(q, k, v, None, scale=0.5),
+                 F.scaled_dot_product_attention(query=q, key=k, value=v, scale=0.5)]
+    for out in calls:
+        assert torch.equal(out, expected)
+
+
+def test_a_vits_bf16_step_on_the_cpu_computes_each_blocks_attention_as_the_products(monkeypatch):
+    seen = []
+    real = mixed_precision.products
+    monkeypatch.setattr(mixed_precision, "products", lambda *args, **kwargs: seen.append(1) or real(*args, **kwargs))
+    model = build_model(TINY_VIT)
+    with bf16_autocast("cpu"):
+        model(torch.randn(2, 3, 32, 32))
+    assert len(seen) == TINY_VIT.vit.depth
+    model(torch.randn(2, 3, 32, 32))  # outside: torch's kernel
+    assert len(seen) == TINY_VIT.vit.depth
 
 
 def test_a_vit_under_bf16_autocast_computes_its_fp32_loss_and_gradients_to_bf16_rounding():
@@ -63,3 +114,18 @@ def test_a_vit_under_bf16_autocast_computes_its_fp32_loss_and_gradients_to_bf16_
     loss16, grads16 = loss_and_grads(bf16_autocast("cpu"))
     assert abs(loss16 - loss32) < 0.02
     assert F.cosine_similarity(grads16, grads32, dim=0) > 0.99
+
+
+def test_a_resumed_auto_run_keeps_the_precision_it_started_in(monkeypatch):
+    model = nn.Linear(8, 3)
+    monkeypatch.setattr(mixed_precision, "native_bf16", lambda device: True)
+    started = Trainer(model, model, train_config(precision="auto"), steps_per_epoch=1)
+    monkeypatch.setattr(mixed_precision, "native_bf16", lambda device: False)
+    resumed = Trainer(model, model, train_config(precision="auto"), steps_per_epoch=1)
+    assert started.bf16 and not resumed.bf16
+    resumed.load_state_dict(started.state_dict())
+    assert resumed.bf16
+    # A precision the config names is the config's, not the checkpoint's.
+    fixed = Trainer(model, model, train_config(precision="fp32"), steps_per_epoch=1)
+    fixed.load_state_dict(started.state_dict())
+    assert not fixed.bf16

@@ -126,7 +126,7 @@ class Trainer:
         if cfg.precision == "bf16" and device.type == "mps":
             # Autocast on mps: none before torch 2.5, then bf16 only in some versions and from macOS 14, else
             # silently fp32.
-            raise VeraError("train.precision bf16 runs on cuda or cpu, not on mps: use --set train.precision=fp32")
+            raise VeraError("train.precision bf16 runs on cuda or cpu, not on mps: use --set train.precision=fp32 (or auto)")
         # Resolved once: `auto` is bf16 only where the device multiplies it natively.
         self.bf16 = uses_bf16(cfg.precision, device)
         self.forward = parallel.wrap(forward, model) if parallel else forward
@@ -191,11 +191,14 @@ class Trainer:
         return F.cross_entropy(logits, labels, reduction="sum", label_smoothing=self.cfg.label_smoothing) * weight
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "bf16": self.bf16}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # A resumed run keeps the precision it started in: `auto` may resolve otherwise on this machine.
+        if self.cfg.precision == "auto" and "bf16" in state and self.params[0].device.type != "mps":
+            self.bf16 = state["bf16"]
 
 
 def fit(trainer: Trainer, model: nn.Module, source: Callable[[torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]],
