@@ -113,7 +113,7 @@ class TrainConfig:
     crop_padding: int
     flip: bool
     # bf16: forward and loss under autocast (mixed precision); auto: bf16 where the device multiplies it
-    # natively (CUDA, a CPU with AVX512-BF16 or AMX), else fp32.
+    # natively (a CUDA GPU from Ampere on, a CPU with AVX512-BF16 or AMX), else fp32.
     precision: Literal["fp32", "bf16", "auto"]
     # The classifier layer's own peak learning rate when it trains beside an adapter; None: lr.
     head_lr: Optional[float]

@@ -16,11 +16,11 @@ is loaded, and one that fails is built again. `compute_path()` says which path r
 Every path computes the plain path's function to float rounding, and the tests hold each one to it.
 """
 
-from vera_cli.fast.mixed_precision import bf16_autocast, uses_bf16
 from vera_cli.fast.augment import augmented
 from vera_cli.fast.build import compute_path, forget_use
 from vera_cli.fast.feature_cache import BatchSource, Pipeline, build_pipeline
 from vera_cli.fast.forward import Forward, features, forward, predict_logits, view_outputs
+from vera_cli.fast.mixed_precision import bf16_autocast, uses_bf16
 
-__all__ = ["BatchSource", "Forward", "Pipeline", "augmented", "bf16_autocast", "build_pipeline", "compute_path", "features", "forget_use",
-           "forward", "predict_logits", "uses_bf16", "view_outputs"]
+__all__ = ["BatchSource", "Forward", "Pipeline", "augmented", "bf16_autocast", "build_pipeline", "compute_path", "features",
+           "forget_use", "forward", "predict_logits", "uses_bf16", "view_outputs"]
