@@ -3,6 +3,7 @@
 import dataclasses
 import io
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ from rich.console import Console
 
 from vera_cli import config
 from vera_cli.commands import compare as compare_module
-from vera_cli.comparison import Row, aggregate, read_rows, resolve_reference
+from vera_cli.comparison import Row, TableLine, aggregate, read_rows, resolve_reference
+from vera_cli.plot import X_AXES, comparison_figure
 from vera_cli.config import CompareConfig, parse_duration
 from vera_cli.costs import PeakMemory, inference_ms_per_image, per_thousand, training_seconds, vm_hwm_bytes
 from vera_cli.errors import VeraError
@@ -279,3 +281,19 @@ def test_budget_is_refused_under_torchrun():
     cfg = config.load(CompareConfig, "compare", {"budget": "1m"})
     with pytest.raises(VeraError, match="^--budget cuts the grid from one process's first row"):
         compare_module.run_compare(cfg, world=Two())
+
+
+@pytest.mark.parametrize("seconds", [[3e-5, 3e-5], [1e-6], [0.5, 2.0]])
+def test_the_comparison_picture_spans_a_decade_around_a_single_value_without_numeric_warnings(seconds):
+    accuracy = {"chosen": 0.3, "task": 0.6, "rest": 0.7}
+    base = TableLine("base", None, "replay", None, 1, 0, 0, {"chosen": 0.0, "task": 0.4, "rest": 0.8}, {})
+    lines = [TableLine("vera", 8 * (i + 1), "replay", None, 1, 100, 400, {**accuracy, "train_seconds": s}, {})
+             for i, s in enumerate(seconds)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figure = comparison_figure([base, *lines], ["cat"], X_AXES[1])
+        figure.canvas.draw()
+    low, high = figure.axes[0].get_xlim()
+    assert low <= min(seconds) and max(seconds) <= high
+    if len(set(seconds)) == 1:
+        assert high / low == pytest.approx(10)

@@ -63,6 +63,13 @@ def comparison_figure(table: list[TableLine], classes: list[str], x_axis: XAxis 
     rows = [line for line in table if line.method != "base" and line.selected and (x_axis.value(line) or 0) > 0]
     figure = new_figure(figsize=(15, 4.8))
     axes = figure.subplots(1, len(PANELS), sharex=True)
+    for axis in axes:
+        axis.set_xscale("log")
+    spread = {x_axis.value(row) for row in rows}
+    if len(spread) == 1:
+        # One value across: a log axis would shrink to its rounding and divide by zero; a decade around it instead.
+        only = spread.pop()
+        axes[0].set_xlim(only / 10 ** 0.5, only * 10 ** 0.5)
     for axis, (metric, title) in zip(axes, PANELS):
         series: dict[str, list[TableLine]] = {}
         for row in rows:
@@ -80,7 +87,6 @@ def comparison_figure(table: list[TableLine], classes: list[str], x_axis: XAxis 
                           label=label)
         if base.mean[metric] is not None:
             axis.axhline(100 * base.mean[metric], color="grey", linestyle=":", label="base model")
-        axis.set_xscale("log")
         axis.set_title(title)
         axis.set_xlabel(x_axis.label)
         axis.grid(True, which="major", alpha=0.3)
