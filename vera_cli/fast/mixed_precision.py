@@ -1,14 +1,14 @@
 """bf16 mixed precision: where the hardware multiplies bf16 natively, and attention where torch's kernel is slow.
 
 On this project's 2-core AMD EPYC (AVX512-BF16) a 2048-square bf16 product ran 2.3x faster than the fp32 one,
-and the pretrain-vit ViT trains 1.7-1.9x faster under bf16 autocast with attention as below. Where bf16 is
+and the pretrain-vit ViT trains 1.7-1.8x faster under bf16 autocast with attention as below. Where bf16 is
 emulated (a CPU without those instructions, a GPU before Ampere) it is slower than fp32, which is what
 `precision: auto` avoids.
 
 The models call `F.scaled_dot_product_attention`. On the CPU in bf16 its fused kernel ran a ViT block's
-attention (batch 256, 64 tokens, 4 heads of 32) forward and backward in 113 ms, its math backend in 50 ms,
+attention (batch 256, 64 tokens, 4 heads of 32) forward and backward in 96 ms, its math backend in 51 ms,
 and the two products with a softmax between them in 22 ms; in fp32 the fused kernel is the fastest of the
-three (48 ms). `explicit_attention()` computes that one case as the products and leaves every other call,
+three (39 ms, against 52 and 47). `explicit_attention()` computes that one case as the products and leaves every other call,
 and every other op, to torch.
 """
 
@@ -52,13 +52,13 @@ def bf16_autocast(device_type: str) -> Iterator[None]:
 
 def products(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float = 0.0,
              scale: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale) v, with dropout on the attention weights as torch's kernels apply it. The scores and
-    their softmax are fp32, as in torch's fused kernel. Largest error against fp32 attention, one block's shapes
-    at batch 8 under bf16 autocast: torch's fused kernel 0.0055, these products 0.0071, with bf16 scores 0.0101."""
-    scale = scale if scale is not None else 1 / math.sqrt(query.shape[-1])
-    with torch.autocast(query.device.type, enabled=False):  # which would make the scores' product bf16 again
-        scores = torch.matmul(query.float(), key.float().transpose(-2, -1)) * scale
-        weights = scores.softmax(-1).to(value.dtype)
+    """softmax(q k^T * scale) v, with dropout on the attention weights as torch's kernels apply it. The softmax runs
+    in fp32 (bit for bit what torch's bf16 softmax gives). Largest error against fp32 attention, one block's shapes
+    at batch 8 under bf16 autocast: these products 0.0101, torch's fused kernel 0.0055; scores computed in fp32
+    too would give 0.0071 but cost the recipe's step 9 % of its speed, and the recipe's accuracy did not ask for it
+    (docs/performance.md)."""
+    scores = query @ key.transpose(-2, -1) * (scale if scale is not None else 1 / math.sqrt(query.shape[-1]))
+    weights = scores.softmax(-1, dtype=torch.float32).to(value.dtype)
     return F.dropout(weights, dropout_p) @ value if dropout_p else weights @ value
 
 
