@@ -8,8 +8,8 @@ emulated (a CPU without those instructions, a GPU before Ampere) it is slower th
 The models call `F.scaled_dot_product_attention`. On the CPU in bf16 its fused kernel ran a ViT block's
 attention (batch 256, 64 tokens, 4 heads of 32) forward and backward in 96 ms, its math backend in 51 ms,
 and the two products with a softmax between them in 22 ms; in fp32 the fused kernel is the fastest of the
-three (39 ms, against 52 and 47). `explicit_attention()` computes that one case as the products and leaves every other call,
-and every other op, to torch.
+three (39 ms, against 52 and 47). `explicit_attention()` computes that one case as the products and leaves
+every other call, and every other op, to torch.
 """
 
 from __future__ import annotations
@@ -76,9 +76,9 @@ class explicit_attention(TorchFunctionMode):  # noqa: N801 (a context manager, n
         if func is F.scaled_dot_product_attention:
             call = _SIGNATURE.bind(*args, **kwargs)
             call.apply_defaults()
-            if _explicit_pays(**call.arguments):
-                a = call.arguments
-                return products(a["query"], a["key"], a["value"], dropout_p=a["dropout_p"], scale=a["scale"])
+            given = call.arguments
+            if _explicit_pays(**given):
+                return products(given["query"], given["key"], given["value"], given["dropout_p"], given["scale"])
         return func(*args, **kwargs)
 
 
