@@ -19,8 +19,10 @@ from vera_cli.adapters.layer import AdaptedLayer
 from vera_cli.config import AdaptConfig
 from vera_cli.data import Split, batch_indices, batches
 from vera_cli.fast.augment import augmented
+from vera_cli.fast.convnet_classifier import cached_classifier
 from vera_cli.fast.forward import Forward, features as prefix_of, forward as forward_of, predict_logits, view_outputs
 from vera_cli.metrics import predict_features
+from vera_cli.models.convnet import ConvNet
 
 BatchSource = Callable[[torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
@@ -76,6 +78,8 @@ def build_pipeline(model: nn.Module, train_split: Split, test_split: Split, cfg:
         with torch.no_grad():
             features = _frozen_part(first, features)
         forward = lambda part: model.after_first_classifier_layer(_from_frozen_part(first, part))  # noqa: E731
+        if isinstance(model, ConvNet):
+            forward = cached_classifier(model, forward)
 
     def feature_batches(generator: torch.Generator):
         for index in batch_indices(len(train_split), train.batch_size, generator, train_split.labels.device):

@@ -28,6 +28,19 @@ def is_cheaper(layer: AdaptedLayer, x: torch.Tensor) -> bool:
     return fan_in * out < positions * (fan_in + out)
 
 
+def vera_weight(weight: torch.Tensor, a: torch.Tensor, b_proj: torch.Tensor, d: torch.Tensor,
+                b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W0 + diag(b) B diag(d) A, and B diag(d) A, which the gradient of b reads."""
+    scaled = b_proj @ (d[:, None] * a)
+    return torch.addcmul(weight, b[:, None], scaled), scaled
+
+
+def vera_vector_grads(grad_weight: torch.Tensor, a: torch.Tensor, b_proj: torch.Tensor, b: torch.Tensor,
+                      scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of d and b from the gradient of the whole weight `vera_weight` made."""
+    return ((b_proj.t() @ (b[:, None] * grad_weight)) * a).sum(1), (grad_weight * scaled).sum(1)
+
+
 class VeraLinear(torch.autograd.Function):
     """x (W0 + diag(b) B diag(d) A)^T + bias, trained in d and b only: one node of the autograd graph where the
     adapters' own weight path makes six (two products, three scalings, a sum), with its backward written out.
@@ -36,8 +49,7 @@ class VeraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                 b_proj: torch.Tensor, d: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        scaled = b_proj @ (d[:, None] * a)  # B diag(d) A
-        full = torch.addcmul(weight, b[:, None], scaled)
+        full, scaled = vera_weight(weight, a, b_proj, d, b)
         ctx.save_for_backward(x, full, scaled, a, b_proj, b)
         return F.linear(x, full, bias)
 
@@ -45,14 +57,11 @@ class VeraLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, full, scaled, a, b_proj, b = ctx.saved_tensors
         grad_x = grad @ full if ctx.needs_input_grad[0] else None
-        # The gradient of the whole weight, then of the two vectors that make it.
         grad_full = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-        grad_d = ((b_proj.t() @ (b[:, None] * grad_full)) * a).sum(1)
-        grad_b = (grad_full * scaled).sum(1)
-        return grad_x, None, None, None, None, grad_d, grad_b
+        return (grad_x, None, None, None, None, *vera_vector_grads(grad_full, a, b_proj, b, scaled))
 
 
-def _one_node(layer: AdaptedLayer, part: LayerAdapter) -> bool:
+def one_node(layer: AdaptedLayer, part: LayerAdapter) -> bool:
     """Whether VeraLinear computes this call: VeRA on a Linear, only d and b trained, outside autocast."""
     return (isinstance(part, VeraAdapter) and isinstance(layer.base, nn.Linear) and torch.is_grad_enabled()
             and not torch.is_autocast_enabled(layer.base.weight.device.type)
@@ -62,7 +71,7 @@ def _one_node(layer: AdaptedLayer, part: LayerAdapter) -> bool:
 def _forward(layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
     if layer.plain_delta() and is_cheaper(layer, x):
         part = layer.current()
-        if _one_node(layer, part):
+        if one_node(layer, part):
             a, b_proj = part.projections(layer)
             return VeraLinear.apply(x, layer.base.weight, layer.base.bias, a, b_proj, part.tensor("vera_d"),
                                     part.tensor("vera_b"))

@@ -1,0 +1,68 @@
+"""The ConvNet's classifier on cached features as one autograd node: the plain path's function and gradients."""
+
+import pytest
+import torch
+
+from vera_cli import config
+from vera_cli.adapters.inject import inject
+from vera_cli.config import AdaptConfig, AdapterConfig
+from vera_cli.data import batch_indices, load_cifar10, normalize
+from vera_cli.fast import build_pipeline
+from vera_cli.models import ConvNet
+
+ADAPTERS = {
+    "vera on every layer": AdapterConfig(method="vera", rank=32),
+    "vera beside a head trained whole": AdapterConfig(method="vera", rank=32, train_head=True),
+    "vera on two layers, the others frozen": AdapterConfig(method="vera", rank=8, targets=["fc1", "fc3"]),
+}
+
+
+def adapted(adapter: AdapterConfig) -> ConvNet:
+    torch.manual_seed(0)
+    model = inject(ConvNet(), adapter)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)  # a delta that is not zero
+    return model
+
+
+def first_batch(model: ConvNet, cifar_root, batch_size: int = 16):
+    data = load_cifar10(cifar_root, download=False)
+    cfg = config.load(AdaptConfig, "adapt-vera", {"train.batch_size": batch_size})
+    pipeline = build_pipeline(model, data.train, data.test, cfg)
+    cached, labels = next(iter(pipeline.train_batches(torch.Generator().manual_seed(0))))
+    index = next(iter(batch_indices(len(data.train), batch_size, torch.Generator().manual_seed(0), labels.device)))
+    return pipeline, cached, normalize(data.train.images[index]), labels
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS.values(), ids=ADAPTERS.keys())
+def test_the_cached_classifier_is_one_node_with_the_plain_paths_outputs_and_gradients(adapter, cifar_root):
+    model = adapted(adapter)
+    pipeline, cached, images, labels = first_batch(model, cifar_root)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    fast = pipeline.forward(cached)
+    assert type(fast.grad_fn).__name__ == "_ChainBackward"
+    plain = model.classifier(model.features(images))
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    losses = [torch.nn.functional.cross_entropy(logits, labels) for logits in (fast, plain)]
+    fast_grads, plain_grads = (torch.autograd.grad(loss, trained) for loss in losses)
+    assert all(g.abs().max() > 0 for g in plain_grads)  # every trained tensor has a gradient to compare
+    torch.testing.assert_close(fast_grads, plain_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_the_chain_steps_aside_for_lora_a_hook_or_evaluation(cifar_root):
+    lora = adapted(AdapterConfig(method="lora", rank=8, targets=["fc1", "fc3"]))
+    pipeline, cached, images, _ = first_batch(lora, cifar_root)
+    out = pipeline.forward(cached)
+    assert type(out.grad_fn).__name__ != "_ChainBackward"
+    torch.testing.assert_close(out, lora.classifier(lora.features(images)), rtol=1e-5, atol=1e-5)
+
+    vera = adapted(AdapterConfig(method="vera", rank=8))
+    pipeline, cached, images, _ = first_batch(vera, cifar_root)
+    seen = []
+    handle = vera.fc3.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    assert type(pipeline.forward(cached).grad_fn).__name__ != "_ChainBackward" and seen == [(16, 84)]
+    handle.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(pipeline.forward(cached), vera.classifier(vera.features(images)), rtol=1e-5, atol=1e-5)
