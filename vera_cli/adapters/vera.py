@@ -73,9 +73,10 @@ class VeraAdapter(LayerAdapter):
             return group.one_by_one(x, out, lambda part, rows: layer.apply_weight(rows, part.delta_weight(layer), None),
                                     add=True)
         a, b = group.parts[0].projections(layer)
+        # In place: h and y are this call's own (the products' temporaries are a tenth of a small layer's time).
         h = layer.down(inputs, a)
-        y = layer.up(h * layer.per_sample(group.gathered("vera_d"), h), b)
-        return group.put(out, y * layer.per_sample(group.gathered("vera_b"), y), add=True)
+        y = layer.up(h.mul_(layer.per_sample(group.gathered("vera_d"), h)), b)
+        return group.put(out, y.mul_(layer.per_sample(group.gathered("vera_b"), y)), add=True)
 
 
 class OneVera:
