@@ -18,7 +18,7 @@ from vera_cli.adapters.mixed import forward_mixed, mixed_batch
 from vera_cli.adapters.named import (active_adapter, add_adapter, adapter_names, delete_adapter, disable_adapters,
                                      set_adapter)
 from vera_cli.adapters.registry import banks, named_tensors
-from vera_cli.adapters import routing
+from vera_cli.adapters import routing, vera as vera_module
 from vera_cli.adapters.routing import LOOP_UP_TO
 from vera_cli.adapters.state import adapter_metadata, adapter_tensors, load_adapter
 from vera_cli.bases import fingerprint
@@ -224,6 +224,7 @@ MIXED = {
 @pytest.mark.parametrize("loop_from_positions", [routing.LOOP_FROM_POSITIONS, 10 ** 9])
 def test_each_sample_of_a_mixed_batch_gets_what_it_gets_alone(build, use_fast, loop_from_positions, monkeypatch):
     monkeypatch.setattr(routing, "LOOP_FROM_POSITIONS", loop_from_positions)
+    monkeypatch.setattr(vera_module, "TURN", 0)  # v5's weights cost less than its factors at this toy size
     model = with_adapters(build(), MIXED)
     names = [list(MIXED)[i % len(MIXED)] for i in range(len(INPUT))]
     names[5], names[11] = None, "base"
@@ -233,6 +234,24 @@ def test_each_sample_of_a_mixed_batch_gets_what_it_gets_alone(build, use_fast, l
         for row, name in enumerate(names):
             expected = alone(model, None if name == "base" else name, INPUT[row:row + 1], forward)
             assert (mixed[row] - expected[0]).abs().max() < 1e-5, (row, name)
+
+
+def test_a_batch_all_on_vera_adapters_above_the_width_skips_the_base_output_and_gets_what_each_gets_alone(monkeypatch):
+    # Rank 64 on layers of width 16, 17 tokens a sample: each adapter's own weight costs less than the factors
+    # (at this toy size, once a loop step's own cost is set aside).
+    monkeypatch.setattr(vera_module, "TURN", 0)
+    model = with_adapters(vit(), {f"w{i}": AdapterConfig(method="vera", rank=64, targets=["attention"]) for i in range(3)})
+    names = [f"w{i % 3}" for i in range(len(INPUT))]
+    calls = []
+    hooks = [layer.base.register_forward_hook(lambda *_: calls.append(1)) for layer in adapted_layers(model).values()]
+    with torch.no_grad():
+        mixed = forward_mixed(model, INPUT, names)
+    assert calls == []  # no adapted layer computed the base's output beneath the adapters' weights
+    for hook in hooks:
+        hook.remove()
+    with torch.no_grad():
+        for row, name in enumerate(names):
+            assert (mixed[row] - alone(model, name, INPUT[row:row + 1])[0]).abs().max() < 1e-5, (row, name)
 
 
 def test_positions_or_a_tensor_choose_adapters_and_a_uniform_batch_is_the_adapter_alone():

@@ -152,6 +152,12 @@ class LayerAdapter:
         """`out` (the base's output for the whole batch) with the group's samples adapted, each by its own part."""
         raise NotImplementedError
 
+    @staticmethod
+    def whole(layer: AdaptedLayer, x: torch.Tensor, group: Group) -> torch.Tensor | None:
+        """The layer's output for a group that holds every sample of the batch, without the base's output beneath
+        it, where that costs less; None: the base's output, then `mixed`."""
+        return None
+
 
 class AdaptedLayer(CountsRegistrations):
     """Wraps a frozen layer; carries named adapters (`parts`), of which one is active."""
@@ -266,8 +272,13 @@ class AdaptedLayer(CountsRegistrations):
         return self.base(x) if part is None else part.output(self, x)
 
     def _mixed(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        groups = routing.groups(self, x.device)
+        if len(groups) == 1 and groups[0].rows is None:
+            whole = groups[0].kind.whole(self, x, groups[0])
+            if whole is not None:
+                return whole
         out = self.base(x)
-        for group in routing.groups(self, x.device):
+        for group in groups:
             out = group.kind.mixed(self, x, out, group)
         return out
 

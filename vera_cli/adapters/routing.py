@@ -124,12 +124,16 @@ class Group:
             return out.add_(y) if add else out.copy_(y)
         return out.index_add_(0, rows, y) if add else out.index_copy_(0, rows, y)
 
-    def one_by_one(self, x: torch.Tensor, out: torch.Tensor, compute: Callable[[LayerAdapter, torch.Tensor], torch.Tensor],
-                   add: bool) -> torch.Tensor:
-        """Each part the batch uses on its own rows in turn: `compute(part, its rows of x)` put into `out`."""
+    def one_by_one(self, x: torch.Tensor, out: torch.Tensor | None,
+                   compute: Callable[[LayerAdapter, torch.Tensor], torch.Tensor], add: bool) -> torch.Tensor:
+        """Each part the batch uses on its own rows in turn: `compute(part, its rows of x)` put into `out` (None: a
+        new tensor, for outputs that fill every row)."""
         for position in self.used:
             rows = self.members(position)
-            out = self.put(out, compute(self.parts[position], x.index_select(0, rows)), add, rows)
+            y = compute(self.parts[position], x.index_select(0, rows))
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out = self.put(out, y, add, rows)
         return out
 
 
