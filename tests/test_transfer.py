@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from vera_cli.adapters.inject import inject
+from vera_cli.commands import compare as compare_module
 from vera_cli.commands.compare import grid
-from vera_cli.comparison import Row, aggregate
+from vera_cli.comparison import Row, aggregate, read_rows
 from vera_cli.param_count import count_params
 from vera_cli import config
 from vera_cli.config import AdapterConfig, CompareConfig
@@ -213,6 +214,58 @@ def test_compare_tunes_on_validation_end_to_end(pretrained, vera):
     assert all(entry["validation"] is not None and entry["head_trainable"] == 850 for entry in tuned)
     words = " ".join(result.out.split())
     assert "val: overall accuracy on the validation split" in words and "vera+head" in words
+
+
+def test_a_contest_of_learning_rates_tests_only_its_winner_and_the_winner_reads_as_if_run_alone(pretrained, vera,
+                                                                                              cifar_root):
+    common = ["--methods", "vera", "--ranks", "2", "--seeds", "2", "--epochs", "1", "--set", "validation=1", "--workers", "1"]
+    result = vera("compare", *common, "--lrs", "0.002,0.05", "--run-dir", "runs/contest")
+    assert result.code == 0, result.err
+    rows = read_rows(Path("runs/contest/rows.jsonl"))
+    [winner] = [line.setting for line in aggregate([], rows) if line.selected]
+    assert "testing the 2 row(s) of the learning rates chosen on validation" in result.err
+    for row in rows:
+        recorded = summary(f"runs/contest/rows/{row.name}")["test"]
+        if row.setting == winner:
+            assert row.overall is not None and recorded["overall"] == row.overall
+        else:  # the losing rate's rows: validation only, never the test split
+            assert row.overall is None and recorded is None and row.validation["overall"] is not None
+    # The same rate run alone (no contest: tested as it trains) gives the winner's figures, to float rounding
+    # (its test images went through the cached-feature path there, through the loaded adapter here).
+    rate = next(row.lr for row in rows if row.setting == winner)
+    alone = vera("compare", *common, "--lrs", str(rate), "--run-dir", "runs/alone")
+    assert alone.code == 0, alone.err
+    images = len(load_cifar10(cifar_root, download=False).test)
+    by_seed = {row.seed: row for row in read_rows(Path("runs/alone/rows.jsonl"))}
+    for row in rows:
+        if row.setting == winner:
+            for metric in ("chosen", "task", "rest", "overall"):
+                assert abs(getattr(row, metric) - getattr(by_seed[row.seed], metric)) <= 1 / images + 1e-9, metric
+    table = json.loads(Path("runs/contest/table.json").read_text())
+    assert [entry["overall"] is not None for entry in table if entry["method"] == "vera"] == [
+        entry["selected"] for entry in table if entry["method"] == "vera"]
+
+
+def test_a_comparison_interrupted_while_testing_its_winners_tests_the_rest_on_resume(pretrained, vera, monkeypatch):
+    tested = []
+    original = compare_module.evaluate_later
+
+    def interrupting(run, data):
+        if not tested:
+            tested.append("interrupted")
+            raise KeyboardInterrupt
+        tested.append(run.path.name)
+        return original(run, data)
+
+    monkeypatch.setattr(compare_module, "evaluate_later", interrupting)
+    grid_args = ["--methods", "vera", "--ranks", "2", "--seeds", "2", "--epochs", "1", "--set", "validation=1",
+                 "--workers", "1", "--lrs", "0.002,0.05", "--run-dir", "runs/contest"]
+    assert vera("compare", *grid_args).code == 130
+    assert all(row.overall is None for row in read_rows(Path("runs/contest/rows.jsonl")))
+    resumed = vera("compare", "--resume", "runs/contest")
+    assert resumed.code == 0, resumed.err
+    rows = read_rows(Path("runs/contest/rows.jsonl"))
+    assert sorted(tested[1:]) == sorted(row.name for row in rows if row.overall is not None) and len(tested) == 3
 
 
 def test_several_learning_rates_without_a_validation_split_are_refused(pretrained, vera):

@@ -119,10 +119,10 @@ class Row:
     seed: int
     trainable: int
     adapter_bytes: int
-    chosen: Optional[float]
+    chosen: Optional[float]  # the test METRICS: None while a learning-rate contest leaves them for its winner
     task: Optional[float]
     rest: Optional[float]
-    overall: float
+    overall: Optional[float]
     seconds: float
     setting: str = ""
     lr: Optional[float] = None
@@ -146,14 +146,21 @@ def setting_of(row: Row) -> str:
 
 
 def read_rows(path: Path) -> list[Row]:
-    """The rows a comparison recorded; a damaged record is dropped (its grid point is taken from its run again)."""
-    rows = []
+    """The rows a comparison recorded; a damaged record is dropped (its grid point is taken from its run again),
+    and a later record of a row (its test figures, added once its learning rate won) replaces the earlier."""
+    rows: dict[str, Row] = {}
     for record in read_jsonl(path):
         try:
-            rows.append(Row(**record))
+            row = Row(**record)
         except TypeError:
             continue
-    return rows
+        rows[row.name] = row
+    return list(rows.values())
+
+
+def contest(point: GridPoint) -> tuple:
+    """The point's learning-rate contest: what the points that differ from it in TUNED_AXES (and the seed) only share."""
+    return point.method, point.rank, point.forgetting, point.targets, point.shots, point.base
 
 
 @dataclass

@@ -120,7 +120,8 @@ def _compare(run: Run) -> list[Block]:
     for row in rows:
         where = run.file("rows") / row.name / "summary.json"
         summary = read_json(where)
-        tests[row.name] = _report(summary.get("test") if isinstance(summary, dict) else None, where)
+        if row.overall is not None:  # a row whose learning rate lost on validation was never tested
+            tests[row.name] = _report(summary.get("test") if isinstance(summary, dict) else None, where)
         bases.setdefault(row.base, _report(summary.get("base"), where))
     base_lines = [base_line({m: report.metric(m) for m in METRICS}, label) for label, report in bases.items()]
     table = aggregate(base_lines, rows, cfg.select_by, cfg.reference)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from vera_cli import config as config_module
 from vera_cli import fast
-from vera_cli.adapter_files import ADAPTER_FILE, save_adapter
+from vera_cli.adapter_files import ADAPTER_FILE, apply_adapter, save_adapter
 from vera_cli.adapters.head import head_parameters
 from vera_cli.adapters.inject import adapted_layers, inject
 from vera_cli.adapters.targets import head_name
@@ -52,7 +53,7 @@ class AdaptSummary:
     device: str
     wall_seconds: float
     base: AccuracyReport
-    test: AccuracyReport
+    test: Optional[AccuracyReport]  # None: left for later (`evaluate_later`), as a comparison does for the rates it did not choose
     environment: dict[str, str] = field(default_factory=dict)
     world_size: int = 1  # processes that trained it (torchrun); the last part's on a resumed run
     held_out: list[str] = field(default_factory=list)  # classes the base never saw
@@ -75,7 +76,8 @@ class AdaptSummary:
                 "train_images": self.train_images, "method": self.method, "rank": self.rank, "classes": self.classes,
                 "trainable_parameters": self.trainable_parameters, "adapter_file": ADAPTER_FILE,
                 "adapter_bytes": self.adapter_bytes, "epochs": self.epochs, "seed": self.seed, "device": self.device,
-                "wall_seconds": self.wall_seconds, "base": self.base.to_dict(), "test": self.test.to_dict(),
+                "wall_seconds": self.wall_seconds, "base": self.base.to_dict(),
+                "test": self.test.to_dict() if self.test else None,
                 "environment": self.environment, "world_size": self.world_size, "held_out": self.held_out, "head_parameters": self.head_parameters,
                 "shots": self.shots, "selection_sha256": self.selection_sha256,
                 "validation": self.validation.to_dict() if self.validation else None, "tta": self.tta,
@@ -94,7 +96,8 @@ class AdaptSummary:
         except (AttributeError, KeyError, TypeError) as exc:
             raise VeraError(f"{run.file('summary.json')} is damaged ({type(exc).__name__}: {exc}); remove {run.path} "
                             "and run it again") from exc
-        if not isinstance(summary.test, AccuracyReport) or not isinstance(summary.trainable_parameters, int):
+        test_left = "test" in raw and raw["test"] is None
+        if not (isinstance(summary.test, AccuracyReport) or test_left) or not isinstance(summary.trainable_parameters, int):
             raise VeraError(f"{run.file('summary.json')} is damaged (no test report or parameter count); remove "
                             f"{run.path} and run it again")
         return summary
@@ -203,13 +206,14 @@ def check_selection_record(run: Run, selection: Selection, log: Log) -> None:
 
 def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: Cifar10 | None = None,
               resume: Run | None = None, world: World = LOCAL, epoch_log: Log | None = None,
-              base_logits: dict[tuple[str, str], torch.Tensor] | None = None) -> AdaptSummary:
+              base_logits: dict[tuple[str, str], torch.Tensor] | None = None, test: bool = True) -> AdaptSummary:
     """Adapt into a new run directory, or continue the unfinished run `resume`.
 
     In a `world` of several processes (torchrun) they train one adapter data-parallel. `epoch_log` hears
     the per-epoch lines (default: `log`). `base_logits` keeps the base's logits on `data`'s test images by the
     base's fingerprint and test-time rule, for the runs that share one `data` (a comparison's rows): a base is
-    evaluated once, not once per run (on the ViT, a third of a 10-shot row).
+    evaluated once, not once per run (on the ViT, a third of a 10-shot row). Without `test` the test split is left
+    for `evaluate_later` (the summary's test report is None): a comparison tests only the learning rates it chose.
     """
     device = world.place(resolve_device(cfg.device))
     memory = PeakMemory(device)
@@ -271,8 +275,8 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
             log(note)
         with training_logs(life.logging(cfg.logging), run, trainer, life.recorded) as listeners:
             recorder = EpochRecorder(run, model, trainer, generator, epoch_log or log, listeners)
-            report = fit(trainer, model, source, len(train_split), generator,
-                         lambda: accuracy_report(pipeline.test_logits(), data.test.labels, data.classes, chosen),
+            evaluate = lambda: accuracy_report(pipeline.test_logits(), data.test.labels, data.classes, chosen)  # noqa: E731
+            report = fit(trainer, model, source, len(train_split), generator, evaluate if test else lambda: None,
                          lambda stats, report: life.by_writer(lambda: recorder(stats, report)), start, progress,
                          cfg.logging.evaluations)
         validation = accuracy_report(pipeline.logits_of(validation_split)(), validation_split.labels, data.classes,
@@ -289,7 +293,8 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
             if cfg.logging.plots:
                 title = f"{cfg.adapter.method} on {', '.join(classes)}: {run.path}"
                 write_training_curves(run.file(METRICS_FILE), title)
-                write_per_class({"base": base_report, cfg.adapter.method: report}, title, run.file(PER_CLASS_FILE))
+                if report is not None:
+                    write_per_class({"base": base_report, cfg.adapter.method: report}, title, run.file(PER_CLASS_FILE))
             return size
 
         adapter_bytes = life.by_writer(save)
@@ -299,3 +304,19 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
                                         [data.classes[i] for i in held_out], sum(p.numel() for p in head_parameters(model)),
                                         cfg.shots, selection.digest(), validation, tta, train_seconds, inference_ms,
                                         memory.bytes()))
+
+
+def evaluate_later(run: Run, data: Cifar10) -> AdaptSummary:
+    """The test report of a finished run that left it for later (`run_adapt(test=False)`), measured now and added
+    to its summary: the adapter loaded over its base, as `vera eval` measures it, under the base's test-time rule."""
+    raw = read_json(run.file("summary.json"))
+    summary = AdaptSummary.from_dict(run, raw)
+    if summary.test is not None:
+        return summary
+    model, _ = load_pretrained(Run(Path(summary.base_run)), data.test.images.device)
+    apply_adapter(model, run.path, fingerprint(model))
+    logits = fast.predict_logits(fast.forward(model.eval()), data.test, summary.tta)
+    summary.test = accuracy_report(logits, data.test.labels, data.classes, class_ids(summary.classes, data.classes))
+    write_json(run.file("summary.json"), {**raw, "test": summary.test.to_dict()})
+    return summary
+

@@ -35,9 +35,9 @@ from vera_cli import config as config_module
 from vera_cli import fast
 from vera_cli.adapters.inject import inject
 from vera_cli.bases import fingerprint, load_pretrained, model_config, resolve_base
-from vera_cli.comparison import (METRICS, ROWS_FILE, GridPoint, Row, TableLine, aggregate, base_line as line_of_base, grid,
-                                 method_parts, read_rows, resolve_reference)
-from vera_cli.commands.adapt import AdaptSummary, run_adapt
+from vera_cli.comparison import (METRICS, ROWS_FILE, GridPoint, Row, TableLine, aggregate, base_line as line_of_base,
+                                 contest, grid, method_parts, read_rows, resolve_reference, setting_of)
+from vera_cli.commands.adapt import AdaptSummary, evaluate_later, run_adapt
 from vera_cli.train import Log
 from vera_cli.config import RANKLESS, AdaptConfig, CompareConfig
 from vera_cli.data import Cifar10, class_ids, load_cifar10, require_images
@@ -95,6 +95,7 @@ class RowJob:
     data: Cifar10
     order: dict[str, int]
     base_logits: dict[tuple[str, str], torch.Tensor]  # the bases' test logits (run_adapt's base_logits)
+    later: frozenset[str]  # rows whose test split waits for the learning-rate choice (tested_later)
 
 
 def method_configs(cfg: CompareConfig) -> dict[str, AdaptConfig]:
@@ -128,8 +129,9 @@ def adapt_config(cfg: CompareConfig, own: AdaptConfig, point: GridPoint, base: s
 
 def row_from_summary(point: GridPoint, summary: AdaptSummary) -> Row:
     test, validation = summary.test, summary.validation
+    metrics = (test.chosen, test.task, test.rest, test.overall) if test else (None,) * len(METRICS)
     return Row(point.name, point.method, point.rank, point.forgetting, point.targets, point.seed, summary.trainable_parameters,
-               summary.adapter_bytes, test.chosen, test.task, test.rest, test.overall, summary.wall_seconds,
+               summary.adapter_bytes, *metrics, summary.wall_seconds,
                point.setting, point.lr, point.head_lr, point.shots, point.base, summary.head_parameters,
                {m: validation.metric(m) for m in METRICS} if validation else None, summary.train_seconds,
                summary.train_seconds_per_1k_images, summary.inference_ms_per_image, summary.peak_memory_bytes)
@@ -156,11 +158,11 @@ def base_line(base_run: Run, device: torch.device, data: Cifar10, chosen: list[i
 
 
 def run_row(run: Run, point: GridPoint, cfg: AdaptConfig, data: Cifar10, log: Log,
-            progress: bool, detail: Log = print, base_logits: dict | None = None) -> tuple[Row, bool]:
+            progress: bool, detail: Log = print, base_logits: dict | None = None, test: bool = True) -> tuple[Row, bool]:
     """The grid point's adapt run under `rows/`, and whether it ran now (it is only read when it finished already).
 
     `log` hears of the row when it starts running; `detail` then hears its plan (images, optimizer steps) and
-    notes, not its epochs.
+    notes, not its epochs. Without `test` its test split is left for `test_chosen`.
     """
     row_dir = run.file("rows") / point.name
     row_run = Run(row_dir) if (row_dir / "status.json").is_file() else None
@@ -169,14 +171,45 @@ def run_row(run: Run, point: GridPoint, cfg: AdaptConfig, data: Cifar10, log: Lo
         return row_from_summary(point, AdaptSummary.from_dict(row_run, read_json(row_dir / "summary.json"))), False
     log(point.name + (" (resuming)" if row_run else ""))
     summary = run_adapt(dataclasses.replace(cfg, run_dir=str(row_dir)), lambda message: detail(f"    {message}"),
-                        progress, data, resume=row_run, epoch_log=lambda message: None, base_logits=base_logits)
+                        progress, data, resume=row_run, epoch_log=lambda message: None, base_logits=base_logits,
+                        test=test)
     return row_from_summary(point, summary), True
 
 
 def worker_row(job: RowJob, name: str, log: Log) -> tuple[Row, bool]:
     """A row in a worker process: the one-process run_row, its lines tagged with the row (rows run side by side)."""
     tagged = lambda message: log(f"[{job.order[name] + 1}/{len(job.order)}] {message}")  # noqa: E731
-    return run_row(job.run, job.points[name], job.configs[name], job.data, tagged, False, tagged, job.base_logits)
+    return run_row(job.run, job.points[name], job.configs[name], job.data, tagged, False, tagged, job.base_logits,
+                   name not in job.later)
+
+
+def tested_later(points: list[GridPoint], configs: dict[str, AdaptConfig]) -> frozenset[str]:
+    """The rows whose test split waits for the learning-rate choice: those of a contest between several rates,
+    decided on a validation split. Only the winners' test figures are shown, and on the ViT a test evaluation is
+    most of a 10-shot row, so the losers' are not spent."""
+    rates: dict[tuple, set] = {}
+    for point in points:
+        rates.setdefault(contest(point), set()).add((point.lr, point.head_lr))
+    return frozenset(point.name for point in points
+                     if len(rates[contest(point)]) > 1 and configs[point.name].validation > 0)
+
+
+def test_chosen(run: Run, rows: list[Row], later: frozenset[str], data: Cifar10, base_lines: list[TableLine],
+                select_by: str, log: Log, writes: bool) -> list[Row]:
+    """`rows` with the test figures of those left for later whose learning rate won on validation, measured now."""
+    chosen = {line.setting for line in aggregate(base_lines, rows, select_by) if line.selected}
+    waiting = [row for row in rows if row.name in later and row.overall is None and setting_of(row) in chosen]
+    if not waiting:
+        return rows
+    log(f"testing the {len(waiting)} row(s) of the learning rates chosen on validation")
+    tested = {}
+    for row in waiting:
+        test = evaluate_later(Run(run.file("rows") / row.name), data).test
+        tested[row.name] = dataclasses.replace(row, chosen=test.chosen, task=test.task, rest=test.rest,
+                                               overall=test.overall)
+        if writes:
+            append_jsonl(run.file(ROWS_FILE), tested[row.name].to_dict())
+    return [tested.get(row.name, row) for row in rows]
 
 
 def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, resume: Run | None = None,
@@ -213,6 +246,8 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     own = method_configs(cfg)
     configs = {point.name: adapt_config(cfg, own[point.method], point, str(base_run.path), Path("rows") / point.name)
                for point in points}
+    # Under torchrun each process sees only its own rows: there every row is tested as it runs.
+    later = tested_later(points, configs) if world.size == 1 else frozenset()
     model, _ = load_pretrained(base_run, device)
     # A target that matches no layer of the base (or a rank no layer can use) is refused before the
     # comparison starts, not at its first row.
@@ -245,14 +280,14 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
                else "; the first row's time gives the estimate" if alone and plan is None else ""))
         pending = [name for name in pending if name not in dropped]
         if workers > 1:
-            job = RowJob(run, {point.name: point for point in points}, configs, data, order, base_logits)
+            job = RowJob(run, {point.name: point for point in points}, configs, data, order, base_logits, later)
             pool = stack.enter_context(Pool(workers, worker_row, job, pending, run.file(CLAIMS_DIR), log))
             log(f"{workers} worker processes ({pool.threads} CPU thread(s) each) share the {len(pending)} rows")
             results: Iterator[tuple[str, tuple[Row, bool]]] = iter(pool)
         else:
             results = ((name, run_row(run, points[order[name]], configs[name], data,
                                       lambda message: log(f"[{order[name] + 1}/{len(points)}] {message}"), progress, log,
-                                      base_logits))
+                                      base_logits, name not in later))
                        for name in world.take_turns(pending, run.file(CLAIMS_DIR)) if name not in dropped)
         ran: list[tuple[Row, bool]] = []
         for name, (row, ran_here) in results:
@@ -277,10 +312,13 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
             # Rows that finish side by side name themselves; in one process the row's own lines came just before.
             lead = f"[{order[name] + 1}/{len(points)}] " if workers > 1 else "    "
             line = grid_clock.row_done(ran_here)
-            log(f"{lead}{row.trainable:,} trainable, " + ", ".join(f"{m} {percent(getattr(row, m))}" for m in METRICS[:3])
-                + f", {row.seconds:.1f}s" + (f"; {line}" if alone else ""))
+            figures = (", ".join(f"{m} {percent(getattr(row, m))}" for m in METRICS[:3]) if row.overall is not None
+                       else f"validation {cfg.select_by} {percent(row.validation[cfg.select_by])} (tested if chosen)")
+            log(f"{lead}{row.trainable:,} trainable, {figures}, {row.seconds:.1f}s" + (f"; {line}" if alone else ""))
             for said_line in said:
                 log(said_line)
+        if alone:
+            rows = test_chosen(run, rows, later, data, base_lines, cfg.select_by, log, life.writes)
         gathered = world.from_others(ran)
         if gathered:
             log(f"{len(gathered)} more row(s) ran in the other {world.size - 1} process(es)")
