@@ -216,9 +216,11 @@ def test_compare_tunes_on_validation_end_to_end(pretrained, vera):
     assert "val: overall accuracy on the validation split" in words and "vera+head" in words
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])  # the winners tested in this process, or in two worker processes
 def test_a_contest_of_learning_rates_tests_only_its_winner_and_the_winner_reads_as_if_run_alone(pretrained, vera,
-                                                                                              cifar_root):
-    common = ["--methods", "vera", "--ranks", "2", "--seeds", "2", "--epochs", "1", "--set", "validation=1", "--workers", "1"]
+                                                                                              cifar_root, workers):
+    common = ["--methods", "vera", "--ranks", "2", "--seeds", "2", "--epochs", "1", "--set", "validation=1",
+              "--workers", workers]
     result = vera("compare", *common, "--lrs", "0.002,0.05", "--run-dir", "runs/contest")
     assert result.code == 0, result.err
     rows = read_rows(Path("runs/contest/rows.jsonl"))

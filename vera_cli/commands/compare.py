@@ -27,7 +27,7 @@ import io
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -45,7 +45,7 @@ from vera_cli.distributed import LOCAL, World, claimed
 from vera_cli.errors import VeraError
 from vera_cli.grid_progress import PLAN_FILE, GridPlan, GridProgress, per_hour, plan_grid
 from vera_cli.lifecycle import RunLifecycle
-from vera_cli.metrics import accuracy_report, percent
+from vera_cli.metrics import AccuracyReport, accuracy_report, percent
 from vera_cli.plot import X_AXES, plot_comparison, require_matplotlib
 from vera_cli.runs import Run
 from vera_cli.selection import require_counts
@@ -194,21 +194,27 @@ def tested_later(points: list[GridPoint], configs: dict[str, AdaptConfig]) -> fr
                      if len(rates[contest(point)]) > 1 and configs[point.name].validation > 0)
 
 
-def test_chosen(run: Run, rows: list[Row], later: frozenset[str], data: Cifar10, base_lines: list[TableLine],
-                select_by: str, log: Log, writes: bool) -> list[Row]:
-    """`rows` with the test figures of those left for later whose learning rate won on validation, measured now."""
+def row_test(job: RowJob, name: str, log: Log) -> AccuracyReport:
+    """The test report of a row left for later, measured now (in this process or a worker's)."""
+    return evaluate_later(Run(job.run.file("rows") / name), job.data).test
+
+
+def test_chosen(rows: list[Row], later: frozenset[str], base_lines: list[TableLine], select_by: str, log: Log,
+                tests: Callable[[list[str]], Iterator[tuple[str, AccuracyReport]]],
+                record: Callable[[Row], None]) -> list[Row]:
+    """`rows` with the test figures of those left for later whose learning rate won on validation, measured now
+    by `tests` (each name's report, in any order); `record` keeps each tested row."""
     chosen = {line.setting for line in aggregate(base_lines, rows, select_by) if line.selected}
-    waiting = [row for row in rows if row.name in later and row.overall is None and setting_of(row) in chosen]
+    waiting = [row.name for row in rows if row.name in later and row.overall is None and setting_of(row) in chosen]
     if not waiting:
         return rows
     log(f"testing the {len(waiting)} row(s) of the learning rates chosen on validation")
     tested = {}
-    for row in waiting:
-        test = evaluate_later(Run(run.file("rows") / row.name), data).test
-        tested[row.name] = dataclasses.replace(row, chosen=test.chosen, task=test.task, rest=test.rest,
-                                               overall=test.overall)
-        if writes:
-            append_jsonl(run.file(ROWS_FILE), tested[row.name].to_dict())
+    by_name = {row.name: row for row in rows}
+    for name, test in tests(waiting):
+        tested[name] = dataclasses.replace(by_name[name], chosen=test.chosen, task=test.task, rest=test.rest,
+                                           overall=test.overall)
+        record(tested[name])
     return [tested.get(row.name, row) for row in rows]
 
 
@@ -267,7 +273,7 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
         rows = list(recorded)
         done = {row.name for row in rows}
         pending = [point.name for point in points if point.name not in done]
-        workers = min(workers, max(1, len(pending)))
+        grid_workers, workers = workers, min(workers, max(1, len(pending)))
         # Under torchrun rank 0 sees only its own rows finish: no count or time left to offer, no plan to make.
         alone = world.size == 1
         plan = GridPlan.read(run.file(PLAN_FILE)) if alone else None
@@ -279,8 +285,8 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
             + (f"; {len(dropped)} dropped by --budget {plan.budget} when the grid began" if dropped
                else "; the first row's time gives the estimate" if alone and plan is None else ""))
         pending = [name for name in pending if name not in dropped]
+        job = RowJob(run, {point.name: point for point in points}, configs, data, order, base_logits, later)
         if workers > 1:
-            job = RowJob(run, {point.name: point for point in points}, configs, data, order, base_logits, later)
             pool = stack.enter_context(Pool(workers, worker_row, job, pending, run.file(CLAIMS_DIR), log))
             log(f"{workers} worker processes ({pool.threads} CPU thread(s) each) share the {len(pending)} rows")
             results: Iterator[tuple[str, tuple[Row, bool]]] = iter(pool)
@@ -318,7 +324,19 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
             for said_line in said:
                 log(said_line)
         if alone:
-            rows = test_chosen(run, rows, later, data, base_lines, cfg.select_by, log, life.writes)
+            def tests(names: list[str]) -> Iterator[tuple[str, AccuracyReport]]:
+                # The workers again where the grid had them: two one-thread evaluations of the ViT outrun one on
+                # both threads.
+                count = min(grid_workers, len(names))
+                if count > 1:
+                    return iter(stack.enter_context(Pool(count, row_test, job, names, run.file(CLAIMS_DIR), log)))
+                return ((name, row_test(job, name, log)) for name in names)
+
+            def keep(row: Row) -> None:
+                if life.writes:
+                    append_jsonl(run.file(ROWS_FILE), row.to_dict())
+
+            rows = test_chosen(rows, later, base_lines, cfg.select_by, log, tests, keep)
         gathered = world.from_others(ran)
         if gathered:
             log(f"{len(gathered)} more row(s) ran in the other {world.size - 1} process(es)")
