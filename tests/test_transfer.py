@@ -15,6 +15,7 @@ from vera_cli.param_count import count_params
 from vera_cli import config
 from vera_cli.config import AdapterConfig, CompareConfig
 from vera_cli.data import CLASSES, load_cifar10
+from vera_cli.metrics import AccuracyReport
 from vera_cli.distill import distillation_loss
 from vera_cli.errors import VeraError
 from vera_cli.models import ConvNet
@@ -246,6 +247,21 @@ def test_a_contest_of_learning_rates_tests_only_its_winner_and_the_winner_reads_
     table = json.loads(Path("runs/contest/table.json").read_text())
     assert [entry["overall"] is not None for entry in table if entry["method"] == "vera"] == [
         entry["selected"] for entry in table if entry["method"] == "vera"]
+    loser = next(row.name for row in rows if row.setting != winner)
+    refused = vera("report", f"runs/contest/rows/{loser}")
+    assert refused.code == 2 and "was never tested" in refused.err and f"vera eval runs/contest/rows/{loser}" in refused.err
+
+
+def test_a_tie_on_validation_tests_the_rows_the_table_then_shows():
+    def row(lr, seed):
+        return Row(f"vera-r2-replay-lr{lr}-s{seed}", "vera", 2, "replay", None, seed, 10, 100, None, None, None, None,
+                   1.0, f"vera-r2-replay-lr{lr}", lr, validation={"chosen": 1.0, "task": 1.0, "rest": 1.0, "overall": 1.0})
+    in_grid_order = [row(0.002, 0), row(0.002, 1), row(0.05, 0), row(0.05, 1)]
+    report = AccuracyReport.from_dict({"per_class": [{"class": name, "correct": 1, "total": 2} for name in CLASSES]})
+    tested = compare_module.test_chosen(in_grid_order, [], "overall", lambda message: None,
+                                        lambda names: ((name, report) for name in names), lambda row: None)
+    [shown] = [line for line in aggregate([], tested) if line.selected]
+    assert shown.setting == "vera-r2-replay-lr0.002" and shown.mean["overall"] == 0.5
 
 
 def test_a_comparison_interrupted_while_testing_its_winners_tests_the_rest_on_resume(pretrained, vera, monkeypatch):

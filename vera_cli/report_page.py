@@ -171,6 +171,9 @@ def _per_class_lines(entrants: list[TableLine], select_by: str) -> list[TableLin
 def _adapt(run: Run) -> list[Block]:
     summary = _summary(run)
     where = run.file("summary.json")
+    if "test" in summary and summary["test"] is None:
+        raise VeraError(f"{run.path} was never tested (a comparison's row whose learning rate lost on validation): "
+                        f"vera eval {run.path} measures it on the test split")
     base, test = _report(summary.get("base"), where), _report(summary.get("test"), where)
     method = str(summary.get("method", "adapted"))
     held_out = summary.get("held_out") or []

@@ -199,13 +199,13 @@ def row_test(job: RowJob, name: str, log: Log) -> AccuracyReport:
     return evaluate_later(Run(job.run.file("rows") / name), job.data).test
 
 
-def test_chosen(rows: list[Row], later: frozenset[str], base_lines: list[TableLine], select_by: str, log: Log,
+def test_chosen(rows: list[Row], base_lines: list[TableLine], select_by: str, log: Log,
                 tests: Callable[[list[str]], Iterator[tuple[str, AccuracyReport]]],
                 record: Callable[[Row], None]) -> list[Row]:
     """`rows` with the test figures of those left for later whose learning rate won on validation, measured now
     by `tests` (each name's report, in any order); `record` keeps each tested row."""
     chosen = {line.setting for line in aggregate(base_lines, rows, select_by) if line.selected}
-    waiting = [row.name for row in rows if row.name in later and row.overall is None and setting_of(row) in chosen]
+    waiting = [row.name for row in rows if row.overall is None and setting_of(row) in chosen]
     if not waiting:
         return rows
     log(f"testing the {len(waiting)} row(s) of the learning rates chosen on validation")
@@ -323,7 +323,14 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
             log(f"{lead}{row.trainable:,} trainable, {figures}, {row.seconds:.1f}s" + (f"; {line}" if alone else ""))
             for said_line in said:
                 log(said_line)
-        if alone:
+        gathered = world.from_others(ran)
+        if gathered:
+            log(f"{len(gathered)} more row(s) ran in the other {world.size - 1} process(es)")
+        for _, ran_here in gathered:
+            grid_clock.row_done(ran_here)
+        others = [row for row, _ in gathered]
+        every = in_grid_order(rows + others)
+        if life.writes:
             def tests(names: list[str]) -> Iterator[tuple[str, AccuracyReport]]:
                 # The workers again where the grid had them: two one-thread evaluations of the ViT outrun one on
                 # both threads.
@@ -332,19 +339,12 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
                     return iter(stack.enter_context(Pool(count, row_test, job, names, run.file(CLAIMS_DIR), log)))
                 return ((name, row_test(job, name, log)) for name in names)
 
-            def keep(row: Row) -> None:
-                if life.writes:
-                    append_jsonl(run.file(ROWS_FILE), row.to_dict())
-
-            rows = test_chosen(rows, later, base_lines, cfg.select_by, log, tests, keep)
-        gathered = world.from_others(ran)
-        if gathered:
-            log(f"{len(gathered)} more row(s) ran in the other {world.size - 1} process(es)")
-        for _, ran_here in gathered:
-            grid_clock.row_done(ran_here)
+            # Grid order, as the table's: a tie on validation then picks the same winner here as there. On a resume
+            # under torchrun this also tests the winners that an earlier part, run alone, left untested.
+            every = test_chosen(every, base_lines, cfg.select_by, log, tests,
+                                lambda row: append_jsonl(run.file(ROWS_FILE), row.to_dict()))
         grid_seconds = grid_clock.seconds()
-        others = [row for row, _ in gathered]
-        table = aggregate(base_lines, in_grid_order(rows + others), cfg.select_by, reference)
+        table = aggregate(base_lines, every, cfg.select_by, reference)
 
         def record() -> list[Path]:
             for row in others:
