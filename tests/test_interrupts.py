@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import untimed
+from vera_cli import signals
 from forkserver import ForkServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,3 +193,24 @@ def test_interrupt_during_imports_or_startup_exits_130(server, workspace, signum
     assert "interrupted" in said and "Traceback" not in said, context
     settle(server, root, name, "pretrain", commands["pretrain"], context)
     assert same_result(root / name, root / "reference-pretrain", "pretrain"), context
+
+
+def test_a_swallowed_interrupt_survives_the_cli_installing_the_handlers_again():
+    """The entry point installs the handlers, then the CLI installs them again: a signal in between whose
+    KeyboardInterrupt library code swallowed (an import's weakref callback) must still end the run as 130."""
+    previous = signals.install()
+    try:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs at the next bytecode boundary
+        except KeyboardInterrupt:
+            pass  # swallowed, as Python does inside a callback
+        assert signals.interrupted()
+        again = signals.install()
+        assert signals.interrupted()
+        signals.restore(again)
+    finally:
+        signals.restore(previous)
+    fresh = signals.install()  # a new installation (another run in this process) starts clean
+    assert not signals.interrupted()
+    signals.restore(fresh)

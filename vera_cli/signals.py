@@ -23,9 +23,13 @@ def _raise_once(_signum, _frame) -> None:
 
 
 def install() -> dict:
-    """Route SIGINT and SIGTERM into one KeyboardInterrupt; returns the handlers it replaced."""
+    """Route SIGINT and SIGTERM into one KeyboardInterrupt; returns the handlers it replaced. Installed again
+    over itself (the entry point, then the CLI), it keeps what came in between: a signal during the CLI's
+    imports may have had its KeyboardInterrupt swallowed (raised inside a callback whose errors Python
+    ignores), and the flag is then all that is left of it."""
     global _interrupted
-    _interrupted = False
+    if not any(signal.getsignal(sig) is _raise_once for sig in (signal.SIGINT, signal.SIGTERM)):
+        _interrupted = False
     # A signal ignored by whoever started us (`vera ... &` in a script ignores SIGINT) stays ignored.
     return {sig: signal.signal(sig, _raise_once) for sig in (signal.SIGINT, signal.SIGTERM)
             if signal.getsignal(sig) is not signal.SIG_IGN}
