@@ -217,7 +217,8 @@ def test_compare_tunes_on_validation_end_to_end(pretrained, vera):
     assert "val: overall accuracy on the validation split" in words and "vera+head" in words
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])  # the winners tested in this process, or in two worker processes
+# The winners tested in this process, or in two worker processes (the slow tier's, with the other multi-process tests).
+@pytest.mark.parametrize("workers", ["1", pytest.param("2", marks=pytest.mark.slow)])
 def test_a_contest_of_learning_rates_tests_only_its_winner_and_the_winner_reads_as_if_run_alone(pretrained, vera,
                                                                                               cifar_root, workers):
     common = ["--methods", "vera", "--ranks", "2", "--seeds", "2", "--epochs", "1", "--set", "validation=1",
@@ -264,6 +265,7 @@ def test_a_tie_on_validation_tests_the_rows_the_table_then_shows():
     assert shown.setting == "vera-r2-replay-lr0.002" and shown.mean["overall"] == 0.5
 
 
+@pytest.mark.slow
 def test_a_comparison_interrupted_while_testing_its_winners_tests_the_rest_on_resume(pretrained, vera, monkeypatch):
     tested = []
     original = compare_module.evaluate_later
