@@ -228,6 +228,11 @@ def test_a_contest_of_learning_rates_tests_only_its_winner_and_the_winner_reads_
     rows = read_rows(Path("runs/contest/rows.jsonl"))
     [winner] = [line.setting for line in aggregate([], rows) if line.selected]
     assert "testing the 2 row(s) of the learning rates chosen on validation" in result.err
+    # The plan counts those tests: 4 rows in a contest of 2 rates, each test timed by the base's own evaluation.
+    plan = json.loads(Path("runs/contest/plan.json").read_text())
+    assert plan["tests"] == 2 and plan["test_seconds"] > 0
+    assert plan["estimate_seconds"] == pytest.approx(4 * plan["seconds_per_row"] / plan["workers"] + 2 * plan["test_seconds"])
+    assert "to test the 2 row(s) of the learning rates chosen on validation" in result.err
     for row in rows:
         recorded = summary(f"runs/contest/rows/{row.name}")["test"]
         if row.setting == winner:

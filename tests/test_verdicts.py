@@ -217,6 +217,24 @@ def test_a_budget_drops_the_highest_seeds_first():
     assert paired.lines()[0].startswith("the first row (a-s0) took 10s: the grid's 9 rows take about 45s with 2 side by side")
 
 
+def test_a_budget_counts_the_tests_left_for_after_the_grid():
+    # a and b are the two rates of one contest (each row half a test evaluation of 20 s); c is tested as it runs.
+    points = [(f"{setting}-s{seed}", seed) for setting in ("a", "b", "c") for seed in range(3)]
+    shares = {name: 0.5 for name, _ in points if name[0] in "ab"}
+    plan = plan_grid(points, set(), "a-s0", 10.0, "100s", test_shares=shares, test_seconds=20.0)
+    # Seed 0 costs 20 + 20 + 10 s, seed 1 as much again: 100 s; no row of seed 2 fits.
+    assert plan.dropped == ["a-s2", "b-s2", "c-s2"] and plan.tests == 3 and plan.kept_tests == 2
+    assert plan.estimate_seconds == 9 * 10 + 3 * 20
+    assert plan.lines() == [
+        "the first row (a-s0) took 10s: the grid's 9 rows take about 1m30s if each takes as long (rows of other methods "
+        "and ranks differ), then about 1m00s to test the 3 row(s) of the learning rates chosen on validation (each about "
+        "as long as the base's test evaluation, 20s): about 2m30s in all",
+        "--budget 100s: 6 of the 9 rows fit, about 1m40s with their tests; dropped, the highest seeds first: a-s2, b-s2, "
+        "c-s2"]
+    # Without the tests the same budget holds the whole grid.
+    assert plan_grid(points, set(), "a-s0", 10.0, "100s").dropped == []
+
+
 def test_a_recorded_plan_reads_back_and_a_damaged_one_is_refused(tmp_path):
     plan = plan_grid([("a-s0", 0), ("a-s1", 1)], set(), "a-s0", 10.0, "10s")
     (tmp_path / "plan.json").write_text(json.dumps(plan.to_dict()))

@@ -71,6 +71,8 @@ class GridPlan:
     """How long a grid takes at the pace of its first row, and which rows a time budget dropped.
 
     Decided once, when the first row has run, and recorded in the run: a resumed grid keeps the same cut.
+    Rows of a learning-rate contest are tested after the grid (only the winners): each such row counts for
+    its share of those test evaluations, each as long as the base's own (measured when the grid began).
     """
 
     rows: int
@@ -80,6 +82,9 @@ class GridPlan:
     dropped: list[str] = field(default_factory=list)
     settings: int = 0  # how many settings the grid has: each keeps its seed 0 whatever the budget
     workers: int = 1  # processes running rows side by side: the grid goes that many times the pace of one row
+    tests: float = 0.0  # test evaluations after the grid, for all its rows
+    kept_tests: float = 0.0  # the same for the rows the budget kept
+    test_seconds: float = 0.0  # one of them (the base's test evaluation, on all of this process's threads)
 
     @property
     def grid_seconds_per_row(self) -> float:
@@ -87,23 +92,27 @@ class GridPlan:
 
     @property
     def estimate_seconds(self) -> float:
-        return self.rows * self.grid_seconds_per_row
+        return self.rows * self.grid_seconds_per_row + self.tests * self.test_seconds
 
     def lines(self) -> list[str]:
         """What the plan says to the user once it is made."""
         side = f" with {self.workers} side by side" if self.workers > 1 else ""
+        rows = self.rows * self.grid_seconds_per_row
         said = [f"the first row ({self.first_row}) took {duration(self.seconds_per_row)}: the grid's {self.rows} rows take "
-                f"about {duration(self.estimate_seconds)}{side} if each takes as long (rows of other methods and ranks "
-                "differ)"]
+                f"about {duration(rows)}{side} if each takes as long (rows of other methods and ranks differ)"
+                + (f", then about {duration(self.tests * self.test_seconds)} to test the {self.tests:.0f} row(s) of the "
+                   f"learning rates chosen on validation (each about as long as the base's test evaluation, "
+                   f"{duration(self.test_seconds)}): about {duration(self.estimate_seconds)} in all" if self.tests else "")]
         if self.budget is None:
             return said
         if not self.dropped:
             return [*said, f"--budget {self.budget}: every row fits"]
         kept = self.rows - len(self.dropped)
+        kept_seconds = kept * self.grid_seconds_per_row + self.kept_tests * self.test_seconds
         said.append(f"--budget {self.budget}: {kept} of the {self.rows} rows fit, about "
-                    f"{duration(kept * self.grid_seconds_per_row)}; "
+                    f"{duration(kept_seconds)}{' with their tests' if self.kept_tests else ''}; "
                     f"dropped, the highest seeds first: {', '.join(self.dropped)}")
-        if kept * self.grid_seconds_per_row > budget_seconds(self.budget):
+        if kept_seconds > budget_seconds(self.budget):
             said.append(f"note: one seed of each of the {self.settings} settings takes longer than --budget {self.budget}: "
                         "every setting keeps its seed 0 all the same")
         return said
@@ -128,7 +137,8 @@ class GridPlan:
         except (AttributeError, TypeError) as exc:
             raise VeraError(f"{path} is damaged ({exc}): remove it to plan the grid again from its next row") from exc
         if not (isinstance(plan.dropped, list) and all(isinstance(name, str) for name in plan.dropped)
-                and isinstance(plan.seconds_per_row, (int, float))):
+                and all(isinstance(value, (int, float))
+                        for value in (plan.seconds_per_row, plan.tests, plan.kept_tests, plan.test_seconds))):
             raise VeraError(f"{path} is damaged (no list of dropped rows or no time per row): remove it to plan the grid "
                             "again from its next row")
         return plan
@@ -139,20 +149,29 @@ def budget_seconds(budget: str) -> float:
 
 
 def plan_grid(points: list[tuple[str, int]], done: set[str], first_row: str, seconds_per_row: float,
-              budget: Optional[str], workers: int = 1) -> GridPlan:
+              budget: Optional[str], workers: int = 1, test_shares: Optional[dict[str, float]] = None,
+              test_seconds: float = 0.0) -> GridPlan:
     """The plan for `points` (name, seed) in grid order, `done` of them finished, each row taking `seconds_per_row`
-    and `workers` of them running side by side.
+    and `workers` of them running side by side; the rows in `test_shares` are tested after the grid, each counting
+    for its share of a test evaluation of `test_seconds` (those run one after another, each on all the threads).
 
     A `budget` keeps as many rows as fit: every setting's seed 0 (and every finished row), then the other seeds
     lowest first, each seed in grid order; the rest are dropped.
     """
+    shares = test_shares or {}
     settings = sum(1 for _, seed in points if seed == 0)
+    cost = lambda name: seconds_per_row / workers + shares.get(name, 0.0) * test_seconds  # noqa: E731
+    tests = lambda names: sum(shares.get(name, 0.0) for name in names)  # noqa: E731
+    names = [name for name, _ in points]
+    plan = GridPlan(len(points), first_row, seconds_per_row, budget, [], settings, workers, tests(names), tests(names),
+                    test_seconds)
     if budget is None:
-        return GridPlan(len(points), first_row, seconds_per_row, settings=settings, workers=workers)
-    fits = int(budget_seconds(budget) * workers // seconds_per_row) if seconds_per_row > 0 else len(points)
+        return plan
+    limit = budget_seconds(budget) * (1 + 1e-9)  # rows that fill it exactly fit, whatever the rounding
     kept = set(done)
+    spent = sum(cost(name) for name in kept)
     for name, seed in sorted(points, key=lambda point: point[1]):  # stable: grid order within a seed
-        if name not in kept and (seed == 0 or len(kept) < fits):
+        if name not in kept and (seed == 0 or spent + cost(name) <= limit):
             kept.add(name)
-    return GridPlan(len(points), first_row, seconds_per_row, budget, [name for name, _ in points if name not in kept],
-                    settings, workers)
+            spent += cost(name)
+    return dataclasses.replace(plan, dropped=[name for name in names if name not in kept], kept_tests=tests(kept))

@@ -25,6 +25,7 @@ import csv
 import dataclasses
 import io
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -183,15 +184,16 @@ def worker_row(job: RowJob, name: str, log: Log) -> tuple[Row, bool]:
                    name not in job.later)
 
 
-def tested_later(points: list[GridPoint], configs: dict[str, AdaptConfig]) -> frozenset[str]:
+def tested_later(points: list[GridPoint], configs: dict[str, AdaptConfig]) -> dict[str, float]:
     """The rows whose test split waits for the learning-rate choice: those of a contest between several rates,
     decided on a validation split. Only the winners' test figures are shown, and on the ViT a test evaluation is
-    most of a 10-shot row, so the losers' are not spent."""
+    most of a 10-shot row, so the losers' are not spent. Each with its share of the tests that will run: one
+    rate of its contest's is tested."""
     rates: dict[tuple, set] = {}
     for point in points:
         rates.setdefault(contest(point), set()).add((point.lr, point.head_lr))
-    return frozenset(point.name for point in points
-                     if len(rates[contest(point)]) > 1 and configs[point.name].validation > 0)
+    return {point.name: 1 / len(rates[contest(point)]) for point in points
+            if len(rates[contest(point)]) > 1 and configs[point.name].validation > 0}
 
 
 def row_test(job: RowJob, name: str, log: Log) -> AccuracyReport:
@@ -253,7 +255,8 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     configs = {point.name: adapt_config(cfg, own[point.method], point, str(base_run.path), Path("rows") / point.name)
                for point in points}
     # Under torchrun each process sees only its own rows: there every row is tested as it runs.
-    later = tested_later(points, configs) if world.size == 1 else frozenset()
+    test_shares = tested_later(points, configs) if world.size == 1 else {}
+    later = frozenset(test_shares)
     model, _ = load_pretrained(base_run, device)
     # A target that matches no layer of the base (or a rank no layer can use) is refused before the
     # comparison starts, not at its first row.
@@ -267,8 +270,11 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     in_grid_order = lambda rows: sorted(rows, key=lambda row: order[row.name])  # noqa: E731
     with world.joined(device), life.open() as run, contextlib.ExitStack() as stack:
         base_logits: dict[tuple[str, str], torch.Tensor] = {}
+        started = time.perf_counter()
         base_lines = [base_line(each, device, data, chosen, str(each.path) if cfg.bases else None, base_logits)
                       for each in base_runs]
+        # What a test evaluation after the grid costs: a row's is the base's with the adapter on top.
+        test_seconds = (time.perf_counter() - started) / len(base_runs)
         recorded = [Row(**raw) for raw in life.by_writer(lambda: [row.to_dict() for row in read_rows(run.file(ROWS_FILE))])]
         rows = list(recorded)
         done = {row.name for row in rows}
@@ -307,7 +313,7 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
             said = []
             if alone and plan is None and ran_here:
                 plan = plan_grid([(point.name, point.seed) for point in points], {row.name for row in rows}, name,
-                                 row.seconds, cfg.budget, workers)
+                                 row.seconds, cfg.budget, workers, test_shares, test_seconds)
                 write_json(run.file(PLAN_FILE), plan.to_dict())
                 dropped = set(plan.dropped)
                 grid_clock.total -= len(dropped)
