@@ -63,9 +63,11 @@ class VeraLinear(torch.autograd.Function):
 
 def one_node(layer: AdaptedLayer, part: LayerAdapter) -> bool:
     """Whether VeraLinear computes this call: VeRA on a Linear, only d and b trained, outside autocast."""
-    return (isinstance(part, VeraAdapter) and isinstance(layer.base, nn.Linear) and torch.is_grad_enabled()
-            and not torch.is_autocast_enabled(layer.base.weight.device.type)
-            and not any(p.requires_grad for p in layer.base.parameters()))
+    base = layer.base
+    # _parameters, not parameters(): a Linear has no submodules, and this runs for every layer on every step.
+    return (isinstance(part, VeraAdapter) and isinstance(base, nn.Linear) and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(base.weight.device.type)
+            and not any(p is not None and p.requires_grad for p in base._parameters.values()))
 
 
 def _forward(layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
