@@ -168,4 +168,12 @@ def test_grid_progress_estimates_from_the_rows_run_here():
     now[0] += 7230
     assert progress.row_done() == "5/5 rows done at 0.99 rows/hour"
     assert progress.rows_per_hour(seconds=1800) == 4.0
+    # Tests left for after the rows count in the time left, and are named once the rows are done.
+    tested = GridProgress(total=3, clock=lambda: now[0])
+    tested.after_rows = 45.0
+    now[0] += 30
+    assert tested.row_done() == "1/3 rows done at 120 rows/hour, about 1m45s left"
+    now[0] += 60
+    tested.row_done()
+    assert tested.row_done() == "3/3 rows done at 120 rows/hour, about 45s of tests left"
     assert duration(3725) == "1h02m"

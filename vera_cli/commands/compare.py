@@ -286,6 +286,8 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
         dropped = set(plan.dropped) if plan else set()
         # The grid's wall time starts here.
         grid_clock = GridProgress(len(points) - len(dropped), len(done))
+        if plan:
+            grid_clock.after_rows = plan.kept_tests * plan.test_seconds
         settings = len({point.setting for point in points})
         log(f"{len(points)} rows: {settings} setting(s) x {cfg.seeds} seed(s)"
             + (f"; {len(dropped)} dropped by --budget {plan.budget} when the grid began" if dropped
@@ -317,6 +319,7 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
                 write_json(run.file(PLAN_FILE), plan.to_dict())
                 dropped = set(plan.dropped)
                 grid_clock.total -= len(dropped)
+                grid_clock.after_rows = plan.kept_tests * plan.test_seconds
                 if workers > 1:  # workers claim rows through files: claiming the dropped ones keeps them from starting
                     for _ in claimed(sorted(dropped), run.file(CLAIMS_DIR)):
                         pass
