@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import untimed
-from vera_cli import signals
+from vera_cli import cli as cli_module, signals
 from forkserver import ForkServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,7 +195,7 @@ def test_interrupt_during_imports_or_startup_exits_130(server, workspace, signum
     assert same_result(root / name, root / "reference-pretrain", "pretrain"), context
 
 
-def test_a_swallowed_interrupt_survives_the_cli_installing_the_handlers_again():
+def test_a_swallowed_interrupt_survives_the_cli_installing_the_handlers_again(monkeypatch, capsys):
     """The entry point installs the handlers, then the CLI installs them again: a signal in between whose
     KeyboardInterrupt library code swallowed (an import's weakref callback) must still end the run as 130."""
     previous = signals.install()
@@ -209,6 +209,11 @@ def test_a_swallowed_interrupt_survives_the_cli_installing_the_handlers_again():
         again = signals.install()
         assert signals.interrupted()
         signals.restore(again)
+        # The CLI then stops before the command starts: its handlers would not raise a second time.
+        ran = []
+        monkeypatch.setattr(cli_module.click_command(), "main", lambda **kwargs: ran.append(kwargs))
+        assert cli_module.run(["count-params"]) == INTERRUPTED
+        assert capsys.readouterr().err.strip() == "interrupted" and ran == []
     finally:
         signals.restore(previous)
     fresh = signals.install()  # a new installation (another run in this process) starts clean

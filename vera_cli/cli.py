@@ -564,6 +564,11 @@ def run(argv: list[str]) -> int:
     # SIGTERM (a scheduler, `kill`) stops a run as cleanly as Ctrl-C does.
     previous = signals.install()
     try:
+        if signals.interrupted():
+            # A signal came after the entry point's handlers and library code swallowed it: the handlers now raise
+            # only once, so a command started anyway could no longer be stopped.
+            _say("interrupted")
+            return signals.INTERRUPTED
         # Outside standalone mode typer returns a typer.Exit's code instead of raising it, and turns a
         # KeyboardInterrupt it meets into a returned 130; any signal seen counts as one.
         code = command.main(args=argv, prog_name="vera", standalone_mode=False)
