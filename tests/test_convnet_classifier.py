@@ -64,5 +64,19 @@ def test_the_chain_steps_aside_for_lora_a_hook_or_evaluation(cifar_root):
     handle = vera.fc3.register_forward_hook(lambda module, args, output: seen.append(output.shape))
     assert type(pipeline.forward(cached).grad_fn).__name__ != "_ChainBackward" and seen == [(16, 84)]
     handle.remove()
+    # A hook on the adapted layer's base as well: that layer then runs its own forward, which calls the base.
+    handle = vera.fc3.base.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    assert type(pipeline.forward(cached).grad_fn).__name__ != "_ChainBackward" and seen == [(16, 84)] * 2
+    handle.remove()
+    # Features that need a gradient get it from the plain path (the chain gives them none).
+    needing = cached.clone().requires_grad_()
+    [grad] = torch.autograd.grad(pipeline.forward(needing).sum(), needing)
+    assert grad.abs().max() > 0
+    # A second order through the chain is refused (its first-order gradients lead back to no parameter) instead
+    # of giving a wrong figure.
+    trained = [p for p in vera.parameters() if p.requires_grad]
+    first = torch.autograd.grad(pipeline.forward(cached).pow(2).sum(), trained, create_graph=True)
+    with pytest.raises(RuntimeError, match="not have been used in the graph"):
+        torch.autograd.grad(sum(g.pow(2).sum() for g in first), trained)
     with torch.no_grad():
         torch.testing.assert_close(pipeline.forward(cached), vera.classifier(vera.features(images)), rtol=1e-5, atol=1e-5)

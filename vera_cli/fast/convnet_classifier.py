@@ -5,8 +5,9 @@ microseconds of arithmetic each, while the autograd graph's per-node cost (some 
 visited forward and back) was a large part of the step. Here the whole chain is one node with its
 backward written out: the first layer's delta from its cached frozen part (VeRA), then each later layer
 through W0 + delta W (VeRA trained in d and b) or its plain weight (frozen, or a head trained whole),
-ReLUs between. Where any layer is otherwise (LoRA, dropout, hooks, trained base weights, autocast), the
-plain path runs. The same function and gradients as the plain path to float rounding.
+ReLUs between. Where any layer is otherwise (LoRA, dropout, hooks, trained base weights, autocast), or the
+input needs a gradient, the plain path runs. The same function and gradients as the plain path to float
+rounding; the backward is first order only.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def cached_classifier(model: ConvNet, plain: Forward) -> Forward:
     wherever the chain above applies to the call."""
 
     def forward(part: torch.Tensor) -> torch.Tensor:
-        chain = _chain(model)
+        # The backward gives `part` no gradient: the cache's features never need one.
+        chain = None if part.requires_grad else _chain(model)
         if chain is None:
             return plain(part)
         kinds, first, tensors = chain
@@ -45,7 +47,8 @@ def _chain(model: ConvNet) -> tuple[tuple[str, ...], tuple, list[torch.Tensor]] 
     if not torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
         return None
     layers = [getattr(model, name) for name in LAYERS]
-    if any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers):
+    if any(module._forward_hooks or module._forward_pre_hooks
+           for layer in layers for module in (layer, getattr(layer, "base", layer))):
         return None
     first = _vera_part(layers[0])
     if first is None:
@@ -98,6 +101,7 @@ class _Chain(torch.autograd.Function):
         return x
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # written for one backward: a second order raises instead
     def backward(ctx, grad: torch.Tensor):
         frozen, delta, d, b, b_proj, *tensors = ctx.saved_tensors
         needs = ctx.needs_input_grad[5:]

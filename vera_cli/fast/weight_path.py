@@ -54,6 +54,7 @@ class VeraLinear(torch.autograd.Function):
         return F.linear(x, full, bias)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # written for one backward: a second order raises instead
     def backward(ctx, grad: torch.Tensor):
         x, full, scaled, a, b_proj, b = ctx.saved_tensors
         grad_x = grad @ full if ctx.needs_input_grad[0] else None
@@ -71,7 +72,9 @@ def one_node(layer: AdaptedLayer, part: LayerAdapter) -> bool:
 
 
 def _forward(layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
-    if layer.plain_delta() and is_cheaper(layer, x):
+    base = layer.base
+    # Hooks on the base layer expect its own call, which the weight path replaces.
+    if layer.plain_delta() and not (base._forward_hooks or base._forward_pre_hooks) and is_cheaper(layer, x):
         part = layer.current()
         if one_node(layer, part):
             a, b_proj = part.projections(layer)
