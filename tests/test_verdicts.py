@@ -233,6 +233,10 @@ def test_a_budget_counts_the_tests_left_for_after_the_grid():
         "c-s2"]
     # Without the tests the same budget holds the whole grid.
     assert plan_grid(points, set(), "a-s0", 10.0, "100s").dropped == []
+    # Rows of differing cost are still dropped from the end: a cheaper row after one that did not fit goes too.
+    # (85 s: seed 0 and a-s1 take 70 s; b-s1 would end at 90 s, so c-s1, which would fit at 80 s, goes as well.)
+    assert plan_grid(points, set(), "a-s0", 10.0, "85s", test_shares=shares, test_seconds=20.0).dropped == [
+        "a-s2", "b-s1", "b-s2", "c-s1", "c-s2"]
 
 
 def test_a_recorded_plan_reads_back_and_a_damaged_one_is_refused(tmp_path):

@@ -175,8 +175,12 @@ def plan_grid(points: list[tuple[str, int]], done: set[str], first_row: str, sec
     limit = budget_seconds(budget) * (1 + 1e-9)  # rows that fill it exactly fit, whatever the rounding
     kept = set(done)
     spent = sum(cost(name) for name in kept)
+    full = False  # once a row does not fit, no later one is kept: rows of differing cost still go from the end
     for name, seed in sorted(points, key=lambda point: point[1]):  # stable: grid order within a seed
-        if name not in kept and (seed == 0 or spent + cost(name) <= limit):
+        if name in kept:
+            continue
+        full = full or (seed > 0 and spent + cost(name) > limit)
+        if seed == 0 or not full:
             kept.add(name)
             spent += cost(name)
     return dataclasses.replace(plan, dropped=[name for name in names if name not in kept], kept_tests=tests(kept))

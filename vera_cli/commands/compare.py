@@ -340,6 +340,11 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
         others = [row for row, _ in gathered]
         every = in_grid_order(rows + others)
         if life.writes:
+            # The other ranks' rows first: a row of theirs that the testing below measures is then recorded last,
+            # tested, and rows.jsonl's last record per name agrees with the table.
+            for row in others:
+                append_jsonl(run.file(ROWS_FILE), row.to_dict())
+
             def tests(names: list[str]) -> Iterator[tuple[str, AccuracyReport]]:
                 # The workers again where the grid had them: two one-thread evaluations of the ViT outrun one on
                 # both threads.
@@ -356,8 +361,6 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
         table = aggregate(base_lines, every, cfg.select_by, reference)
 
         def record() -> list[Path]:
-            for row in others:
-                append_jsonl(run.file(ROWS_FILE), row.to_dict())
             write_tables(run, table)
             shutil.rmtree(run.file(CLAIMS_DIR), ignore_errors=True)
             classes = [data.classes[i] for i in chosen]
