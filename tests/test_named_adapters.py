@@ -282,6 +282,34 @@ def test_vera_computes_one_down_and_one_up_product_per_layer_for_the_whole_batch
     assert sorted(calls) == sorted([("down", i) for i in linear] + [("up", i) for i in linear])
 
 
+def test_layers_reading_one_input_through_one_a_share_its_down_projection(monkeypatch):
+    # A ViT's query, key and value read one normalised input; VeRA gives layers of one shape one A.
+    model = with_adapters(vit(), {f"a{i}": AdapterConfig(method="vera", rank=8, targets=["all"]) for i in range(4)})
+    calls = []
+    for method in ("down", "up"):
+        original = getattr(AdaptedLinear, method)
+        monkeypatch.setattr(AdaptedLinear, method, lambda self, x, w, original=original, method=method:
+                            calls.append((method, self)) or original(x, w))
+    names = [f"a{i % 4}" for i in range(len(INPUT))]
+    with torch.no_grad():
+        mixed = forward_mixed(model, INPUT, names)
+    blocks = model.blocks
+    downs = [layer for method, layer in calls if method == "down"]
+    # Per block: one for query, key and value together, one each for out, fc1 and fc2; the head reads its own input.
+    assert downs == [layer for block in blocks for layer in (block.attn.query, block.attn.out, block.mlp.fc1,
+                                                             block.mlp.fc2)] + [model.head]
+    assert sum(method == "up" for method, _ in calls) == 6 * len(blocks) + 1
+    with torch.no_grad():
+        for row, name in enumerate(names):
+            assert (mixed[row] - alone(model, name, INPUT[row:row + 1])[0]).abs().max() < 1e-5, (row, name)
+    # An input changed in place between two layers is projected again.
+    shared = routing.SharedDown()
+    x, a = torch.ones(2, 3), torch.ones(4, 3)
+    first = shared.get(x, a, None, (), lambda: x @ a.t())
+    x.mul_(2)
+    assert torch.equal(shared.get(x, a, None, (), lambda: x @ a.t()), 2 * first)
+
+
 @pytest.mark.parametrize("change", ["in place", "load_state_dict", "assigned", "replaced", "deleted", "converted",
                                     "round trip", "trained"])
 def test_a_mixed_batch_sees_every_change_to_the_adapters_since_the_last(change):

@@ -332,6 +332,10 @@ class LinearGeometry:
     def down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return F.linear(x, a)
 
+    def down_geometry(self) -> tuple:
+        """What `down` depends on besides x and a: layers alike in it project one input alike."""
+        return ()
+
     @staticmethod
     def up(h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.linear(h, b)
@@ -371,6 +375,10 @@ class Conv2dGeometry:
         # Output positions, to within the border the kernel loses.
         stride_y, stride_x = self.base.stride
         return x.shape[0] * (x.shape[-2] // stride_y) * (x.shape[-1] // stride_x)
+
+    def down_geometry(self) -> tuple:
+        base = self.base
+        return tuple(base.weight.shape[1:]), base.stride, base.padding, base.dilation
 
     def down(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         # (r, fan_in) viewed as an (r, in, kh, kw) kernel: a view, also of a sliced pair's columns.

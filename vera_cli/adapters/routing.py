@@ -75,16 +75,38 @@ class PlanGroup:
     positions: tuple[int, ...]  # the adapter positions its parts serve: layers alike in these group a batch alike
 
 
+class SharedDown:
+    """One batch's last down-projection, for the next layer that projects the same input through the same matrix:
+    a ViT's query and value read one normalised input and, under VeRA, one A. A single entry, so that nothing of
+    the batch outlives the next layer that projects; the input's version counter tells an input changed in place."""
+
+    def __init__(self) -> None:
+        self._entry: tuple | None = None
+
+    def get(self, x: torch.Tensor, a: torch.Tensor, rows: torch.Tensor | None, geometry: tuple,
+            compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """`compute()`, the down-projection of `x`'s `rows` through `a` in a layer of `geometry`, or the last one's."""
+        entry = self._entry
+        # Identity, not ids: the entry holds x, a and rows, so none of them is freed and replaced under the same id.
+        if (entry is not None and entry[0] is x and entry[1] == x._version and entry[2] is a and entry[3] is rows
+                and entry[4] == geometry):
+            return entry[5]
+        down = compute()
+        self._entry = (x, x._version, a, rows, geometry, down)
+        return down
+
+
 @dataclass
 class Group:
     """A plan group's parts and the samples of one batch that use them.
 
     rows: the batch rows of the group's samples (None: every row, in order); local: for each of those
-    rows, its part's position in `parts`."""
+    rows, its part's position in `parts`; shared: the batch's down-projection kept for the next layer."""
 
     plan: PlanGroup
     rows: torch.Tensor | None
     local: torch.Tensor
+    shared: SharedDown
 
     @property
     def kind(self) -> type[LayerAdapter]:
@@ -150,6 +172,7 @@ class Routing:
         # Which rows use which part depends on the plan's adapter positions only: worked out once for all the
         # layers that carry the same adapters (at 512 adapters, a fifth of a ConvNet classifier's extra cost).
         self._rows: dict[tuple, tuple[torch.Tensor | None, torch.Tensor] | None] = {}
+        self._shared = SharedDown()
 
     def groups(self, layer: AdaptedLayer, device: torch.device) -> list[Group]:
         cached = self._groups.get(id(layer))
@@ -165,7 +188,7 @@ class Routing:
                 self._rows[key] = self._rows_of(plan, device)
             found = self._rows[key]
             if found is not None:
-                groups.append(Group(plan, *found))
+                groups.append(Group(plan, *found, self._shared))
         return groups
 
     def _rows_of(self, plan: PlanGroup, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor] | None:
