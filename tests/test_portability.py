@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +19,7 @@ from torch import nn
 
 from vera_cli import runlock
 from vera_cli.errors import VeraError
-from vera_cli.runlock import HOLDER_FILE, LOCK_FILE, RunLock, process_start
+from vera_cli.runlock import GRACE, HOLDER_FILE, LOCK_FILE, RunLock, process_start
 from vera_cli.train import Trainer, resolve_device
 
 from conftest import train_config
@@ -70,6 +72,15 @@ def test_a_second_writer_in_the_same_process_is_refused_too(tmp_path):
             RunLock.acquire(tmp_path)
     finally:
         lock.release()
+
+
+def test_a_lock_held_for_an_instant_is_waited_for(tmp_path):
+    # Another rank of one torchrun launch checking the run at the same moment, or `vera runs` looking.
+    instant = RunLock.acquire(tmp_path)
+    threading.Timer(0.1, instant.release).start()
+    started = time.monotonic()
+    RunLock.acquire(tmp_path).release()
+    assert 0.05 < time.monotonic() - started < GRACE
 
 
 def test_a_file_system_without_flock_is_written_unlocked(tmp_path, monkeypatch):

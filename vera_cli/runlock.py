@@ -15,6 +15,7 @@ import inspect
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 LOCK_FILE = ".lock"
 HOLDER_FILE = ".lock.holder"
+GRACE = 0.5  # seconds a lock taken for an instant is waited for before the run counts as busy
 
 
 def process_start(pid: int) -> str | None:
@@ -44,13 +46,23 @@ class RunLock:
     @classmethod
     def acquire(cls, folder: Path) -> "RunLock":
         """Hold `folder`'s lock or refuse with who holds it. A run directory that cannot be locked
-        (a file system without flock) is written unlocked rather than not at all."""
-        try:
-            lock = _take(folder / LOCK_FILE)
-        except _filelock().Timeout:
-            holder = _read_holder(folder)
-            raise VeraError(f"{folder} is being written by another vera process (pid {holder.get('pid', '?')}): "
-                            "wait for it to end or stop it, then try again") from None
+        (a file system without flock) is written unlocked rather than not at all.
+
+        A lock held for an instant only (another process's `check`, `vera runs` telling whether a writer is
+        alive, the other ranks of one torchrun launch checking together) is waited for, up to GRACE seconds:
+        a writer holds it for its whole run."""
+        waited_until = time.monotonic() + GRACE
+        while True:
+            try:
+                lock = _take(folder / LOCK_FILE)
+                break
+            except _filelock().Timeout:
+                if time.monotonic() < waited_until:
+                    time.sleep(0.02)
+                    continue
+                holder = _read_holder(folder)
+                raise VeraError(f"{folder} is being written by another vera process (pid {holder.get('pid', '?')}): "
+                                "wait for it to end or stop it, then try again") from None
         if lock is None:
             return cls(None)
         try:
@@ -81,8 +93,8 @@ def owner_alive(folder: Path) -> bool | None:
     """Whether the process that writes `folder` is alive: False once it is gone (killed, crashed), None where
     neither its lock nor the holder file can tell (a file system without locks and no holder recorded).
 
-    The lock is taken for an instant to find it free: a process starting to write the run in that instant is
-    refused as if the run were busy, and can simply try again.
+    The lock is taken for an instant to find it free: a process starting to write the run in that instant waits
+    for it (RunLock.acquire's grace).
     """
     if (folder / LOCK_FILE).is_file():
         try:
