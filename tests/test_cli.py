@@ -44,9 +44,10 @@ def test_adapt_runs_its_cached_prefix_and_its_evaluations_through_the_fast_paths
     # Nothing is augmented in adapt: the compiled pass gathers and normalises the evaluations' batches.
     result = vera("adapt", *QUICK, "--run-dir", "runs/adapted")
     assert result.code == 0, result.err
+    # The shipped adapt recipe trains VeRA on the classifier: on its cached features, through the chain's kernel.
     assert summary(Path("runs/adapted"))["environment"]["compute"].startswith(
-        "compiled kernels for batch augmentation and the ConvNet's features (compiler " if library() is not None
-        else "torch's operators (")
+        "compiled kernels for batch augmentation and the ConvNet's features and the classifier on cached features "
+        "(compiler " if library() is not None else "torch's operators (")
 
 
 def test_eval_defaults_to_the_latest_run_and_prints_a_table(vera, pretrained):

@@ -1,4 +1,5 @@
-"""The ConvNet's classifier on cached features as one autograd node: the plain path's function and gradients."""
+"""The ConvNet's classifier on cached features as one autograd node (torch's operators, or one compiled kernel
+call each way): the plain path's function and gradients."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from vera_cli.adapters.inject import inject
 from vera_cli.config import AdaptConfig, AdapterConfig
 from vera_cli.data import batch_indices, load_cifar10, normalize
 from vera_cli.fast import build_pipeline
+from vera_cli.fast.build import kernels, library
 from vera_cli.models import ConvNet
 
 ADAPTERS = {
@@ -36,13 +38,31 @@ def first_batch(model: ConvNet, cifar_root, batch_size: int = 16):
     return pipeline, cached, normalize(data.train.images[index]), labels
 
 
+# The chain's node through each way of computing it.
+NODES = {"compiled kernel": "_KernelChainBackward", "torch's operators": "_ChainBackward"}
+
+
+@pytest.fixture(params=NODES, ids=NODES.keys())
+def chain_node(request, monkeypatch) -> str:
+    """The chain's node name, with the compiled kernels on or off for the test."""
+    if request.param == "compiled kernel" and library() is None:
+        pytest.skip("no C compiler here: the chain runs on torch's operators")
+    monkeypatch.setenv("VERA_CLI_KERNELS", "on" if request.param == "compiled kernel" else "off")
+    kernels.cache_clear()
+    yield NODES[request.param]
+    monkeypatch.undo()
+    kernels.cache_clear()
+
+
+@pytest.mark.parametrize("batch_size", [16, 13])
 @pytest.mark.parametrize("adapter", ADAPTERS.values(), ids=ADAPTERS.keys())
-def test_the_cached_classifier_is_one_node_with_the_plain_paths_outputs_and_gradients(adapter, cifar_root):
+def test_the_cached_classifier_is_one_node_with_the_plain_paths_outputs_and_gradients(adapter, batch_size, chain_node,
+                                                                                       machine_threads, cifar_root):
     model = adapted(adapter)
-    pipeline, cached, images, labels = first_batch(model, cifar_root)
+    pipeline, cached, images, labels = first_batch(model, cifar_root, batch_size)
     trained = [p for p in model.parameters() if p.requires_grad]
     fast = pipeline.forward(cached)
-    assert type(fast.grad_fn).__name__ == "_ChainBackward"
+    assert type(fast.grad_fn).__name__ == chain_node
     plain = model.classifier(model.features(images))
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
     losses = [torch.nn.functional.cross_entropy(logits, labels) for logits in (fast, plain)]
@@ -51,22 +71,22 @@ def test_the_cached_classifier_is_one_node_with_the_plain_paths_outputs_and_grad
     torch.testing.assert_close(fast_grads, plain_grads, rtol=1e-4, atol=1e-6)
 
 
-def test_the_chain_steps_aside_for_lora_a_hook_or_evaluation(cifar_root):
+def test_the_chain_steps_aside_for_lora_a_hook_or_evaluation(chain_node, cifar_root):
     lora = adapted(AdapterConfig(method="lora", rank=8, targets=["fc1", "fc3"]))
     pipeline, cached, images, _ = first_batch(lora, cifar_root)
     out = pipeline.forward(cached)
-    assert type(out.grad_fn).__name__ != "_ChainBackward"
+    assert type(out.grad_fn).__name__ not in NODES.values()
     torch.testing.assert_close(out, lora.classifier(lora.features(images)), rtol=1e-5, atol=1e-5)
 
     vera = adapted(AdapterConfig(method="vera", rank=8))
     pipeline, cached, images, _ = first_batch(vera, cifar_root)
     seen = []
     handle = vera.fc3.register_forward_hook(lambda module, args, output: seen.append(output.shape))
-    assert type(pipeline.forward(cached).grad_fn).__name__ != "_ChainBackward" and seen == [(16, 84)]
+    assert type(pipeline.forward(cached).grad_fn).__name__ not in NODES.values() and seen == [(16, 84)]
     handle.remove()
     # A hook on the adapted layer's base as well: that layer then runs its own forward, which calls the base.
     handle = vera.fc3.base.register_forward_hook(lambda module, args, output: seen.append(output.shape))
-    assert type(pipeline.forward(cached).grad_fn).__name__ != "_ChainBackward" and seen == [(16, 84)] * 2
+    assert type(pipeline.forward(cached).grad_fn).__name__ not in NODES.values() and seen == [(16, 84)] * 2
     handle.remove()
     # Features that need a gradient get it from the plain path (the chain gives them none).
     needing = cached.clone().requires_grad_()

@@ -9,7 +9,7 @@
   on the CPU as explicit products, where torch's fused kernel is slow in bf16 (mixed_precision.py).
 - `build_pipeline`: adapt's feature cache, a frozen prefix (and the first adapted layer's frozen part)
   computed once (feature_cache.py); on it the ConvNet's VeRA-adapted classifier trains as one autograd
-  node (convnet_classifier.py).
+  node (convnet_classifier.py), on the CPU through one compiled kernel call each way (linear_chain.c).
 
 The kernels compile on first use into a per-user cache (build.py); without a compiler, on another
 processor, or with VERA_CLI_KERNELS=off, torch's operators run instead; a cached library is checked before it

@@ -42,12 +42,15 @@ from typing import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:  # torch is imported by every caller; this module itself needs none of it
     import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("convnet_features.c", "augment.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("convnet_features.c", "augment.c", "linear_chain.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 SWITCH = "VERA_CLI_KERNELS"
 # The functions the wrappers call, and what each computes (for a run's record).
 KERNELS = {"vc_forward": "the ConvNet's features", "vc_backward": "the ConvNet's features",
-           "vc_augment": "batch augmentation"}
+           "vc_augment": "batch augmentation", "vc_chain_forward": "the classifier on cached features",
+           "vc_chain_backward": "the classifier on cached features",
+           "vc_vera_weights": "the classifier on cached features",
+           "vc_vera_vector_grads": "the classifier on cached features"}
 SYMBOLS = ("vc_cpu_supported", *KERNELS)
 # What a compiler reads from the environment that changes what it builds (its search paths), and the flags a
 # wrapper script in $CC may add: part of the cache key.
@@ -268,6 +271,12 @@ def call(kernel: str, *args: object) -> int:
     return getattr(library(), kernel)(*args)
 
 
+def call_with_scratch(kernel: str, *args: object) -> None:
+    """`call` for a kernel that returns 1 when a thread could not allocate its scratch memory."""
+    if call(kernel, *args):
+        raise MemoryError(f"the CPU kernel for {KERNELS[kernel]} could not allocate its scratch memory")
+
+
 def forget_use() -> None:
     """Start a new record: a run's environment names what ran for it, not for a run before it in this process."""
     _ran.clear()
@@ -294,4 +303,8 @@ def _signatures(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.vc_forward.argtypes, lib.vc_forward.restype = [i] * 2 + [p] * 9, i
     lib.vc_backward.argtypes, lib.vc_backward.restype = [i] * 2 + [p] * 10, i
     lib.vc_augment.argtypes, lib.vc_augment.restype = [i] * 6 + [p] * 8, i
+    lib.vc_chain_forward.argtypes, lib.vc_chain_forward.restype = [i] * 3 + [p, p, i, p, i] + [p] * 4, i
+    lib.vc_chain_backward.argtypes, lib.vc_chain_backward.restype = [i] * 3 + [p] * 6, i
+    lib.vc_vera_weights.argtypes, lib.vc_vera_weights.restype = [i] * 2 + [p] * 8, i
+    lib.vc_vera_vector_grads.argtypes, lib.vc_vera_vector_grads.restype = [i] * 2 + [p] * 8, i
     return lib

@@ -5,12 +5,16 @@ microseconds of arithmetic each, while the autograd graph's per-node cost (some 
 visited forward and back) was a large part of the step. Here the whole chain is one node with its
 backward written out: the first layer's delta from its cached frozen part (VeRA), then each later layer
 through W0 + delta W (VeRA trained in d and b) or its plain weight (frozen, or a head trained whole),
-ReLUs between. Where any layer is otherwise (LoRA, dropout, hooks, trained base weights, autocast), or the
+ReLUs between. Where the compiled kernels run (linear_chain.c), the node is four calls into them: the VeRA
+layers' whole weights, the forward, the backward, and the gradients of d and b; otherwise torch's operators
+compute it. Where any layer is otherwise (LoRA, dropout, hooks, trained base weights, autocast), or the
 input needs a gradient, the plain path runs. The same function and gradients as the plain path to float
 rounding; the backward is first order only.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +22,7 @@ from torch import nn
 
 from vera_cli.adapters.layer import AdaptedLayer
 from vera_cli.adapters.vera import VeraAdapter
+from vera_cli.fast import linear_chain
 from vera_cli.fast.forward import Forward
 from vera_cli.fast.weight_path import one_node, vera_vector_grads, vera_weight
 from vera_cli.models.convnet import ConvNet
@@ -37,7 +42,8 @@ def cached_classifier(model: ConvNet, plain: Forward) -> Forward:
         if chain is None:
             return plain(part)
         kinds, first, tensors = chain
-        return _Chain.apply(part, kinds, *first, *tensors)
+        through = _KernelChain if linear_chain.supports(part, [*first, *tensors]) else _Chain
+        return through.apply(part, kinds, *first, *tensors)
 
     return forward
 
@@ -105,25 +111,89 @@ class _Chain(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         frozen, delta, d, b, b_proj, *tensors = ctx.saved_tensors
         needs = ctx.needs_input_grad[5:]
-        grads: list[torch.Tensor | None] = [None] * len(tensors)
-        start = len(tensors)
+        grad_weights, grad_biases, vera_grads = [], [], []
+        layers = _layers(ctx.kinds, tensors, needs)
         for i in reversed(range(len(ctx.kinds))):
-            kind, x = ctx.kinds[i], ctx.inputs[i]
-            start -= 6 if kind == VERA else 2
+            x, (kind, layer) = ctx.inputs[i], layers[i]
+            grad_weight = grad.t() @ x if layer.wanted else None
+            grad_weights.insert(0, grad_weight)
+            grad_biases.insert(0, grad.sum(0) if layer.wanted and kind == LINEAR else None)
             if kind == VERA:
-                a, b_proj_i, b_i = tensors[start + 2], tensors[start + 3], tensors[start + 5]
-                if needs[start + 4] or needs[start + 5]:
-                    grads[start + 4:start + 6] = vera_vector_grads(grad.t() @ x, a, b_proj_i, b_i, ctx.scaled[i])
-            else:
-                if needs[start]:
-                    grads[start] = grad.t() @ x
-                if needs[start + 1]:
-                    grads[start + 1] = grad.sum(0)
+                a, b_proj_i, b_i = layer.tensors[2], layer.tensors[3], layer.tensors[5]
+                vera_grads.insert(0, vera_vector_grads(grad_weight, a, b_proj_i, b_i, ctx.scaled[i])
+                                  if layer.wanted else (None, None))
             # x is the ReLU's output: its gradient passes where x > 0, as relu's own backward has it.
             grad = torch.ops.aten.threshold_backward(grad @ ctx.weights[i], x, 0)
         grad_d = ((grad * b) @ b_proj * frozen).sum(0) if ctx.needs_input_grad[2] else None
         grad_b = (grad * delta).sum(0) if ctx.needs_input_grad[3] else None
-        return (None, None, grad_d, grad_b, None, *grads)
+        return (None, None, grad_d, grad_b, None, *_tensor_grads(ctx.kinds, tensors, needs, vera_grads,
+                                                                 grad_weights, grad_biases))
+
+
+class _KernelChain(torch.autograd.Function):
+    """The same chain through linear_chain.c: fc1's delta as a Linear layer of its own, diag(b) B diag(d) on the
+    cached frozen part, with the cached output of fc1's base as its bias, one per row; the VeRA layers' weights
+    and vector gradients in one call each."""
+
+    @staticmethod
+    def forward(ctx, part: torch.Tensor, kinds: tuple[str, ...], d: torch.Tensor, b: torch.Tensor,
+                b_proj: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        width = b.shape[0]
+        vera = [linear_chain.VeraLayer(None, None, b_proj, d, b)]
+        for kind, layer in zip(kinds, _per_layer(kinds, tensors)):
+            if kind == VERA:
+                weight, _, a, b_proj_i, d_i, b_i = layer
+                vera.append(linear_chain.VeraLayer(weight, a, b_proj_i, d_i, b_i))
+        ctx.vera = linear_chain.VeraLayers(vera)
+        full, ctx.scaled = ctx.vera.weights()
+        weights, biases, made = [full[0]], [None], iter(full[1:])
+        for kind, layer in zip(kinds, _per_layer(kinds, tensors)):
+            weights.append(next(made) if kind == VERA else layer[0])
+            biases.append(layer[1])
+        out, ctx.chain = linear_chain.forward(part[:, width:], part[:, :width], weights, biases)
+        ctx.kinds = kinds
+        ctx.save_for_backward(*tensors)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # written for one backward: a second order raises instead
+    def backward(ctx, grad: torch.Tensor):
+        tensors = ctx.saved_tensors
+        (first, *grad_weights), (_, *grad_biases) = linear_chain.backward(ctx.chain, grad)
+        vera_weights = [first] + [g for kind, g in zip(ctx.kinds, grad_weights) if kind == VERA]
+        (grad_d, grad_b), *vera_grads = ctx.vera.vector_grads(vera_weights, ctx.scaled)
+        grads = _tensor_grads(ctx.kinds, tensors, ctx.needs_input_grad[5:], vera_grads, grad_weights, grad_biases)
+        return (None, None, grad_d if ctx.needs_input_grad[2] else None, grad_b if ctx.needs_input_grad[3] else None,
+                None, *grads)
+
+
+class _Layer(NamedTuple):
+    tensors: tuple[torch.Tensor, ...]
+    wanted: bool  # whether any of the layer's tensors wants a gradient: VeRA's d or b, a plain layer's own
+
+
+def _layers(kinds: tuple[str, ...], tensors: list[torch.Tensor], needs: tuple[bool, ...]) -> list[tuple[str, _Layer]]:
+    layers, start = [], 0
+    for kind in kinds:
+        size = 6 if kind == VERA else 2
+        wanted = any(needs[start + 4:start + 6]) if kind == VERA else any(needs[start:start + 2])
+        layers.append((kind, _Layer(tuple(tensors[start:start + size]), wanted)))
+        start += size
+    return layers
+
+
+def _tensor_grads(kinds: tuple[str, ...], tensors: list[torch.Tensor], needs: tuple[bool, ...], vera_grads: list,
+                  grad_weights: list, grad_biases: list) -> list[torch.Tensor | None]:
+    """The gradients of the later layers' tensors: VeRA's d and b as given (one pair per VeRA layer, in order),
+    a plain layer's weight and bias from those of the layer."""
+    grads: list[torch.Tensor | None] = []
+    vera = iter(vera_grads)
+    for i, kind in enumerate(kinds):
+        if kind == VERA:
+            grads += [None] * 4 + list(next(vera))
+        else:
+            grads += [grad_weights[i], grad_biases[i]]
+    return [g if need else None for g, need in zip(grads, needs)]
 
 
 def _per_layer(kinds: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
