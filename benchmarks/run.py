@@ -10,8 +10,9 @@ Measures, on whatever machine runs it (targets: TARGETS below, one table):
   2. `vera experiment` with the defaults (default pretrain + VeRA adapt): wall time,
      accuracy, peak RSS;
   3. one VeRA adaptation epoch on cat/bird/dog through the product's own pipeline (the
-     feature cache of `vera adapt`) against evaluating the base on the same images, and
-     against a PEFT-VeRA training loop (when peft is installed);
+     feature cache of `vera adapt`) against evaluating the base on the same images, against
+     the same epoch with the classifier's chain on torch's operators, and against a PEFT-VeRA
+     training loop (when peft is installed);
   4. inference at batch 64: base, merged VeRA, unmerged VeRA (ours and PEFT's);
   5. pretrain step throughput against the arithmetic limit of this machine (FLOPs per
      image counted by torch.utils.flop_counter; the best of several sgemm trials);
@@ -44,6 +45,7 @@ import sys
 import tempfile
 import time
 import dataclasses
+import unittest.mock
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -65,6 +67,7 @@ from vera_cli.commands.adapt import run_adapt
 from vera_cli.commands.pretrain import run_pretrain
 from vera_cli.config import AdaptConfig, AdapterConfig, ExperimentConfig, PretrainConfig, TrainConfig
 from vera_cli.data import batches, class_ids, load_cifar10
+from vera_cli.fast import linear_chain
 from vera_cli.fast.build import library
 from vera_cli.models import ConvNet, build_model
 from vera_cli.runs import Run, environment
@@ -281,10 +284,20 @@ def adaptation(base_run: str, data_dir: str, scale: Scale) -> dict:
     cache_seconds = time.perf_counter() - started
     trainer = Trainer(pipeline.forward, model, cfg.train, steps_per_epoch=len(subset) // cfg.train.batch_size + 1)
     generator = torch.Generator().manual_seed(0)
+    def vera_epoch() -> None:
+        trainer.epoch(1, pipeline.train_batches(generator), len(subset), progress=False)
+
+    def vera_epoch_on_torch_ops() -> None:
+        # The classifier's chain on torch's operators alone (VERA_CLI_KERNELS=off would move the base's
+        # evaluation off its kernel too): what the compiled chain buys.
+        with unittest.mock.patch.object(linear_chain, "supports", lambda *args: False):
+            vera_epoch()
+
     calls = {
         # The images alone: an epoch trains on them once, so that is the forward pass to compare it with.
         "base_eval": lambda: fast.predict_logits(fast.forward(base), subset),
-        "vera_epoch": lambda: trainer.epoch(1, pipeline.train_batches(generator), len(subset), progress=False),
+        "vera_epoch": vera_epoch,
+        "vera_epoch_torch_ops": vera_epoch_on_torch_ops,
     }
     steps = [(x, y) for x, y in batches(subset, 64, torch.Generator().manual_seed(0))][:scale.peft_steps]
     try:
@@ -308,7 +321,8 @@ def adaptation(base_run: str, data_dir: str, scale: Scale) -> dict:
         call()  # warm-up: the first optimiser step pays for lazy imports
     ms = round_robin_ms(calls, 2 * scale.repeats)
     result = {"images": len(subset), "base_eval_seconds": ms["base_eval"] / 1000, "feature_cache_seconds": cache_seconds,
-              "vera_epoch_seconds": ms["vera_epoch"] / 1000, "peft_step_ms": None}
+              "vera_epoch_seconds": ms["vera_epoch"] / 1000,
+              "vera_epoch_torch_ops_seconds": ms["vera_epoch_torch_ops"] / 1000, "peft_step_ms": None}
     if "peft_loop" in ms:
         result["peft_step_ms"] = ms["peft_loop"] / len(steps)
         result["peft_epoch_seconds"] = result["peft_step_ms"] / 1000 * (len(subset) / 64)
@@ -523,6 +537,10 @@ def report(results: dict) -> str:
     lines.append(f"| VeRA adaptation epoch, {a['images']:,} cat/bird/dog images | {a['vera_epoch_seconds']:.3f} s "
                  f"(+ {a['feature_cache_seconds']:.3f} s once for the feature cache, train and test) | base eval on them "
                  f"{a['base_eval_seconds']:.3f} s | {epoch_ratio:.2f} | {verdict('adapt_epoch', epoch_ratio)} |")
+    if "vera_epoch_torch_ops_seconds" in a:
+        lines.append(f"| same epoch, the classifier's chain on torch's operators instead of its compiled kernel | "
+                     f"{a['vera_epoch_seconds']:.3f} s | {a['vera_epoch_torch_ops_seconds']:.3f} s | "
+                     f"{a['vera_epoch_seconds'] / a['vera_epoch_torch_ops_seconds']:.2f} | - |")
     if a["peft_step_ms"] is not None:
         peft_ratio = a["peft_epoch_seconds"] / a["vera_epoch_seconds"]
         lines.append(f"| same epoch against a PEFT-VeRA loop (batch 64, {a['peft_step_ms']:.2f} ms/step) | "

@@ -92,6 +92,13 @@ def test_the_chain_steps_aside_for_lora_a_hook_or_evaluation(chain_node, cifar_r
     needing = cached.clone().requires_grad_()
     [grad] = torch.autograd.grad(pipeline.forward(needing).sum(), needing)
     assert grad.abs().max() > 0
+    # A trained tensor changed in place between the forward and the backward is refused, as autograd refuses it.
+    for layer in ("fc1", "fc4"):
+        out = pipeline.forward(cached)
+        with torch.no_grad():
+            getattr(vera, layer).current().tensor("vera_b").add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
     # A second order through the chain is refused (its first-order gradients lead back to no parameter) instead
     # of giving a wrong figure.
     trained = [p for p in vera.parameters() if p.requires_grad]

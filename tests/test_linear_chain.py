@@ -90,15 +90,23 @@ def test_vera_weights_and_vector_grads_are_the_weight_paths(rank):
         torch.testing.assert_close(pair, wanted, rtol=1e-4, atol=1e-4)
 
 
-def test_a_nan_passes_through_the_chain_as_through_torch():
+def test_a_nan_passes_through_the_chain_and_its_gradients_as_through_torch():
     if library() is None:
         pytest.skip("no C compiler here")
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(10, 6, generator=generator)
     x[3, 2] = float("nan")
-    weights = [torch.randn(5, 6, generator=generator), torch.randn(4, 5, generator=generator)]
-    biases = [torch.randn(5, generator=generator), None]
-    out, _ = linear_chain.forward(x, None, weights, biases)
-    expected = torch_chain(x, None, weights, biases)
+    weights = [torch.randn(5, 6, generator=generator), torch.randn(4, 5, generator=generator),
+               torch.randn(3, 4, generator=generator)]
+    biases = [torch.randn(5, generator=generator), None, torch.randn(3, generator=generator)]
+    out, saved = linear_chain.forward(x, None, weights, biases)
+    leaves = [w.clone().requires_grad_() for w in weights]
+    expected = torch_chain(x, None, leaves, biases)
     assert torch.isnan(out[3]).all() and torch.isnan(expected[3]).all()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+    # The row's NaN activations pass its gradient on (torch's relu backward zeroes only where x <= 0).
+    grad = torch.randn(10, 3, generator=generator)
+    expected.backward(grad)
+    grad_weights, _ = linear_chain.backward(saved, grad)
+    for got, leaf in zip(grad_weights, leaves):
+        torch.testing.assert_close(got, leaf.grad, rtol=1e-4, atol=1e-5, equal_nan=True)

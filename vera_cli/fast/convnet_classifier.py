@@ -152,13 +152,14 @@ class _KernelChain(torch.autograd.Function):
             biases.append(layer[1])
         out, ctx.chain = linear_chain.forward(part[:, width:], part[:, :width], weights, biases)
         ctx.kinds = kinds
-        ctx.save_for_backward(*tensors)
+        # fc1's tensors too, though ctx.vera holds them: saved, a change in place before the backward raises.
+        ctx.save_for_backward(d, b, b_proj, *tensors)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # written for one backward: a second order raises instead
     def backward(ctx, grad: torch.Tensor):
-        tensors = ctx.saved_tensors
+        _, _, _, *tensors = ctx.saved_tensors
         (first, *grad_weights), (_, *grad_biases) = linear_chain.backward(ctx.chain, grad)
         vera_weights = [first] + [g for kind, g in zip(ctx.kinds, grad_weights) if kind == VERA]
         (grad_d, grad_b), *vera_grads = ctx.vera.vector_grads(vera_weights, ctx.scaled)

@@ -32,7 +32,7 @@
 #define INLINE static inline __attribute__((always_inline))
 #define NONE 0
 #define RELU 1
-#define MASK 2 /* multiply by (m > 0): the ReLU's gradient, m the ReLU's output */
+#define MASK 2 /* zero where m <= 0: the ReLU's gradient, m the ReLU's output */
 
 static int ceil8(int n) { return (n + 7) / 8 * 8; }
 
@@ -103,7 +103,8 @@ INLINE void product_tile(int ma, int mv, int a0, int v0, int nk, const float *w,
             long at = (long)(a0 + a) * ld + (v0 + v) * 8;
             __m256 r = acc[a][v];
             if (post == RELU) r = _mm256_max_ps(zero, r); /* this order passes a NaN on, as torch.relu does */
-            if (post == MASK) r = _mm256_and_ps(r, _mm256_cmp_ps(_mm256_loadu_ps(m + at), zero, _CMP_GT_OQ));
+            if (post == MASK) /* not m <= 0: a NaN passes the gradient on, as torch's threshold_backward does */
+                r = _mm256_and_ps(r, _mm256_cmp_ps(_mm256_loadu_ps(m + at), zero, _CMP_NLE_UQ));
             _mm256_storeu_ps(y + at, r);
         }
 }
