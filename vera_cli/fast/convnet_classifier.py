@@ -14,7 +14,7 @@ rounding; the backward is first order only.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -139,15 +139,15 @@ class _KernelChain(torch.autograd.Function):
     def forward(ctx, part: torch.Tensor, kinds: tuple[str, ...], d: torch.Tensor, b: torch.Tensor,
                 b_proj: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
         width = b.shape[0]
-        vera = [linear_chain.VeraLayer(None, None, b_proj, d, b)]
-        for kind, layer in zip(kinds, _per_layer(kinds, tensors)):
+        vera, layers = [linear_chain.VeraLayer(None, None, b_proj, d, b)], _per_layer(kinds, tensors)
+        for kind, layer in zip(kinds, layers):
             if kind == VERA:
                 weight, _, a, b_proj_i, d_i, b_i = layer
                 vera.append(linear_chain.VeraLayer(weight, a, b_proj_i, d_i, b_i))
         ctx.vera = linear_chain.VeraLayers(vera)
         full, ctx.scaled = ctx.vera.weights()
         weights, biases, made = [full[0]], [None], iter(full[1:])
-        for kind, layer in zip(kinds, _per_layer(kinds, tensors)):
+        for kind, layer in zip(kinds, layers):
             weights.append(next(made) if kind == VERA else layer[0])
             biases.append(layer[1])
         out, ctx.chain = linear_chain.forward(part[:, width:], part[:, :width], weights, biases)
@@ -174,13 +174,8 @@ class _Layer(NamedTuple):
 
 
 def _layers(kinds: tuple[str, ...], tensors: list[torch.Tensor], needs: tuple[bool, ...]) -> list[tuple[str, _Layer]]:
-    layers, start = [], 0
-    for kind in kinds:
-        size = 6 if kind == VERA else 2
-        wanted = any(needs[start + 4:start + 6]) if kind == VERA else any(needs[start:start + 2])
-        layers.append((kind, _Layer(tuple(tensors[start:start + size]), wanted)))
-        start += size
-    return layers
+    return [(kind, _Layer(layer, any(wants[4:6]) if kind == VERA else any(wants[:2])))
+            for kind, layer, wants in zip(kinds, _per_layer(kinds, tensors), _per_layer(kinds, needs))]
 
 
 def _tensor_grads(kinds: tuple[str, ...], tensors: list[torch.Tensor], needs: tuple[bool, ...], vera_grads: list,
@@ -197,10 +192,11 @@ def _tensor_grads(kinds: tuple[str, ...], tensors: list[torch.Tensor], needs: tu
     return [g if need else None for g, need in zip(grads, needs)]
 
 
-def _per_layer(kinds: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
+def _per_layer(kinds: tuple[str, ...], items: Sequence) -> list[tuple]:
+    """`items` (the later layers' tensors, or what is said of each) split into each layer's own."""
     layers, start = [], 0
     for kind in kinds:
         size = 6 if kind == VERA else 2
-        layers.append(tensors[start:start + size])
+        layers.append(tuple(items[start:start + size]))
         start += size
     return layers
