@@ -258,8 +258,9 @@ int vc_chain_backward(int rows, int threads, int layers, const int *dims, const 
  *   grad d = rowsum(A * (B^T diag(b) grad_full)),   grad b = rowsum(grad_full * scaled).
  * Per layer l: shape[3 l ..] = out, in, r; w0 [out x in] or NULL (zero); a [r x in], or NULL where the layer's input
  * is A x already (the feature cache holds it; then in == r and A is the identity); bp [out x r]; d [r]; b [out].
- * As a handful of torch operations per layer, these took a third of an adaptation step on cached features. */
-/* The layers side by side on the threads. Each output row of a layer is built 32 columns at a time in registers
+ * As a handful of torch operations per layer, these took a third of an adaptation step on cached features.
+ *
+ * The weights: the layers side by side on the threads, each output row built 32 columns at a time in registers
  * over the rank, from a copy of A with its rows padded to whole vectors (masked loads ran at a third of the
  * speed). Returns 1 when a thread could not allocate its scratch. */
 int vc_vera_weights(int layers, int threads, const int *shape, const float *const *w0, const float *const *a,
