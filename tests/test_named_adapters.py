@@ -185,6 +185,17 @@ def test_merge_and_unmerge_one_adapter_at_a_time_restore_the_weights_exactly():
     assert torch.allclose(plain(INPUT), expected, atol=1e-5)
 
 
+def test_merging_an_adapter_the_model_does_not_have_is_refused():
+    model = with_adapters(convnet(), {"a": VERA_ALL})
+    set_adapter(model, "a")
+    expected = model(INPUT)
+    for refused in (lambda: merge(model, "zz"), lambda: merged_plain(model, "zz")):
+        with pytest.raises(AdapterError, match="no adapter named 'zz'; it has a"):
+            refused()
+    assert active_adapter(model) == "a" and adapter_names(model) == ["a"]
+    assert torch.equal(model(INPUT), expected)
+
+
 @pytest.mark.parametrize("name, message", [
     ("base", "means no adapter in a mixed batch"), ("a.b", "use letters, digits"), ("keys", "choose another name"),
     ("a", "already has an adapter named 'a'")])

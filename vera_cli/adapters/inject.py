@@ -27,7 +27,8 @@ from vera_cli.adapters.layer import DEFAULT, AdaptedLayer, adapted_class, base_o
 from vera_cli.adapters.lora import LoraAdapter
 from vera_cli.adapters.projections import ProjectionBank, RecordedProjections
 from vera_cli.adapters.registry import (NO_ADAPTER, activate, active_adapter, adapted_layers, adapter_names, banks,
-                                        drop_banks, next_order, parts_of, projection_bank, rehome_banks, replace)
+                                        drop_banks, next_order, parts_of, projection_bank, rehome_banks, replace,
+                                        require)
 from vera_cli.adapters.targets import head_name, select_targets
 from vera_cli.adapters.vera import VeraAdapter
 
@@ -232,6 +233,7 @@ def merge(model: nn.Module, name: str | None = None) -> None:
         raise AdapterError(f"adapter {other!r} is merged: unmerge it before merging {name!r}")
     if name is None:
         return
+    require(model, name)
     activate(model, name)
     for layer in layers:
         layer.merge(name)
