@@ -226,6 +226,23 @@ def test_predict_refuses_bad_input(linked, arguments, message):
     assert result.code == 2 and message in result.err, result.err
 
 
+def test_paths_that_look_like_rich_markup_print_as_they_are(capsys):
+    from rich.console import Console
+
+    from vera_cli.report import prediction_table
+
+    picture = {"width": 32, "height": 32, "mode": "RGB", "converted": False}
+    result = {"base_run": "runs/[b]base", "tta": "none", "conversion": RULE, "skipped": [],
+              "predictions": [{"image": "photos/a[/x].png", "adapter": "runs/[red]A", "input": picture,
+                               "top": [{"class": "cat", "probability": 0.5}]}]}
+    console = Console(record=True, width=200)
+    console.print(prediction_table(result))
+    text = console.export_text()
+    assert "photos/a[/x].png" in text and "runs/[red]A" in text and "runs/[b]base" in text
+    cli._log("warning: photos/a[/x].png: no such file; skipped")
+    assert "warning: photos/a[/x].png: no such file; skipped" in capsys.readouterr().err
+
+
 def test_count_params_states_the_storage_of_many_adapters(vera):
     result = vera("count-params", "--adapters", "100", "--json")
     assert result.code == 0, result.err

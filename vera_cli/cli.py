@@ -66,7 +66,7 @@ def _options(
 
 
 def _log(message: str) -> None:
-    err.print(message, highlight=False, soft_wrap=True)
+    err.print(message, highlight=False, markup=False, soft_wrap=True)
 
 
 def _world():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from vera_cli.comparison import TableLine, axis_label
@@ -145,7 +146,8 @@ def storage_table(count: ParamCount) -> Table:
 
 def prediction_table(result: dict[str, Any]) -> Table:
     """`vera predict`'s rows (PredictResult.to_dict()): image, adapter, input, the most probable classes."""
-    table = Table(title=f"Predictions over base {result['base_run']}"
+    # Paths are printed as they are: a file named `a[/x].png` is no Rich markup.
+    table = Table(title=f"Predictions over base {escape(result['base_run'])}"
                   + (", each image with its mirror image" if result["tta"] == "flip" else ""))
     for column in ("image", "adapter", "input", "class", "probability", "next"):
         table.add_column(column, justify="right" if column == "probability" else "left")
@@ -153,7 +155,7 @@ def prediction_table(result: dict[str, Any]) -> Table:
         first, *rest = row["top"]
         source = row["input"]
         size = f"{source['width']}x{source['height']} {source['mode']}" + (", converted" if source["converted"] else "")
-        table.add_row(row["image"], row["adapter"] or "base", size, first["class"], _pct(first["probability"]),
+        table.add_row(escape(row["image"]), escape(row["adapter"] or "base"), size, first["class"], _pct(first["probability"]),
                       ", ".join(f"{entry['class']} {_pct(entry['probability'])}" for entry in rest))
     if any(row["input"]["converted"] for row in result["predictions"]):
         table.caption = f"converted: {result['conversion']}"
