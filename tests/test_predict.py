@@ -243,6 +243,16 @@ def test_paths_that_look_like_rich_markup_print_as_they_are(capsys):
     assert "warning: photos/a[/x].png: no such file; skipped" in capsys.readouterr().err
 
 
+def test_an_adapters_csv_with_a_byte_order_mark_reads_as_one_without(tmp_path):
+    from vera_cli.commands.predict import read_assignments
+
+    plain = tmp_path / "plain.csv"
+    plain.write_text('image,adapter\n"a, b.png",runs/A\nc.png,\n', encoding="utf-8")
+    marked = tmp_path / "marked.csv"
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert read_assignments(str(marked)) == read_assignments(str(plain)) == [("a, b.png", "runs/A"), ("c.png", None)]
+
+
 def test_count_params_states_the_storage_of_many_adapters(vera):
     result = vera("count-params", "--adapters", "100", "--json")
     assert result.code == 0, result.err

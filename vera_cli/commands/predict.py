@@ -77,7 +77,8 @@ class PredictResult:
 def read_assignments(path: str) -> list[tuple[str, Optional[str]]]:
     """(image, adapt run or None for the base) rows of a CSV file headed `image,adapter`."""
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark.
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.reader(handle))
     except UnicodeDecodeError as exc:
         raise VeraError(f"{path} is not a UTF-8 text file: --adapters-csv takes a CSV of image,adapter rows") from exc
