@@ -253,6 +253,15 @@ def test_an_adapters_csv_with_a_byte_order_mark_reads_as_one_without(tmp_path):
     assert read_assignments(str(marked)) == read_assignments(str(plain)) == [("a, b.png", "runs/A"), ("c.png", None)]
 
 
+def test_a_16_bit_grayscale_png_is_scaled_to_8_bits_not_clipped(tmp_path):
+    values = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64  # 0..65472
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    picture = read_image(tmp_path / "deep.png")
+    assert picture.mode.startswith("I") and picture.converted
+    expected = torch.from_numpy((values.astype(np.int64) * 255 + 32767) // 65535).to(torch.uint8)
+    assert all(torch.equal(channel, expected) for channel in picture.pixels)
+
+
 def test_count_params_states_the_storage_of_many_adapters(vera):
     result = vera("count-params", "--adapters", "100", "--json")
     assert result.code == 0, result.err

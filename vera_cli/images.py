@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 IMAGE_SIZE = 32
 
 RULE = (f"images other than {IMAGE_SIZE}x{IMAGE_SIZE} RGB are converted to RGB (Pillow's convert: alpha dropped, "
-        f"grayscale and palettes expanded), resized so that the short side is {IMAGE_SIZE} pixels (bilinear, "
+        f"grayscale and palettes expanded; 16-bit grayscale scaled to 8 bits first), resized so that the short side is {IMAGE_SIZE} pixels (bilinear, "
         f"antialiased) and cropped to the centre {IMAGE_SIZE}x{IMAGE_SIZE}")
 
 
@@ -69,9 +69,18 @@ def _size_after(width: int, height: int) -> tuple[int, int]:
     return int(IMAGE_SIZE * width / height), IMAGE_SIZE
 
 
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale (a PNG's or TIFF's I;16, or I in Pillows that open 16-bit PNGs so) as 8-bit L, 0..65535 to
+    0..255: Pillow's convert would clip every value above 255, turning such an image nearly white."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+        values = np.asarray(image).astype(np.int64).clip(0, 65535)
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+    return image
+
+
 def to_cifar(image: Image.Image) -> Image.Image:
     """`RULE` applied to a Pillow image: a 32x32 RGB image."""
-    rgb = image.convert("RGB")
+    rgb = _eight_bit(image).convert("RGB")
     if rgb.size == (IMAGE_SIZE, IMAGE_SIZE):
         return rgb
     resized = rgb.resize(_size_after(*rgb.size), Image.Resampling.BILINEAR)
