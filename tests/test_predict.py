@@ -243,6 +243,22 @@ def test_paths_that_look_like_rich_markup_print_as_they_are(capsys):
     assert "warning: photos/a[/x].png: no such file; skipped" in capsys.readouterr().err
 
 
+def test_run_paths_in_the_accuracy_tables_print_as_they_are():
+    from rich.console import Console
+
+    from vera_cli.metrics import accuracy_report
+    from vera_cli.report import accuracy_table, compare_table, comparison_table
+
+    report = accuracy_report(torch.eye(2), torch.tensor([0, 1]), ["cat", "dog"])
+    console = Console(record=True, width=200)
+    console.print(accuracy_table(report, "Test accuracy, runs/a[/x]"))
+    console.print(comparison_table({"base": report, "runs/[red]A": report}, "Adapted runs/[b]base -> runs/c[/y]"))
+    console.print(compare_table([], "Comparison runs/[i]d on cat"))
+    text = console.export_text()
+    for shown in ("Test accuracy, runs/a[/x]", "runs/[red]A", "Adapted runs/[b]base -> runs/c[/y]", "Comparison runs/[i]d"):
+        assert shown in text, shown
+
+
 def test_an_adapters_csv_with_a_byte_order_mark_reads_as_one_without(tmp_path):
     from vera_cli.commands.predict import read_assignments
 

@@ -33,7 +33,7 @@ def cost_line(summary: dict[str, Any]) -> str:
 
 
 def accuracy_table(report: AccuracyReport, title: str, held_out: list[str] = ()) -> Table:
-    table = Table(title=title)
+    table = Table(title=escape(title))
     table.add_column("class")
     table.add_column("correct", justify="right")
     table.add_column("total", justify="right")
@@ -57,10 +57,10 @@ def comparison_table(reports: dict[str, AccuracyReport], title: str, held_out: l
     names = list(reports)
     reference = reports[names[0]]
     chosen = set(next((r.chosen_classes for r in reports.values() if r.chosen_classes), []))
-    table = Table(title=title)
+    table = Table(title=escape(title))
     table.add_column("class")
     for index, name in enumerate(names):
-        table.add_column(name, justify="right")
+        table.add_column(escape(name), justify="right")
         if index > 0:
             table.add_column("change", justify="right")
 
@@ -173,7 +173,7 @@ def _setting_table(title: str, shown: list[TableLine], columns: list[str]) -> tu
     `columns`; and the function that gives a line's setting cells."""
     protocol = [(key, heading) for key, heading in PROTOCOL_COLUMNS if any(getattr(line, key) is not None for line in shown)]
     # No vertical rules and short headings: with the protocol columns the table must fit 130 columns.
-    result = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    result = Table(title=escape(title), box=box.SIMPLE_HEAD, pad_edge=False)
     for column in (*SETTING_COLUMNS, *(heading for _, heading in protocol), *columns):
         result.add_column(column, justify="left" if column in LEFT_COLUMNS else "right",
                           no_wrap=column in ("method", "forgetting", "base"))
