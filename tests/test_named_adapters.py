@@ -196,6 +196,22 @@ def test_merging_an_adapter_the_model_does_not_have_is_refused():
     assert torch.equal(model(INPUT), expected)
 
 
+def test_adapters_are_refused_on_layers_that_are_not_float32_and_work_once_the_adapted_model_is_converted():
+    for dtype in (torch.float64, torch.bfloat16):
+        with pytest.raises(AdapterError, match=f"this model's are {str(dtype)[6:]}: call model.float"):
+            add_adapter(convnet().to(dtype), "a", VERA_ALL)
+    model = with_adapters(convnet(), {"a": VERA_ALL})
+    model.to(torch.float64)
+    with pytest.raises(AdapterError, match="this model's are float64"):
+        add_adapter(model, "b", AdapterConfig(method="lora", rank=4))
+    assert adapter_names(model) == ["a"]
+    set_adapter(model, "a")
+    with torch.no_grad():
+        converted = model(INPUT.double())
+        assert converted.dtype == torch.float64
+        assert torch.allclose(converted.float(), model.float()(INPUT), atol=1e-5)
+
+
 @pytest.mark.parametrize("name, message", [
     ("base", "means no adapter in a mixed batch"), ("a.b", "use letters, digits"), ("keys", "choose another name"),
     ("a", "already has an adapter named 'a'")])
@@ -274,8 +290,16 @@ def test_positions_or_a_tensor_choose_adapters_and_a_uniform_batch_is_the_adapte
         assert torch.equal(forward_mixed(model, INPUT, ["b"] * len(INPUT)), alone(model, "b", INPUT))
     with pytest.raises(AdapterError, match="no adapter named 'z': the model has a, b"):
         forward_mixed(model, INPUT[:2], ["a", "z"])
-    with pytest.raises(AdapterError, match="names an adapter for 3 samples, but this layer got 4 rows"):
+    with pytest.raises(AdapterError, match="4 samples but 3 per-sample adapters: give one adapter per sample"):
         forward_mixed(model, INPUT[:4], ["a", "b", None])
+    with pytest.raises(AdapterError, match="names an adapter for 3 samples, but this layer got 4 rows"), \
+            mixed_batch(model, ["a", "b", None]):
+        model(INPUT[:4])
+    # One name for the whole batch is a list of it, not the name's letters; True is not adapter 1.
+    with pytest.raises(AdapterError, match=r"not the string 'ab': \['ab'\] \* batch_size puts every sample on it"):
+        forward_mixed(model, INPUT[:2], "ab")
+    with pytest.raises(AdapterError, match="a sample's adapter is a name, a position in 0..1, -1, None or 'base'; got True"):
+        forward_mixed(model, INPUT[:2], [True, 0])
     with pytest.raises(AdapterError, match="positions must lie in -1..1"):
         forward_mixed(model, INPUT[:2], torch.tensor([0, 2]))
 

@@ -112,6 +112,22 @@ def test_the_stated_rule_is_torchvisions_resize_and_centre_crop():
     assert "short side is 32 pixels (bilinear, antialiased)" in RULE
 
 
+def test_a_photo_is_turned_upright_as_its_exif_orientation_says(tmp_path):
+    rng = np.random.default_rng(2)
+    stored = Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))  # 48 wide, 32 high, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to view
+    stored.save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    stored.save(tmp_path / "plain.jpg", quality=100)
+    upright = read_image(tmp_path / "rotated.jpg")
+    # Read as stored: 48x32, and upright 32x48, centre-cropped to rows 8..40 of the turned image.
+    assert (upright.width, upright.height) == (48, 32)
+    turned = np.asarray(Image.open(tmp_path / "plain.jpg").transpose(Image.Transpose.ROTATE_270))[8:40]
+    assert np.abs(upright.pixels.permute(1, 2, 0).numpy().astype(int) - turned.astype(int)).max() <= 1
+    assert not torch.equal(read_image(tmp_path / "plain.jpg").pixels, upright.pixels)
+    assert RULE.endswith("every image is first turned upright as its EXIF orientation says (a camera's rotated photo)")
+
+
 def test_images_of_any_mode_and_size_become_32x32_rgb_and_bad_files_say_why(tmp_path):
     rng = np.random.default_rng(1)
     gray = write_png(tmp_path / "gray.png", rng.integers(0, 256, (20, 40), dtype=np.uint8))

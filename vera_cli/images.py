@@ -1,8 +1,8 @@
 """Image files as the models see CIFAR-10: uint8 (3, 32, 32) RGB, by one stated rule.
 
-Anything Pillow reads (PNG, JPEG, GIF's first frame, BMP, WebP, TIFF, ...). A 32x32 RGB image is
-taken as it is, so a CIFAR-10 image saved losslessly gives back its exact pixels. Any other is
-converted by `RULE`, the same as torchvision's `Resize(32)` (bilinear, antialiased) then
+Anything Pillow reads (PNG, JPEG, GIF's first frame, BMP, WebP, TIFF, ...), turned upright as its
+EXIF orientation says. A 32x32 RGB image is taken as it is, so a CIFAR-10 image saved losslessly
+gives back its exact pixels. Any other is converted by `RULE`, the same as torchvision's `Resize(32)` (bilinear, antialiased) then
 `CenterCrop(32)` on the RGB image.
 
 Pillow refuses images of more than `Image.MAX_IMAGE_PIXELS` pixels (a decompression bomb: a small
@@ -17,14 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # CIFAR-10's image size, the only one every model here takes (data.py reads the data set at it).
 IMAGE_SIZE = 32
 
 RULE = (f"images other than {IMAGE_SIZE}x{IMAGE_SIZE} RGB are converted to RGB (Pillow's convert: alpha dropped, "
-        f"grayscale and palettes expanded; 16-bit grayscale scaled to 8 bits first), resized so that the short side is {IMAGE_SIZE} pixels (bilinear, "
-        f"antialiased) and cropped to the centre {IMAGE_SIZE}x{IMAGE_SIZE}")
+        f"grayscale and palettes expanded; 16-bit grayscale scaled to 8 bits first), resized so that the short side "
+        f"is {IMAGE_SIZE} pixels (bilinear, antialiased) and cropped to the centre {IMAGE_SIZE}x{IMAGE_SIZE}; every "
+        "image is first turned upright as its EXIF orientation says (a camera's rotated photo)")
 
 
 class UnreadableImage(Exception):
@@ -98,7 +99,7 @@ def read_image(path: Path) -> Picture:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 width, height, mode = image.width, image.height, image.mode
-                converted = to_cifar(image)
+                converted = to_cifar(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UnreadableImage(f"larger than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
                               "(Image.MAX_IMAGE_PIXELS; a decompression bomb?)") from None

@@ -31,6 +31,9 @@ Choice = Union[str, int, None]
 
 def sample_positions(names: Sequence[str], adapters: Sequence[Choice] | torch.Tensor) -> torch.Tensor:
     """Each sample's adapter as a position in `names`, the model's adapter names (-1: none), checked."""
+    if isinstance(adapters, (str, bytes)):
+        raise AdapterError(f"per-sample adapters are a list with one entry per sample, not the string {adapters!r}: "
+                           f"[{adapters!r}] * batch_size puts every sample on it")
     if isinstance(adapters, torch.Tensor):
         if adapters.dim() != 1 or adapters.dtype.is_floating_point or adapters.dtype == torch.bool:
             raise AdapterError("per-sample adapters as a tensor must be one integer position per sample")
@@ -47,7 +50,7 @@ def sample_positions(names: Sequence[str], adapters: Sequence[Choice] | torch.Te
             if choice not in lookup:
                 raise AdapterError(f"no adapter named {choice!r}: the model has {', '.join(names) or 'none'}")
             positions.append(lookup[choice])
-        elif isinstance(choice, int) and -1 <= choice < len(names):
+        elif isinstance(choice, int) and not isinstance(choice, bool) and -1 <= choice < len(names):
             positions.append(choice)
         else:
             raise AdapterError(f"a sample's adapter is a name, a position in 0..{len(names) - 1}, -1, None or "
@@ -81,5 +84,7 @@ def mixed_batch(model: nn.Module, adapters: Sequence[Choice] | torch.Tensor) -> 
 def forward_mixed(model: nn.Module, x: torch.Tensor, adapters: Sequence[Choice] | torch.Tensor,
                   forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """`forward(x)` (default: the model itself) with sample i through adapter `adapters[i]`."""
+    if len(adapters) != len(x):
+        raise AdapterError(f"{len(x)} samples but {len(adapters)} per-sample adapters: give one adapter per sample")
     with mixed_batch(model, adapters):
         return (forward or model)(x)
