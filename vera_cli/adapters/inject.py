@@ -180,6 +180,11 @@ def attach(model: nn.Module, name: str, spec: AdapterConfig, in_place: bool = Fa
                            "trainable modules or full): add adapters by name to a fresh base instead")
     _check_trainable(model, spec.trainable)
     layers = target_layers(model, spec) if spec.method in LOW_RANK else {}
+    others = sorted({str(layer.weight.dtype).removeprefix("torch.") for layer in layers.values()} - {"float32"})
+    if others:
+        # Adapter values and projection banks are float32, and the bank's checksum is taken in it.
+        raise AdapterError(f"adapters are added to float32 layers and this model's are {', '.join(others)}: call "
+                           "model.float() first, then convert the adapted model or run it under torch.autocast")
     copies = [] if in_place else fully_trained(model, spec)
     reason = named_refusal(model, spec) if copies else None
     if reason is not None:
