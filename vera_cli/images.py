@@ -2,8 +2,8 @@
 
 Anything Pillow reads (PNG, JPEG, GIF's first frame, BMP, WebP, TIFF, ...), turned upright as its
 EXIF orientation says. A 32x32 RGB image is taken as it is, so a CIFAR-10 image saved losslessly
-gives back its exact pixels. Any other is converted by `RULE`, the same as torchvision's `Resize(32)` (bilinear, antialiased) then
-`CenterCrop(32)` on the RGB image.
+gives back its exact pixels. Any other is converted by `RULE`, the same as torchvision's
+`Resize(32)` (bilinear, antialiased) then `CenterCrop(32)` on the RGB image.
 
 Pillow refuses images of more than `Image.MAX_IMAGE_PIXELS` pixels (a decompression bomb: a small
 file that would expand to gigabytes); so does this module, from the header alone, before decoding.
