@@ -19,7 +19,8 @@ Measures, on whatever machine runs it (targets: TARGETS below, one table):
   6. VeRA against LoRA on every conv and linear layer: training step and unmerged
      inference (conv_adapters.py);
   7. the ViT of pretrain-vit: pretrain step throughput in the recipe's precision and in fp32 (against the best
-     fp32 and bf16 products), peak RSS of a one-epoch pretrain, and VeRA's
+     fp32 and bf16 products), the same step's products replayed alone (products.py: its bound), peak RSS of a
+     one-epoch pretrain, and VeRA's
      training step and unmerged inference against LoRA's and PEFT's VeRA (vit_adapters.py);
   8. the few-shot protocol's adaptation (experiment-fewshot's adapt section) on the experiment's base;
   9. a `vera compare` grid in one process against the same grid spread over two (torchrun, and --workers 2);
@@ -52,13 +53,16 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from conv_adapters import conv_adapter_timing
 from growth import growth
+from products import recorded_products, replay_seconds
 from serving import serving
 from timing import median_seconds, product_forward, round_robin_ms
 from vit_adapters import adapter_costs
+from vit_precision import CONTEXTS, training_step
 from vera_cli import config as config_module
 from vera_cli import fast
 from vera_cli.adapters.inject import inject, merged_plain
@@ -153,9 +157,26 @@ def flops_per_training_image() -> float:
     return 3.0 * counter.get_total_flops()
 
 
+def _attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    # The four products of attention's gradients, twice the forward's two; not the scores a flash kernel
+    # recomputes (torch's formula for its CUDA kernels counts those too).
+    return 2 * flop_counter.sdpa_flop_count(query, key, value)
+
+
+# torch's counter has formulas for the CUDA attention kernels but none for the CPU's, which it counts as
+# nothing: the ViT's attention products (an eighth of its step's FLOPs) went uncounted.
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+                       torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops}
+
+
 def counted_training_flops(model: torch.nn.Module, batch: int = 8) -> float:
-    """FLOPs per image of a training step's forward and backward as torch's counter sees them run."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs per image of a training step's forward and backward as torch's counter sees them run (with the
+    CPU's attention kernel counted as its products)."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
         F.cross_entropy(model(torch.randn(batch, 3, 32, 32)), torch.zeros(batch, dtype=torch.int64)).backward()
     return counter.get_total_flops() / batch
 
@@ -406,9 +427,18 @@ def vit(data_dir: str, scale: Scale) -> dict:
     torch.manual_seed(0)
     costs = adapter_costs(build_model(cfg.model), ["attention"], rounds=scale.vit_rounds)
     return {"images_per_second": rates[recipe], "precision": recipe, "fp32_images_per_second": rates["fp32"],
-            "bf16_gemm_gflops": bf16_gflops,
+            "bf16_gemm_gflops": bf16_gflops, "products": step_products(cfg.model, cfg.train.batch_size, recipe, scale),
             "batch_size": cfg.train.batch_size, "epoch_seconds": 50_000 / rates[recipe],
             "flops_per_image": counted_training_flops(build_model(cfg.model)), **costs}
+
+
+def step_products(model_cfg, batch: int, precision: str, scale: Scale) -> dict:
+    """The matrix products of a training step in `precision` as the trainer runs it, replayed alone (products.py)."""
+    step = training_step(model_cfg, batch, CONTEXTS["bf16, attention as products" if precision == "bf16" else "fp32"])
+    step()  # warm-up
+    calls = recorded_products(step)
+    return {"calls": len(calls), "flops": sum(call.flops for call in calls),
+            "seconds": replay_seconds(calls, max(3, scale.repeats))}
 
 
 def fewshot(base_run: str, data_dir: str, workdir: Path, scale: Scale) -> dict:
@@ -580,6 +610,17 @@ def report(results: dict) -> str:
                  f"here) | {v['images_per_second']:,.0f} img/s ({v['epoch_seconds']:.0f} s an epoch, "
                  f"{v['flops_per_image'] / 1e6:.0f} MFLOP per image) | limit {own_limit:,.0f} img/s ({limit_note}) | "
                  f"{fraction:.2f} | {verdict('vit_limit', fraction)} |")
+    # Where the rest of the distance from the limit lies: in the products' own shapes, or between them.
+    products, best = v["products"], (v["bf16_gemm_gflops"] if v["precision"] == "bf16" else t["sgemm_gflops"])
+    product_gflops = products["flops"] / products["seconds"] / 1e9
+    step_ms = 1000 * v["batch_size"] / v["images_per_second"]
+    lines.append(f"| the same step's matrix products alone ({products['calls']} calls replayed at the step's shapes, layouts "
+                 f"and precision) | {1000 * products['seconds']:.0f} ms of the step's {step_ms:.0f} ms at "
+                 f"{product_gflops:.0f} GFLOP/s | the best {v['precision']} product {best:.0f} GFLOP/s | "
+                 f"{product_gflops / best:.2f} | - |")
+    bound = v["batch_size"] / products["seconds"]
+    lines.append(f"| the same step if nothing but its products took time (its bound) | {bound:,.0f} img/s | limit "
+                 f"{own_limit:,.0f} img/s | {bound / own_limit:.2f} | - |")
     if v["precision"] != "fp32":
         fp32_fraction = v["fp32_images_per_second"] / limit
         lines.append(f"| the same in fp32 | {v['fp32_images_per_second']:,.0f} img/s | limit {limit:,.0f} img/s (the same "

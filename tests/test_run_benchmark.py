@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # as when the script runs: it imports the shared timing helper beside it
@@ -19,6 +20,22 @@ def test_flops_per_training_image_are_the_six_channel_networks_forward_times_thr
     conv_macs = 28 * 28 * 6 * 3 * 5 * 5 + 10 * 10 * 16 * 6 * 5 * 5
     linear_macs = 400 * 120 + 120 * 84 + 84 * 84 + 84 * 84 + 84 * 10
     assert bench.flops_per_training_image() == 3 * 2 * (conv_macs + linear_macs) == 3_994_992
+
+
+def test_a_vit_s_training_flops_count_its_attention_products_on_the_cpu():
+    from conftest import TINY_VIT
+    from vera_cli.models import build_model
+
+    torch.manual_seed(0)
+    # TINY_VIT: 32x32 images in patches of 8 (16 tokens), width 16, 2 blocks of 2 heads, MLP 32 wide, 10 classes.
+    tokens, dim, hidden, blocks = 16, 16, 32, 2
+    linear = tokens * blocks * (4 * dim * dim + 2 * dim * hidden) + dim * 10
+    attention = blocks * 2 * tokens * tokens * dim  # scores and their weighted sum, over the heads together
+    embed = tokens * dim * 3 * 8 * 8
+    # Forward and two products back for each linear layer and for attention; the embedding's weight gradient
+    # only (nothing flows back to the images).
+    expected = 2 * (3 * (linear + attention) + 2 * embed)
+    assert bench.counted_training_flops(build_model(TINY_VIT), batch=4) == expected
 
 
 def test_round_robin_times_every_call_each_round_after_varying_predecessors(monkeypatch):
