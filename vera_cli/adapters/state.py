@@ -29,10 +29,18 @@ from vera_cli.adapters.registry import BANK_NAME, named_tensors, projection_bank
 PROJECTIONS_PREFIX = BANK_NAME + "."
 
 
+def _alone(tensor: torch.Tensor) -> torch.Tensor:
+    # After a mixed batch an adapter's vectors are rows of one table per layer, and torch.save writes a view's
+    # whole storage: every adapter's values in each one's file.
+    tensor = tensor.detach()
+    return tensor if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size() else tensor.clone()
+
+
 def adapter_tensors(model: nn.Module, spec: AdapterConfig, name: str | None = None) -> dict[str, torch.Tensor]:
     if name is not None:
         require(model, name)
-    tensors = dict(trainable_state(model)) if name is None else {k: t.detach() for k, t in named_tensors(model, name).items()}
+    state = trainable_state(model) if name is None else named_tensors(model, name)
+    tensors = {key: _alone(tensor) for key, tensor in state.items()}
     bank = projection_bank(model, name)
     if bank is not None and spec.store_projections:
         tensors.update({PROJECTIONS_PREFIX + key: buf for key, buf in bank.named_buffers()})
