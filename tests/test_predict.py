@@ -112,6 +112,27 @@ def test_the_stated_rule_is_torchvisions_resize_and_centre_crop():
     assert "short side is 32 pixels (bilinear, antialiased)" in RULE
 
 
+def test_broken_links_loops_and_unreadable_files_in_a_folder_are_named_not_dropped(tmp_path, monkeypatch):
+    from vera_cli.images import UnreadableImage, image_files
+
+    good = write_png(tmp_path / "good.png", np.zeros((32, 32, 3), dtype=np.uint8))
+    (tmp_path / "gone.png").symlink_to(tmp_path / "missing.png")
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    (tmp_path / "sub.png").mkdir()  # a folder, even with an image's name, is not listed
+    listed = image_files([str(tmp_path)])
+    assert [path.name for path in listed] == ["gone.png", "good.png", "loop.png"]
+    for name, reason in (("gone.png", "no such file"), ("loop.png", "a loop of symbolic links")):
+        with pytest.raises(UnreadableImage, match=f"^{reason}$"):
+            read_image(tmp_path / name)
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Image, "open", refused)
+    with pytest.raises(UnreadableImage, match=r"^not readable \(permission denied\)$"):
+        read_image(good)
+
+
 def test_a_photo_is_turned_upright_as_its_exif_orientation_says(tmp_path):
     rng = np.random.default_rng(2)
     stored = Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))  # 48 wide, 32 high, as stored

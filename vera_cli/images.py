@@ -11,6 +11,7 @@ file that would expand to gigabytes); so does this module, from the header alone
 
 from __future__ import annotations
 
+import errno
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,8 @@ def image_files(paths: list[str]) -> list[Path]:
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in extensions)
+            # Not only is_file(): a broken link or a loop among the images is reported when read, not dropped.
+            files += sorted(p for p in path.iterdir() if not p.is_dir() and p.suffix.lower() in extensions)
         else:
             files.append(path)
     return files
@@ -109,7 +111,11 @@ def read_image(path: Path) -> Picture:
         raise UnreadableImage("no such file") from None
     except IsADirectoryError:
         raise UnreadableImage("a folder, not a file") from None
+    except PermissionError:
+        raise UnreadableImage("not readable (permission denied)") from None
     except Exception as exc:  # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError... on a damaged file
+        if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+            raise UnreadableImage("a loop of symbolic links") from None
         raise UnreadableImage(f"damaged or truncated ({type(exc).__name__}: {exc})") from None
     pixels = torch.from_numpy(np.array(converted, dtype=np.uint8)).permute(2, 0, 1).contiguous()
     return Picture(path, pixels, width, height, mode)
