@@ -109,6 +109,17 @@ def test_a_vit_with_dropout_or_augmentation_trains_on_whole_images(cifar_root):
     assert images.shape == (16, 3, 32, 32)
 
 
+@pytest.mark.parametrize("adapter", [AdapterConfig(method="head"), AdapterConfig(targets=["head"])])
+def test_a_vit_with_dropout_and_a_frozen_body_trains_on_whole_images(cifar_root, adapter):
+    # Only the head trains: the body's features drop out in every training step, so they cannot be cached (they were:
+    # trained without dropout, unlike cache_features=false).
+    data = load_cifar10(cifar_root, download=False)
+    cfg = config_module.load(AdaptConfig, "adapt-vera", {"train.epochs": 1, "train.batch_size": 16})
+    dropout = ModelConfig("vit", dataclasses.replace(TINY_VIT.vit, dropout=0.1))
+    model = inject(build_model(dropout), adapter)
+    assert build_pipeline(model, data.train, data.test, cfg).forward is model
+
+
 def test_count_params_sets_vera_beside_lora_and_the_paper(vera):
     result = vera("count-params", "--model", "vit", "--rank", "256", "--target", ATTENTION, "--versus-lora", "8", "--json")
     counts = result.json()

@@ -94,14 +94,16 @@ def frozen_split(model: nn.Module) -> tuple[Forward, Forward] | None:
     classifier when every feature module is frozen; for a ViT, the tokens through the leading blocks in which nothing
     trains, and the remaining blocks with the head. None where nothing before the first trained weight is fixed."""
     if prefix_is_frozen(model):
+        # A ViT's frozen body drops out in training as its blocks below do (its tokens' `drop` is no feature module).
+        if _drops([*model.feature_modules(), *([model.drop] if hasattr(model, "tokens") else [])]):
+            return None
         return prefix_of(model), model.classifier
     if not hasattr(model, "through_blocks"):
         return None
     trains = lambda module: any(p.requires_grad for p in module.parameters())  # noqa: E731
     first = next((i for i, block in enumerate(model.blocks) if trains(block)), len(model.blocks))
     frozen = [model.embed, model.drop, *model.blocks[:first]]
-    if any(trains(module) for module in frozen) or any(isinstance(m, nn.Dropout) and m.p > 0
-                                                        for module in frozen for m in module.modules()):
+    if any(trains(module) for module in frozen) or _drops(frozen):
         return None
 
     def prefix(x: torch.Tensor) -> torch.Tensor:
@@ -111,6 +113,11 @@ def frozen_split(model: nn.Module) -> tuple[Forward, Forward] | None:
         return x
 
     return prefix, lambda tokens: model.classifier(model.through_blocks(tokens, first))
+
+
+def _drops(modules: list[nn.Module]) -> bool:
+    """Whether any of `modules` holds a dropout that acts in training: its output is not the same every epoch."""
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for module in modules for m in module.modules())
 
 
 def _caches_frozen_part(layer: AdaptedLayer) -> bool:
