@@ -101,7 +101,13 @@ def test_new_classes_with_the_head_kept_frozen_need_an_adapter_on_it(held_out_ba
     assert refused.code == 2 and not Path("runs/never").exists()
     assert refused.err == ("error: cat, bird, dog are new to runs/held-out (held out at its pretraining) and nothing here "
                            "trains its classifier layer fc5 (adapter.train_head is false and fc5 is not among the adapter's "
-                           "targets): their logits could not be learned; drop --no-train-head, or add fc5 to the targets\n")
+                           "targets): their logits could not be learned; train the head (drop --no-train-head; in vera "
+                           "compare, a method with +head), or add fc5 to the targets\n")
+    # A comparison refuses such a row before any row runs, and names it.
+    grid = vera("compare", "--base", str(held_out_base), "--classes", *HELD_OUT, "--methods", "vera+head,vera",
+                "--ranks", "4", "--targets", "fc1", "--epochs", "1", "--run-dir", "runs/never-grid")
+    assert grid.code == 2 and not Path("runs/never-grid").exists()
+    assert grid.err.startswith("error: row vera-r4") and "nothing here trains its classifier layer fc5" in grid.err
     adapted = vera("adapt", *base, "--run-dir", "runs/frozen-head")
     assert adapted.code == 0, adapted.err
     assert ("note: cat, bird, dog are new to runs/held-out and adapter.train_head is false: only the adapter on fc5 can "

@@ -130,6 +130,12 @@ def epochs_for(cfg: AdaptConfig, steps_per_epoch: int) -> int:
     return max(cfg.train.epochs, math.ceil((cfg.min_steps or 0) / steps_per_epoch))
 
 
+def held_out_by(base_run: Run) -> list[int]:
+    """The classes `base_run` was pretrained without."""
+    excluded = pretrain_config(base_run).exclude_classes
+    return class_ids(excluded) if excluded else []
+
+
 def settle_head(cfg: AdaptConfig, new: list[str], base_run: Run) -> tuple[AdaptConfig, list[str]]:
     """`adapter.train_head` null decided by the base: on when a chosen class is `new` to it (held out at its
     pretraining), as in the VeRA paper's image classification; the notes say what was chosen and why."""
@@ -158,8 +164,8 @@ def require_learnable_head(model: torch.nn.Module, name: str, cfg: AdaptConfig, 
     if not reached:
         raise VeraError(f"{', '.join(new)} {'is' if len(new) == 1 else 'are'} new to {base_run.path} (held out at its "
                         f"pretraining) and nothing here trains its classifier layer {name} (adapter.train_head is false and "
-                        f"{name} is not among the adapter's targets): their logits could not be learned; drop "
-                        f"--no-train-head, or add {name} to the targets")
+                        f"{name} is not among the adapter's targets): their logits could not be learned; train the "
+                        f"head (drop --no-train-head; in vera compare, a method with +head), or add {name} to the targets")
     return [f"note: {', '.join(new)} {'is' if len(new) == 1 else 'are'} new to {base_run.path} and adapter.train_head "
             f"is false: only the adapter on {name} can move their logits"]
 
@@ -219,8 +225,7 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
     memory = PeakMemory(device)
     chosen = class_ids(cfg.classes)
     base_run = resolve_base(cfg.base)
-    base_cfg = pretrain_config(base_run)
-    held_out = class_ids(base_cfg.exclude_classes) if base_cfg.exclude_classes else []
+    held_out = held_out_by(base_run)
     new = [CLASSES[c] for c in chosen if c in held_out]
     cfg, notes = settle_head(cfg, new, base_run)
     require_logs(cfg.logging)
@@ -228,7 +233,7 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
                         shared=world.shared())
     data = (data or load_cifar10(cfg.data.dir, cfg.data.download)).to(device)
     require_images(data.train, chosen, data.classes, "training")
-    model, _ = load_pretrained(base_run, device)
+    model, base_cfg = load_pretrained(base_run, device)
     base_fingerprint = fingerprint(model)
     tta = base_cfg.model.tta
     selection = training_selection(data.train.labels, chosen, held_out, cfg, data.classes)

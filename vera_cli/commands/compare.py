@@ -34,14 +34,17 @@ import torch
 
 from vera_cli import config as config_module
 from vera_cli import fast
+from vera_cli.adapters.errors import AdapterError
 from vera_cli.adapters.inject import inject
+from vera_cli.adapters.targets import head_name
 from vera_cli.bases import fingerprint, load_pretrained, model_config, resolve_base
 from vera_cli.comparison import (METRICS, ROWS_FILE, GridPoint, Row, TableLine, aggregate, base_line as line_of_base,
                                  contest, grid, method_parts, read_rows, resolve_reference, setting_of)
-from vera_cli.commands.adapt import AdaptSummary, evaluate_later, run_adapt
+from vera_cli.commands.adapt import (AdaptSummary, evaluate_later, held_out_by, require_learnable_head, run_adapt,
+                                     settle_head)
 from vera_cli.train import Log
 from vera_cli.config import RANKLESS, AdaptConfig, CompareConfig
-from vera_cli.data import Cifar10, class_ids, load_cifar10, require_images
+from vera_cli.data import CLASSES, Cifar10, class_ids, load_cifar10, require_images
 from vera_cli.distributed import LOCAL, World, claimed
 from vera_cli.errors import VeraError
 from vera_cli.grid_progress import PLAN_FILE, GridPlan, GridProgress, per_hour, plan_grid
@@ -258,10 +261,17 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     test_shares = tested_later(points, configs) if world.size == 1 else {}
     later = frozenset(test_shares)
     model, _ = load_pretrained(base_run, device)
-    # A target that matches no layer of the base (or a rank no layer can use) is refused before the
-    # comparison starts, not at its first row.
-    for adapter in {repr(c.adapter): c.adapter for c in configs.values()}.values():
-        inject(copy.deepcopy(model), adapter)
+    # A target that matches no layer of the base, a rank no layer can use, or new classes that nothing trained
+    # could reach are refused before the comparison starts, not at a row.
+    for name, adapt_cfg in {repr(c.adapter): (name, c) for name, c in configs.items()}.values():
+        for each in base_runs:
+            new = [CLASSES[c] for c in chosen if c in held_out_by(each)]
+            settled, _ = settle_head(adapt_cfg, new, each)
+            try:
+                adapted = inject(copy.deepcopy(model), settled.adapter)
+                require_learnable_head(adapted, head_name(adapted) if new else "", settled, new, each)
+            except (VeraError, AdapterError) as error:
+                raise VeraError(f"row {name}: {error}") from None
     data = load_cifar10(cfg.data.dir, cfg.data.download).to(device)
     require_images(data.train, chosen, data.classes, "training")
     for shots, validation in {(c.shots, c.validation) for c in configs.values()}:
