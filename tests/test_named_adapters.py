@@ -301,6 +301,12 @@ def test_positions_or_a_tensor_choose_adapters_and_a_uniform_batch_is_the_adapte
         forward_mixed(model, INPUT[:2], "ab")
     with pytest.raises(AdapterError, match="a sample's adapter is a name, a position in 0..1, -1, None or 'base'; got True"):
         forward_mixed(model, INPUT[:2], [True, 0])
+    with pytest.raises(AdapterError, match="not the string 'abc'"):
+        forward_mixed(model, INPUT[:2], "abc")
+    with pytest.raises(AdapterError, match="as a tensor must be one integer position per sample"):
+        forward_mixed(model, INPUT[:2], torch.tensor(0))
+    with pytest.raises(AdapterError, match="2 samples but 3 per-sample adapters"):
+        forward_mixed(model, INPUT[:2], torch.tensor([0, 1, 0]))
     with pytest.raises(AdapterError, match="positions must lie in -1..1"):
         forward_mixed(model, INPUT[:2], torch.tensor([0, 2]))
 

@@ -84,7 +84,9 @@ def mixed_batch(model: nn.Module, adapters: Sequence[Choice] | torch.Tensor) -> 
 def forward_mixed(model: nn.Module, x: torch.Tensor, adapters: Sequence[Choice] | torch.Tensor,
                   forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """`forward(x)` (default: the model itself) with sample i through adapter `adapters[i]`."""
-    if len(adapters) != len(x):
+    # A string or a tensor that is not one position per sample is refused by sample_positions, in its own words.
+    listed = adapters.dim() == 1 if isinstance(adapters, torch.Tensor) else not isinstance(adapters, (str, bytes))
+    if listed and len(adapters) != len(x):
         raise AdapterError(f"{len(x)} samples but {len(adapters)} per-sample adapters: give one adapter per sample")
     with mixed_batch(model, adapters):
         return (forward or model)(x)
