@@ -263,11 +263,11 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     model, _ = load_pretrained(base_run, device)
     # A target that matches no layer of the base, a rank no layer can use, or new classes that nothing trained
     # could reach are refused before the comparison starts, not at a row.
+    news = [(each, [CLASSES[c] for c in chosen if c in held_out_by(each)]) for each in base_runs]
     for name, adapt_cfg in {repr(c.adapter): (name, c) for name, c in configs.items()}.values():
-        for each in base_runs:
-            new = [CLASSES[c] for c in chosen if c in held_out_by(each)]
-            settled, _ = settle_head(adapt_cfg, new, each)
+        for each, new in news:
             try:
+                settled, _ = settle_head(adapt_cfg, new, each)
                 adapted = inject(copy.deepcopy(model), settled.adapter)
                 require_learnable_head(adapted, head_name(adapted) if new else "", settled, new, each)
             except (VeraError, AdapterError) as error:
