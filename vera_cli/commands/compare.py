@@ -34,7 +34,6 @@ import torch
 
 from vera_cli import config as config_module
 from vera_cli import fast
-from vera_cli.adapters.errors import AdapterError
 from vera_cli.adapters.inject import inject
 from vera_cli.adapters.targets import head_name
 from vera_cli.bases import fingerprint, load_pretrained, model_config, resolve_base
@@ -268,9 +267,10 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
         for each, new in news:
             try:
                 settled, _ = settle_head(adapt_cfg, new, each)
+                # A target or rank inject refuses (AdapterError) names itself, whichever row has it.
                 adapted = inject(copy.deepcopy(model), settled.adapter)
                 require_learnable_head(adapted, head_name(adapted) if new else "", settled, new, each)
-            except (VeraError, AdapterError) as error:
+            except VeraError as error:
                 raise VeraError(f"row {name}: {error}") from None
     data = load_cifar10(cfg.data.dir, cfg.data.download).to(device)
     require_images(data.train, chosen, data.classes, "training")
