@@ -32,9 +32,11 @@ def _step(model_name: str):
     import torch.nn.functional as F
 
     from vera_cli import config, fast
+    from vera_cli.allocator import keep_freed_memory
     from vera_cli.config import PretrainConfig
     from vera_cli.models import ConvNet, build_model
 
+    keep_freed_memory()  # as the CLI does for every command
     torch.manual_seed(0)
     vit = model_name == "vit"
     model = build_model(config.load(PretrainConfig, "pretrain-vit", {}).model) if vit else ConvNet()

@@ -23,6 +23,7 @@ from timing import product_forward, round_robin_ms
 from vera_cli.adapters.config import AdapterConfig
 from vera_cli.adapters.inject import inject
 from vera_cli import config
+from vera_cli.allocator import keep_freed_memory
 from vera_cli.config import AdaptConfig
 from vera_cli.models import ConvNet
 from vera_cli.train import Trainer
@@ -62,6 +63,7 @@ def conv_adapter_timing(rounds: int) -> dict:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the CLI does for every command
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()

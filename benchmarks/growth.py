@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from vera_cli import config
+from vera_cli.allocator import keep_freed_memory
 from vera_cli.commands.adapt import run_adapt
 from vera_cli.commands.pretrain import run_pretrain
 from vera_cli.config import AdaptConfig, PretrainConfig
@@ -106,6 +107,7 @@ def growth(base_run: str, data_dir: str, workdir: Path, pretrain_sizes: tuple[in
 
 
 def main() -> None:
+    keep_freed_memory()  # as the CLI does for every command
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--base", required=True, help="a pretrain run of the ConvNet")

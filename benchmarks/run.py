@@ -66,6 +66,7 @@ from vit_precision import CONTEXTS, training_step
 from vera_cli import config as config_module
 from vera_cli import fast
 from vera_cli.adapters.inject import inject, merged_plain
+from vera_cli.allocator import keep_freed_memory
 from vera_cli.bases import load_pretrained
 from vera_cli.commands.adapt import run_adapt
 from vera_cli.commands.pretrain import run_pretrain
@@ -658,6 +659,7 @@ def report(results: dict) -> str:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the CLI does for every command
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", help="folder holding cifar-10-batches-py/")
     parser.add_argument("--smoke", action="store_true", help="every measurement once on synthetic data (CI)")

@@ -39,6 +39,7 @@ from vera_cli.adapters.inject import adapted_layers, merged_plain
 from vera_cli.adapters.mixed import forward_mixed
 from vera_cli.adapters.named import add_adapter, adapter_names, set_adapter
 from vera_cli.adapters.registry import named_tensors
+from vera_cli.allocator import keep_freed_memory
 from vera_cli.config import PretrainConfig
 from vera_cli.models import ConvNet, build_model
 from vera_cli.param_count import count_params, with_storage
@@ -264,6 +265,7 @@ def _serving(adapter_counts: tuple[int, ...], calls: int, batch: int, models: tu
 
 
 def main() -> None:
+    keep_freed_memory()  # as the CLI does for every command
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 64, 512])
     parser.add_argument("--calls", type=int, default=20)

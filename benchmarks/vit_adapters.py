@@ -23,6 +23,7 @@ from torch import nn
 from timing import product_forward, round_robin_ms
 from vera_cli.adapters.inject import inject
 from vera_cli.adapters.targets import select_targets
+from vera_cli.allocator import keep_freed_memory
 from vera_cli.bases import load_pretrained
 from vera_cli import config
 from vera_cli.config import AdaptConfig, AdapterConfig
@@ -79,6 +80,7 @@ def adapter_costs(base: nn.Module, targets: list[str], vera_rank: int = 256, lor
 
 
 def main() -> None:
+    keep_freed_memory()  # as the CLI does for every command
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", help="a ViT pretrain run (default: a fresh ViT with the default settings)")
     parser.add_argument("--target", action="append", help="presets or regexes to adapt (default: attention)")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from timing import round_robin_ms
 from vera_cli import config
+from vera_cli.allocator import keep_freed_memory
 from vera_cli.config import PretrainConfig
 from vera_cli.fast import bf16_autocast
 from vera_cli.models import ModelConfig, build_model
@@ -58,6 +59,7 @@ def precision_rates(model_cfg: ModelConfig, batch: int, rounds: int, steps: int 
 
 
 def main() -> None:
+    keep_freed_memory()  # as the CLI does for every command
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="pretrain-vit")
     parser.add_argument("--rounds", type=int, default=5)

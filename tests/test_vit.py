@@ -37,6 +37,20 @@ def test_cifar_images_in_logits_out_and_each_image_is_classified_on_its_own():
     assert not torch.allclose(model.features(swapped), model.features(x), atol=1e-4)
 
 
+def test_the_tokens_run_through_the_blocks_token_major():
+    # The patch convolution's output is channel-major; carried as a transposed view it would make every
+    # residual sum channel-major too and every layer norm copy its input first (the step's speed, not its values).
+    model = tiny_vit().eval()
+    x = torch.randn(3, 3, 32, 32)
+    tokens = model.tokens(x)
+    assert tokens.is_contiguous()
+    block_out = model.blocks[0](tokens)
+    assert block_out.is_contiguous()
+    # The same values as the transposed view gave.
+    expected = model.embed.proj(x).flatten(2).transpose(1, 2) + model.embed.position
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=0)
+
+
 def test_attention_has_separate_query_key_value_out_and_the_head_is_the_last_linear():
     model = tiny_vit()
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}

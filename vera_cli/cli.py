@@ -21,6 +21,7 @@ from vera_cli import __version__
 from vera_cli import completion as complete
 from vera_cli import config as cfg
 from vera_cli import signals
+from vera_cli.allocator import keep_freed_memory
 from vera_cli.adapters.errors import AdapterError
 from vera_cli.errors import RunInterrupted, VeraError, WorkerFailed, describe_os_error
 
@@ -561,6 +562,7 @@ def run(argv: list[str]) -> int:
     command = click_command()
     if complete.completing("vera"):
         complete.expand_completion_words(os.environ, expand_list_options, LIST_OPTIONS)
+    keep_freed_memory()
     # SIGTERM (a scheduler, `kill`) stops a run as cleanly as Ctrl-C does.
     previous = signals.install()
     try:

@@ -27,7 +27,9 @@ class PatchEmbedding(nn.Module):
         self.position = nn.Parameter(torch.zeros(1, (image_size // cfg.patch_size) ** 2, cfg.dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2) + self.position
+        # Token-major memory: the transposed view would carry the convolution's channel-major layout through
+        # every residual addition, and each layer norm would copy it (the fp32 step ran 3-5 % slower).
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous() + self.position
 
 
 class Attention(nn.Module):
