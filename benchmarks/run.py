@@ -82,6 +82,13 @@ REPO = Path(__file__).resolve().parent.parent
 CLASSES = ["cat", "bird", "dog"]
 
 
+# pretrain-fast's schedule shortened to 3 epochs: it anneals sooner, so its third epoch lands about 3 points
+# above the third of six (58.45 / 59.48 % against 55.07 %, seeds 0 / 1, 2026-12-01), at the classic accuracy.
+# Both sides move by half a point from run to run, so a schedule that falls short is followed by the next longer
+# one, up to pretrain-fast's own 6 epochs.
+FAST_EPOCHS = 3
+
+
 @dataclass(frozen=True)
 class Scale:
     """How much work each measurement does: the real benchmark, or the smoke run CI makes."""
@@ -104,12 +111,13 @@ class Scale:
     growth_pretrain_epochs: int
     growth_compare_seeds: tuple[int, ...]  # 4 rows per seed
     growth_shots: tuple[int, ...]
+    fast_epochs: int  # the longest pretrain-fast schedule tried for the time to the classic accuracy
 
 
 FULL = Scale(6, (), 5, 2000, 12_800, 100, 30, 2048, 30, None, 6, (1, 8, 64, 512), 20, 256,
-             (6_250, 12_500, 25_000), 3, (1, 2, 4), (10, 100, 1000, 5000))
+             (6_250, 12_500, 25_000), 3, (1, 2, 4), (10, 100, 1000, 5000), 6)
 SMOKE = Scale(1, ("--set", "pretrain.train.epochs=1", "--set", "adapt.train.epochs=1"), 1, 20, 512, 3, 1, 64, 1, 2, 1,
-              (1, 3), 2, 16, (50, 100), 1, (1, 2), (2, 4))
+              (1, 3), 2, 16, (50, 100), 1, (1, 2), (2, 4), FAST_EPOCHS)
 
 
 @dataclass(frozen=True)
@@ -238,25 +246,28 @@ def classic_pipeline(data_dir: str, epochs: int) -> dict:
     return {"curve": curve, "seconds": elapsed, "accuracy": curve[-1]["accuracy"]}
 
 
-# pretrain-fast's schedule shortened to 3 epochs: it anneals sooner, so its third epoch lands about 3 points
-# above the third of six (58.45 / 59.48 % against 55.07 %, seeds 0 / 1, 2026-12-01), at the classic accuracy.
-FAST_EPOCHS = 3
-
-
-def ours_to_accuracy(data_dir: str, target: float, workdir: Path) -> dict:
-    """`vera pretrain --config pretrain-fast --epochs 3`: training seconds until the test accuracy first reaches `target`."""
-    cfg = config_module.load(PretrainConfig, "pretrain-fast", {"data.dir": data_dir, "device": "cpu",
-                                                               "run_dir": str(workdir / "fast"), "train.epochs": FAST_EPOCHS})
-    started = time.perf_counter()
-    result = run_pretrain(cfg, log=quiet, progress=False)
-    wall = time.perf_counter() - started
-    metrics = [json.loads(line) for line in result.run.file("metrics.jsonl").read_text().splitlines()]
-    elapsed, reached = 0.0, None
-    for record in metrics:
-        elapsed += record["seconds"]
-        if reached is None and record["test_accuracy"] >= target:
-            reached = {"epoch": record["epoch"], "train_seconds": elapsed}
-    return {"wall": wall, "train_seconds": elapsed, "accuracy": result.test.overall, "reached": reached}
+def ours_to_accuracy(data_dir: str, target: float, workdir: Path, longest: int) -> dict:
+    """`vera pretrain --config pretrain-fast --epochs N` for N = 3, 4, ... `longest` until a run's test accuracy
+    reaches `target`: that run's training seconds until it first did, and every run's accuracy."""
+    tried = []
+    for epochs in range(FAST_EPOCHS, longest + 1):
+        cfg = config_module.load(PretrainConfig, "pretrain-fast", {"data.dir": data_dir, "device": "cpu",
+                                                                   "run_dir": str(workdir / f"fast-{epochs}"),
+                                                                   "train.epochs": epochs})
+        started = time.perf_counter()
+        result = run_pretrain(cfg, log=quiet, progress=False)
+        wall = time.perf_counter() - started
+        metrics = [json.loads(line) for line in result.run.file("metrics.jsonl").read_text().splitlines()]
+        elapsed, reached = 0.0, None
+        for record in metrics:
+            elapsed += record["seconds"]
+            if reached is None and record["test_accuracy"] >= target:
+                reached = {"epoch": record["epoch"], "train_seconds": elapsed}
+        tried.append({"epochs": epochs, "wall": wall, "train_seconds": elapsed, "accuracy": result.test.overall,
+                      "reached": reached})
+        if reached:
+            break
+    return {**tried[-1], "tried": tried}
 
 
 def child_command(args: list[str], workdir: Path) -> tuple[float, float]:
@@ -549,12 +560,17 @@ def report(results: dict) -> str:
              f"{m['cpu_kernels']}.", "",
              "| measure | ours | reference | ratio | target |", "|---|---|---|---|---|"]
     reached = f["reached"]
-    to_acc = reached["train_seconds"] if reached else float("nan")
-    speedup = c["seconds"] / to_acc
-    lines.append(f"| time to the classic pipeline's {len(c['curve'])}-epoch accuracy ({c['accuracy']:.2%}) | "
-                 f"{to_acc:.1f} s training (epoch {reached['epoch'] if reached else '-'} of pretrain-fast --epochs {FAST_EPOCHS}; "
-                 f"whole run {f['wall']:.1f} s, {f['accuracy']:.2%}) | classic {c['seconds']:.1f} s | "
-                 f"{speedup:.1f}x faster | {verdict('to_classic_accuracy', speedup)} |")
+    short = "".join(f"; --epochs {t['epochs']} fell short at {t['accuracy']:.2%}" for t in f["tried"] if not t["reached"])
+    if reached:
+        speedup = c["seconds"] / reached["train_seconds"]
+        lines.append(f"| time to the classic pipeline's {len(c['curve'])}-epoch accuracy ({c['accuracy']:.2%}) | "
+                     f"{reached['train_seconds']:.1f} s training (epoch {reached['epoch']} of pretrain-fast --epochs "
+                     f"{f['epochs']}; whole run {f['wall']:.1f} s, {f['accuracy']:.2%}{short}) | classic {c['seconds']:.1f} s | "
+                     f"{speedup:.1f}x faster | {verdict('to_classic_accuracy', speedup)} |")
+    else:
+        lines.append(f"| time to the classic pipeline's {len(c['curve'])}-epoch accuracy ({c['accuracy']:.2%}) | not reached "
+                     f"by pretrain-fast in up to {f['epochs']} epochs{short} | classic {c['seconds']:.1f} s | - | "
+                     f"{TARGETS['to_classic_accuracy'].goal} (NOT met) |")
     share = e["wall"] / c["seconds"]
     lines.append(f"| `vera experiment` with the defaults | {e['wall']:.1f} s wall (pretrain {e['pretrain_seconds']:.1f} s, "
                  f"{e['pretrain_epochs']} epochs) | classic {c['seconds']:.1f} s | {share:.2f} of its time | "
@@ -684,7 +700,7 @@ def main() -> None:
         print("classic pipeline ...", flush=True)
         results["classic"] = classic_pipeline(data_dir, classic_epochs)
         print("pretrain-fast ...", flush=True)
-        results["fast"] = ours_to_accuracy(data_dir, results["classic"]["accuracy"], workdir)
+        results["fast"] = ours_to_accuracy(data_dir, results["classic"]["accuracy"], workdir, scale.fast_epochs)
         print("vera experiment ...", flush=True)
         results["experiment"] = experiment(data_dir, workdir, scale)
         print("adaptation ...", flush=True)

@@ -116,3 +116,27 @@ def test_growth_laws_tell_linear_from_a_fixed_floor_and_from_faster_growth():
                                             **linear, "reason": "why"}})
     assert rows == ["| how cost grows: pretrain wall time at 1 / 2 / 4 training images | 2.0 / 3.0 / 5.0 s | linear: "
                     "1 s per unit + 1.0 s fixed (time grew as size^0.66) | - | why |"]
+
+
+def test_time_to_the_classic_accuracy_takes_the_shortest_schedule_that_reaches_it(monkeypatch, tmp_path):
+    # Each schedule's epochs end at a test accuracy that grows with the schedule's length (fake runs).
+    schedules = []
+
+    def fake_pretrain(cfg, log, progress):
+        epochs = cfg.train.epochs
+        schedules.append(epochs)
+        curve = [0.40 + 0.05 * epoch + 0.01 * epochs for epoch in range(1, epochs + 1)]
+        lines = "\n".join(f'{{"epoch": {e}, "seconds": 2.0, "test_accuracy": {a}}}' for e, a in enumerate(curve, 1))
+        return SimpleNamespace(run=SimpleNamespace(file=lambda name: SimpleNamespace(read_text=lambda: lines)),
+                               test=SimpleNamespace(overall=curve[-1]))
+
+    monkeypatch.setattr(bench, "run_pretrain", fake_pretrain)
+    # 3 epochs end at 0.58, 4 at 0.64 (its epoch 4 is the first at 0.60 or above).
+    result = bench.ours_to_accuracy("data", 0.60, tmp_path, longest=6)
+    assert schedules == [3, 4]
+    assert result["epochs"] == 4 and result["reached"] == {"epoch": 4, "train_seconds": 8.0}
+    assert [t["accuracy"] for t in result["tried"]] == pytest.approx([0.58, 0.64])
+    # Out of reach within the longest schedule: every schedule tried, nothing reached.
+    schedules.clear()
+    result = bench.ours_to_accuracy("data", 0.99, tmp_path, longest=5)
+    assert schedules == [3, 4, 5] and result["reached"] is None and result["epochs"] == 5
