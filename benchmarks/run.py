@@ -561,6 +561,9 @@ def report(results: dict) -> str:
              "| measure | ours | reference | ratio | target |", "|---|---|---|---|---|"]
     reached = f["reached"]
     short = "".join(f"; --epochs {t['epochs']} fell short at {t['accuracy']:.2%}" for t in f["tried"] if not t["reached"])
+    if len(f["tried"]) > 1:
+        # The schedule is chosen after the shorter ones fell short: their training counts as well.
+        short += f"; {sum(t['train_seconds'] for t in f['tried'][:-1]) + (reached or f)['train_seconds']:.1f} s counting them"
     if reached:
         speedup = c["seconds"] / reached["train_seconds"]
         lines.append(f"| time to the classic pipeline's {len(c['curve'])}-epoch accuracy ({c['accuracy']:.2%}) | "

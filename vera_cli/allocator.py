@@ -12,7 +12,9 @@ for every command before torch starts a thread or makes a tensor; the benchmarks
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
+from collections.abc import Mapping
 
 # mallopt()'s parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -29,9 +31,10 @@ _kept = False
 
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process (once); whether they are in force. Elsewhere
-    (macOS, Windows, musl) the system's allocator is left as it is."""
+    (macOS, Windows, musl), and where the user has chosen the allocator's settings or another allocator, it is
+    left as it is."""
     global _kept
-    if not _kept and sys.platform.startswith("linux"):
+    if not _kept and sys.platform.startswith("linux") and not _chosen_by_user(os.environ):
         # The process's own symbols: libc is among them on Linux.
         mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
         # glibc's mallopt returns 1 on success; musl's is a stub that returns 0 and changes nothing.
@@ -41,3 +44,11 @@ def keep_freed_memory() -> bool:
         settings = ((_M_MMAP_THRESHOLD, _MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (_M_ARENA_MAX, 1))
         _kept = mallopt is not None and all(mallopt(name, value) == 1 for name, value in settings)
     return _kept
+
+
+def _chosen_by_user(environ: Mapping[str, str]) -> bool:
+    """glibc's malloc settings in the environment (MALLOC_ARENA_MAX, GLIBC_TUNABLES=glibc.malloc...), or jemalloc,
+    tcmalloc or mimalloc preloaded: the user's choice, which mallopt() would silently override or not reach."""
+    preloaded = environ.get("LD_PRELOAD", "")
+    return (any(name.startswith("MALLOC_") for name in environ) or "glibc.malloc." in environ.get("GLIBC_TUNABLES", "")
+            or any(allocator in preloaded for allocator in ("jemalloc", "tcmalloc", "mimalloc")))

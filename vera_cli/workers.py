@@ -31,6 +31,7 @@ import torch
 import torch.multiprocessing
 
 from vera_cli import signals
+from vera_cli.allocator import keep_freed_memory
 from vera_cli.adapters.errors import AdapterError
 from vera_cli.distributed import claimed, cores, fresh_claims
 from vera_cli.errors import RunInterrupted, VeraError, WorkerFailed, describe_os_error
@@ -205,6 +206,7 @@ def _serve(writer: connection.Connection, task: Task, job: Any, names: list[str]
     """A worker's life: claim rows and run them until none is left, then say how it ended."""
     message: tuple = ("interrupted",)
     try:
+        keep_freed_memory()  # a spawned interpreter starts with the allocator as glibc sets it, as the CLI's did
         signals.install()
         if hasattr(signal, "pthread_sigmask"):
             # Inherited from the parent already where spawning keeps the mask; the parent's to hear in any case.
