@@ -2,11 +2,12 @@
 
 A training step allocates and frees activations of several MB each. By default glibc serves blocks that
 large with fresh mmap()s and returns freed heap above 128 KB, so the next step's tensors land on pages the
-kernel must fault in and zero again: the pretrain-vit step in fp32 took 17,000-23,000 minor page faults and
-90-140 ms of system time a step, and ran 1.10-1.18x faster without them (docs/performance.md). PyTorch's
-CPU tuning guide reaches the same end by preloading jemalloc or tcmalloc, which a pip install cannot do;
-glibc's own mallopt() can, from inside the process, for allocations up to its 32 MB ceiling. The CLI sets it
-for every command before torch starts a thread or makes a tensor; the benchmarks do as the CLI does.
+kernel must fault in and zero again: the pretrain-vit step in fp32 took 12,000-23,000 minor page faults a
+step, and ran 1.02-1.18x faster without them (the more, the dearer the system made a fault;
+docs/performance.md). PyTorch's CPU tuning guide reaches the same end by preloading jemalloc or tcmalloc, which
+a pip install cannot do; glibc's own mallopt() can, from inside the process, for allocations up to its 32 MB
+ceiling. The CLI sets it for every command (and compare's workers for themselves) before torch starts a
+thread or makes a tensor; the benchmarks do as the CLI does.
 """
 
 from __future__ import annotations

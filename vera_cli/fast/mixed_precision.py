@@ -2,9 +2,8 @@
 
 On a 2-core AMD EPYC (AVX512-BF16) a 2048-square bf16 product ran 2.2-2.3x faster than the fp32 one, and the
 pretrain-vit ViT trained 1.7-1.8x faster under bf16 autocast with attention as below; on a 2-core Intel Xeon
-(AMX) 6.6x and 1.57x. Where bf16 is
-emulated (a CPU without those instructions, a GPU before Ampere) it is slower than fp32, which is what
-`precision: auto` avoids.
+(AMX) 6.6x and 1.57x. Where bf16 is emulated (a CPU without those instructions, a GPU before Ampere) it is
+slower than fp32, which is what `precision: auto` avoids.
 
 The models call `F.scaled_dot_product_attention`. On the CPU in bf16 its fused kernel ran a ViT block's
 attention (batch 256, 64 tokens, 4 heads of 32) forward and backward in 96 ms, its math backend in 51 ms,

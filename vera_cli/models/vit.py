@@ -28,7 +28,7 @@ class PatchEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Token-major memory: the transposed view would carry the convolution's channel-major layout through
-        # every residual addition, and each layer norm would copy it (the fp32 step ran 3-5 % slower).
+        # every residual addition, and each layer norm would copy it (the step ran 5 % slower in fp32, 12 % in bf16).
         return self.proj(x).flatten(2).transpose(1, 2).contiguous() + self.position
 
 
