@@ -9,7 +9,6 @@ drift hits them alike: steps per second and minor page faults per step (activati
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import resource
 import statistics
@@ -25,26 +24,13 @@ def _child(kept: bool, precision: str, batch: int, steps: int) -> None:
         from vera_cli.allocator import keep_freed_memory
 
         assert keep_freed_memory()
-    import torch
-    import torch.nn.functional as F
-
-    from vera_cli import config, fast
+    # Imported only now: torch must not have allocated anything before the setting.
+    from vera_cli import config
     from vera_cli.config import PretrainConfig
-    from vera_cli.models import build_model
+    from vit_precision import CONTEXTS, training_step
 
-    torch.manual_seed(0)
-    model = build_model(config.load(PretrainConfig, "pretrain-vit", {}).model)
-    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-
-    def step() -> None:
-        with fast.bf16_autocast("cpu") if precision == "bf16" else contextlib.nullcontext():
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    step = training_step(config.load(PretrainConfig, "pretrain-vit", {}).model, batch,
+                         CONTEXTS["bf16, attention as products" if precision == "bf16" else "fp32"])
     step(), step()  # warm-up
     faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
     for _ in range(steps):
