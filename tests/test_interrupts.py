@@ -219,3 +219,33 @@ def test_a_swallowed_interrupt_survives_the_cli_installing_the_handlers_again(mo
     fresh = signals.install()  # a new installation (another run in this process) starts clean
     assert not signals.interrupted()
     signals.restore(fresh)
+
+
+CALLBACK = """
+import signal, sys, weakref
+from vera_cli import signals
+signals.install()
+class Thing:
+    pass
+thing = Thing()
+def callback(_):
+    if sys.argv[1] == "interrupt":
+        signals._raise_once(signal.SIGINT, None)  # the handler, run while Python is inside the callback
+    else:
+        raise ValueError("a real fault")
+watch = weakref.ref(thing, callback)
+del thing
+print(signals.interrupted())
+"""
+
+
+@pytest.mark.parametrize("raised", ["interrupt", "fault"])
+def test_an_interrupt_inside_a_callback_python_only_reports_prints_no_traceback(raised):
+    # A signal landing in a weakref callback or __del__ (matplotlib's, during garbage collection): Python prints
+    # what it raised as "Exception ignored in ..." with a traceback. Our interrupt is kept by the flag and the
+    # command ends as 130; any other error there is still reported.
+    done = subprocess.run([sys.executable, "-c", CALLBACK, raised], capture_output=True, text=True, timeout=60)
+    if raised == "interrupt":
+        assert done.stdout.strip() == "True" and done.stderr == ""
+    else:
+        assert done.stdout.strip() == "False" and "ValueError: a real fault" in done.stderr

@@ -8,9 +8,11 @@ interrupt arrived.
 from __future__ import annotations
 
 import signal
+import sys
 
 INTERRUPTED = 130
 _interrupted = False
+_reported_by = sys.unraisablehook
 
 
 def _raise_once(_signum, _frame) -> None:
@@ -22,14 +24,25 @@ def _raise_once(_signum, _frame) -> None:
         raise KeyboardInterrupt
 
 
+def _quiet_unraisable(unraisable) -> None:
+    # Our KeyboardInterrupt raised inside a callback whose errors Python only reports (a weakref callback, a
+    # __del__: matplotlib's, during garbage collection) would print a traceback on the way out; the flag already
+    # holds the interrupt, and the command ends on it.
+    if _interrupted and issubclass(unraisable.exc_type, KeyboardInterrupt):
+        return
+    _reported_by(unraisable)
+
+
 def install() -> dict:
     """Route SIGINT and SIGTERM into one KeyboardInterrupt; returns the handlers it replaced. Installed again
     over itself (the entry point, then the CLI), it keeps what came in between: a signal during the CLI's
     imports may have had its KeyboardInterrupt swallowed (raised inside a callback whose errors Python
     ignores), and the flag is then all that is left of it."""
-    global _interrupted
+    global _interrupted, _reported_by
     if not any(signal.getsignal(sig) is _raise_once for sig in (signal.SIGINT, signal.SIGTERM)):
         _interrupted = False
+    if sys.unraisablehook is not _quiet_unraisable:
+        _reported_by, sys.unraisablehook = sys.unraisablehook, _quiet_unraisable
     # A signal ignored by whoever started us (`vera ... &` in a script ignores SIGINT) stays ignored.
     return {sig: signal.signal(sig, _raise_once) for sig in (signal.SIGINT, signal.SIGTERM)
             if signal.getsignal(sig) is not signal.SIG_IGN}
