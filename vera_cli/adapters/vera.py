@@ -83,11 +83,12 @@ class VeraAdapter(LayerAdapter):
                                 add=False)
 
 
-# One adapter's turn in a loop over them, in multiply-adds: its dozen small operations take about 45 us on 2 CPU
-# cores with no arithmetic to speak of, as long as some 4 million multiply-adds of a large product; counted twice
-# that, as the turn's own products are small and run slower. Without it 512 adapters on a ViT at r256 took 200
-# turns per layer and ran at 0.42 of one adapter's speed, against 0.57 through the factors.
-TURN = 8_000_000
+# One adapter's turn in a loop over them, in multiply-adds of a large product: its dozen small operations and its
+# small products. Measured on a ViT at r256 (query and value, batch 256, 2-core Intel Xeon), its weights on their
+# rows cost 108 us a turn more per layer as adapters were added, and they ran faster than the factors up to 48
+# adapters in a batch, slower from 61 (1,452 against 1,591 images/s); this constant puts the switch there. The
+# factored cost counted below leaves out that query and value share one `A x`, so the constant carries that too.
+TURN = 18_000_000
 
 
 def _own_weights_cost_less(layer: AdaptedLayer, positions: int, group: Group, beside_base: bool) -> bool:
