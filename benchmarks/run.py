@@ -28,7 +28,9 @@ Measures, on whatever machine runs it (targets: TARGETS below, one table):
      drawn at random: VeRA and LoRA mixed batches (ours, and PEFT's adapter_names on the same LoRA weights)
      against one merged model per adapter, images/s, peak memory and bytes on disk (serving.py);
  11. how cost grows: pretrain wall time at 1x/2x/4x the data, compare at 4/8/16 rows, adapt at
-     10/100/1000/5000 shots per class, each with the law it follows (growth.py).
+     10/100/1000/5000 shots per class, each with the law it follows (growth.py);
+ 12. `vera predict` on the experiment's adapt run with the test images as files: PNG at 32x32 against
+     `vera eval` on the same images, and JPEG upscaled to 96x96 and 224x300 (predict_files.py).
 Prints a markdown report and writes it to the output folder (not in --smoke mode). The
 classic pipeline is part of the benchmark only, not of the product.
 """
@@ -58,6 +60,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conv_adapters import conv_adapter_timing
 from growth import growth
+from predict_files import predict_files
 from products import recorded_products, replay_seconds
 from serving import serving
 from timing import median_seconds, product_forward, round_robin_ms
@@ -147,6 +150,8 @@ TARGETS = {
                            "images/s", ">= 0.8", lambda r: r >= 0.8),
     "serving_lora": Target("our LoRA mixed batch against PEFT's adapter_names on the same weights, images/s",
                            ">= 1 at every N", lambda r: r >= 1),
+    "predict_png": Target("`vera predict` on the test images as 32x32 PNG files against `vera eval` on the split",
+                          "the same images correct", lambda r: r == 0),
     "peak_rss": Target("peak RSS of `vera experiment` against the uint8 dataset", "dataset the largest allocation",
                        lambda r: True),
 }
@@ -550,6 +555,19 @@ def growth_lines(result: dict) -> list[str]:
     return rows
 
 
+def predict_lines(result: dict) -> list[str]:
+    """A row per form of the test images as files: predict's accuracy against eval's, and its speed."""
+    lines = []
+    for name, form in result["forms"].items():
+        rule = "; short side to 32, centre crop" if form["converted"] else ""
+        difference = form["correct"] - result["eval_correct"]
+        goal = verdict("predict_png", difference) if name == "png 32x32" else "-"
+        lines.append(f"| `vera predict` on the {result['images']:,} test images as {name} files (adapt run{rule}) | "
+                     f"{form['accuracy']:.2%}, {form['images_per_second']:,.0f} img/s with reading | `vera eval` "
+                     f"{result['eval_accuracy']:.2%} | {difference:+,d} images correct | {goal} |")
+    return lines
+
+
 def report(results: dict) -> str:
     c, f, e, a, i, t = (results[k] for k in ("classic", "fast", "experiment", "adapt", "inference", "throughput"))
     m = results["machine"]
@@ -664,7 +682,7 @@ def report(results: dict) -> str:
         lines.append(f"| `vera compare` grid (vera, lora x r4, r32), {name} | {two:.1f} s wall | one process "
                      f"{one:.1f} s | speed-up {one / two:.2f}x | accuracies within {g[name]['largest_difference']:.2%} |")
     serving_rows, serving_disk = serving_lines(results["serving"])
-    lines += serving_rows + growth_lines(results["growth"])
+    lines += serving_rows + growth_lines(results["growth"]) + predict_lines(results["predict"])
     adapt_base, adapt_test = e["adapt"]["base"], e["adapt"]["test"]
     lines += ["", "Throughput by batch size: " + ", ".join(
         f"{r['batch_size']}: {r['images_per_second']:,.0f} img/s" for r in t["rows"]), "",
@@ -724,6 +742,8 @@ def main() -> None:
         print("how cost grows ...", flush=True)
         results["growth"] = growth(results["experiment"]["base_run"], data_dir, workdir, scale.growth_pretrain_sizes,
                                    scale.growth_pretrain_epochs, scale.growth_compare_seeds, 1, scale.growth_shots)
+        print("vera predict on image files ...", flush=True)
+        results["predict"] = predict_files(data_dir, str(workdir / "experiment" / "adapt"), workdir / "predict")
         print("distributed grid ...", flush=True)
         results["grid"] = distributed_grid(results["experiment"]["base_run"], data_dir, workdir, scale)
     text = report(results)

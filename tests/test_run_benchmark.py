@@ -140,3 +140,25 @@ def test_time_to_the_classic_accuracy_takes_the_shortest_schedule_that_reaches_i
     schedules.clear()
     result = bench.ours_to_accuracy("data", 0.99, tmp_path, longest=5)
     assert schedules == [3, 4, 5] and result["reached"] is None and result["epochs"] == 5
+
+
+def test_predict_on_the_test_split_as_png_files_counts_what_eval_counts(tmp_path_factory, tmp_path, cifar_root,
+                                                                         trained_base):
+    from conftest import train_once
+    from synthetic import TEST_SIZE
+    import predict_files
+
+    trained = train_once(tmp_path_factory, cifar_root, "adapt", "--base", "runs/base", "--epochs", "1",
+                         "--batch-size", "32", "--run-dir", "runs/vera", runs_from=trained_base)
+    result = predict_files.predict_files(str(cifar_root), str(trained / "runs" / "vera"), tmp_path)
+    forms = result["forms"]
+    assert result["images"] == TEST_SIZE and 0 < result["eval_correct"] < TEST_SIZE
+    assert forms["png 32x32"]["correct"] == result["eval_correct"] and not forms["png 32x32"]["converted"]
+    assert forms["jpeg 96x96"]["converted"] and forms["jpeg 224x300"]["converted"]
+    assert all(form["skipped"] == 0 and form["images_per_second"] > 0 for form in forms.values())
+    png, jpeg, _ = bench.predict_lines(result)
+    assert png.endswith("| +0 images correct | the same images correct (met) |")
+    assert "short side to 32, centre crop" in jpeg and "short side" not in png
+    # One image more or fewer than eval's is a failed row.
+    forms["png 32x32"]["correct"] -= 1
+    assert bench.predict_lines(result)[0].endswith("| -1 images correct | the same images correct (NOT met) |")
