@@ -109,6 +109,12 @@ def test_a_bad_worker_count_is_refused_before_anything_runs(vera, pretrained, va
     assert not Path("runs/never").exists()
 
 
+class StoppedWhileCollected:
+    def __del__(self):
+        # The SIGTERM's handler runs here, inside a finalizer: Python drops what it raises after reporting it.
+        signal.raise_signal(signal.SIGTERM)
+
+
 def toy_task(job: dict, name: str, log) -> tuple[str, int]:
     """A pool's row: says where it runs, and fails as `job` asks on the row job["fail"]."""
     log(f"{name} runs")
@@ -117,7 +123,10 @@ def toy_task(job: dict, name: str, log) -> tuple[str, int]:
             raise VeraError(f"row {name} cannot run: fix its input")
         if job["how"] == "bug":
             raise ZeroDivisionError("division by zero")
-        os.kill(os.getpid(), signal.SIGTERM if job["how"] == "stopped" else signal.SIGKILL)
+        if job["how"] == "stopped in a finalizer":
+            StoppedWhileCollected()
+        else:
+            os.kill(os.getpid(), signal.SIGTERM if job["how"] == "stopped" else signal.SIGKILL)
         time.sleep(5)  # the signal arrives meanwhile
     time.sleep(job.get("sleep", 0))
     return name.upper(), os.getpid()
@@ -144,6 +153,8 @@ def test_a_pool_runs_each_name_once_in_its_worker_processes(tmp_path, no_workers
     ("killed", WorkerFailed, r"^worker process \d+ ended \(killed by signal 9\) while running row c; finished rows are kept"),
     # Someone stopped one worker (SIGTERM to its pid): the grid stops as on Ctrl-C.
     ("stopped", KeyboardInterrupt, "^$"),
+    # ... also when its interrupt lands in a finalizer (garbage collection), where Python drops it.
+    ("stopped in a finalizer", KeyboardInterrupt, "^$"),
 ])
 def test_a_workers_failure_ends_the_pool_with_one_error_and_no_process_left(tmp_path, no_workers_left, how, error, message):
     lines = []

@@ -222,7 +222,7 @@ def test_a_swallowed_interrupt_survives_the_cli_installing_the_handlers_again(mo
 
 
 CALLBACK = """
-import signal, sys, weakref
+import signal, sys, time, weakref
 from vera_cli import signals
 signals.install()
 class Thing:
@@ -230,22 +230,58 @@ class Thing:
 thing = Thing()
 def callback(_):
     if sys.argv[1] == "interrupt":
-        signals._raise_once(signal.SIGINT, None)  # the handler, run while Python is inside the callback
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C, its handler run while Python is inside the callback
     else:
         raise ValueError("a real fault")
 watch = weakref.ref(thing, callback)
-del thing
-print(signals.interrupted())
+try:
+    del thing
+    time.sleep(10 if sys.argv[1] == "interrupt" else 0)  # the work that the interrupt must cut short
+    print("ran on", signals.interrupted())
+except KeyboardInterrupt:
+    print("stopped", signals.interrupted())
 """
 
 
 @pytest.mark.parametrize("raised", ["interrupt", "fault"])
-def test_an_interrupt_inside_a_callback_python_only_reports_prints_no_traceback(raised):
+def test_an_interrupt_inside_a_callback_python_only_reports_stops_the_work_without_a_traceback(raised):
     # A signal landing in a weakref callback or __del__ (matplotlib's, during garbage collection): Python prints
-    # what it raised as "Exception ignored in ..." with a traceback. Our interrupt is kept by the flag and the
-    # command ends as 130; any other error there is still reported.
+    # what it raised as "Exception ignored in ..." with a traceback, and drops it. Our interrupt is raised again
+    # once the callback is left, so the work stops as on any Ctrl-C; any other error there is still reported.
     done = subprocess.run([sys.executable, "-c", CALLBACK, raised], capture_output=True, text=True, timeout=60)
     if raised == "interrupt":
-        assert done.stdout.strip() == "True" and done.stderr == ""
+        assert (done.stdout.strip(), done.stderr) == ("stopped True", "")
     else:
-        assert done.stdout.strip() == "False" and "ValueError: a real fault" in done.stderr
+        assert done.stdout.strip() == "ran on False" and "ValueError: a real fault" in done.stderr
+
+
+WHILE_REPORTING = """
+import signal, sys, time, weakref
+from vera_cli import signals
+def slow_report(unraisable):
+    time.sleep(0.5)  # the interrupt is sent again while the hook still reports this error
+    print("reported", unraisable.exc_type.__name__)
+sys.unraisablehook = slow_report
+signals.install()
+class Thing:
+    pass
+first, second = Thing(), Thing()
+def interrupt(_):
+    signal.raise_signal(signal.SIGINT)
+def fault(_):
+    raise ValueError("a real fault")
+watches = weakref.ref(first, interrupt), weakref.ref(second, fault)
+try:
+    del first, second
+    time.sleep(10)
+    print("ran on")
+except KeyboardInterrupt:
+    print("stopped")
+"""
+
+
+def test_an_interrupt_raised_again_while_the_hook_reports_another_error_waits_until_it_is_done():
+    # Raised inside the hook, the interrupt would be the hook's own failure: "Exception ignored in
+    # sys.unraisablehook" and a traceback, the interrupt dropped once more.
+    done = subprocess.run([sys.executable, "-c", WHILE_REPORTING], capture_output=True, text=True, timeout=60)
+    assert (done.stdout.split("\n"), done.stderr) == (["reported ValueError", "stopped", ""], "")
