@@ -285,3 +285,18 @@ def test_an_interrupt_raised_again_while_the_hook_reports_another_error_waits_un
     # sys.unraisablehook" and a traceback, the interrupt dropped once more.
     done = subprocess.run([sys.executable, "-c", WHILE_REPORTING], capture_output=True, text=True, timeout=60)
     assert (done.stdout.split("\n"), done.stderr) == (["reported ValueError", "stopped", ""], "")
+
+
+def test_the_unraisable_hook_is_given_back_when_the_last_installation_is_undone(monkeypatch):
+    # Left in place after a run in-process (as the tests run vera), it would silence every KeyboardInterrupt that
+    # the host's callbacks raise once an interrupt came: the flag stays set until the next installation.
+    def own(unraisable):
+        pass
+
+    monkeypatch.setattr(sys, "unraisablehook", own)
+    outer = signals.install()
+    inner = signals.install()  # the CLI's, over the entry point's
+    signals.restore(inner)
+    assert sys.unraisablehook is not own
+    signals.restore(outer)
+    assert sys.unraisablehook is own

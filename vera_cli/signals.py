@@ -102,3 +102,8 @@ def interrupted() -> bool:
 def restore(previous: dict) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, handler)
+    if sys.unraisablehook is _quiet_unraisable and not any(
+            signal.getsignal(sig) is _raise_once for sig in (signal.SIGINT, signal.SIGTERM)):
+        # The last installation is undone: the flag stays set, and the hook would go on silencing every
+        # KeyboardInterrupt that this process's callbacks raise.
+        sys.unraisablehook = _reported_by
