@@ -248,7 +248,8 @@ def test_an_interrupt_inside_a_callback_python_only_reports_stops_the_work_witho
     # A signal landing in a weakref callback or __del__ (matplotlib's, during garbage collection): Python prints
     # what it raised as "Exception ignored in ..." with a traceback, and drops it. Our interrupt is raised again
     # once the callback is left, so the work stops as on any Ctrl-C; any other error there is still reported.
-    done = subprocess.run([sys.executable, "-c", CALLBACK, raised], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", CALLBACK, raised], capture_output=True, text=True, timeout=60,
+                          env=ENV)
     if raised == "interrupt":
         assert (done.stdout.strip(), done.stderr) == ("stopped True", "")
     else:
@@ -283,7 +284,8 @@ except KeyboardInterrupt:
 def test_an_interrupt_raised_again_while_the_hook_reports_another_error_waits_until_it_is_done():
     # Raised inside the hook, the interrupt would be the hook's own failure: "Exception ignored in
     # sys.unraisablehook" and a traceback, the interrupt dropped once more.
-    done = subprocess.run([sys.executable, "-c", WHILE_REPORTING], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", WHILE_REPORTING], capture_output=True, text=True, timeout=60,
+                          env=ENV)
     assert (done.stdout.split("\n"), done.stderr) == (["reported ValueError", "stopped", ""], "")
 
 
