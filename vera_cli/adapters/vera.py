@@ -85,9 +85,10 @@ class VeraAdapter(LayerAdapter):
 
 # One adapter's turn in a loop over them, in multiply-adds of a large product: its dozen small operations and its
 # small products. Measured on a ViT at r256 (query and value, batch 256, 2-core Intel Xeon), its weights on their
-# rows cost 108 us a turn more per layer as adapters were added, and they ran faster than the factors up to 48
-# adapters in a batch, slower from 61 (1,452 against 1,591 images/s); this constant puts the switch there. The
-# factored cost counted below leaves out that query and value share one `A x`, so the constant carries that too.
+# rows cost 108 us a turn more per layer as adapters were added; they ran faster than the factors up to 32
+# adapters in a batch, even at 48, and slower from 61 (1,409 against 1,512 images/s): this constant puts the
+# switch there. The factored cost counted below leaves out that query and value share one `A x`, so the
+# constant carries that too.
 TURN = 18_000_000
 
 
