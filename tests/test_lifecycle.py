@@ -10,9 +10,9 @@ import yaml
 from vera_cli import config
 from vera_cli.commands.pretrain import run_pretrain
 from vera_cli.data import load_cifar10
-from vera_cli.errors import VeraError
+from vera_cli.errors import RunInterrupted, VeraError
 from vera_cli.lifecycle import load_settings
-from vera_cli.runs import Run
+from vera_cli.runs import Run, create_run
 
 
 def _cut_run(vera, interrupt_after_epoch) -> Run:
@@ -57,3 +57,18 @@ def test_a_resumed_run_reports_the_wall_time_of_all_its_parts(vera, interrupt_af
     # Two epochs were trained, one in each part: the total holds both, and is what the run says it took.
     assert summary["wall_seconds"] > first_part + metrics[1]["seconds"]
     assert f"in {summary['wall_seconds']:.1f}s" in resumed.err
+
+
+@pytest.mark.parametrize("after", ["interrupt", "failure"])
+def test_what_comes_after_a_run_finished_leaves_it_finished(tmp_path, after):
+    # An interrupt (or a fault) between the run's finish and the end of its recording: marked interrupted, its
+    # checkpoint already gone, a resume of `vera compare` would train that row again from the start.
+    run, lock = create_run("adapt", str(tmp_path / "row"), {"config.yaml": b"seed: 0\n"})
+    raised = (RunInterrupted, "had finished, and keeps its results") if after == "interrupt" else (ValueError, "late")
+    try:
+        with pytest.raises(raised[0], match=raised[1]), run.recording():
+            run.finish()
+            raise KeyboardInterrupt if after == "interrupt" else ValueError("late")
+    finally:
+        lock.release()
+    assert run.status["status"] == "finished" and "error" not in run.status

@@ -64,6 +64,11 @@ class Run:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def _finished(self) -> bool:
+        with contextlib.suppress(Exception):
+            return self.status["status"] == "finished"
+        return False
+
     @contextlib.contextmanager
     def recording(self, resumable: bool = True) -> Iterator[None]:
         """Mark the run interrupted or failed if the body does not finish; the caller marks success.
@@ -76,7 +81,14 @@ class Run:
         except BaseException as exc:
             # Library code may swallow the KeyboardInterrupt of a signal and fail later for it
             # (a module left half-imported): once a signal came, any failure is that interruption.
-            if isinstance(exc, (KeyboardInterrupt, RunInterrupted)) or (isinstance(exc, Exception) and interrupted()):
+            stopped = isinstance(exc, (KeyboardInterrupt, RunInterrupted)) or (isinstance(exc, Exception) and interrupted())
+            if self._finished():
+                # It finished before this came (its summary written, its checkpoint removed): marked otherwise, a
+                # resume would train it again from the start.
+                if stopped:
+                    raise RunInterrupted(f"interrupted: {self.path} had finished, and keeps its results") from None
+                raise
+            if stopped:
                 self.set_status("interrupted")
                 if not resumable and isinstance(exc, RunInterrupted):
                     raise
