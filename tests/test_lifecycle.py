@@ -72,3 +72,22 @@ def test_what_comes_after_a_run_finished_leaves_it_finished(tmp_path, after):
     finally:
         lock.release()
     assert run.status["status"] == "finished" and "error" not in run.status
+
+
+def test_an_interrupt_after_an_inner_run_finished_ends_the_outer_run_with_its_own_message(tmp_path):
+    # `vera experiment` cannot resume and passes on its inner run's message, which says how to continue that run.
+    # An inner run that had finished has nothing to continue: the experiment, cut short, has to be started again.
+    outer, outer_lock = create_run("experiment", str(tmp_path / "experiment"), {"config.yaml": b"seed: 0\n"})
+    try:
+        with pytest.raises(RunInterrupted) as raised, outer.recording(resumable=False):
+            inner, inner_lock = create_run("pretrain", str(outer.file("pretrain")), {"config.yaml": b"seed: 0\n"})
+            try:
+                with inner.recording():
+                    inner.finish()
+                    raise KeyboardInterrupt
+            finally:
+                inner_lock.release()
+    finally:
+        outer_lock.release()
+    assert str(raised.value) == f"interrupted: {outer.path} keeps what it completed; start it again"
+    assert (outer.status["status"], inner.status["status"]) == ("interrupted", "finished")

@@ -30,6 +30,8 @@ CONFIG_FILE = "config.yaml"
 PARTIAL = ".partial-"
 
 
+class FinishedInterrupted(RunInterrupted):
+    """An interrupt that came after the run had finished: it keeps its results and has nothing to resume."""
 
 
 @dataclass
@@ -86,11 +88,12 @@ class Run:
                 # It finished before this came (its summary written, its checkpoint removed): marked otherwise, a
                 # resume would train it again from the start.
                 if stopped:
-                    raise RunInterrupted(f"interrupted: {self.path} had finished, and keeps its results") from None
+                    raise FinishedInterrupted(f"interrupted: {self.path} had finished, and keeps its results") from None
                 raise
             if stopped:
                 self.set_status("interrupted")
-                if not resumable and isinstance(exc, RunInterrupted):
+                # An inner run's message says how to continue it; one that had finished has nothing to continue.
+                if not resumable and isinstance(exc, RunInterrupted) and not isinstance(exc, FinishedInterrupted):
                     raise
                 hint = f"continue it with: vera {self.kind} --resume {self.path}" if resumable else "start it again"
                 raise RunInterrupted(f"interrupted: {self.path} keeps what it completed; {hint}") from None
