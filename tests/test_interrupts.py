@@ -302,3 +302,37 @@ def test_the_unraisable_hook_is_given_back_when_the_last_installation_is_undone(
     assert sys.unraisablehook is not own
     signals.restore(outer)
     assert sys.unraisablehook is own
+
+
+DURING_A_STORM = """
+import signal, sys, threading, time, weakref
+from vera_cli import signals
+signals.install()
+class Thing:
+    pass
+peak = 0
+def slow(_):
+    global peak
+    peak = max(peak, sum(thread.name == "interrupt-again" for thread in threading.enumerate()))
+    time.sleep(0.002)
+things = [Thing() for _ in range(300)]
+watches = [weakref.ref(thing, slow) for thing in things]
+watches.append(weakref.ref(things[-1], lambda _: signal.raise_signal(signal.SIGINT)))
+try:
+    del things[:]
+    time.sleep(10)
+    print("ran on", peak)
+except KeyboardInterrupt:
+    print("stopped", peak)
+"""
+
+
+def test_an_interrupt_dropped_again_and_again_through_a_run_of_finalizers_is_sent_by_one_thread():
+    # Freeing a large structure runs its finalizers one after another (a figure's artists): the interrupt sent
+    # again lands in the next one and is dropped again, each time. Had each drop started a thread of its own,
+    # they would pile up by the hundred and signal the process ever faster; one thread keeps sending instead
+    # (a second at most for the moment one ends as the next drop comes).
+    done = subprocess.run([sys.executable, "-c", DURING_A_STORM], capture_output=True, text=True, timeout=60,
+                          env=ENV)
+    outcome, peak = done.stdout.split()
+    assert (outcome, done.stderr) == ("stopped", "") and int(peak) <= 2

@@ -19,6 +19,11 @@ _interrupted = False
 # signal raises it too.
 _dropped = False
 _signum = signal.SIGINT  # the signal that interrupted us: the one sent again
+# Whether a thread sends the dropped interrupt again. It gives that up under the lock, so that a drop coming as it
+# stops starts the next one. Reentrant: a signal's handler may drop the interrupt again while the main thread holds
+# it in _drop.
+_sending = False
+_handoff = threading.RLock()
 _reported_by = sys.unraisablehook
 
 
@@ -56,22 +61,27 @@ def _inside(frame, function) -> bool:
 
 
 def _drop() -> None:
-    global _dropped
-    if _dropped:
-        # One thread sends it already. Starting another waits for that thread to run, and the first one's signals,
-        # arriving meanwhile, would each start yet another.
-        return
-    _dropped = True
+    global _dropped, _sending
+    with _handoff:
+        _dropped = True
+        if _sending:
+            # The interrupt raised again may land in the next finalizer and be dropped again: a thread for each
+            # drop would pile up by the hundred through a run of them, each signalling the process.
+            return
+        _sending = True
     threading.Thread(target=_raise_again, args=(_signum,), name="interrupt-again", daemon=True).start()
 
 
 def _raise_again(signum: int) -> None:
     """Signal the main thread until the dropped interrupt is raised there, or the handlers are no longer ours."""
+    global _sending
     while True:
         # The main thread leaves the callback meanwhile; if it is still inside, it is signalled again.
         time.sleep(0.01)
-        if not _dropped or signal.getsignal(signum) is not _raise_once:
-            return
+        with _handoff:
+            if not _dropped or signal.getsignal(signum) is not _raise_once:
+                _sending = False
+                return
         if hasattr(signal, "pthread_kill"):
             # A real signal also wakes a main thread that waits in a system call (the pool's wait for its workers).
             signal.pthread_kill(threading.main_thread().ident, signum)
