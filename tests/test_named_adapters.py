@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import types
 
 import pytest
 import torch
@@ -280,6 +281,15 @@ def test_a_batch_all_on_vera_adapters_above_the_width_skips_the_base_output_and_
     with torch.no_grad():
         for row, name in enumerate(names):
             assert (mixed[row] - alone(model, name, INPUT[row:row + 1])[0]).abs().max() < 1e-5, (row, name)
+
+
+@pytest.mark.parametrize("adapters, loop", [(32, True), (48, True), (61, False), (201, False)])
+def test_mixed_vera_batches_on_the_vit_switch_to_the_factors_where_they_were_measured_faster(adapters, loop):
+    # pretrain-vit's query at VeRA r256, 256 images of 64 tokens, each on a VeRA adapter: timed both ways, each
+    # adapter's own weight ran faster up to 32 adapters, even at 48, and slower from 61 on (TURN's comment).
+    layer = types.SimpleNamespace(fan_in=128, out_features=128)
+    group = types.SimpleNamespace(parts=[types.SimpleNamespace(rank=256)], used=list(range(adapters)))
+    assert vera_module._own_weights_cost_less(layer, 256 * 64, group, beside_base=False) is loop
 
 
 def test_positions_or_a_tensor_choose_adapters_and_a_uniform_batch_is_the_adapter_alone():
