@@ -122,7 +122,12 @@ def test_the_cache_key_covers_the_compiler_command_its_version_its_environment_t
     monkeypatch.setattr(build, "SOURCES", [edited, *SOURCES[1:]])
     names.append(name())
     monkeypatch.undo()
-    assert len(set(names)) == len(names) == 6 + len(build.COMPILER_ENV)
+    header = tmp_path / build.HEADERS[0].name  # included by a source: an edit changes the library too
+    header.write_text(build.HEADERS[0].read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(build, "HEADERS", [header])
+    names.append(name())
+    monkeypatch.undo()
+    assert len(set(names)) == len(names) == 7 + len(build.COMPILER_ENV)
     assert name() == names[0]
 
 

@@ -43,6 +43,8 @@ if TYPE_CHECKING:  # torch is imported by every caller; this module itself needs
     import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in ("convnet_features.c", "augment.c", "linear_chain.c")]
+# Included by the sources: part of what the library is built from.
+HEADERS = [Path(__file__).with_name("linear_chain_tiles.h")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 SWITCH = "VERA_CLI_KERNELS"
 # The functions the wrappers call, and what each computes (for a run's record).
@@ -51,7 +53,7 @@ KERNELS = {"vc_forward": "the ConvNet's features", "vc_backward": "the ConvNet's
            "vc_chain_backward": "the classifier on cached features",
            "vc_vera_weights": "the classifier on cached features",
            "vc_vera_vector_grads": "the classifier on cached features"}
-SYMBOLS = ("vc_cpu_supported", *KERNELS)
+SYMBOLS = ("vc_cpu_supported", "vc_chain_width", *KERNELS)
 # What a compiler reads from the environment that changes what it builds (its search paths), and the flags a
 # wrapper script in $CC may add: part of the cache key.
 COMPILER_ENV = ("CFLAGS", "CPPFLAGS", "LDFLAGS", "CPATH", "C_INCLUDE_PATH", "LIBRARY_PATH", "COMPILER_PATH",
@@ -86,7 +88,7 @@ class Recipe(NamedTuple):
     def of(cls, compiler: list[str], version: str) -> Recipe:
         inputs = [_command(compiler, Path("OUT")), shutil.which(compiler[0]) or compiler[0], version,
                   {name: os.environ[name] for name in COMPILER_ENV if name in os.environ},
-                  [source.read_text() for source in SOURCES]]
+                  [source.read_text() for source in SOURCES + HEADERS]]
         return cls(compiler, version, f"kernels-{hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]}")
 
     def describe(self) -> str:
@@ -303,8 +305,9 @@ def _signatures(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.vc_forward.argtypes, lib.vc_forward.restype = [i] * 2 + [p] * 9, i
     lib.vc_backward.argtypes, lib.vc_backward.restype = [i] * 2 + [p] * 10, i
     lib.vc_augment.argtypes, lib.vc_augment.restype = [i] * 6 + [p] * 8, i
-    lib.vc_chain_forward.argtypes, lib.vc_chain_forward.restype = [i] * 3 + [p, p, i, p, i] + [p] * 4, i
-    lib.vc_chain_backward.argtypes, lib.vc_chain_backward.restype = [i] * 3 + [p] * 6, i
+    lib.vc_chain_width.argtypes, lib.vc_chain_width.restype = [], i
+    lib.vc_chain_forward.argtypes, lib.vc_chain_forward.restype = [i] * 4 + [p, p, i, p, i] + [p] * 4, i
+    lib.vc_chain_backward.argtypes, lib.vc_chain_backward.restype = [i] * 4 + [p] * 6, i
     lib.vc_vera_weights.argtypes, lib.vc_vera_weights.restype = [i] * 2 + [p] * 8, i
     lib.vc_vera_vector_grads.argtypes, lib.vc_vera_vector_grads.restype = [i] * 2 + [p] * 8, i
     return lib

@@ -9,6 +9,7 @@ activations for the backward in one buffer, opaque to the caller.
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import NamedTuple
 
 import torch
@@ -27,12 +28,19 @@ class VeraLayer(NamedTuple):
 
 
 class Saved(NamedTuple):
-    """What the backward reads: the activations, and the call's shapes and slicing."""
+    """What the backward reads: the activations, and the call's shapes, slicing and vector width."""
     activations: torch.Tensor
     dims: ctypes.Array
     weights: list[torch.Tensor]
     rows: int
     threads: int
+    width: int
+
+
+@functools.cache
+def vector_width() -> int:
+    """The floats per vector the chain's products run with here: 16 with AVX-512, else 8 (AVX2)."""
+    return library().vc_chain_width()
 
 
 def supports(x: torch.Tensor, tensors: list[torch.Tensor | None]) -> bool:
@@ -55,14 +63,15 @@ def forward(x: torch.Tensor, first: torch.Tensor | None, weights: list[torch.Ten
     biases = [None if b is None else b.contiguous() for b in biases]
     dims = (ctypes.c_int * (layers + 1))(x.shape[1], *(w.shape[0] for w in weights))
     largest_slice = -(-rows // threads)
-    ld = (largest_slice + 7) // 8 * 8  # as linear_chain.c pads each slice
+    ld = (largest_slice + 15) // 16 * 16  # as linear_chain.c pads each slice
     activations = x.new_empty(threads * sum(dims[:layers]) * ld)
     out = x.new_empty(rows, dims[layers])
     # Every tensor whose address is passed is held in a name until the call returns.
-    call_with_scratch("vc_chain_forward", rows, threads, layers, dims, address(x), x.stride(0), address(first),
+    width = vector_width()
+    call_with_scratch("vc_chain_forward", width, rows, threads, layers, dims, address(x), x.stride(0), address(first),
                       0 if first is None else first.stride(0), _pointers(weights), _pointers(biases),
                       address(activations), address(out))
-    return out, Saved(activations, dims, weights, rows, threads)
+    return out, Saved(activations, dims, weights, rows, threads, width)
 
 
 def backward(saved: Saved, grad: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -72,8 +81,8 @@ def backward(saved: Saved, grad: torch.Tensor) -> tuple[list[torch.Tensor], list
     sizes = [dims[l + 1] * dims[l] for l in range(layers)]
     gw = grad.new_empty(saved.threads, sum(sizes))
     gb = grad.new_empty(saved.threads, sum(dims[1:]))
-    call_with_scratch("vc_chain_backward", saved.rows, saved.threads, layers, dims, _pointers(saved.weights),
-                      address(saved.activations), address(grad), address(gw), address(gb))
+    call_with_scratch("vc_chain_backward", saved.width, saved.rows, saved.threads, layers, dims,
+                      _pointers(saved.weights), address(saved.activations), address(grad), address(gw), address(gb))
     gw, gb = gw[0], gb[0]  # the kernel adds the threads' sums up into the first's
     return ([g.view(dims[l + 1], dims[l]) for l, g in enumerate(gw.split(sizes))],
             list(gb.split(list(dims[1:]))))

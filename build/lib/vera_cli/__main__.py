@@ -1,0 +1,3 @@
+from vera_cli.entry import main
+
+main()

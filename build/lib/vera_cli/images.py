@@ -1,0 +1,121 @@
+"""Image files as the models see CIFAR-10: uint8 (3, 32, 32) RGB, by one stated rule.
+
+Anything Pillow reads (PNG, JPEG, GIF's first frame, BMP, WebP, TIFF, ...), turned upright as its
+EXIF orientation says. A 32x32 RGB image is taken as it is, so a CIFAR-10 image saved losslessly
+gives back its exact pixels. Any other is converted by `RULE`, the same as torchvision's
+`Resize(32)` (bilinear, antialiased) then `CenterCrop(32)` on the RGB image.
+
+Pillow refuses images of more than `Image.MAX_IMAGE_PIXELS` pixels (a decompression bomb: a small
+file that would expand to gigabytes); so does this module, from the header alone, before decoding.
+"""
+
+from __future__ import annotations
+
+import errno
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# CIFAR-10's image size, the only one every model here takes (data.py reads the data set at it).
+IMAGE_SIZE = 32
+
+RULE = (f"images other than {IMAGE_SIZE}x{IMAGE_SIZE} RGB are converted to RGB (Pillow's convert: alpha dropped, "
+        f"grayscale and palettes expanded; 16-bit grayscale scaled to 8 bits first), resized so that the short side "
+        f"is {IMAGE_SIZE} pixels (bilinear, antialiased) and cropped to the centre {IMAGE_SIZE}x{IMAGE_SIZE}; every "
+        "image is first turned upright as its EXIF orientation says (a camera's rotated photo)")
+
+
+class UnreadableImage(Exception):
+    """A file that is not an image this module can use; the message says why."""
+
+
+@dataclass(frozen=True)
+class Picture:
+    path: Path
+    pixels: torch.Tensor  # uint8 (3, 32, 32)
+    width: int
+    height: int
+    mode: str  # Pillow's mode of the file: RGB, RGBA, L, P, ...
+
+    @property
+    def converted(self) -> bool:
+        return (self.width, self.height, self.mode) != (IMAGE_SIZE, IMAGE_SIZE, "RGB")
+
+    def describe(self) -> str:
+        size = f"{self.width}x{self.height} {self.mode}"
+        return f"{size}, converted" if self.converted else size
+
+
+def image_files(paths: list[str]) -> list[Path]:
+    """The files named, in order, with each folder replaced by the image files directly inside it (by Pillow's
+    extensions, sorted). A named file is kept whatever its extension: reading it says whether it is an image."""
+    extensions = {extension.lower() for extension in Image.registered_extensions()}
+    files: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            # Not only is_file(): a broken link or a loop among the images is reported when read, not dropped.
+            files += sorted(p for p in path.iterdir() if not p.is_dir() and p.suffix.lower() in extensions)
+        else:
+            files.append(path)
+    return files
+
+
+def _size_after(width: int, height: int) -> tuple[int, int]:
+    """torchvision's Resize(32) rule: the short side becomes 32, the long side in proportion, rounded down."""
+    if width <= height:
+        return IMAGE_SIZE, int(IMAGE_SIZE * height / width)
+    return int(IMAGE_SIZE * width / height), IMAGE_SIZE
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale (a PNG's or TIFF's I;16, or I in Pillows that open 16-bit PNGs so) as 8-bit L, 0..65535 to
+    0..255: Pillow's convert would clip every value above 255, turning such an image nearly white."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+        values = np.asarray(image).astype(np.int64).clip(0, 65535)
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+    return image
+
+
+def to_cifar(image: Image.Image) -> Image.Image:
+    """`RULE` applied to a Pillow image: a 32x32 RGB image."""
+    rgb = _eight_bit(image).convert("RGB")
+    if rgb.size == (IMAGE_SIZE, IMAGE_SIZE):
+        return rgb
+    resized = rgb.resize(_size_after(*rgb.size), Image.Resampling.BILINEAR)
+    # torchvision's CenterCrop: the top-left corner rounded to the nearest pixel.
+    left = int(round((resized.width - IMAGE_SIZE) / 2.0))
+    top = int(round((resized.height - IMAGE_SIZE) / 2.0))
+    return resized.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE))
+
+
+def read_image(path: Path) -> Picture:
+    """The image in `path` as a `Picture`; UnreadableImage says why it cannot be one."""
+    try:
+        with warnings.catch_warnings():
+            # Past MAX_IMAGE_PIXELS Pillow only warns (it refuses at twice that): refuse at the limit itself.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height, mode = image.width, image.height, image.mode
+                converted = to_cifar(ImageOps.exif_transpose(image))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UnreadableImage(f"larger than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
+                              "(Image.MAX_IMAGE_PIXELS; a decompression bomb?)") from None
+    except UnidentifiedImageError:
+        raise UnreadableImage("not an image Pillow can read") from None
+    except FileNotFoundError:
+        raise UnreadableImage("no such file") from None
+    except IsADirectoryError:
+        raise UnreadableImage("a folder, not a file") from None
+    except PermissionError:
+        raise UnreadableImage("not readable (permission denied)") from None
+    except Exception as exc:  # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError... on a damaged file
+        if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+            raise UnreadableImage("a loop of symbolic links") from None
+        raise UnreadableImage(f"damaged or truncated ({type(exc).__name__}: {exc})") from None
+    pixels = torch.from_numpy(np.array(converted, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return Picture(path, pixels, width, height, mode)
