@@ -1,3 +1,0 @@
-from vera_cli.entry import main
-
-main()

@@ -1,1 +1,0 @@
-"""One module per command, each its own logic only, on top of lifecycle."""
