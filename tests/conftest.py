@@ -21,6 +21,7 @@ import yaml
 from vera_cli import cli, workers
 from vera_cli.checkpoint import EpochRecorder
 from vera_cli.config import PretrainConfig, load
+from vera_cli.fast.build import library, vector_width
 from vera_cli.models import ModelConfig, ViTConfig
 from synthetic import write_cifar
 
@@ -43,6 +44,17 @@ def one_core(monkeypatch) -> None:
     """`vera compare --workers auto` sees one core, as torch's operators above do: a comparison here runs its rows
     in the test's own process on any machine; tests that mean several processes say --workers N."""
     monkeypatch.setattr(workers, "cores", lambda: 1)
+
+
+@pytest.fixture(params=[8, 16])
+def kernel_width(request) -> int:
+    """Each vector width the compiled kernels have, AVX2's 8 floats and AVX-512's 16: a machine with AVX-512 tests
+    both; one without it skips 16, and one where the kernels cannot run skips both."""
+    if library() is None:
+        pytest.skip("no C compiler or no AVX2 here: torch's operators run instead of the kernels")
+    if request.param > vector_width():
+        pytest.skip("no AVX-512 here: the kernels run 8 floats a vector")
+    return request.param
 
 
 @pytest.fixture

@@ -9,16 +9,10 @@ from vera_cli.fast.build import library
 from vera_cli.fast.weight_path import vera_vector_grads, vera_weight
 
 
-def widths():
-    """The vector widths the chain's products can run with here: AVX2's 8 floats, and AVX-512's 16 where the
-    processor has it (each width on every shape, so a machine with AVX-512 tests both)."""
-    return [8, 16] if library() is not None and library().vc_chain_width() == 16 else [8]
-
-
-@pytest.fixture(params=widths())
-def width(request, monkeypatch) -> int:
-    monkeypatch.setattr(linear_chain, "vector_width", lambda: request.param)
-    return request.param
+@pytest.fixture
+def width(kernel_width, monkeypatch) -> int:
+    monkeypatch.setattr(linear_chain, "vector_width", lambda: kernel_width)
+    return kernel_width
 
 
 def torch_chain(x, first, weights, biases):
@@ -34,8 +28,6 @@ def torch_chain(x, first, weights, biases):
 @pytest.mark.parametrize("dims, first_bias", [([32, 120, 84, 84, 84, 10], True), ([5, 7, 3, 10], False),
                                               ([9, 1, 13], True), ([12, 6], False)])
 def test_the_chain_gives_torchs_outputs_and_gradients(threads, rows, dims, first_bias, width):
-    if library() is None:
-        pytest.skip("no C compiler here: the chain's callers run torch's operators")
     generator = torch.Generator().manual_seed(rows * 10 + threads)
     # The input and the first layer's row biases as views into one wider tensor, as the feature cache holds them.
     held = torch.randn(rows, dims[1] + dims[0] + 3, generator=generator)
@@ -104,8 +96,6 @@ def test_vera_weights_and_vector_grads_are_the_weight_paths(rank):
 
 
 def test_a_nan_passes_through_the_chain_and_its_gradients_as_through_torch(width):
-    if library() is None:
-        pytest.skip("no C compiler here")
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(10, 6, generator=generator)
     x[3, 2] = float("nan")

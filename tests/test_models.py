@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from vera_cli import fast
 from vera_cli.errors import VeraError
+from vera_cli.fast import convnet_features
 from vera_cli.fast.build import kernels, library
 from vera_cli.models import ConvNet, build_model, count_parameters
 
@@ -50,9 +51,14 @@ def convolutions(monkeypatch) -> list[tuple[int, ...]]:
 
 
 @pytest.fixture
-def compiled() -> None:
-    if library() is None:
-        pytest.skip("no C compiler or no AVX2 here: the ConvNet runs on torch's operators")
+def compiled(kernel_width, monkeypatch) -> tuple[int, list]:
+    """The compiled kernels, at each vector width this processor runs: the width, and the kernels called with theirs."""
+    monkeypatch.setattr(convnet_features, "vector_width", lambda: kernel_width)
+    calls = []
+    call = convnet_features.call_with_scratch
+    monkeypatch.setattr(convnet_features, "call_with_scratch",
+                        lambda kernel, *args: calls.append((kernel, args[0])) or call(kernel, *args))
+    return kernel_width, calls
 
 
 @pytest.fixture
@@ -94,6 +100,8 @@ def test_compiled_kernels_compute_the_write_ups_function_and_gradients(compiled,
     try:
         # Batches smaller than the thread count and odd slices: every image once.
         assert _assert_same_function_and_gradients(model, torch.randn(batch, 3, 32, 32), convolutions) == []
+        width, calls = compiled
+        assert calls == [("vc_forward", width), ("vc_backward", width)]
     finally:
         torch.set_num_threads(before)
 

@@ -53,7 +53,7 @@ KERNELS = {"vc_forward": "the ConvNet's features", "vc_backward": "the ConvNet's
            "vc_chain_backward": "the classifier on cached features",
            "vc_vera_weights": "the classifier on cached features",
            "vc_vera_vector_grads": "the classifier on cached features"}
-SYMBOLS = ("vc_cpu_supported", "vc_chain_width", *KERNELS)
+SYMBOLS = ("vc_cpu_supported", "vc_vector_width", *KERNELS)
 # What a compiler reads from the environment that changes what it builds (its search paths), and the flags a
 # wrapper script in $CC may add: part of the cache key.
 COMPILER_ENV = ("CFLAGS", "CPPFLAGS", "LDFLAGS", "CPATH", "C_INCLUDE_PATH", "LIBRARY_PATH", "COMPILER_PATH",
@@ -294,6 +294,12 @@ def compute_path() -> str:
     return "torch's operators (the compiled kernels do not apply to this model, device or input)"
 
 
+@functools.cache
+def vector_width() -> int:
+    """The floats per vector the kernels run with here: 16 with AVX-512, else 8 (AVX2); call with a library."""
+    return library().vc_vector_width()
+
+
 def address(t: torch.Tensor | None) -> ctypes.c_void_p | None:
     """A tensor's data as a C pointer (None as NULL); the caller keeps the tensor alive until the call returns."""
     return None if t is None else ctypes.c_void_p(t.data_ptr())
@@ -302,10 +308,10 @@ def address(t: torch.Tensor | None) -> ctypes.c_void_p | None:
 def _signatures(lib: ctypes.CDLL) -> ctypes.CDLL:
     i, p = ctypes.c_int, ctypes.c_void_p
     lib.vc_cpu_supported.argtypes, lib.vc_cpu_supported.restype = [], i
-    lib.vc_forward.argtypes, lib.vc_forward.restype = [i] * 2 + [p] * 9, i
-    lib.vc_backward.argtypes, lib.vc_backward.restype = [i] * 2 + [p] * 10, i
+    lib.vc_forward.argtypes, lib.vc_forward.restype = [i] * 3 + [p] * 9, i
+    lib.vc_backward.argtypes, lib.vc_backward.restype = [i] * 3 + [p] * 10, i
     lib.vc_augment.argtypes, lib.vc_augment.restype = [i] * 6 + [p] * 8, i
-    lib.vc_chain_width.argtypes, lib.vc_chain_width.restype = [], i
+    lib.vc_vector_width.argtypes, lib.vc_vector_width.restype = [], i
     lib.vc_chain_forward.argtypes, lib.vc_chain_forward.restype = [i] * 4 + [p, p, i, p, i] + [p] * 4, i
     lib.vc_chain_backward.argtypes, lib.vc_chain_backward.restype = [i] * 4 + [p] * 6, i
     lib.vc_vera_weights.argtypes, lib.vc_vera_weights.restype = [i] * 2 + [p] * 8, i

@@ -1,4 +1,4 @@
-/* The ConvNet's convolutional prefix on AVX2, forward and backward, one image at a time:
+/* The ConvNet's convolutional prefix on AVX2 or AVX-512, forward and backward, one image at a time:
  *   relu(max_pool2d(conv2d(x, 5x5), 2)) twice: 3 -> 6 channels, 32x32 -> 28x28 -> 14x14, then
  *   6 -> 16 channels, 14x14 -> 10x10 -> 5x5, flattened channel-major as torch.flatten does on NCHW.
  *
@@ -6,16 +6,19 @@
  * and with their pools they were over two thirds of a training step. Here each kernel lays its vectors along
  * the dimension that fills them (output columns for conv1's forward, conv2's 16 output channels, a kernel row's
  * 15 taps for conv1's weight gradient), keeps a block of sums in registers over all the taps, and skips what
- * the pool's gradient makes zero (conv2's input gradient). Every size is a compile-time constant, so all
- * addressing is immediate offsets. An image's intermediate maps stay in a thread's scratch (in cache); only
- * the first layer's output (the second layer's input, needed for its weight gradient) and one bit per pool
- * window, position and channel (where its gradient goes) are kept for the backward. Each thread takes a slice
- * of the batch and sums its own weight gradients; the caller adds the slices up.
+ * the pool's gradient makes zero: a max pool sends each window's gradient to one position per channel, so the
+ * weight gradients sum over those sites alone (a quarter of the positions) and conv2's input gradient adds
+ * only their kernels. Every size is a compile-time constant, so all addressing is immediate offsets. An
+ * image's intermediate maps stay in a thread's scratch (in cache); only the first layer's output (the second
+ * layer's input, needed for its weight gradient) and one bit per pool window, position and channel (where its
+ * gradient goes) are kept for the backward. Each thread takes a slice of the batch and sums its own weight
+ * gradients; the caller adds the slices up. The kernels whose vectors fill 16 lanes have an AVX-512 twin,
+ * chosen per call (`width`); the rest run AVX2 at either width.
  *
  * Layouts (float32 unless said, channels innermost inside an image unless said):
  *   x    [B][3][32][32]   input images, planar (NCHW)
  *   w1   [6][3][5][5]     conv1's weights as torch holds them; b1 [8], padded with zeros
- *   w2   [5][5][6][16]    conv2's weights (kh, kw, in, out); b2 [16]; w2t [5][5][16][8]: (kh, kw, out, in),
+ *   w2   [5][5][6][16]    conv2's weights (kh, kw, in, out); b2 [16]; w2t [5][16][5][8]: (kh, out, kw, in),
  *                         inputs padded to 8
  *   p1   [B][14][14][8]   the first layer's output
  *   m1   [B][14][14][4]   uint8: per pool window, per position in it (row-major), a bit per channel (8 lanes)
@@ -175,15 +178,6 @@ INLINE void unpool(const uint8_t *m, const float *dp, float *dypad, const int OH
 
 #define DY(oh, ow) (dypad + (((oh) + K - 1) * (OW + 2 * (K - 1)) + (ow) + K - 1) * NV * 8)
 
-INLINE void bias_grad(const float *dypad, float *db, const int OH, const int OW, const int NV) {
-    UNROLL for (int v = 0; v < NV; v++) {
-        __m256 acc = _mm256_loadu_ps(db + 8 * v);
-        for (int oh = 0; oh < OH; oh++)
-            for (int ow = 0; ow < OW; ow++) acc = _mm256_add_ps(acc, _mm256_loadu_ps(DY(oh, ow) + 8 * v));
-        _mm256_storeu_ps(db + 8 * v, acc);
-    }
-}
-
 /* dw[kh][kw][ci][:] += sum over output pixels of x[pixel + (kh, kw)][ci] * dy[pixel][:], one tap (kh, kw) at a
  * time: CIN x NV sums held in registers across the pixels. */
 INLINE void weight_grad_by_tap(const float *x, const float *dypad, float *dw, const int H, const int W, const int XS,
@@ -204,10 +198,12 @@ INLINE void weight_grad_by_tap(const float *x, const float *dypad, float *dw, co
                         UNROLL for (int v = 0; v < NV; v++) acc[ci][v] = _mm256_fmadd_ps(xb, g[v], acc[ci][v]);
                     }
                 }
+            /* Into dw[co][kh][kw][ci], the layout of second_weight_grad. */
             UNROLL for (int ci = 0; ci < CIN; ci++)
                 UNROLL for (int v = 0; v < NV; v++) {
-                    float *t = dw + ((kh * K + kw) * CIN + ci) * NV * 8 + 8 * v;
-                    _mm256_storeu_ps(t, _mm256_add_ps(_mm256_loadu_ps(t), acc[ci][v]));
+                    float sums[8];
+                    _mm256_storeu_ps(sums, acc[ci][v]);
+                    for (int l = 0; l < 8; l++) dw[(((v * 8 + l) * K + kh) * K + kw) * 8 + ci] += sums[l];
                 }
         }
 }
@@ -246,7 +242,7 @@ INLINE void weight_grad_by_row(const float *x, const float *dypad, float *dw, co
 /* The gradient at the input of a layer with NV output vectors, from its pool's: each window's gradient reached
  * one position per channel (the bits of m) and none where the output was not positive, so at most a quarter of
  * the convolution's output gradient is nonzero. Each position with any channel's gradient adds that channel's
- * 5x5 kernel (wt[kh][kw][co][:8]) times it into dx around it; the rest costs nothing. */
+ * 5x5 kernel (wt[kh][co][kw][:8]) times it into dx around it; the rest costs nothing. */
 INLINE void input_grad(const uint8_t *m, const float *dp, const float *wt, float *dx, const int H, const int W,
                        const int NV) {
     const int OW = W - K + 1, CO = NV * 8;
@@ -268,13 +264,238 @@ INLINE void input_grad(const uint8_t *m, const float *dp, const float *wt, float
                         const int co = __builtin_ctz(left);
                         const __m256 gco = _mm256_broadcast_ss(g + co);
                         UNROLL for (int kw = 0; kw < K; kw++)
-                            acc[kw] = _mm256_fmadd_ps(gco, _mm256_loadu_ps(wt + ((kh * K + kw) * CO + co) * 8), acc[kw]);
+                            acc[kw] = _mm256_fmadd_ps(gco, _mm256_loadu_ps(wt + ((kh * CO + co) * K + kw) * 8), acc[kw]);
                     }
                     UNROLL for (int kw = 0; kw < K; kw++) _mm256_storeu_ps(row + kw * 8, acc[kw]);
                 }
             }
         }
 }
+
+/* ---- weight gradients from the pools' bits ---- */
+
+/* A layer's output gradient is nonzero at one position per pool window and channel at most (the bits of m), and
+ * nowhere its pooled output was not positive: a quarter of the dense gradient or less. Its sites, per window and
+ * output channel: the position's offset in the layer's input (positions of XS floats, rows of W) and the gradient
+ * there, zero where the window sent none; their sum per channel is the bias gradient. */
+#define MAX_WINDOWS (14 * 14)
+
+typedef struct {
+    int at[MAX_WINDOWS][16];
+    float g[MAX_WINDOWS][16];
+} Sites;
+
+INLINE void list_sites(const uint8_t *m, const float *dp, Sites *sites, float *db, const int OH, const int OW,
+                       const int NV, const int W, const int XS) {
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256 bias[MAX_NV];
+    UNROLL for (int v = 0; v < NV; v++) bias[v] = _mm256_loadu_ps(db + 8 * v);
+    for (int i = 0; i < OH / 2; i++)
+        for (int j = 0; j < OW / 2; j++) {
+            const int w = i * (OW / 2) + j;
+            const __m256i corner = _mm256_set1_epi32((2 * i * W + 2 * j) * XS);
+            UNROLL for (int v = 0; v < NV; v++) {
+                const uint8_t *bits = m + (w * NV + v) * 4;
+                __m256i hit[4];
+                UNROLL for (int k = 0; k < 4; k++)
+                    hit[k] = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits[k]), lane_bit), lane_bit);
+                /* At most one of a channel's four bits is set: its position's offset from the window's corner. */
+                __m256i at = _mm256_add_epi32(corner, _mm256_and_si256(hit[1], _mm256_set1_epi32(XS)));
+                at = _mm256_add_epi32(at, _mm256_and_si256(hit[2], _mm256_set1_epi32(W * XS)));
+                at = _mm256_add_epi32(at, _mm256_and_si256(hit[3], _mm256_set1_epi32((W + 1) * XS)));
+                const __m256i any = _mm256_or_si256(_mm256_or_si256(hit[0], hit[1]), _mm256_or_si256(hit[2], hit[3]));
+                const __m256 g = _mm256_and_ps(_mm256_loadu_ps(dp + w * NV * 8 + 8 * v), _mm256_castsi256_ps(any));
+                _mm256_storeu_si256((__m256i *)(sites->at[w] + 8 * v), at);
+                _mm256_storeu_ps(sites->g[w] + 8 * v, g);
+                bias[v] = _mm256_add_ps(bias[v], g);
+            }
+        }
+    UNROLL for (int v = 0; v < NV; v++) _mm256_storeu_ps(db + 8 * v, bias[v]);
+}
+
+/* conv1's weight gradient, dw[kh][kw][ci][o] (o padded to 8), from its sites over the channels-innermost image:
+ * a kernel row's 15 taps are consecutive floats, two overlapping vectors (taps 0-7 and 7-14), five rows of
+ * them per site. */
+static void first_weight_grad(const float *x, const Sites *sites, float *dw) {
+    const int W = 32, CIN = 3, TAPS = K * CIN, OUT = 6;
+    for (int o = 0; o < OUT; o++) {
+        __m256 low[K], high[K];
+        UNROLL for (int kh = 0; kh < K; kh++) low[kh] = high[kh] = _mm256_setzero_ps();
+        for (int n = 0; n < MAX_WINDOWS; n++) {
+            const float *xq = x + sites->at[n][o];
+            const __m256 g = _mm256_broadcast_ss(&sites->g[n][o]);
+            UNROLL for (int kh = 0; kh < K; kh++) {
+                low[kh] = _mm256_fmadd_ps(_mm256_loadu_ps(xq + kh * W * CIN), g, low[kh]);
+                high[kh] = _mm256_fmadd_ps(_mm256_loadu_ps(xq + kh * W * CIN + TAPS - 8), g, high[kh]);
+            }
+        }
+        float lows[K][8], highs[K][8];
+        UNROLL for (int kh = 0; kh < K; kh++) {
+            _mm256_storeu_ps(lows[kh], low[kh]);
+            _mm256_storeu_ps(highs[kh], high[kh]);
+        }
+        for (int kh = 0; kh < K; kh++)
+            for (int t = 0; t < TAPS; t++) dw[(kh * TAPS + t) * 8 + o] += t < 8 ? lows[kh][t] : highs[kh][t - (TAPS - 8)];
+    }
+}
+
+/* conv2's weight gradient, dw[co][kh][kw][ci] (ci padded to 8), from its sites over p1 (8 floats a position):
+ * per output channel, the 25 taps' sums of input vectors in registers, in two passes of kernel rows. */
+INLINE void second_weight_grad_rows(const float *x, const Sites *sites, float *dw, const int co, const int KH0,
+                                    const int ROWS) {
+    const int W = 14, XS = 8;
+    __m256 acc[3][K];
+    UNROLL for (int r = 0; r < ROWS; r++)
+        UNROLL for (int kw = 0; kw < K; kw++) acc[r][kw] = _mm256_setzero_ps();
+    for (int n = 0; n < 25; n++) {
+        const float *xq = x + sites->at[n][co] + KH0 * W * XS;
+        const __m256 g = _mm256_broadcast_ss(&sites->g[n][co]);
+        UNROLL for (int r = 0; r < ROWS; r++)
+            UNROLL for (int kw = 0; kw < K; kw++)
+                acc[r][kw] = _mm256_fmadd_ps(_mm256_loadu_ps(xq + (r * W + kw) * XS), g, acc[r][kw]);
+    }
+    UNROLL for (int r = 0; r < ROWS; r++)
+        UNROLL for (int kw = 0; kw < K; kw++) {
+            float *t = dw + ((co * K + KH0 + r) * K + kw) * 8;
+            _mm256_storeu_ps(t, _mm256_add_ps(_mm256_loadu_ps(t), acc[r][kw]));
+        }
+}
+
+static void second_weight_grad(const float *x, const Sites *sites, float *dw) {
+    for (int co = 0; co < 16; co++) {
+        second_weight_grad_rows(x, sites, dw, co, 0, 3);
+        second_weight_grad_rows(x, sites, dw, co, 3, 2);
+    }
+}
+
+/* Whether n floats are all finite: a site list skips the positions whose gradient is zero, where torch's dense
+ * products give 0 x inf = NaN. An image with an inf or NaN takes the dense kernels above. */
+INLINE int all_finite(const float *x, const int n) {
+    __m256 bad = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+    }
+    return !_mm256_movemask_ps(bad);
+}
+
+/* ---- the same on AVX-512, 16 floats a vector ---- */
+
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+
+/* Lanes [8 h, 8 h + 8) of r. */
+INLINE __m256 half_of(__m512 r, const int h) {
+    return h ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r), 1)) : _mm512_castps512_ps256(r);
+}
+
+/* first_conv with a vector for each of the two blocks of 16 output columns (0-15 and 12-27). */
+static void first_conv16(const float *x, const float *w, const float *bias, float *y) {
+    const int H = 32, W = 32, CIN = 3, OUT = 6, OW = W - K + 1;
+    for (int oh = 0; oh < OW; oh++) {
+        __m512 acc[MAX_OUT][2];
+        UNROLL for (int o = 0; o < OUT; o++) acc[o][0] = acc[o][1] = _mm512_set1_ps(bias[o]);
+        for (int ci = 0; ci < CIN; ci++)
+            for (int kh = 0; kh < K; kh++)
+                UNROLL for (int kw = 0; kw < K; kw++) {
+                    const float *xr = x + (ci * H + oh + kh) * W + kw;
+                    const __m512 a = _mm512_loadu_ps(xr), b = _mm512_loadu_ps(xr + OW - 16);
+                    UNROLL for (int o = 0; o < OUT; o++) {
+                        const __m512 wv = _mm512_set1_ps(w[((o * CIN + ci) * K + kh) * K + kw]);
+                        acc[o][0] = _mm512_fmadd_ps(a, wv, acc[o][0]);
+                        acc[o][1] = _mm512_fmadd_ps(b, wv, acc[o][1]);
+                    }
+                }
+        UNROLL for (int v = 0; v < 2; v++)
+            UNROLL for (int h = 0; h < 2; h++) {
+                __m256 r[8];
+                UNROLL for (int o = 0; o < 8; o++) r[o] = o < OUT ? half_of(acc[o][v], h) : _mm256_setzero_ps();
+                transpose8(r);
+                UNROLL for (int p = 0; p < 8; p++)
+                    _mm256_storeu_ps(y + (oh * OW + v * (OW - 16) + 8 * h + p) * 8, r[p]);
+            }
+    }
+}
+
+/* The second convolution, its 16 output channels one vector: blocks of 2 rows x 5 columns of sums. */
+static void second_conv16(const float *x, const float *w, const float *bias, float *y) {
+    const int W = 14, XS = 8, CIN = 6, OW = 10, R = 2, C = 5;
+    for (int oh = 0; oh < OW; oh += R)
+        for (int ow = 0; ow < OW; ow += C) {
+            __m512 acc[R][C];
+            UNROLL for (int r = 0; r < R; r++)
+                UNROLL for (int c = 0; c < C; c++) acc[r][c] = _mm512_loadu_ps(bias);
+            for (int kh = 0; kh < K; kh++)
+                for (int kw = 0; kw < K; kw++) {
+                    const float *wk = w + (kh * K + kw) * CIN * 16;
+                    const float *xk = x + ((oh + kh) * W + ow + kw) * XS;
+                    UNROLL for (int ci = 0; ci < CIN; ci++) {
+                        const __m512 wv = _mm512_loadu_ps(wk + ci * 16);
+                        UNROLL for (int r = 0; r < R; r++)
+                            UNROLL for (int c = 0; c < C; c++)
+                                acc[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(xk[(r * W + c) * XS + ci]), wv, acc[r][c]);
+                    }
+                }
+            UNROLL for (int r = 0; r < R; r++)
+                UNROLL for (int c = 0; c < C; c++) _mm512_storeu_ps(y + ((oh + r) * OW + ow + c) * 16, acc[r][c]);
+        }
+}
+
+/* first_weight_grad with a kernel row's 15 taps in one vector (a masked load: nothing past them is read), two
+ * output channels at a time so that ten sums are in flight. */
+static void first_weight_grad16(const float *x, const Sites *sites, float *dw) {
+    const int W = 32, CIN = 3, TAPS = K * CIN, OUT = 6;
+    const __mmask16 taps = (1 << TAPS) - 1;
+    for (int o = 0; o < OUT; o += 2) {
+        __m512 acc[2][K];
+        UNROLL for (int u = 0; u < 2; u++)
+            UNROLL for (int kh = 0; kh < K; kh++) acc[u][kh] = _mm512_setzero_ps();
+        for (int n = 0; n < MAX_WINDOWS; n++)
+            UNROLL for (int u = 0; u < 2; u++) {
+                const float *xq = x + sites->at[n][o + u];
+                const __m512 g = _mm512_set1_ps(sites->g[n][o + u]);
+                UNROLL for (int kh = 0; kh < K; kh++)
+                    acc[u][kh] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(taps, xq + kh * W * CIN), g, acc[u][kh]);
+            }
+        float sums[2][K][16];
+        UNROLL for (int u = 0; u < 2; u++)
+            UNROLL for (int kh = 0; kh < K; kh++) _mm512_storeu_ps(sums[u][kh], acc[u][kh]);
+        for (int u = 0; u < 2; u++)
+            for (int kh = 0; kh < K; kh++)
+                for (int t = 0; t < TAPS; t++) dw[(kh * TAPS + t) * 8 + o + u] += sums[u][kh][t];
+    }
+}
+
+/* second_weight_grad with two taps of a kernel row in a vector (kw 0-1 and 2-3; kw 4 half a vector). */
+static void second_weight_grad16(const float *x, const Sites *sites, float *dw) {
+    const int W = 14, XS = 8;
+    for (int co = 0; co < 16; co++) {
+        __m512 pairs[K][2];
+        __m256 last[K];
+        UNROLL for (int kh = 0; kh < K; kh++) {
+            pairs[kh][0] = pairs[kh][1] = _mm512_setzero_ps();
+            last[kh] = _mm256_setzero_ps();
+        }
+        for (int n = 0; n < 25; n++) {
+            const float *xq = x + sites->at[n][co];
+            const __m512 g = _mm512_set1_ps(sites->g[n][co]);
+            UNROLL for (int kh = 0; kh < K; kh++) {
+                const float *row = xq + kh * W * XS;
+                pairs[kh][0] = _mm512_fmadd_ps(_mm512_loadu_ps(row), g, pairs[kh][0]);
+                pairs[kh][1] = _mm512_fmadd_ps(_mm512_loadu_ps(row + 16), g, pairs[kh][1]);
+                last[kh] = _mm256_fmadd_ps(_mm256_loadu_ps(row + 32), _mm512_castps512_ps256(g), last[kh]);
+            }
+        }
+        UNROLL for (int kh = 0; kh < K; kh++) {
+            float *t = dw + (co * K + kh) * K * 8;
+            _mm512_storeu_ps(t, _mm512_add_ps(_mm512_loadu_ps(t), pairs[kh][0]));
+            _mm512_storeu_ps(t + 16, _mm512_add_ps(_mm512_loadu_ps(t + 16), pairs[kh][1]));
+            _mm256_storeu_ps(t + 32, _mm256_add_ps(_mm256_loadu_ps(t + 32), last[kh]));
+        }
+    }
+}
+
+#pragma GCC pop_options
 
 /* ---- the two layers, image by image ---- */
 
@@ -285,6 +506,7 @@ typedef struct {
     float y1[28 * 28 * 8], y2[10 * 10 * 16], p2[5 * 5 * 16], dx2[14 * 14 * 8];
     float dy1[PAD(28) * PAD(28) * 8];  /* zero-bordered output gradients */
     float dy2[PAD(10) * PAD(10) * 16];
+    Sites sites;
 } Scratch;
 
 INLINE void planar_to_packed(const float *planar, float *packed) {
@@ -292,34 +514,54 @@ INLINE void planar_to_packed(const float *planar, float *packed) {
         UNROLL for (int c = 0; c < 3; c++) packed[q * 3 + c] = planar[c * 32 * 32 + q];
 }
 
-static void forward_image(Scratch *s, const float *x, const float *w1, const float *b1, const float *w2,
+static void forward_image(Scratch *s, int width, const float *x, const float *w1, const float *b1, const float *w2,
                           const float *b2, float *p1, uint8_t *m1, uint8_t *m2, float *out) {
-    first_conv(x, w1, b1, s->y1);
+    if (width == 16)
+        first_conv16(x, w1, b1, s->y1);
+    else
+        first_conv(x, w1, b1, s->y1);
     pool_relu(s->y1, p1, m1, 28, 28, 1);
-    for (int oh = 0; oh < 10; oh += 2)
-        for (int ow = 0; ow < 10; ow += 2) conv_block(p1, w2, b2, s->y2, oh, ow, 14, 8, 6, 2, 2);
+    if (width == 16)
+        second_conv16(p1, w2, b2, s->y2);
+    else
+        for (int oh = 0; oh < 10; oh += 2)
+            for (int ow = 0; ow < 10; ow += 2) conv_block(p1, w2, b2, s->y2, oh, ow, 14, 8, 6, 2, 2);
     pool_relu(s->y2, s->p2, m2, 10, 10, 2);
     for (int q = 0; q < 25; q++)
         for (int c = 0; c < 16; c++) out[c * 25 + q] = s->p2[q * 16 + c];
 }
 
-static void backward_image(Scratch *s, const float *x, const float *p1, const uint8_t *m1, const uint8_t *m2,
+static void backward_image(Scratch *s, int width, const float *x, const float *p1, const uint8_t *m1, const uint8_t *m2,
                            const float *grad, const float *w2t, float *dw1, float *db1, float *dw2, float *db2) {
     for (int q = 0; q < 25; q++)
         for (int c = 0; c < 16; c++) s->p2[q * 16 + c] = grad[c * 25 + q];
-    unpool(m2, s->p2, s->dy2, 10, 10, 2);
-    bias_grad(s->dy2, db2, 10, 10, 2);
-    weight_grad_by_tap(p1, s->dy2, dw2, 14, 14, 8, 6, 2);
+    list_sites(m2, s->p2, &s->sites, db2, 10, 10, 2, 14, 8);
+    if (all_finite(p1, 14 * 14 * 8))
+        (width == 16 ? second_weight_grad16 : second_weight_grad)(p1, &s->sites, dw2);
+    else {
+        unpool(m2, s->p2, s->dy2, 10, 10, 2);
+        weight_grad_by_tap(p1, s->dy2, dw2, 14, 14, 8, 6, 2);
+    }
     input_grad(m2, s->p2, w2t, s->dx2, 14, 14, 2);
-    unpool(m1, s->dx2, s->dy1, 28, 28, 1);
-    bias_grad(s->dy1, db1, 28, 28, 1);
+    list_sites(m1, s->dx2, &s->sites, db1, 28, 28, 1, 32, 3);
     planar_to_packed(x, s->x);
-    weight_grad_by_row(s->x, s->dy1, dw1, 32, 32, 3, 6);
+    if (all_finite(s->x, 32 * 32 * 3))
+        (width == 16 ? first_weight_grad16 : first_weight_grad)(s->x, &s->sites, dw1);
+    else {
+        unpool(m1, s->dx2, s->dy1, 28, 28, 1);
+        weight_grad_by_row(s->x, s->dy1, dw1, 32, 32, 3, 6);
+    }
 }
 
 int vc_cpu_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+/* 16 where the processor runs AVX-512 (the foundation), else 8: the vector widths the kernels take. */
+int vc_vector_width(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") ? 16 : 8;
 }
 
 /* Slices of the batch on `threads` threads. OpenMP, not threads of our own: the library links the libgomp that
@@ -341,16 +583,16 @@ int vc_cpu_supported(void) {
     }                                                                                           \
     return failed;
 
-int vc_forward(int batch, int threads, const float *x, const float *w1, const float *b1, const float *w2,
+int vc_forward(int width, int batch, int threads, const float *x, const float *w1, const float *b1, const float *w2,
                const float *b2, float *p1, uint8_t *m1, uint8_t *m2, float *out) {
     OVER_BATCH(threads, batch,
-               forward_image(s, x + b * 3072, w1, b1, w2, b2, p1 + b * 1568, m1 + b * 784, m2 + b * 200, out + b * 400))
+               forward_image(s, width, x + b * 3072, w1, b1, w2, b2, p1 + b * 1568, m1 + b * 784, m2 + b * 200, out + b * 400))
 }
 
-/* dw1: threads x [5][5][3][8], db1: threads x [8], dw2: threads x [5][5][6][16], db2: threads x [16], all zeros. */
-int vc_backward(int batch, int threads, const float *x, const float *p1, const uint8_t *m1, const uint8_t *m2,
+/* dw1: threads x [5][5][3][8], db1: threads x [8], dw2: threads x [16][5][5][8], db2: threads x [16], all zeros. */
+int vc_backward(int width, int batch, int threads, const float *x, const float *p1, const uint8_t *m1, const uint8_t *m2,
                 const float *grad, const float *w2t, float *dw1, float *db1, float *dw2, float *db2) {
     OVER_BATCH(threads, batch,
-               backward_image(s, x + b * 3072, p1 + b * 1568, m1 + b * 784, m2 + b * 200, grad + b * 400, w2t,
-                              dw1 + t * 600, db1 + t * 8, dw2 + t * 2400, db2 + t * 16))
+               backward_image(s, width, x + b * 3072, p1 + b * 1568, m1 + b * 784, m2 + b * 200, grad + b * 400, w2t,
+                              dw1 + t * 600, db1 + t * 8, dw2 + t * 3200, db2 + t * 16))
 }

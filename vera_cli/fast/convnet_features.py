@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vera_cli.fast.build import address, call_with_scratch, library
+from vera_cli.fast.build import address, call_with_scratch, library, vector_width
 
 
 def _plain_5x5(conv: nn.Conv2d, in_channels: int, out_channels: int) -> bool:
@@ -49,8 +49,8 @@ class _Features(torch.autograd.Function):
         m1 = torch.empty(batch, 14, 14, 4, dtype=torch.uint8)
         m2 = torch.empty(batch, 5, 5, 2, 4, dtype=torch.uint8)
         out = x.new_empty(batch, 400)
-        call_with_scratch("vc_forward", batch, torch.get_num_threads(), address(x), address(w1p), address(b1p),
-                          address(w2p), address(b2p), address(p1), address(m1), address(m2), address(out))
+        call_with_scratch("vc_forward", vector_width(), batch, torch.get_num_threads(), address(x), address(w1p),
+                          address(b1p), address(w2p), address(b2p), address(p1), address(m1), address(m2), address(out))
         ctx.save_for_backward(x, w2, p1, m1, m2)
         return out
 
@@ -60,13 +60,13 @@ class _Features(torch.autograd.Function):
         x, w2, p1, m1, m2 = ctx.saved_tensors
         threads = torch.get_num_threads()
         grad = grad.contiguous()
-        w2t = F.pad(w2.detach().permute(2, 3, 0, 1), (0, 2)).contiguous()
+        w2t = F.pad(w2.detach().permute(2, 0, 3, 1), (0, 2)).contiguous()
         dw1, db1 = x.new_zeros(threads, 5, 5, 3, 8), x.new_zeros(threads, 8)
-        dw2, db2 = x.new_zeros(threads, 5, 5, 6, 16), x.new_zeros(threads, 16)
-        call_with_scratch("vc_backward", x.shape[0], threads, address(x), address(p1), address(m1), address(m2),
-                          address(grad), address(w2t), address(dw1), address(db1), address(dw2), address(db2))
-        return (None, dw1.sum(0)[..., :6].permute(3, 2, 0, 1), db1.sum(0)[:6], dw2.sum(0).permute(3, 2, 0, 1),
-                db2.sum(0))
+        dw2, db2 = x.new_zeros(threads, 16, 5, 5, 8), x.new_zeros(threads, 16)
+        call_with_scratch("vc_backward", vector_width(), x.shape[0], threads, address(x), address(p1), address(m1),
+                          address(m2), address(grad), address(w2t), address(dw1), address(db1), address(dw2), address(db2))
+        return (None, dw1.sum(0)[..., :6].permute(3, 2, 0, 1), db1.sum(0)[:6],
+                dw2.sum(0)[..., :6].permute(0, 3, 1, 2), db2.sum(0))
 
 
 def features(x: torch.Tensor, conv1: nn.Conv2d, conv2: nn.Conv2d) -> torch.Tensor:

@@ -137,11 +137,6 @@ typedef void (*Product)(int, int, const float *, long, long, const float *, floa
                         const float *);
 typedef void (*WeightGrad)(int, int, const float *, const float *, int, float *, float *);
 
-/* 16 where the processor runs AVX-512 (the foundation), else 8: the widths vc_chain_forward/backward take. */
-int vc_chain_width(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") ? 16 : 8;
-}
 
 static int widest(int layers, const int *dims) {
     int most = 0;

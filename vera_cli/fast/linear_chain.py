@@ -9,12 +9,11 @@ activations for the backward in one buffer, opaque to the caller.
 from __future__ import annotations
 
 import ctypes
-import functools
 from typing import NamedTuple
 
 import torch
 
-from vera_cli.fast.build import address, call_with_scratch, library
+from vera_cli.fast.build import address, call_with_scratch, library, vector_width
 
 
 class VeraLayer(NamedTuple):
@@ -35,12 +34,6 @@ class Saved(NamedTuple):
     rows: int
     threads: int
     width: int
-
-
-@functools.cache
-def vector_width() -> int:
-    """The floats per vector the chain's products run with here: 16 with AVX-512, else 8 (AVX2)."""
-    return library().vc_chain_width()
 
 
 def supports(x: torch.Tensor, tensors: list[torch.Tensor | None]) -> bool:
