@@ -239,37 +239,54 @@ INLINE void weight_grad_by_row(const float *x, const float *dypad, float *dw, co
     }
 }
 
-/* The gradient at the input of a layer with NV output vectors, from its pool's: each window's gradient reached
- * one position per channel (the bits of m) and none where the output was not positive, so at most a quarter of
- * the convolution's output gradient is nonzero. Each position with any channel's gradient adds that channel's
- * 5x5 kernel (wt[kh][co][kw][:8]) times it into dx around it; the rest costs nothing. */
-INLINE void input_grad(const uint8_t *m, const float *dp, const float *wt, float *dx, const int H, const int W,
-                       const int NV) {
-    const int OW = W - K + 1, CO = NV * 8;
-    memset(dx, 0, sizeof(float) * H * W * 8);
-    for (int i = 0; i < (H - K + 1) / 2; i++)
-        for (int j = 0; j < OW / 2; j++) {
-            const uint8_t *bits = m + (i * (OW / 2) + j) * NV * 4;
-            const float *g = dp + (i * (OW / 2) + j) * CO;
-            for (int k = 0; k < 4; k++) {
-                unsigned channels = 0;
-                UNROLL for (int v = 0; v < NV; v++) channels |= (unsigned)bits[v * 4 + k] << (8 * v);
-                if (!channels) continue;
-                const int oh = 2 * i + k / 2, ow = 2 * j + k % 2;
-                for (int kh = 0; kh < K; kh++) {
-                    float *row = dx + ((oh + kh) * W + ow) * 8;
-                    __m256 acc[K];
-                    UNROLL for (int kw = 0; kw < K; kw++) acc[kw] = _mm256_loadu_ps(row + kw * 8);
-                    for (unsigned left = channels; left; left &= left - 1) {
-                        const int co = __builtin_ctz(left);
-                        const __m256 gco = _mm256_broadcast_ss(g + co);
-                        UNROLL for (int kw = 0; kw < K; kw++)
-                            acc[kw] = _mm256_fmadd_ps(gco, _mm256_loadu_ps(wt + ((kh * CO + co) * K + kw) * 8), acc[kw]);
-                    }
-                    UNROLL for (int kw = 0; kw < K; kw++) _mm256_storeu_ps(row + kw * 8, acc[kw]);
-                }
+/* The gradient at conv2's input, from its pool's: each window's gradient reached one position per channel (the
+ * bits of m) and none where the output was not positive, so at most a quarter of the convolution's output
+ * gradient is nonzero. Each position with any channel's gradient adds that channel's 5x5 kernel
+ * (wt[kh][co][kw][:8]) times it into dx around it; the rest costs nothing. The kernel rows' sums stay in
+ * registers across the position's channels, one chain each (three rows, then two), so that the products of
+ * successive channels overlap. */
+#define IN_W 14
+#define IN_CO 16
+
+INLINE void add_kernel_rows(float *dx, const float *g, const float *wt, const unsigned channels, const int KH0,
+                            const int ROWS) {
+    __m256 acc[3][K];
+    UNROLL for (int r = 0; r < ROWS; r++)
+        UNROLL for (int kw = 0; kw < K; kw++) acc[r][kw] = _mm256_loadu_ps(dx + ((KH0 + r) * IN_W + kw) * 8);
+    for (unsigned left = channels; left; left &= left - 1) {
+        const int co = __builtin_ctz(left);
+        const __m256 gco = _mm256_broadcast_ss(g + co);
+        UNROLL for (int r = 0; r < ROWS; r++)
+            UNROLL for (int kw = 0; kw < K; kw++)
+                acc[r][kw] = _mm256_fmadd_ps(gco, _mm256_loadu_ps(wt + (((KH0 + r) * IN_CO + co) * K + kw) * 8),
+                                             acc[r][kw]);
+    }
+    UNROLL for (int r = 0; r < ROWS; r++)
+        UNROLL for (int kw = 0; kw < K; kw++) _mm256_storeu_ps(dx + ((KH0 + r) * IN_W + kw) * 8, acc[r][kw]);
+}
+
+/* Calls add(dx at the position, its gradients, the channels with one there) for each position of the 10 x 10
+ * output that any channel's gradient reached. */
+#define FOR_EACH_SITE(m, dp, dx, add)                                                             \
+    for (int i = 0; i < 5; i++)                                                                   \
+        for (int j = 0; j < 5; j++)                                                               \
+            for (int k = 0; k < 4; k++) {                                                         \
+                const uint8_t *bits = m + (i * 5 + j) * 8;                                        \
+                const unsigned channels = bits[k] | (unsigned)bits[4 + k] << 8;                   \
+                if (channels)                                                                     \
+                    add(dx + ((2 * i + k / 2) * IN_W + 2 * j + k % 2) * 8, dp + (i * 5 + j) * IN_CO, channels); \
             }
-        }
+
+INLINE void add_kernels(float *dx, const float *g, const float *wt, const unsigned channels) {
+    add_kernel_rows(dx, g, wt, channels, 0, 3);
+    add_kernel_rows(dx, g, wt, channels, 3, 2);
+}
+
+static void input_grad(const uint8_t *m, const float *dp, const float *wt, float *dx) {
+    memset(dx, 0, sizeof(float) * IN_W * IN_W * 8);
+#define ADD(at, g, channels) add_kernels(at, g, wt, channels)
+    FOR_EACH_SITE(m, dp, dx, ADD)
+#undef ADD
 }
 
 /* ---- weight gradients from the pools' bits ---- */
@@ -495,6 +512,40 @@ static void second_weight_grad16(const float *x, const Sites *sites, float *dw) 
     }
 }
 
+/* input_grad with two positions of a kernel row in a vector (kw 0-1 and 2-3; kw 4 half a vector): all five
+ * rows' sums in registers at once. */
+INLINE void add_kernels16(float *dx, const float *g, const float *wt, const unsigned channels) {
+    __m512 pairs[K][2];
+    __m256 last[K];
+    UNROLL for (int kh = 0; kh < K; kh++) {
+        pairs[kh][0] = _mm512_loadu_ps(dx + kh * IN_W * 8);
+        pairs[kh][1] = _mm512_loadu_ps(dx + kh * IN_W * 8 + 16);
+        last[kh] = _mm256_loadu_ps(dx + kh * IN_W * 8 + 32);
+    }
+    for (unsigned left = channels; left; left &= left - 1) {
+        const int co = __builtin_ctz(left);
+        const __m512 gco = _mm512_set1_ps(g[co]);
+        UNROLL for (int kh = 0; kh < K; kh++) {
+            const float *w = wt + (kh * IN_CO + co) * K * 8;
+            pairs[kh][0] = _mm512_fmadd_ps(gco, _mm512_loadu_ps(w), pairs[kh][0]);
+            pairs[kh][1] = _mm512_fmadd_ps(gco, _mm512_loadu_ps(w + 16), pairs[kh][1]);
+            last[kh] = _mm256_fmadd_ps(_mm512_castps512_ps256(gco), _mm256_loadu_ps(w + 32), last[kh]);
+        }
+    }
+    UNROLL for (int kh = 0; kh < K; kh++) {
+        _mm512_storeu_ps(dx + kh * IN_W * 8, pairs[kh][0]);
+        _mm512_storeu_ps(dx + kh * IN_W * 8 + 16, pairs[kh][1]);
+        _mm256_storeu_ps(dx + kh * IN_W * 8 + 32, last[kh]);
+    }
+}
+
+static void input_grad16(const uint8_t *m, const float *dp, const float *wt, float *dx) {
+    memset(dx, 0, sizeof(float) * IN_W * IN_W * 8);
+#define ADD(at, g, channels) add_kernels16(at, g, wt, channels)
+    FOR_EACH_SITE(m, dp, dx, ADD)
+#undef ADD
+}
+
 #pragma GCC pop_options
 
 /* ---- the two layers, image by image ---- */
@@ -542,7 +593,7 @@ static void backward_image(Scratch *s, int width, const float *x, const float *p
         unpool(m2, s->p2, s->dy2, 10, 10, 2);
         weight_grad_by_tap(p1, s->dy2, dw2, 14, 14, 8, 6, 2);
     }
-    input_grad(m2, s->p2, w2t, s->dx2, 14, 14, 2);
+    (width == 16 ? input_grad16 : input_grad)(m2, s->p2, w2t, s->dx2);
     list_sites(m1, s->dx2, &s->sites, db1, 28, 28, 1, 32, 3);
     planar_to_packed(x, s->x);
     if (all_finite(s->x, 32 * 32 * 3))
