@@ -46,6 +46,15 @@ def test_the_explicit_products_are_torchs_attention(scale):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_in_bf16_the_explicit_products_weigh_by_an_fp32_softmax_rounded_once():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 64, 32).bfloat16() for _ in range(3))
+    scores = q @ k.transpose(-2, -1) * 32 ** -0.5
+    rounded_once = scores.float().softmax(-1).bfloat16()
+    assert torch.equal(products(q, k, v), rounded_once @ v)
+    assert not torch.equal(products(q, k, v), (scores.float().softmax(-1) * 1.01).bfloat16() @ v)
+
+
 def test_the_explicit_products_drop_attention_weights_as_torchs_dropout_does():
     torch.manual_seed(0)
     q, k, v = (torch.randn(3, 2, 5, 8) for _ in range(3))

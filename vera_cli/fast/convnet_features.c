@@ -178,7 +178,9 @@ INLINE void unpool(const uint8_t *m, const float *dp, float *dypad, const int OH
 
 #define DY(oh, ow) (dypad + (((oh) + K - 1) * (OW + 2 * (K - 1)) + (ow) + K - 1) * NV * 8)
 
-/* dw[kh][kw][ci][:] += sum over output pixels of x[pixel + (kh, kw)][ci] * dy[pixel][:], one tap (kh, kw) at a
+/* The dense weight gradients, over every output position, for an image holding an inf or NaN (all_finite): the
+ * others sum over the pools' gradient sites alone (below).
+ * dw[co][kh][kw][ci] += sum over output pixels of x[pixel + (kh, kw)][ci] * dy[pixel][co], one tap (kh, kw) at a
  * time: CIN x NV sums held in registers across the pixels. */
 INLINE void weight_grad_by_tap(const float *x, const float *dypad, float *dw, const int H, const int W, const int XS,
                                const int CIN, const int NV) {
@@ -198,7 +200,6 @@ INLINE void weight_grad_by_tap(const float *x, const float *dypad, float *dw, co
                         UNROLL for (int v = 0; v < NV; v++) acc[ci][v] = _mm256_fmadd_ps(xb, g[v], acc[ci][v]);
                     }
                 }
-            /* Into dw[co][kh][kw][ci], the layout of second_weight_grad. */
             UNROLL for (int ci = 0; ci < CIN; ci++)
                 UNROLL for (int v = 0; v < NV; v++) {
                     float sums[8];
