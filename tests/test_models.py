@@ -138,6 +138,27 @@ def test_compiled_kernels_pass_gradients_through_non_finite_windows_as_torch_doe
         torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-5, equal_nan=True, msg=name)
 
 
+def test_compiled_kernels_give_torchs_finite_weight_gradients_beside_an_images_inf(compiled, convolutions):
+    """An image holding an inf takes dense weight-gradient sums, whose entries are NaN only where the inf enters
+    them: the rest must be torch's too. The inf is in one input channel near the image's end (past the first half
+    of what is checked for one), and conv1 turns it into +inf in one channel of the first layer's output and into
+    -inf, which the ReLU makes 0, in the others."""
+    torch.manual_seed(0)
+    model = ConvNet()
+    with torch.no_grad():
+        model.conv1.weight[0, 0].abs_()
+        model.conv1.weight[1:, 0] = -model.conv1.weight[1:, 0].abs()
+    x = torch.randn(4, 3, 32, 32)
+    x[1, 0, 27, 29] = float("inf")
+    expected = torch.autograd.grad(_six_channel_reference(model, x).sum(), list(model.parameters()))
+    assert expected[0][:, 1:].isfinite().all() and expected[2][:, 1:].isfinite().all()
+    convolutions.clear()
+    grads = torch.autograd.grad(fast.forward(model)(x).sum(), list(model.parameters()))
+    assert convolutions == []
+    for name, grad, want in zip([n for n, _ in model.named_parameters()], grads, expected):
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-5, equal_nan=True, msg=name)
+
+
 def test_images_that_need_a_gradient_or_another_size_run_on_torchs_operators(compiled, convolutions):
     model = ConvNet()
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
