@@ -46,9 +46,10 @@ def test_the_explicit_products_are_torchs_attention(scale):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_in_bf16_the_explicit_products_weigh_by_an_fp32_softmax_rounded_once():
+@pytest.mark.parametrize("tokens", [1, 4, 16, 64, 256, 1024])  # a ViT's, at each patch size that divides 32
+def test_in_bf16_the_explicit_products_weigh_by_an_fp32_softmax_rounded_once(tokens):
     torch.manual_seed(0)
-    q, k, v = (torch.randn(3, 2, 64, 32).bfloat16() for _ in range(3))
+    q, k, v = (torch.randn(3, 2, tokens, 32).bfloat16() for _ in range(3))
     scores = q @ k.transpose(-2, -1) * 32 ** -0.5
     rounded_once = scores.float().softmax(-1).bfloat16()
     assert torch.equal(products(q, k, v), rounded_once @ v)

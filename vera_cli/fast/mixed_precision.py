@@ -53,11 +53,13 @@ def bf16_autocast(device_type: str) -> Iterator[None]:
 def products(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float = 0.0,
              scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v, with dropout on the attention weights as torch's kernels apply it. Torch's bf16
-    softmax computes in fp32 and rounds its output once: the weights are bit for bit an fp32 softmax's rounded to
-    bf16. Its backward reads those bf16 weights; keeping an fp32 copy of them for it cost the recipe's step 1.17x
-    (docs/performance.md). Largest error against fp32 attention, one block's shapes at batch 8 under bf16
-    autocast: these products 0.0101, torch's fused kernel 0.0055; scores computed in fp32 too would give 0.0071
-    but cost the recipe's step 9 % of its speed, and the recipe's accuracy did not ask for it."""
+    softmax computes in fp32 and rounds its output once: at the token counts the patch sizes give (1 to 1,024,
+    powers of 4) the weights are bit for bit an fp32 softmax's rounded to bf16; at some other row lengths (63 or
+    127, say) its fp32 sums run in another order and a few weights differ by one bf16 step. Its backward reads
+    those bf16 weights; keeping an fp32 copy of them for it cost the recipe's step 1.16x (docs/performance.md).
+    Largest error against fp32 attention, one block's shapes at batch 8 under bf16 autocast: these products
+    0.0101, torch's fused kernel 0.0055; scores computed in fp32 too would give 0.0071 but cost the recipe's step
+    9 % of its speed, and the recipe's accuracy did not ask for it."""
     scores = query @ key.transpose(-2, -1) * (scale if scale is not None else 1 / math.sqrt(query.shape[-1]))
     weights = scores.softmax(-1)
     return F.dropout(weights, dropout_p) @ value if dropout_p else weights @ value
