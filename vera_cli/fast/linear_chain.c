@@ -137,7 +137,6 @@ typedef void (*Product)(int, int, const float *, long, long, const float *, floa
                         const float *);
 typedef void (*WeightGrad)(int, int, const float *, const float *, int, float *, float *);
 
-
 static int widest(int layers, const int *dims) {
     int most = 0;
     for (int l = 0; l <= layers; l++) most = dims[l] > most ? dims[l] : most;
