@@ -74,8 +74,6 @@ INLINE void conv_block(const float *x, const float *w, const float *bias, float 
             UNROLL for (int v = 0; v < NV; v++) _mm256_storeu_ps(y + ((oh + r) * OW + ow + c) * NV * 8 + 8 * v, acc[r][c][v]);
 }
 
-/* relu(max_pool(y, 2)) into p, and the windows' gradient bits into m. A NaN anywhere in a window is the
- * window's output, as in torch. */
 /* r[i][j] <- r[j][i] for an 8 x 8 block of floats. */
 INLINE void transpose8(__m256 r[8]) {
     __m256 t[8], u[8];
@@ -124,6 +122,8 @@ INLINE void first_conv(const float *x, const float *w, const float *bias, float 
         }
 }
 
+/* relu(max_pool(y, 2)) into p, and the windows' gradient bits into m. A NaN anywhere in a window is the
+ * window's output, as in torch. */
 INLINE void pool_relu(const float *y, float *p, uint8_t *m, const int OH, const int OW, const int NV) {
     const __m256 zero = _mm256_setzero_ps();
     for (int i = 0; i < OH / 2; i++)
@@ -296,11 +296,11 @@ static void input_grad(const uint8_t *m, const float *dp, const float *wt, float
  * nowhere its pooled output was not positive: a quarter of the dense gradient or less. Its sites, per window and
  * output channel: the position's offset in the layer's input (positions of XS floats, rows of W) and the gradient
  * there, zero where the window sent none; their sum per channel is the bias gradient. */
-#define MAX_WINDOWS (14 * 14)
+#define FIRST_WINDOWS (14 * 14) /* conv1's pool windows, the more of the two layers' */
 
 typedef struct {
-    int at[MAX_WINDOWS][16];
-    float g[MAX_WINDOWS][16];
+    int at[FIRST_WINDOWS][16];
+    float g[FIRST_WINDOWS][16];
 } Sites;
 
 INLINE void list_sites(const uint8_t *m, const float *dp, Sites *sites, float *db, const int OH, const int OW,
@@ -339,7 +339,7 @@ static void first_weight_grad(const float *x, const Sites *sites, float *dw) {
     for (int o = 0; o < OUT; o++) {
         __m256 low[K], high[K];
         UNROLL for (int kh = 0; kh < K; kh++) low[kh] = high[kh] = _mm256_setzero_ps();
-        for (int n = 0; n < MAX_WINDOWS; n++) {
+        for (int n = 0; n < FIRST_WINDOWS; n++) {
             const float *xq = x + sites->at[n][o];
             const __m256 g = _mm256_broadcast_ss(&sites->g[n][o]);
             UNROLL for (int kh = 0; kh < K; kh++) {
@@ -468,7 +468,7 @@ static void first_weight_grad16(const float *x, const Sites *sites, float *dw) {
         __m512 acc[2][K];
         UNROLL for (int u = 0; u < 2; u++)
             UNROLL for (int kh = 0; kh < K; kh++) acc[u][kh] = _mm512_setzero_ps();
-        for (int n = 0; n < MAX_WINDOWS; n++)
+        for (int n = 0; n < FIRST_WINDOWS; n++)
             UNROLL for (int u = 0; u < 2; u++) {
                 const float *xq = x + sites->at[n][o + u];
                 const __m512 g = _mm512_set1_ps(sites->g[n][o + u]);
