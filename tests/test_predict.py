@@ -21,7 +21,7 @@ from vera_cli.bases import fingerprint, load_pretrained
 from vera_cli.commands import served
 from vera_cli.commands.evaluate import evaluate_runs
 from vera_cli.data import Split, load_cifar10
-from vera_cli.images import RULE, read_image, to_cifar
+from vera_cli.images import RULE, UnreadableImage, read_image, to_cifar
 from vera_cli.metrics import accuracy_report, predict_logits
 from vera_cli.runs import Run
 
@@ -168,8 +168,9 @@ def bad_files(folder: Path) -> dict[str, str]:
     noisy.write_bytes(noisy.read_bytes()[:600])
     (folder / "notes.txt").write_text("not an image")
     huge_header_png(folder / "huge.png")
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(folder / "float.tif")
     return {"truncated.png": "damaged or truncated", "notes.txt": "not an image Pillow can read",
-            "huge.png": "larger than Pillow's limit"}
+            "huge.png": "larger than Pillow's limit", "float.tif": "a float image (mode F)"}
 
 
 def test_predict_on_pngs_of_the_test_split_equals_eval(linked, cifar_root):
@@ -238,13 +239,13 @@ def test_unreadable_images_are_skipped_with_one_line_each_or_refused_with_strict
     assert [row["image"] for row in rows["predictions"]] == [str(good), str(jpeg)]
     assert all(row["input"]["converted"] for row in rows["predictions"]) and rows["conversion"] == RULE
     warnings = [line for line in result.err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 3
+    assert len(warnings) == 4
     for name, reason in reasons.items():
         assert any(line.startswith(f"warning: {folder / name}: {reason}") for line in warnings), name
     assert {entry["image"] for entry in rows["skipped"]} == {str(folder / name) for name in reasons}
     strict = linked("predict", BASE, *named, "--strict")
     assert strict.code == 2 and strict.out == ""
-    assert strict.err.startswith("error: 3 of 5 images cannot be read, nothing classified (--strict)")
+    assert strict.err.startswith("error: 4 of 6 images cannot be read, nothing classified (--strict)")
     assert all(str(folder / name) in strict.err for name in reasons)
     text = linked("predict", BASE, str(good), "--top", "2")
     assert text.code == 0 and "converted: images other than 32x32 RGB" in " ".join(text.out.split())
@@ -325,3 +326,16 @@ def test_count_params_states_the_storage_of_many_adapters(vera):
     assert storage["vera"]["file_bytes"] == result.json()["adapter_bytes"] == 2_864
     assert storage["lora"]["file_bytes"] > 4 * 36_928
     assert vera("count-params", "--method", "head", "--adapters", "3").code == 2
+
+
+@pytest.mark.parametrize("values", [np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32),
+                                    np.arange(32 * 32, dtype=np.int32).reshape(32, 32) * 4])
+def test_float_and_32_bit_integer_images_are_refused_by_name_not_clipped(tmp_path, values):
+    # Pillow's convert would clip both to 0..255: the float image in 0..1 would come out black.
+    path = tmp_path / "scientific.tif"
+    Image.fromarray(values).save(path)
+    mode = "F" if values.dtype == np.float32 else "I"
+    with Image.open(path) as image:
+        assert image.mode == mode
+    with pytest.raises(UnreadableImage, match=rf"^a (float|32-bit integer) image \(mode {mode}\), .*8 or 16 bits"):
+        read_image(path)

@@ -24,9 +24,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_SIZE = 32
 
 RULE = (f"images other than {IMAGE_SIZE}x{IMAGE_SIZE} RGB are converted to RGB (Pillow's convert: alpha dropped, "
-        f"grayscale and palettes expanded; 16-bit grayscale scaled to 8 bits first), resized so that the short side "
-        f"is {IMAGE_SIZE} pixels (bilinear, antialiased) and cropped to the centre {IMAGE_SIZE}x{IMAGE_SIZE}; every "
-        "image is first turned upright as its EXIF orientation says (a camera's rotated photo)")
+        f"grayscale and palettes expanded; 16-bit grayscale scaled to 8 bits first; 32-bit integer and float images, "
+        f"whose values have no range to scale from, refused), resized so that the short side is {IMAGE_SIZE} pixels "
+        f"(bilinear, antialiased) and cropped to the centre {IMAGE_SIZE}x{IMAGE_SIZE}; every image is first turned "
+        "upright as its EXIF orientation says (a camera's rotated photo)")
 
 
 class UnreadableImage(Exception):
@@ -74,10 +75,16 @@ def _size_after(width: int, height: int) -> tuple[int, int]:
 
 def _eight_bit(image: Image.Image) -> Image.Image:
     """16-bit grayscale (a PNG's or TIFF's I;16, or I in Pillows that open 16-bit PNGs so) as 8-bit L, 0..65535 to
-    0..255: Pillow's convert would clip every value above 255, turning such an image nearly white."""
+    0..255: Pillow's convert would clip every value above 255, turning such an image nearly white. 32-bit integer
+    (a TIFF's I) and float (F) images are refused: their values may lie in 0..1, 0..4095 or anywhere, and
+    Pillow's convert clips them to 0..255 (a float image in 0..1 would come out black)."""
     if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
         values = np.asarray(image).astype(np.int64).clip(0, 65535)
         return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+    if image.mode in ("I", "F"):
+        kind = "float" if image.mode == "F" else "32-bit integer"
+        raise UnreadableImage(f"a {kind} image (mode {image.mode}), whose values have no range to scale to 8 bits "
+                              "from: save it with 8 or 16 bits per channel")
     return image
 
 
@@ -105,6 +112,8 @@ def read_image(path: Path) -> Picture:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UnreadableImage(f"larger than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
                               "(Image.MAX_IMAGE_PIXELS; a decompression bomb?)") from None
+    except UnreadableImage:
+        raise
     except UnidentifiedImageError:
         raise UnreadableImage("not an image Pillow can read") from None
     except FileNotFoundError:
