@@ -2,12 +2,15 @@
 
 import dataclasses
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from vera_cli import config
+from vera_cli import config, lifecycle, signals
 from vera_cli.commands.pretrain import run_pretrain
 from vera_cli.data import load_cifar10
 from vera_cli.errors import RunInterrupted, VeraError
@@ -91,3 +94,30 @@ def test_an_interrupt_after_an_inner_run_finished_ends_the_outer_run_with_its_ow
         outer_lock.release()
     assert str(raised.value) == f"interrupted: {outer.path} keeps what it completed; start it again"
     assert (outer.status["status"], inner.status["status"]) == ("interrupted", "finished")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupt_as_the_run_directory_is_published_marks_the_run_interrupted(tmp_path, monkeypatch, signum):
+    """The signal lands just after the directory appears, before its recording starts: without holding it back
+    the run would stay marked running, with no process behind it."""
+    def create_then_signal(*args, **kwargs):
+        created = create_run(*args, **kwargs)
+        os.kill(os.getpid(), signum)
+        time.sleep(0.5)  # the handler runs at the next bytecode boundary: within this sleep
+        return created
+
+    monkeypatch.setattr(lifecycle, "create_run", create_then_signal)
+    cfg = config.load(config.PretrainConfig, "pretrain", {"run_dir": str(tmp_path / "run")})
+    previous = signals.install()
+    try:
+        try:
+            with pytest.raises(RunInterrupted, match="keeps what it completed"):
+                with lifecycle.RunLifecycle("pretrain", cfg).open():
+                    raise AssertionError("the body runs after the interrupt was raised")
+        except KeyboardInterrupt:
+            pytest.fail("the interrupt came out before the run's recording started, which leaves it marked running")
+        assert Run(tmp_path / "run").status["status"] == "interrupted"
+        assert signals.interrupted()
+        signals.release()  # nothing held back any more: raises nothing
+    finally:
+        signals.restore(previous)

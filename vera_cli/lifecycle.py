@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from vera_cli import config as config_module
-from vera_cli import fast
+from vera_cli import fast, signals
 from vera_cli.bases import run_config
 from vera_cli.checkpoint import restore
 from vera_cli.config import LoggingConfig
@@ -135,7 +135,14 @@ class RunLifecycle:
             yield self._run
             return
         if self.resume is None:
-            run, lock = create_run(self.kind, self.cfg.run_dir, {CONFIG_FILE: yaml_bytes(self.recorded)})
+            # An interrupt after the directory is published and before its recording starts would leave the run
+            # marked running with no process behind it (listed as crashed): it lands once recording has started.
+            signals.hold()
+            try:
+                run, lock = create_run(self.kind, self.cfg.run_dir, {CONFIG_FILE: yaml_bytes(self.recorded)})
+            except BaseException:
+                signals.release()
+                raise
         else:
             # Two processes must never write one run: the second resume is refused here.
             run, lock = self.resume, RunLock.acquire(self.resume.path)
@@ -148,6 +155,7 @@ class RunLifecycle:
         self._run = run
         try:
             with run.recording(self.resumable):
+                signals.release()
                 if self.resume is not None:
                     run.set_status("running")
                     write_yaml(run.file(CONFIG_FILE), self.recorded)

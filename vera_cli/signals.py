@@ -24,16 +24,23 @@ _signum = signal.SIGINT  # the signal that interrupted us: the one sent again
 # it in _drop.
 _sending = False
 _handoff = threading.RLock()
+# Between hold() and release() an interrupt is only remembered, and release() raises it.
+_held = False
+_held_back = False
 _reported_by = sys.unraisablehook
 
 
 def _raise_once(signum, frame) -> None:
     # A second signal while the first unwinds is ignored, so that the run's status and
     # temporary files are cleaned up instead of being cut off half-way.
-    global _interrupted, _dropped, _signum
+    global _interrupted, _dropped, _signum, _held_back
     if _interrupted and not _dropped:
         return
     _interrupted, _signum = True, signum
+    if _held:
+        # Taken, as a raise would take it (a dropped one is sent no more): release() raises it.
+        _dropped, _held_back = False, True
+        return
     if _inside(frame, _quiet_unraisable):
         # Raised in the hook, it would be reported as the hook's own failure, traceback and all.
         _drop()
@@ -94,14 +101,31 @@ def install() -> dict:
     over itself (the entry point, then the CLI), it keeps what came in between: a signal during the CLI's
     imports may have had its KeyboardInterrupt swallowed by library code, and the flag is then all that is
     left of it."""
-    global _interrupted, _dropped, _reported_by
+    global _interrupted, _dropped, _held_back, _reported_by
     if not any(signal.getsignal(sig) is _raise_once for sig in (signal.SIGINT, signal.SIGTERM)):
-        _interrupted = _dropped = False
+        _interrupted = _dropped = _held_back = False
     if sys.unraisablehook is not _quiet_unraisable:
         _reported_by, sys.unraisablehook = sys.unraisablehook, _quiet_unraisable
     # A signal ignored by whoever started us (`vera ... &` in a script ignores SIGINT) stays ignored.
     return {sig: signal.signal(sig, _raise_once) for sig in (signal.SIGINT, signal.SIGTERM)
             if signal.getsignal(sig) is not signal.SIG_IGN}
+
+
+def hold() -> None:
+    """Until `release()`, an interrupt is remembered and not raised: for two steps that must not be told apart
+    by where it lands (a run's directory published, and its recording started). Only under the handlers that
+    `install()` sets."""
+    global _held
+    _held = True
+
+
+def release() -> None:
+    """End `hold()`, raising the interrupt that came meanwhile."""
+    global _held, _held_back
+    _held = False
+    if _held_back:
+        _held_back = False
+        raise KeyboardInterrupt
 
 
 def interrupted() -> bool:
