@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from vera_cli import cli, fast
 from vera_cli.adapter_files import apply_adapter
@@ -339,3 +339,15 @@ def test_float_and_32_bit_integer_images_are_refused_by_name_not_clipped(tmp_pat
         assert image.mode == mode
     with pytest.raises(UnreadableImage, match=rf"^a (float|32-bit integer) image \(mode {mode}\), .*8 or 16 bits"):
         read_image(path)
+
+
+def test_a_16_bit_png_that_pillow_opens_as_32_bit_integers_is_scaled_not_refused(tmp_path, monkeypatch):
+    # Older Pillows (pyproject allows >= 9.1) open a 16-bit grayscale PNG as I, not I;16: made to do so here.
+    monkeypatch.setitem(PngImagePlugin._MODES, (16, 0), ("I", "I;16B"))
+    values = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64  # 0..65472
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as image:
+        assert image.mode == "I"
+    picture = read_image(tmp_path / "deep.png")
+    expected = torch.from_numpy((values.astype(np.int64) * 255 + 32767) // 65535).to(torch.uint8)
+    assert picture.mode == "I" and all(torch.equal(channel, expected) for channel in picture.pixels)

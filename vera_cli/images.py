@@ -73,12 +73,13 @@ def _size_after(width: int, height: int) -> tuple[int, int]:
     return int(IMAGE_SIZE * width / height), IMAGE_SIZE
 
 
-def _eight_bit(image: Image.Image) -> Image.Image:
+def _eight_bit(image: Image.Image, file_format: str | None) -> Image.Image:
     """16-bit grayscale (a PNG's or TIFF's I;16, or I in Pillows that open 16-bit PNGs so) as 8-bit L, 0..65535 to
     0..255: Pillow's convert would clip every value above 255, turning such an image nearly white. 32-bit integer
     (a TIFF's I) and float (F) images are refused: their values may lie in 0..1, 0..4095 or anywhere, and
-    Pillow's convert clips them to 0..255 (a float image in 0..1 would come out black)."""
-    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+    Pillow's convert clips them to 0..255 (a float image in 0..1 would come out black). `file_format` is the
+    file's (Pillow's `format`): an upright copy (ImageOps.exif_transpose) has none."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and file_format == "PNG"):
         values = np.asarray(image).astype(np.int64).clip(0, 65535)
         return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
     if image.mode in ("I", "F"):
@@ -88,9 +89,10 @@ def _eight_bit(image: Image.Image) -> Image.Image:
     return image
 
 
-def to_cifar(image: Image.Image) -> Image.Image:
-    """`RULE` applied to a Pillow image: a 32x32 RGB image."""
-    rgb = _eight_bit(image).convert("RGB")
+def to_cifar(image: Image.Image, file_format: str | None = None) -> Image.Image:
+    """`RULE` applied to a Pillow image: a 32x32 RGB image. `file_format` names the file it came from where
+    `image.format` no longer does (a transposed copy)."""
+    rgb = _eight_bit(image, file_format or image.format).convert("RGB")
     if rgb.size == (IMAGE_SIZE, IMAGE_SIZE):
         return rgb
     resized = rgb.resize(_size_after(*rgb.size), Image.Resampling.BILINEAR)
@@ -108,7 +110,7 @@ def read_image(path: Path) -> Picture:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 width, height, mode = image.width, image.height, image.mode
-                converted = to_cifar(ImageOps.exif_transpose(image))
+                converted = to_cifar(ImageOps.exif_transpose(image), image.format)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UnreadableImage(f"larger than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
                               "(Image.MAX_IMAGE_PIXELS; a decompression bomb?)") from None
