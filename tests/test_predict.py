@@ -351,3 +351,17 @@ def test_a_16_bit_png_that_pillow_opens_as_32_bit_integers_is_scaled_not_refused
     picture = read_image(tmp_path / "deep.png")
     expected = torch.from_numpy((values.astype(np.int64) * 255 + 32767) // 65535).to(torch.uint8)
     assert picture.mode == "I" and all(torch.equal(channel, expected) for channel in picture.pixels)
+
+
+@pytest.mark.parametrize("maxval", [65535, 4095])
+def test_a_16_bit_pgm_is_scaled_to_8_bits_not_refused(tmp_path, maxval):
+    # Pillow opens a PGM of maxval over 255 as I, its values scaled to 0..65535: 16-bit grayscale.
+    values = np.arange(32 * 32, dtype=np.int64).reshape(32, 32) * maxval // (32 * 32 - 1)
+    (tmp_path / "deep.pgm").write_bytes(b"P5 32 32 %d\n" % maxval + values.astype(">u2").tobytes())
+    with Image.open(tmp_path / "deep.pgm") as image:
+        assert image.mode == "I"
+        full = np.asarray(image).astype(np.int64)
+    assert full.max() == 65535
+    picture = read_image(tmp_path / "deep.pgm")
+    expected = torch.from_numpy((full * 255 + 32767) // 65535).to(torch.uint8)
+    assert picture.mode == "I" and all(torch.equal(channel, expected) for channel in picture.pixels)

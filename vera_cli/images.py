@@ -73,13 +73,18 @@ def _size_after(width: int, height: int) -> tuple[int, int]:
     return int(IMAGE_SIZE * width / height), IMAGE_SIZE
 
 
+# Formats whose I images are 16-bit grayscale: a PNG in Pillows that open it as I, a PGM of maxval over 255 (which
+# Pillow opens as I, its values scaled to 0..65535).
+_SIXTEEN_BIT_I = ("PNG", "PPM")
+
+
 def _eight_bit(image: Image.Image, file_format: str | None) -> Image.Image:
-    """16-bit grayscale (a PNG's or TIFF's I;16, or I in Pillows that open 16-bit PNGs so) as 8-bit L, 0..65535 to
+    """16-bit grayscale (a PNG's or TIFF's I;16, or I from _SIXTEEN_BIT_I) as 8-bit L, 0..65535 to
     0..255: Pillow's convert would clip every value above 255, turning such an image nearly white. 32-bit integer
     (a TIFF's I) and float (F) images are refused: their values may lie in 0..1, 0..4095 or anywhere, and
     Pillow's convert clips them to 0..255 (a float image in 0..1 would come out black). `file_format` is the
     file's (Pillow's `format`): an upright copy (ImageOps.exif_transpose) has none."""
-    if image.mode.startswith("I;16") or (image.mode == "I" and file_format == "PNG"):
+    if image.mode.startswith("I;16") or (image.mode == "I" and file_format in _SIXTEEN_BIT_I):
         values = np.asarray(image).astype(np.int64).clip(0, 65535)
         return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
     if image.mode in ("I", "F"):
