@@ -121,3 +121,47 @@ def test_an_interrupt_as_the_run_directory_is_published_marks_the_run_interrupte
         signals.release()  # nothing held back any more: raises nothing
     finally:
         signals.restore(previous)
+
+
+def test_a_run_opened_in_another_thread_leaves_the_interrupt_to_the_main_thread(tmp_path, monkeypatch):
+    """Signals are handled in the main thread only: a hold taken by another thread's run would take the main
+    thread's interrupt away from it and raise it in that other thread instead."""
+    import threading
+
+    published, answered = threading.Event(), threading.Event()
+
+    def create_then_wait(*args, **kwargs):
+        created = create_run(*args, **kwargs)
+        published.set()
+        answered.wait(5)
+        return created
+
+    monkeypatch.setattr(lifecycle, "create_run", create_then_wait)
+    cfg = config.load(config.PretrainConfig, "pretrain", {"run_dir": str(tmp_path / "run")})
+    outcome: dict[str, object] = {}
+
+    def other() -> None:
+        try:
+            with lifecycle.RunLifecycle("pretrain", cfg).open():
+                outcome["other"] = "ran"
+        except BaseException as exc:  # noqa: BLE001 - what the other thread met is the finding
+            outcome["other"] = exc
+
+    previous = signals.install()
+    thread = threading.Thread(target=other)
+    try:
+        thread.start()
+        assert published.wait(5)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):
+                time.sleep(0.01)
+            outcome["main"] = "not interrupted"
+        except KeyboardInterrupt:
+            outcome["main"] = "interrupted"
+        answered.set()
+        thread.join(5)
+    finally:
+        answered.set()
+        signals.restore(previous)
+    assert outcome == {"main": "interrupted", "other": "ran"}

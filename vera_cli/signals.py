@@ -114,14 +114,18 @@ def install() -> dict:
 def hold() -> None:
     """Until `release()`, an interrupt is remembered and not raised: for two steps that must not be told apart
     by where it lands (a run's directory published, and its recording started). Only under the handlers that
-    `install()` sets."""
+    `install()` sets, and only in the main thread, where Python runs them: held by another thread, the main
+    thread's interrupt would be taken from it and raised in that thread's release()."""
     global _held
-    _held = True
+    if threading.current_thread() is threading.main_thread():
+        _held = True
 
 
 def release() -> None:
-    """End `hold()`, raising the interrupt that came meanwhile."""
+    """End `hold()`, raising the interrupt that came meanwhile (in the main thread; elsewhere nothing)."""
     global _held, _held_back
+    if threading.current_thread() is not threading.main_thread():
+        return
     _held = False
     if _held_back:
         _held_back = False
