@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -126,8 +127,6 @@ def test_an_interrupt_as_the_run_directory_is_published_marks_the_run_interrupte
 def test_a_run_opened_in_another_thread_leaves_the_interrupt_to_the_main_thread(tmp_path, monkeypatch):
     """Signals are handled in the main thread only: a hold taken by another thread's run would take the main
     thread's interrupt away from it and raise it in that other thread instead."""
-    import threading
-
     published, answered = threading.Event(), threading.Event()
 
     def create_then_wait(*args, **kwargs):
