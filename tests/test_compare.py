@@ -50,6 +50,37 @@ def test_a_row_evaluates_the_test_split_once_and_draws_no_picture():
     assert own.logging.evaluations == 5 and row.logging.evaluations == 1 and not row.logging.plots
 
 
+def checked_grid(entries: dict):
+    cfg = config.load(CompareConfig, "compare", entries)
+    points, own = compare_module.grid(cfg), compare_module.method_configs(cfg)
+    configs = {p.name: compare_module.adapt_config(cfg, own[p.method], p, "runs/base", Path("rows") / p.name)
+               for p in points}
+    return compare_module.usable_points(cfg, points, configs, ConvNet(), [(None, [])])
+
+
+def test_a_rank_from_the_axis_that_lora_cannot_use_leaves_its_rows_out_with_the_reason():
+    # The shipped grid (ranks 4, 16, 64, 256) on the ConvNet, whose linear layers give LoRA at most rank 120.
+    points, left_out = checked_grid({"methods": ["vera", "lora", "head"], "forgetting": ["none", "replay"], "seeds": 2})
+    names = [p.name for p in points]
+    assert len(names) == (4 + 3) * 2 * 2 + 2 * 2
+    assert "vera-r256-replay-s1" in names and not any(name.startswith("lora-r256") for name in names)
+    assert left_out == {"lora at rank 256": "rank 256 is more than any adapted layer can use: for lora it is "
+                                            "min(in, out) per layer, at most 120 here (fc1: 400 -> 120)"}
+    # With several targets the note names them: on the convolutions alone LoRA reaches rank 16 (conv2: 150 -> 16).
+    points, left_out = checked_grid({"methods": ["lora"], "ranks": [4, 64], "targets": ["linear", "conv"]})
+    assert [p.name for p in points] == ["lora-r4-replay-s0", "lora-r4-conv-replay-s0", "lora-r64-replay-s0"]
+    assert list(left_out) == ["lora at rank 64 on conv"] and "at most 16 here (conv2: 150 -> 16)" in left_out["lora at rank 64 on conv"]
+
+
+@pytest.mark.parametrize("entries, message", [
+    ({"methods": ["vera", "lora-r256"], "ranks": [4]}, "row lora-r256-replay-s0: rank 256 is more than any adapted layer"),
+    ({"methods": ["vera", "lora"], "ranks": [200, 256]}, "row lora-r200-replay-s0: rank 200 is more than any adapted"),
+])
+def test_a_rank_a_method_names_itself_or_a_method_left_without_any_rank_is_refused(entries, message):
+    with pytest.raises(config.VeraError, match="^" + re.escape(message) + ".*; choose a rank up to 120$"):
+        checked_grid(entries)
+
+
 @pytest.mark.slow
 def test_compare_runs_the_grid_and_writes_table_csv_and_plot(vera, pretrained):
     result = vera("compare", *GRID, "--run-dir", "runs/cmp")

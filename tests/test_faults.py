@@ -56,7 +56,7 @@ def test_bad_numbers_and_names_are_refused_before_a_run_exists(vera, args, fragm
 @pytest.mark.parametrize("args, fragment", [
     (["adapt", "--method", "lora", "--rank", "121"], "for lora it is min(in, out) per layer, at most 120 here (fc1: 400 -> 120)"),
     (["adapt", "--method", "vera", "--rank", "48001"], "for vera it is in x out per layer, at most 48000 here"),
-    (["compare", "--methods", "head,lora", "--ranks", "2,500"], "rank 500 is more than any adapted layer can use"),
+    (["compare", "--methods", "head,lora", "--ranks", "500"], "row lora-r500-replay-s0: rank 500 is more than any adapted"),
 ])
 def test_ranks_no_layer_can_use_are_refused_before_a_run_exists(vera, pretrained, args, fragment):
     one_line_error(vera(*args), fragment)

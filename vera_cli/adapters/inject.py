@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from vera_cli.adapters.config import AdapterConfig
-from vera_cli.adapters.errors import AdapterError
+from vera_cli.adapters.errors import AdapterError, RankError
 from vera_cli.adapters.full import FullCopy
 from vera_cli.adapters.layer import DEFAULT, AdaptedLayer, adapted_class, base_of, unsupported_reason
 from vera_cli.adapters.lora import LoraAdapter
@@ -81,9 +81,8 @@ def _check_rank(layers: dict[str, nn.Module], spec: AdapterConfig) -> None:
     if spec.rank > limit:
         weight = layers[best].weight
         rule = "min(in, out)" if spec.method == "lora" else "in x out"
-        raise AdapterError(f"rank {spec.rank} is more than any adapted layer can use: for {spec.method} it is {rule} "
-                           f"per layer, at most {limit} here ({best}: {weight[0].numel()} -> {weight.shape[0]}); "
-                           f"choose a rank up to {limit}")
+        raise RankError(f"rank {spec.rank} is more than any adapted layer can use: for {spec.method} it is {rule} "
+                        f"per layer, at most {limit} here ({best}: {weight[0].numel()} -> {weight.shape[0]})", limit)
 
 
 def fully_trained(model: nn.Module, spec: AdapterConfig) -> list[str]:

@@ -34,6 +34,7 @@ import torch
 
 from vera_cli import config as config_module
 from vera_cli import fast
+from vera_cli.adapters.errors import RankError
 from vera_cli.adapters.inject import inject
 from vera_cli.adapters.targets import head_name
 from vera_cli.bases import fingerprint, load_pretrained, model_config, resolve_base
@@ -42,7 +43,7 @@ from vera_cli.comparison import (METRICS, ROWS_FILE, GridPoint, Row, TableLine, 
 from vera_cli.commands.adapt import (AdaptSummary, evaluate_later, held_out_by, require_learnable_head, run_adapt,
                                      settle_head)
 from vera_cli.train import Log
-from vera_cli.config import RANKLESS, AdaptConfig, CompareConfig
+from vera_cli.config import RANKLESS, AdaptConfig, CompareConfig, compared_method
 from vera_cli.data import CLASSES, Cifar10, class_ids, load_cifar10, require_images
 from vera_cli.distributed import LOCAL, World, claimed
 from vera_cli.errors import VeraError
@@ -73,13 +74,14 @@ class CompareSummary:
     rows_run: int = 0
     grid_seconds: float = 0.0
     rows_per_hour: Optional[float] = None
+    left_out: dict[str, str] = dataclasses.field(default_factory=dict)  # a setting the base cannot take: why
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "compare", "base_run": self.base_run, "rows": [line.to_dict() for line in self.rows],
                 "plot": str(self.plots[0]), "plots": [str(plot) for plot in self.plots],
                 "wall_seconds": self.wall_seconds, "world_size": self.world_size,
                 "plan": self.plan.to_dict() if self.plan else None, "workers": self.workers, "rows_run": self.rows_run,
-                "grid_seconds": self.grid_seconds, "rows_per_hour": self.rows_per_hour}
+                "grid_seconds": self.grid_seconds, "rows_per_hour": self.rows_per_hour, "left_out": self.left_out}
 
     def pace(self) -> str:
         """`6 rows in 10.2s: 2,118 rows/hour with 2 workers`, for the last line a comparison prints."""
@@ -222,6 +224,41 @@ def test_chosen(rows: list[Row], base_lines: list[TableLine], select_by: str, lo
     return [tested.get(row.name, row) for row in rows]
 
 
+def usable_points(cfg: CompareConfig, points: list[GridPoint], configs: dict[str, AdaptConfig], model: torch.nn.Module,
+                  news: list[tuple[Run, list[str]]]) -> tuple[list[GridPoint], dict[str, str]]:
+    """The grid points that can run, and why the others are left out, checked on copies of the base before the
+    comparison starts, not at a row; `configs` maps each point's name to its config, `news` pairs each base with
+    the chosen classes it never saw.
+
+    A target that matches no layer, or new classes that nothing trained could reach, is refused. A rank from the
+    ranks axis that no targeted layer can use (LoRA's min(in, out): 120 on the ConvNet's linear layers) leaves that
+    method's rows at that rank out, as full and head have no rank, while the method keeps another rank; a rank
+    the method names itself (lora-r256), or a method left with none, is refused.
+    """
+    by_name = {point.name: point for point in points}
+    refused: dict[str, RankError] = {}
+    for key, (name, adapt_cfg) in {repr(c.adapter): (name, c) for name, c in configs.items()}.items():
+        for each, new in news:
+            try:
+                settled, _ = settle_head(adapt_cfg, new, each)
+                adapted = inject(copy.deepcopy(model), settled.adapter)
+                require_learnable_head(adapted, head_name(adapted) if new else "", settled, new, each)
+            except RankError as error:
+                refused[key] = error
+            except VeraError as error:
+                raise VeraError(f"row {name}: {error}") from None
+    named = {(own.method, own.rank) for own in map(compared_method, cfg.methods) if own.rank}
+    out = {name: refused[repr(configs[name].adapter)] for name in configs if repr(configs[name].adapter) in refused}
+    kept = [point for point in points if point.name not in out]
+    for name, error in out.items():
+        point = by_name[name]
+        if (point.method, point.rank) in named or not any(other.method == point.method for other in kept):
+            raise VeraError(f"row {name}: {error}")
+    return kept, {f"{by_name[name].method} at rank {by_name[name].rank}"
+                  + (f" on {by_name[name].targets}" if len(cfg.targets) > 1 else ""): error.reason
+                  for name, error in out.items()}
+
+
 def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, resume: Run | None = None,
                 world: World = LOCAL) -> CompareSummary:
     """Run the grid into a new run directory, or only its missing rows in the unfinished run `resume`.
@@ -248,30 +285,22 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     require_matplotlib()
     life = RunLifecycle("compare", cfg, resume, recorded={**config_module.to_dict(cfg), "base": str(base_run.path)},
                         shared=world.shared())
+    own = method_configs(cfg)
     points = grid(cfg)
+    configs = {point.name: adapt_config(cfg, own[point.method], point, str(base_run.path), Path("rows") / point.name)
+               for point in points}
+    points, left_out = usable_points(cfg, points, configs, load_pretrained(base_run, device)[0],
+                                     [(each, [CLASSES[c] for c in chosen if c in held_out_by(each)]) for each in base_runs])
+    for setting, reason in left_out.items():
+        log(f"note: {setting} is left out of the grid: {reason}")
+    configs = {point.name: configs[point.name] for point in points}
     reference = resolve_reference(cfg.reference, [point.line for point in points]) if cfg.reference else None
     # Decided (and an impossible count refused) before the run exists; the rows left cap it again below.
     workers = worker_count(cfg.workers, device, world.size, len(points), list(models.values()))
     order = {point.name: index for index, point in enumerate(points)}
-    own = method_configs(cfg)
-    configs = {point.name: adapt_config(cfg, own[point.method], point, str(base_run.path), Path("rows") / point.name)
-               for point in points}
     # Under torchrun each process sees only its own rows: there every row is tested as it runs.
     test_shares = tested_later(points, configs) if world.size == 1 else {}
     later = frozenset(test_shares)
-    model, _ = load_pretrained(base_run, device)
-    # A target that matches no layer of the base, a rank no layer can use, or new classes that nothing trained
-    # could reach are refused before the comparison starts, not at a row.
-    news = [(each, [CLASSES[c] for c in chosen if c in held_out_by(each)]) for each in base_runs]
-    for name, adapt_cfg in {repr(c.adapter): (name, c) for name, c in configs.items()}.values():
-        for each, new in news:
-            try:
-                settled, _ = settle_head(adapt_cfg, new, each)
-                # A target or rank inject refuses (AdapterError) names itself, whichever row has it.
-                adapted = inject(copy.deepcopy(model), settled.adapter)
-                require_learnable_head(adapted, head_name(adapted) if new else "", settled, new, each)
-            except VeraError as error:
-                raise VeraError(f"row {name}: {error}") from None
     data = load_cifar10(cfg.data.dir, cfg.data.download).to(device)
     require_images(data.train, chosen, data.classes, "training")
     for shots, validation in {(c.shots, c.validation) for c in configs.values()}:
@@ -378,4 +407,4 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
 
         plots = life.by_writer(record)
         return life.finish(CompareSummary(run, str(base_run.path), table, plots, life.elapsed(), world.size, plan, workers,
-                                          grid_clock.ran, grid_seconds, grid_clock.rows_per_hour(grid_seconds)))
+                                          grid_clock.ran, grid_seconds, grid_clock.rows_per_hour(grid_seconds), left_out))
