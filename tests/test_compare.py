@@ -55,7 +55,8 @@ def checked_grid(entries: dict):
     points, own = compare_module.grid(cfg), compare_module.method_configs(cfg)
     configs = {p.name: compare_module.adapt_config(cfg, own[p.method], p, "runs/base", Path("rows") / p.name)
                for p in points}
-    return compare_module.usable_points(cfg, points, configs, ConvNet(), [(None, [])])
+    checked = compare_module.check_grid(cfg, points, configs, ConvNet(), [(None, [])])
+    return checked.points, checked.left_out
 
 
 def test_a_rank_from_the_axis_that_lora_cannot_use_leaves_its_rows_out_with_the_reason():
@@ -70,6 +71,20 @@ def test_a_rank_from_the_axis_that_lora_cannot_use_leaves_its_rows_out_with_the_
     points, left_out = checked_grid({"methods": ["lora"], "ranks": [4, 64], "targets": ["linear", "conv"]})
     assert [p.name for p in points] == ["lora-r4-replay-s0", "lora-r4-conv-replay-s0", "lora-r64-replay-s0"]
     assert list(left_out) == ["lora at rank 64 on conv"] and "at most 16 here (conv2: 150 -> 16)" in left_out["lora at rank 64 on conv"]
+
+
+def test_processes_sharing_a_grid_claim_by_seed_and_the_whole_network_rows_first():
+    cfg = config.load(CompareConfig, "compare", {"methods": ["vera", "head", "full", "lora-r4@conv"], "ranks": [4],
+                                                 "seeds": 2})
+    points, own = compare_module.grid(cfg), compare_module.method_configs(cfg)
+    configs = {p.name: compare_module.adapt_config(cfg, own[p.method], p, "runs/base", Path("rows") / p.name)
+               for p in points}
+    checked = compare_module.check_grid(cfg, points, configs, ConvNet(), [(None, [])])
+    # Full fine-tuning and adapters on the convolutions train through the convolutions at every step.
+    assert checked.whole == {"full-replay-s0", "full-replay-s1", "lora-r4-conv-replay-s0", "lora-r4-conv-replay-s1"}
+    assert checked.claim_order([p.name for p in reversed(points)]) == [
+        "lora-r4-conv-replay-s0", "full-replay-s0", "head-replay-s0", "vera-r4-replay-s0",
+        "lora-r4-conv-replay-s1", "full-replay-s1", "head-replay-s1", "vera-r4-replay-s1"]
 
 
 @pytest.mark.parametrize("entries, message", [

@@ -46,6 +46,7 @@ from vera_cli.train import Log
 from vera_cli.config import RANKLESS, AdaptConfig, CompareConfig, compared_method
 from vera_cli.data import CLASSES, Cifar10, class_ids, load_cifar10, require_images
 from vera_cli.distributed import LOCAL, World, claimed
+from vera_cli.fast.feature_cache import prefix_is_frozen
 from vera_cli.errors import VeraError
 from vera_cli.grid_progress import PLAN_FILE, GridPlan, GridProgress, per_hour, plan_grid
 from vera_cli.lifecycle import RunLifecycle
@@ -224,11 +225,25 @@ def test_chosen(rows: list[Row], base_lines: list[TableLine], select_by: str, lo
     return [tested.get(row.name, row) for row in rows]
 
 
-def usable_points(cfg: CompareConfig, points: list[GridPoint], configs: dict[str, AdaptConfig], model: torch.nn.Module,
-                  news: list[tuple[Run, list[str]]]) -> tuple[list[GridPoint], dict[str, str]]:
-    """The grid points that can run, and why the others are left out, checked on copies of the base before the
-    comparison starts, not at a row; `configs` maps each point's name to its config, `news` pairs each base with
-    the chosen classes it never saw.
+@dataclass
+class CheckedGrid:
+    points: list[GridPoint]  # those that can run, in grid order
+    left_out: dict[str, str]  # a setting the bases cannot take: why
+    # Rows whose every step runs the whole network (no cached features: full fine-tuning, adapters on the
+    # convolutions): on the ConvNet they take 2-3x as long as the rest of a grid.
+    whole: frozenset[str]
+
+    def claim_order(self, names: list[str]) -> list[str]:
+        """The order in which processes sharing a grid claim `names`: by seed, as a budget cuts the highest seeds,
+        and within a seed the longest rows first, so that no process is left running one while the others idle."""
+        seeds = {point.name: point.seed for point in self.points}
+        return sorted(names, key=lambda name: (seeds[name], name not in self.whole))
+
+
+def check_grid(cfg: CompareConfig, points: list[GridPoint], configs: dict[str, AdaptConfig], model: torch.nn.Module,
+               news: list[tuple[Run, list[str]]]) -> CheckedGrid:
+    """The grid checked on copies of the base before the comparison starts, not at a row; `configs` maps each
+    point's name to its config, `news` pairs each base with the chosen classes it never saw.
 
     A target that matches no layer, or new classes that nothing trained could reach, is refused. A rank from the
     ranks axis that no targeted layer can use (LoRA's min(in, out): 120 on the ConvNet's linear layers) leaves that
@@ -237,6 +252,7 @@ def usable_points(cfg: CompareConfig, points: list[GridPoint], configs: dict[str
     """
     by_name = {point.name: point for point in points}
     refused: dict[str, RankError] = {}
+    whole: set[str] = set()
     for key, (name, adapt_cfg) in {repr(c.adapter): (name, c) for name, c in configs.items()}.items():
         for each, new in news:
             try:
@@ -247,6 +263,8 @@ def usable_points(cfg: CompareConfig, points: list[GridPoint], configs: dict[str
                 refused[key] = error
             except VeraError as error:
                 raise VeraError(f"row {name}: {error}") from None
+        if key not in refused and not prefix_is_frozen(adapted):
+            whole.add(key)
     named = {(own.method, own.rank) for own in map(compared_method, cfg.methods) if own.rank}
     out = {name: refused[repr(configs[name].adapter)] for name in configs if repr(configs[name].adapter) in refused}
     kept = [point for point in points if point.name not in out]
@@ -254,9 +272,10 @@ def usable_points(cfg: CompareConfig, points: list[GridPoint], configs: dict[str
         point = by_name[name]
         if (point.method, point.rank) in named or not any(other.method == point.method for other in kept):
             raise VeraError(f"row {name}: {error}")
-    return kept, {f"{by_name[name].method} at rank {by_name[name].rank}"
-                  + (f" on {by_name[name].targets}" if len(cfg.targets) > 1 else ""): error.reason
-                  for name, error in out.items()}
+    setting = lambda point: (f"{point.method} at rank {point.rank}"  # noqa: E731
+                             + (f" on {point.targets}" if len(cfg.targets) > 1 else ""))
+    return CheckedGrid(kept, {setting(by_name[name]): error.reason for name, error in out.items()},
+                       frozenset(point.name for point in kept if repr(configs[point.name].adapter) in whole))
 
 
 def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, resume: Run | None = None,
@@ -289,9 +308,10 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     points = grid(cfg)
     configs = {point.name: adapt_config(cfg, own[point.method], point, str(base_run.path), Path("rows") / point.name)
                for point in points}
-    points, left_out = usable_points(cfg, points, configs, load_pretrained(base_run, device)[0],
-                                     [(each, [CLASSES[c] for c in chosen if c in held_out_by(each)]) for each in base_runs])
-    for setting, reason in left_out.items():
+    checked = check_grid(cfg, points, configs, load_pretrained(base_run, device)[0],
+                         [(each, [CLASSES[c] for c in chosen if c in held_out_by(each)]) for each in base_runs])
+    points = checked.points
+    for setting, reason in checked.left_out.items():
         log(f"note: {setting} is left out of the grid: {reason}")
     configs = {point.name: configs[point.name] for point in points}
     reference = resolve_reference(cfg.reference, [point.line for point in points]) if cfg.reference else None
@@ -332,6 +352,9 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
             + (f"; {len(dropped)} dropped by --budget {plan.budget} when the grid began" if dropped
                else "; the first row's time gives the estimate" if alone and plan is None else ""))
         pending = [name for name in pending if name not in dropped]
+        if workers > 1 or not alone:
+            # One process gains nothing from another order, and its budget plan wants a typical first row.
+            pending = checked.claim_order(pending)
         job = RowJob(run, {point.name: point for point in points}, configs, data, order, base_logits, later)
         if workers > 1:
             pool = stack.enter_context(Pool(workers, worker_row, job, pending, run.file(CLAIMS_DIR), log))
@@ -407,4 +430,4 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
 
         plots = life.by_writer(record)
         return life.finish(CompareSummary(run, str(base_run.path), table, plots, life.elapsed(), world.size, plan, workers,
-                                          grid_clock.ran, grid_seconds, grid_clock.rows_per_hour(grid_seconds), left_out))
+                                          grid_clock.ran, grid_seconds, grid_clock.rows_per_hour(grid_seconds), checked.left_out))
