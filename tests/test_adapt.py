@@ -1,5 +1,6 @@
 """Adaptation internals: the feature cache equals the plain path; the forgetting options do what they say."""
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -53,6 +54,31 @@ def test_the_feature_cache_reaches_into_the_first_adapted_layers_frozen_part(cif
     grads = torch.autograd.grad(pipeline.forward(inputs).square().sum(), [model.fc1.vera_b if method == "vera" else model.fc1.lora_B])
     want = torch.autograd.grad(expected.square().sum(), [model.fc1.vera_b if method == "vera" else model.fc1.lora_B])
     torch.testing.assert_close(grads, want, rtol=1e-4, atol=1e-5)
+
+
+def test_runs_over_one_base_share_its_features_of_the_test_images_and_get_the_same_logits(cifar_root, monkeypatch):
+    from vera_cli.fast import SharedViews, feature_cache
+
+    data = load_cifar10(cifar_root, download=False)
+    computed = []
+    original = feature_cache.view_outputs
+    monkeypatch.setattr(feature_cache, "view_outputs",
+                        lambda prefix, split, *args: computed.append(split) or original(prefix, split, *args))
+    torch.manual_seed(0)
+    base = ConvNet()
+    store = {}
+    for adapter in (AdapterConfig(method="vera", rank=8), AdapterConfig(method="lora", rank=4),
+                    AdapterConfig(method="head")):
+        model = inject(copy.deepcopy(base), adapter)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.1)
+        shared = build_pipeline(model, data.train, data.test, adapt_config(), "flip", SharedViews(store, ("base", "flip")))
+        alone = build_pipeline(model, data.train, data.test, adapt_config(), "flip")
+        torch.testing.assert_close(shared.test_logits(), alone.test_logits(), rtol=0, atol=0)
+    # The test images went through the frozen features once for the three shared pipelines, and once for each alone.
+    assert sum(split is data.test for split in computed) == 1 + 3
 
 
 def test_the_feature_cache_stops_before_a_layer_with_dropout_or_a_trainable_base(cifar_root):

@@ -212,13 +212,13 @@ def check_selection_record(run: Run, selection: Selection, log: Log) -> None:
 
 def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: Cifar10 | None = None,
               resume: Run | None = None, world: World = LOCAL, epoch_log: Log | None = None,
-              base_logits: dict[tuple[str, str], torch.Tensor] | None = None, test: bool = True) -> AdaptSummary:
+              shared: dict[tuple, torch.Tensor] | None = None, test: bool = True) -> AdaptSummary:
     """Adapt into a new run directory, or continue the unfinished run `resume`.
 
     In a `world` of several processes (torchrun) they train one adapter data-parallel. `epoch_log` hears
-    the per-epoch lines (default: `log`). `base_logits` keeps the base's logits on `data`'s test images by the
-    base's fingerprint and test-time rule, for the runs that share one `data` (a comparison's rows): a base is
-    evaluated once, not once per run (on the ViT, a third of a 10-shot row). Without `test` the test split is left
+    the per-epoch lines (default: `log`). `shared` keeps what the runs that share one `data` (a comparison's rows)
+    compute alike, by the base's fingerprint and test-time rule: the base's logits on the test images (on the ViT,
+    a third of a 10-shot row) and its frozen features' outputs on them. Without `test` the test split is left
     for `evaluate_later` (the summary's test report is None): a comparison tests only the learning rates it chose.
     """
     device = world.place(resolve_device(cfg.device))
@@ -241,11 +241,11 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
         # Every process checks (it only reads), so that all refuse together.
         check_selection_record(resume, selection, notes.append)
     key = (base_fingerprint, tta)
-    test_logits = base_logits.get(key) if base_logits is not None else None
+    test_logits = shared.get(key) if shared is not None else None
     if test_logits is None:
         test_logits = fast.predict_logits(fast.forward(model), data.test, tta)
-        if base_logits is not None:
-            base_logits[key] = test_logits
+        if shared is not None:
+            shared[key] = test_logits
     base_report = accuracy_report(test_logits, data.test.labels, data.classes, chosen)
     train_split, validation_split = take(data.train, selection.train), take(data.train, selection.validation)
     kept = [c for c in range(len(data.classes)) if c not in chosen and c not in held_out]
@@ -262,7 +262,8 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
     notes += budget_notes(cfg, selection, steps_per_epoch, train_cfg.epochs)
     with world.joined(device), life.open() as run:
         life.by_writer(lambda: write_json(run.file(SELECTION_FILE), selection.to_dict()))
-        pipeline = fast.build_pipeline(model, rows_as_labels(train_split) if loss else train_split, data.test, cfg, tta)
+        pipeline = fast.build_pipeline(model, rows_as_labels(train_split) if loss else train_split, data.test, cfg, tta,
+                                       fast.SharedViews(shared, key) if shared is not None else None)
         forward, source = pipeline.forward, pipeline.train_batches
         if cfg.forgetting == "mask":
             forward, source = masked_to(chosen, forward, source, device)

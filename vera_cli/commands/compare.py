@@ -100,7 +100,7 @@ class RowJob:
     configs: dict[str, AdaptConfig]
     data: Cifar10
     order: dict[str, int]
-    base_logits: dict[tuple[str, str], torch.Tensor]  # the bases' test logits (run_adapt's base_logits)
+    shared: dict[tuple, torch.Tensor]  # the bases' test logits and more (run_adapt's shared)
     later: frozenset[str]  # rows whose test split waits for the learning-rate choice (tested_later)
 
 
@@ -154,17 +154,17 @@ def write_tables(run: Run, table: list[TableLine]) -> None:
 
 
 def base_line(base_run: Run, device: torch.device, data: Cifar10, chosen: list[int], label: Optional[str],
-              base_logits: dict[tuple[str, str], torch.Tensor]) -> TableLine:
-    """The base's line of the table; its test logits join `base_logits`, where the rows find them (run_adapt)."""
+              shared: dict[tuple, torch.Tensor]) -> TableLine:
+    """The base's line of the table; its test logits join `shared`, where the rows find them (run_adapt)."""
     model, base_cfg = load_pretrained(base_run, device)
-    logits = base_logits[fingerprint(model), base_cfg.model.tta] = fast.predict_logits(fast.forward(model), data.test,
-                                                                                       base_cfg.model.tta)
+    logits = shared[fingerprint(model), base_cfg.model.tta] = fast.predict_logits(fast.forward(model), data.test,
+                                                                                  base_cfg.model.tta)
     report = accuracy_report(logits, data.test.labels, data.classes, chosen)
     return line_of_base({m: report.metric(m) for m in METRICS}, label)
 
 
 def run_row(run: Run, point: GridPoint, cfg: AdaptConfig, data: Cifar10, log: Log,
-            progress: bool, detail: Log = print, base_logits: dict | None = None, test: bool = True) -> tuple[Row, bool]:
+            progress: bool, detail: Log = print, shared: dict | None = None, test: bool = True) -> tuple[Row, bool]:
     """The grid point's adapt run under `rows/`, and whether it ran now (it is only read when it finished already).
 
     `log` hears of the row when it starts running; `detail` then hears its plan (images, optimizer steps) and
@@ -177,7 +177,7 @@ def run_row(run: Run, point: GridPoint, cfg: AdaptConfig, data: Cifar10, log: Lo
         return row_from_summary(point, AdaptSummary.from_dict(row_run, read_json(row_dir / "summary.json"))), False
     log(point.name + (" (resuming)" if row_run else ""))
     summary = run_adapt(dataclasses.replace(cfg, run_dir=str(row_dir)), lambda message: detail(f"    {message}"),
-                        progress, data, resume=row_run, epoch_log=lambda message: None, base_logits=base_logits,
+                        progress, data, resume=row_run, epoch_log=lambda message: None, shared=shared,
                         test=test)
     return row_from_summary(point, summary), True
 
@@ -185,7 +185,7 @@ def run_row(run: Run, point: GridPoint, cfg: AdaptConfig, data: Cifar10, log: Lo
 def worker_row(job: RowJob, name: str, log: Log) -> tuple[Row, bool]:
     """A row in a worker process: the one-process run_row, its lines tagged with the row (rows run side by side)."""
     tagged = lambda message: log(f"[{job.order[name] + 1}/{len(job.order)}] {message}")  # noqa: E731
-    return run_row(job.run, job.points[name], job.configs[name], job.data, tagged, False, tagged, job.base_logits,
+    return run_row(job.run, job.points[name], job.configs[name], job.data, tagged, False, tagged, job.shared,
                    name not in job.later)
 
 
@@ -328,9 +328,9 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     # Rows join the table in grid order, whatever order (or process) they finished in.
     in_grid_order = lambda rows: sorted(rows, key=lambda row: order[row.name])  # noqa: E731
     with world.joined(device), life.open() as run, contextlib.ExitStack() as stack:
-        base_logits: dict[tuple[str, str], torch.Tensor] = {}
+        shared: dict[tuple, torch.Tensor] = {}
         started = time.perf_counter()
-        base_lines = [base_line(each, device, data, chosen, str(each.path) if cfg.bases else None, base_logits)
+        base_lines = [base_line(each, device, data, chosen, str(each.path) if cfg.bases else None, shared)
                       for each in base_runs]
         # What a test evaluation after the grid costs: a row's is the base's with the adapter on top.
         test_seconds = (time.perf_counter() - started) / len(base_runs)
@@ -355,7 +355,7 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
         if workers > 1 or not alone:
             # One process gains nothing from another order, and its budget plan wants a typical first row.
             pending = checked.claim_order(pending)
-        job = RowJob(run, {point.name: point for point in points}, configs, data, order, base_logits, later)
+        job = RowJob(run, {point.name: point for point in points}, configs, data, order, shared, later)
         if workers > 1:
             pool = stack.enter_context(Pool(workers, worker_row, job, pending, run.file(CLAIMS_DIR), log))
             log(f"{workers} worker processes ({pool.threads} CPU thread(s) each) share the {len(pending)} rows")
@@ -363,7 +363,7 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
         else:
             results = ((name, run_row(run, points[order[name]], configs[name], data,
                                       lambda message: log(f"[{order[name] + 1}/{len(points)}] {message}"), progress, log,
-                                      base_logits, name not in later))
+                                      shared, name not in later))
                        for name in world.take_turns(pending, run.file(CLAIMS_DIR)) if name not in dropped)
         ran: list[tuple[Row, bool]] = []
         for name, (row, ran_here) in results:

@@ -8,7 +8,7 @@
 - `uses_bf16` / `bf16_autocast`: mixed precision where the hardware multiplies bf16 natively, with attention
   on the CPU as explicit products, where torch's fused kernel is slow in bf16 (mixed_precision.py).
 - `build_pipeline`: adapt's feature cache, a frozen prefix (and the first adapted layer's frozen part)
-  computed once (feature_cache.py); on it the ConvNet's VeRA-adapted classifier trains as one autograd
+  computed once, its outputs on the test images shared by a comparison's rows (feature_cache.py); on it the ConvNet's VeRA-adapted classifier trains as one autograd
   node (convnet_classifier.py), on the CPU through one compiled kernel call each way (linear_chain.c).
 
 The kernels compile on first use into a per-user cache (build.py); without a compiler, on another
@@ -19,9 +19,9 @@ Every path computes the plain path's function to float rounding, and the tests h
 
 from vera_cli.fast.augment import augmented
 from vera_cli.fast.build import compute_path, forget_use
-from vera_cli.fast.feature_cache import BatchSource, Pipeline, build_pipeline
+from vera_cli.fast.feature_cache import BatchSource, Pipeline, SharedViews, build_pipeline
 from vera_cli.fast.forward import Forward, features, forward, predict_logits, view_outputs
 from vera_cli.fast.mixed_precision import bf16_autocast, uses_bf16
 
-__all__ = ["BatchSource", "Forward", "Pipeline", "augmented", "bf16_autocast", "build_pipeline", "compute_path", "features",
+__all__ = ["BatchSource", "Forward", "Pipeline", "SharedViews", "augmented", "bf16_autocast", "build_pipeline", "compute_path", "features",
            "forget_use", "forward", "predict_logits", "uses_bf16", "view_outputs"]

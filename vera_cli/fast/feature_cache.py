@@ -33,6 +33,22 @@ def prefix_is_frozen(model: nn.Module) -> bool:
 
 
 @dataclass
+class SharedViews:
+    """The frozen features' outputs on the test images, shared by the runs over one base and one data set (a
+    comparison's rows, each of which would compute them again), kept in `store` by `base`: the base's fingerprint
+    and test-time rule. A ViT's tokens part way through its blocks are not kept: 0.3 GB for the test images."""
+
+    store: dict[tuple, torch.Tensor]
+    base: tuple[str, str]
+
+    def get(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        key = (*self.base, "features")
+        if key not in self.store:
+            self.store[key] = compute()
+        return self.store[key]
+
+
+@dataclass
 class Pipeline:
     """How adaptation feeds the model: whole images, or cached features of a frozen prefix.
 
@@ -46,11 +62,12 @@ class Pipeline:
 
 
 def build_pipeline(model: nn.Module, train_split: Split, test_split: Split, cfg: AdaptConfig,
-                   tta: str = "none") -> Pipeline:
+                   tta: str = "none", shared: SharedViews | None = None) -> Pipeline:
     """Cache the frozen conv prefix's output once when nothing before the adapters can change.
 
-    The test images' features never change then; the training images' features
-    do not either unless augmentation is on. Test logits follow the base's `tta`.
+    The test images' features never change then (`shared` keeps them for other runs over the same base and
+    test images); the training images' features do not either unless augmentation is on. Test logits follow the
+    base's `tta`.
     """
     train = cfg.train
     image_batches = lambda generator: batches(train_split, train.batch_size, generator, train.crop_pixels, train.flip,  # noqa: E731
@@ -61,9 +78,11 @@ def build_pipeline(model: nn.Module, train_split: Split, test_split: Split, cfg:
         image_logits = lambda split: lambda: predict_logits(whole, split, tta)  # noqa: E731
         return Pipeline(whole, image_batches, image_logits, image_logits(test_split))
     prefix, rest = split
+    kept = shared if shared is not None and prefix_is_frozen(model) else None
 
     def cached_logits(split: Split) -> Callable[[], torch.Tensor]:
-        features = view_outputs(prefix, split, tta)
+        compute = lambda: view_outputs(prefix, split, tta)  # noqa: E731
+        features = kept.get(compute) if kept is not None and split is test_split else compute()
         return lambda: predict_features(rest, features)
 
     test_logits = cached_logits(test_split)
