@@ -66,6 +66,17 @@ def test_filters_and_sorting(vera, tmp_path):
                                 "unreadable") in wrong.err
 
 
+def test_the_targets_column_names_the_default_preset_and_nothing_for_full_or_head(vera, tmp_path):
+    fake_run(tmp_path / "runs", "default")  # adapter.targets [], as every run adapted without --target records
+    fake_run(tmp_path / "runs", "head", method="head")
+    table = vera("runs")
+    assert table.code == 0, table.err
+    # name kind status created (a date and a time) base method rank targets ...
+    cells = {line.split()[0]: line.split()[6:9] for line in table.out.splitlines()[3:]}
+    assert cells == {"default": ["vera", "8", "linear"], "head": ["head", "-", "-"]}
+    assert {row["name"]: row["targets"] for row in vera("runs", "--json").json()} == {"default": [], "head": None}
+
+
 def test_unreadable_runs_are_listed_not_fatal(vera, tmp_path):
     root = tmp_path / "runs"
     fake_run(root, "good")

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import yaml
 
+from vera_cli.adapters.config import DEFAULT_TARGETS
 from vera_cli.errors import VeraError
 from vera_cli.files import unused_name
 from vera_cli.runlock import owner_alive, process_alive
@@ -187,8 +188,8 @@ def _fill_from_config(entry: RunEntry, config: dict[str, Any]) -> None:
         return
     method = value(f"{section}adapter.method", TEXT)
     rank = value(f"{section}adapter.rank", RANK) if method not in ("full", "head") else None
-    entry.base, entry.classes, entry.method, entry.rank = base, classes, method, rank
-    entry.targets = value(f"{section}adapter.targets", TEXTS)
+    targets = value(f"{section}adapter.targets", TEXTS) if method not in ("full", "head") else None
+    entry.base, entry.classes, entry.method, entry.rank, entry.targets = base, classes, method, rank, targets
 
 
 def _fill_from_summary(entry: RunEntry, summary: dict[str, Any]) -> None:
@@ -339,8 +340,9 @@ def _shown(entry: RunEntry, key: str, root: Path) -> Any:
     value = getattr(entry, key)
     if value is None:
         return None
+    # No targets means the default preset, not `all` (which adds the convolutions).
     if key == "targets" and value == []:
-        return "all"
+        return ",".join(DEFAULT_TARGETS)
     if key == "created":
         return value.replace("T", " ")[:16]
     if key == "base":
