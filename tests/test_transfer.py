@@ -221,6 +221,8 @@ def test_compare_tunes_on_validation_end_to_end(pretrained, vera):
     assert all(entry["validation"] is not None and entry["head_trainable"] == 850 for entry in tuned)
     words = " ".join(result.out.split())
     assert "val: overall accuracy on the validation split" in words and "vera+head" in words
+    # Wider than 130 columns with shots, both learning rates and val: printed whole, no number cut to an ellipsis.
+    assert "…" not in result.out
 
 
 # The winners tested in this process, or in two worker processes (the slow tier's, with the other multi-process tests).

@@ -16,6 +16,8 @@ from typing import Any, Optional
 import typer
 import yaml
 from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 
 from vera_cli import __version__
 from vera_cli import completion as complete
@@ -30,6 +32,21 @@ app = typer.Typer(no_args_is_help=True,
 # Piped output gets room for the wide tables instead of rich's 80-column default.
 out = Console(width=None if sys.stdout.isatty() else 130)
 err = Console(stderr=True)
+
+
+def _print_whole(table: Table) -> None:
+    """A table as wide as it needs on piped output: 130 columns do not hold a few-shot grid's comparison, whose
+    cells rich would otherwise cut to an ellipsis that hides the number (a learning rate of 0.0…)."""
+    if sys.stdout.isatty():
+        out.print(table)
+        return
+    width = out.width
+    out.width = max(width, Measurement.get(out, out.options.update_width(1_000_000), table).maximum)
+    try:
+        out.print(table)
+    finally:
+        out.width = width
+
 
 # Options that take several values after one flag (`--classes cat bird dog`), and whether a comma
 # separates values inside one token: class names never hold one; regexes (`fc{1,2}`) and paths may.
@@ -219,7 +236,7 @@ def eval_(
     if len(result.reports) == 1:
         out.print(accuracy_table(result.reports["base"], f"Test accuracy, {result.base_run.path}{rule}"))
     else:
-        out.print(comparison_table(result.reports, title))
+        _print_whole(comparison_table(result.reports, title))
     _log("time over the test set: " + ", ".join(f"{name} {seconds:.2f}s" for name, seconds in result.seconds.items())
          + (" (adapters merged into the weights)" if merge else ""))
 
@@ -358,11 +375,11 @@ def compare(
     result = run_compare(settings, log=_log, progress=not no_progress and world.is_main, resume=run,
                          world=world)
     cut = result.plan.cut_note() if result.plan else ""
-    out.print(compare_table(result.rows, f"Comparison {result.run.path} on {', '.join(settings.classes)}",
-                            settings.select_by, cut))
-    out.print(verdict_table(result.rows, "Against the reference line, paired by seed", settings.select_by,
-                            settings.reference, cut))
-    out.print(cost_table(result.rows, "What each line cost"))
+    _print_whole(compare_table(result.rows, f"Comparison {result.run.path} on {', '.join(settings.classes)}",
+                               settings.select_by, cut))
+    _print_whole(verdict_table(result.rows, "Against the reference line, paired by seed", settings.select_by,
+                               settings.reference, cut))
+    _print_whole(cost_table(result.rows, "What each line cost"))
     _log(f"table: {result.run.file('table.csv')}, plots: {', '.join(map(str, result.plots))}, "
          f"{result.wall_seconds:.1f}s" + (f"; {result.pace()}" if result.rows_per_hour else "")
          + f"; vera report {result.run.path} writes them into one page")

@@ -172,7 +172,8 @@ def _setting_table(title: str, shown: list[TableLine], columns: list[str]) -> tu
     """A table whose first columns name each line's setting (with the protocol columns any line sets), then
     `columns`; and the function that gives a line's setting cells."""
     protocol = [(key, heading) for key, heading in PROTOCOL_COLUMNS if any(getattr(line, key) is not None for line in shown)]
-    # No vertical rules and short headings: with the protocol columns the table must fit 130 columns.
+    # No vertical rules and short headings keep the table within 130 columns where they can; a few-shot grid's
+    # still needs more, and piped output prints it whole (cli._print_whole).
     result = Table(title=escape(title), box=box.SIMPLE_HEAD, pad_edge=False)
     for column in (*SETTING_COLUMNS, *(heading for _, heading in protocol), *columns):
         result.add_column(column, justify="left" if column in LEFT_COLUMNS else "right",
