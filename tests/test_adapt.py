@@ -14,6 +14,7 @@ from vera_cli.fast import build_pipeline
 from vera_cli import config
 from vera_cli.config import AdaptConfig, AdapterConfig
 from vera_cli.data import batch_indices, load_cifar10, normalize
+from vera_cli.selection import take
 from vera_cli.models import ConvNet
 from vera_cli.adapters.inject import inject
 
@@ -56,29 +57,37 @@ def test_the_feature_cache_reaches_into_the_first_adapted_layers_frozen_part(cif
     torch.testing.assert_close(grads, want, rtol=1e-4, atol=1e-5)
 
 
-def test_runs_over_one_base_share_its_features_of_the_test_images_and_get_the_same_logits(cifar_root, monkeypatch):
+def test_runs_over_one_base_share_its_features_of_the_images_and_get_the_same_logits(cifar_root, monkeypatch):
     from vera_cli.fast import SharedViews, feature_cache
 
     data = load_cifar10(cifar_root, download=False)
     computed = []
     original = feature_cache.view_outputs
     monkeypatch.setattr(feature_cache, "view_outputs",
-                        lambda prefix, split, *args: computed.append(split) or original(prefix, split, *args))
+                        lambda prefix, split, *args: computed.append(len(split)) or original(prefix, split, *args))
     torch.manual_seed(0)
     base = ConvNet()
     store = {}
-    for adapter in (AdapterConfig(method="vera", rank=8), AdapterConfig(method="lora", rank=4),
-                    AdapterConfig(method="head")):
+    everything, some = torch.arange(len(data.train)), torch.arange(0, len(data.train), 2)
+    for adapter, training in ((AdapterConfig(method="vera", rank=8), everything),
+                              (AdapterConfig(method="lora", rank=4), everything),
+                              (AdapterConfig(method="head"), some), (AdapterConfig(method="vera", rank=4), some)):
         model = inject(copy.deepcopy(base), adapter)
         with torch.no_grad():
             for p in model.parameters():
                 if p.requires_grad:
                     p.add_(torch.randn_like(p) * 0.1)
-        shared = build_pipeline(model, data.train, data.test, adapt_config(), "flip", SharedViews(store, ("base", "flip")))
-        alone = build_pipeline(model, data.train, data.test, adapt_config(), "flip")
+        train = take(data.train, training)
+        shared = build_pipeline(model, train, data.test, adapt_config(), "flip", SharedViews(store, ("base", "flip"), training))
+        alone = build_pipeline(model, train, data.test, adapt_config(), "flip")
         torch.testing.assert_close(shared.test_logits(), alone.test_logits(), rtol=0, atol=0)
-    # The test images went through the frozen features once for the three shared pipelines, and once for each alone.
-    assert sum(split is data.test for split in computed) == 1 + 3
+        generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+        for (a, _), (b, _) in zip(shared.train_batches(generator()), alone.train_batches(generator())):
+            torch.testing.assert_close(shared.forward(a), alone.forward(b), rtol=0, atol=0)
+    # Through the frozen features for the shared pipelines: the test images once, each training selection once
+    # (it changed once); for each pipeline alone, both every time.
+    test, train, half = len(data.test), len(data.train), len(some)
+    assert computed == [test, train, test, train, test, train, half, test, half, test, half]
 
 
 def test_the_feature_cache_stops_before_a_layer_with_dropout_or_a_trainable_base(cifar_root):

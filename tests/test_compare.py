@@ -73,7 +73,7 @@ def test_a_rank_from_the_axis_that_lora_cannot_use_leaves_its_rows_out_with_the_
     assert list(left_out) == ["lora at rank 64 on conv"] and "at most 16 here (conv2: 150 -> 16)" in left_out["lora at rank 64 on conv"]
 
 
-def test_processes_sharing_a_grid_claim_by_seed_and_the_whole_network_rows_first():
+def test_rows_run_seed_by_seed_and_processes_sharing_a_grid_claim_the_whole_network_rows_first():
     cfg = config.load(CompareConfig, "compare", {"methods": ["vera", "head", "full", "lora-r4@conv"], "ranks": [4],
                                                  "seeds": 2})
     points, own = compare_module.grid(cfg), compare_module.method_configs(cfg)
@@ -82,9 +82,14 @@ def test_processes_sharing_a_grid_claim_by_seed_and_the_whole_network_rows_first
     checked = compare_module.check_grid(cfg, points, configs, ConvNet(), [(None, [])])
     # Full fine-tuning and adapters on the convolutions train through the convolutions at every step.
     assert checked.whole == {"full-replay-s0", "full-replay-s1", "lora-r4-conv-replay-s0", "lora-r4-conv-replay-s1"}
-    assert checked.claim_order([p.name for p in reversed(points)]) == [
-        "lora-r4-conv-replay-s0", "full-replay-s0", "head-replay-s0", "vera-r4-replay-s0",
-        "lora-r4-conv-replay-s1", "full-replay-s1", "head-replay-s1", "vera-r4-replay-s1"]
+    names = [p.name for p in points]
+    assert checked.claim_order(names, shared=True) == [
+        "full-replay-s0", "lora-r4-conv-replay-s0", "vera-r4-replay-s0", "head-replay-s0",
+        "full-replay-s1", "lora-r4-conv-replay-s1", "vera-r4-replay-s1", "head-replay-s1"]
+    # One process keeps the grid's order within a seed.
+    assert checked.claim_order(names, shared=False) == [
+        "vera-r4-replay-s0", "head-replay-s0", "full-replay-s0", "lora-r4-conv-replay-s0",
+        "vera-r4-replay-s1", "head-replay-s1", "full-replay-s1", "lora-r4-conv-replay-s1"]
 
 
 @pytest.mark.parametrize("entries, message", [
@@ -177,7 +182,9 @@ def test_interrupted_compare_keeps_finished_rows_and_resume_runs_only_the_rest(v
     assert "vera compare --resume runs/cmp" in stopped.err
     finished = [json.loads(line)["name"] for line in Path("runs/cmp/rows.jsonl").read_text().splitlines()]
     assert finished == calls[:2]
-    assert len(json.loads(Path("runs/cmp/table.json").read_text())) == 2  # base + the one finished setting
+    # Rows run seed by seed: the base and the two settings whose first seed finished.
+    assert finished == ["vera-r2-replay-s0", "vera-r4-replay-s0"]
+    assert len(json.loads(Path("runs/cmp/table.json").read_text())) == 3
 
     calls.clear()
     resumed = vera("compare", "--resume", "runs/cmp")

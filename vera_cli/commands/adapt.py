@@ -212,13 +212,13 @@ def check_selection_record(run: Run, selection: Selection, log: Log) -> None:
 
 def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: Cifar10 | None = None,
               resume: Run | None = None, world: World = LOCAL, epoch_log: Log | None = None,
-              shared: dict[tuple, torch.Tensor] | None = None, test: bool = True) -> AdaptSummary:
+              shared: dict[tuple, Any] | None = None, test: bool = True) -> AdaptSummary:
     """Adapt into a new run directory, or continue the unfinished run `resume`.
 
     In a `world` of several processes (torchrun) they train one adapter data-parallel. `epoch_log` hears
     the per-epoch lines (default: `log`). `shared` keeps what the runs that share one `data` (a comparison's rows)
     compute alike, by the base's fingerprint and test-time rule: the base's logits on the test images (on the ViT,
-    a third of a 10-shot row) and its frozen features' outputs on them. Without `test` the test split is left
+    a third of a 10-shot row), and its frozen features' outputs on them and on the training images. Without `test` the test split is left
     for `evaluate_later` (the summary's test report is None): a comparison tests only the learning rates it chose.
     """
     device = world.place(resolve_device(cfg.device))
@@ -263,7 +263,7 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
     with world.joined(device), life.open() as run:
         life.by_writer(lambda: write_json(run.file(SELECTION_FILE), selection.to_dict()))
         pipeline = fast.build_pipeline(model, rows_as_labels(train_split) if loss else train_split, data.test, cfg, tta,
-                                       fast.SharedViews(shared, key) if shared is not None else None)
+                                       fast.SharedViews(shared, key, selection.train) if shared is not None else None)
         forward, source = pipeline.forward, pipeline.train_batches
         if cfg.forgetting == "mask":
             forward, source = masked_to(chosen, forward, source, device)

@@ -100,7 +100,7 @@ class RowJob:
     configs: dict[str, AdaptConfig]
     data: Cifar10
     order: dict[str, int]
-    shared: dict[tuple, torch.Tensor]  # the bases' test logits and more (run_adapt's shared)
+    shared: dict[tuple, Any]  # the bases' test logits and more (run_adapt's shared)
     later: frozenset[str]  # rows whose test split waits for the learning-rate choice (tested_later)
 
 
@@ -154,7 +154,7 @@ def write_tables(run: Run, table: list[TableLine]) -> None:
 
 
 def base_line(base_run: Run, device: torch.device, data: Cifar10, chosen: list[int], label: Optional[str],
-              shared: dict[tuple, torch.Tensor]) -> TableLine:
+              shared: dict[tuple, Any]) -> TableLine:
     """The base's line of the table; its test logits join `shared`, where the rows find them (run_adapt)."""
     model, base_cfg = load_pretrained(base_run, device)
     logits = shared[fingerprint(model), base_cfg.model.tta] = fast.predict_logits(fast.forward(model), data.test,
@@ -233,11 +233,13 @@ class CheckedGrid:
     # convolutions): on the ConvNet they take 2-3x as long as the rest of a grid.
     whole: frozenset[str]
 
-    def claim_order(self, names: list[str]) -> list[str]:
-        """The order in which processes sharing a grid claim `names`: by seed, as a budget cuts the highest seeds,
-        and within a seed the longest rows first, so that no process is left running one while the others idle."""
+    def claim_order(self, names: list[str], shared: bool) -> list[str]:
+        """The order in which `names` run: seed by seed, as a budget cuts the highest seeds and the rows of a seed
+        train on the same images (whose features a process keeps, fast.SharedViews); where processes `shared`
+        the grid, the longest rows of a seed first, so that no process is left running one while the others idle.
+        Alone, the first row stays the grid's first, which a budget's estimate takes as typical."""
         seeds = {point.name: point.seed for point in self.points}
-        return sorted(names, key=lambda name: (seeds[name], name not in self.whole))
+        return sorted(names, key=lambda name: (seeds[name], shared and name not in self.whole))
 
 
 def check_grid(cfg: CompareConfig, points: list[GridPoint], configs: dict[str, AdaptConfig], model: torch.nn.Module,
@@ -328,7 +330,7 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     # Rows join the table in grid order, whatever order (or process) they finished in.
     in_grid_order = lambda rows: sorted(rows, key=lambda row: order[row.name])  # noqa: E731
     with world.joined(device), life.open() as run, contextlib.ExitStack() as stack:
-        shared: dict[tuple, torch.Tensor] = {}
+        shared: dict[tuple, Any] = {}
         started = time.perf_counter()
         base_lines = [base_line(each, device, data, chosen, str(each.path) if cfg.bases else None, shared)
                       for each in base_runs]
@@ -351,10 +353,7 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
         log(f"{len(points)} rows: {settings} setting(s) x {cfg.seeds} seed(s)"
             + (f"; {len(dropped)} dropped by --budget {plan.budget} when the grid began" if dropped
                else "; the first row's time gives the estimate" if alone and plan is None else ""))
-        pending = [name for name in pending if name not in dropped]
-        if workers > 1 or not alone:
-            # One process gains nothing from another order, and its budget plan wants a typical first row.
-            pending = checked.claim_order(pending)
+        pending = checked.claim_order([name for name in pending if name not in dropped], workers > 1 or not alone)
         job = RowJob(run, {point.name: point for point in points}, configs, data, order, shared, later)
         if workers > 1:
             pool = stack.enter_context(Pool(workers, worker_row, job, pending, run.file(CLAIMS_DIR), log))

@@ -10,7 +10,7 @@ the whole model on images, which `build_pipeline` falls back to wherever the cac
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -34,18 +34,28 @@ def prefix_is_frozen(model: nn.Module) -> bool:
 
 @dataclass
 class SharedViews:
-    """The frozen features' outputs on the test images, shared by the runs over one base and one data set (a
-    comparison's rows, each of which would compute them again), kept in `store` by `base`: the base's fingerprint
-    and test-time rule. A ViT's tokens part way through its blocks are not kept: 0.3 GB for the test images."""
+    """The frozen features' outputs shared by the runs over one base and one data set (a comparison's rows, each
+    of which would compute them again), kept in `store` by `base` (the base's fingerprint and test-time rule): on
+    the test images, and on the training images of the last `training` selection (of the data set's training
+    split) asked for, one at a time: each seed replays other images, and processes claim a grid's rows seed by
+    seed. A ViT's tokens part way through its blocks are not kept: 0.3 GB for the test images."""
 
-    store: dict[tuple, torch.Tensor]
+    store: dict[tuple, Any]
     base: tuple[str, str]
+    training: torch.Tensor
 
-    def get(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        key = (*self.base, "features")
+    def test(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        key = (*self.base, "test")
         if key not in self.store:
             self.store[key] = compute()
         return self.store[key]
+
+    def train(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        key = (*self.base, "training")
+        held = self.store.get(key)
+        if held is None or not torch.equal(held[0], self.training):
+            self.store[key] = held = (self.training, compute())
+        return held[1]
 
 
 @dataclass
@@ -65,8 +75,8 @@ def build_pipeline(model: nn.Module, train_split: Split, test_split: Split, cfg:
                    tta: str = "none", shared: SharedViews | None = None) -> Pipeline:
     """Cache the frozen conv prefix's output once when nothing before the adapters can change.
 
-    The test images' features never change then (`shared` keeps them for other runs over the same base and
-    test images); the training images' features do not either unless augmentation is on. Test logits follow the
+    The test images' features never change then; the training images' features do not either unless
+    augmentation is on (`shared` keeps both for other runs over the same base and images). Test logits follow the
     base's `tta`.
     """
     train = cfg.train
@@ -82,13 +92,14 @@ def build_pipeline(model: nn.Module, train_split: Split, test_split: Split, cfg:
 
     def cached_logits(split: Split) -> Callable[[], torch.Tensor]:
         compute = lambda: view_outputs(prefix, split, tta)  # noqa: E731
-        features = kept.get(compute) if kept is not None and split is test_split else compute()
+        features = kept.test(compute) if kept is not None and split is test_split else compute()
         return lambda: predict_features(rest, features)
 
     test_logits = cached_logits(test_split)
     if train.crop or train.flip:
         return Pipeline(whole, image_batches, cached_logits, test_logits)
-    features = view_outputs(prefix, train_split)[0]
+    compute = lambda: view_outputs(prefix, train_split)[0]  # noqa: E731
+    features = kept.train(compute) if kept is not None else compute()
     forward = rest
     first = model.first_classifier_layer() if prefix_is_frozen(model) and hasattr(model, "first_classifier_layer") else None
     if isinstance(first, AdaptedLayer) and _caches_frozen_part(first):
