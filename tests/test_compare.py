@@ -95,6 +95,9 @@ def test_rows_run_seed_by_seed_and_processes_sharing_a_grid_claim_the_whole_netw
 @pytest.mark.parametrize("entries, message", [
     ({"methods": ["vera", "lora-r256"], "ranks": [4]}, "row lora-r256-replay-s0: rank 256 is more than any adapted layer"),
     ({"methods": ["vera", "lora"], "ranks": [200, 256]}, "row lora-r200-replay-s0: rank 200 is more than any adapted"),
+    # LoRA keeps a row named with its own rank, but the lora entry that sweeps the axis is left with none.
+    ({"methods": ["lora-r8", "lora"], "ranks": [256]}, "row lora-r256-replay-s0: rank 256 is more than any adapted"),
+    ({"methods": ["lora-r8@conv", "lora"], "ranks": [200]}, "row lora-r200-replay-s0: rank 200 is more than any adapted"),
 ])
 def test_a_rank_a_method_names_itself_or_a_method_left_without_any_rank_is_refused(entries, message):
     with pytest.raises(config.VeraError, match="^" + re.escape(message) + ".*; choose a rank up to 120$"):

@@ -272,8 +272,16 @@ def check_grid(cfg: CompareConfig, points: list[GridPoint], configs: dict[str, A
     kept = [point for point in points if point.name not in out]
     for name, error in out.items():
         point = by_name[name]
-        if (point.method, point.rank) in named or not any(other.method == point.method for other in kept):
+        if (point.method, point.rank) in named:
             raise VeraError(f"row {name}: {error}")
+    # By the methods' entries, not their adapters: `lora@conv` or `lora` left with no rank is refused even where
+    # `lora-r8` keeps LoRA in the grid.
+    for own in map(compared_method, cfg.methods):
+        targets = [own.targets] if own.targets else cfg.targets
+        mine = [point.name for point in points if own.rank is None and point.method == own.method
+                and point.rank in cfg.ranks and point.targets in targets]
+        if mine and all(name in out for name in mine):
+            raise VeraError(f"row {mine[0]}: {out[mine[0]]}")
     setting = lambda point: (f"{point.method} at rank {point.rank}"  # noqa: E731
                              + (f" on {point.targets}" if len(cfg.targets) > 1 else ""))
     return CheckedGrid(kept, {setting(by_name[name]): error.reason for name, error in out.items()},
