@@ -262,6 +262,31 @@ def test_bad_budget_or_reference_is_refused_before_anything_runs(vera, pretraine
     assert not Path("runs/never").exists()
 
 
+def test_a_budget_with_several_workers_estimates_from_a_typical_row_not_the_long_ones(vera, pretrained, monkeypatch):
+    # The workers' pool in this process, claiming in the order it is given: the first row claimed finishes first.
+    class InOrder:
+        threads = 1
+
+        def __init__(self, count, task, job, names, claims, log):
+            self.task, self.job, self.names, self.log = task, job, names, log
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def __iter__(self):
+            return ((name, self.task(self.job, name, self.log)) for name in self.names)
+
+    monkeypatch.setattr(compare_module, "Pool", InOrder)
+    result = vera("compare", "--methods", "head,full,lora-r4@conv", "--seeds", "2", "--epochs", "1", "--workers", "2",
+                  "--budget", "1h", "--run-dir", "runs/cut")
+    assert result.code == 0, result.err
+    # Full fine-tuning and LoRA on the convolutions train through the whole network: not the typical row.
+    assert json.loads(Path("runs/cut/plan.json").read_text())["first_row"] == "head-replay-s0"
+
+
 def test_compare_records_costs_and_cuts_the_grid_to_its_budget(vera, pretrained, monkeypatch):
     # Every row counts as 100 s, so that the cut does not depend on how busy the machine is.
     original = compare_module.row_from_summary
