@@ -90,6 +90,21 @@ def test_runs_over_one_base_share_its_features_of_the_images_and_get_the_same_lo
     assert computed == [test, train, test, train, test, train, half, test, half, test, half]
 
 
+def test_shared_views_let_go_of_a_selections_features_before_computing_the_next():
+    import weakref
+
+    from vera_cli.fast import SharedViews
+
+    store = {}
+    first = torch.zeros(3, 4)
+    SharedViews(store, ("base", "none"), torch.arange(3)).train(lambda: first)
+    gone = weakref.ref(first)
+    del first
+    held = []
+    SharedViews(store, ("base", "none"), torch.arange(2)).train(lambda: held.append(gone() is not None) or torch.zeros(2, 4))
+    assert held == [False]
+
+
 def test_the_feature_cache_stops_before_a_layer_with_dropout_or_a_trainable_base(cifar_root):
     data = load_cifar10(cifar_root, download=False)
     for adapter in (AdapterConfig(method="vera", dropout=0.1), AdapterConfig(method="vera", trainable=["fc1"])):

@@ -52,10 +52,11 @@ class SharedViews:
 
     def train(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         key = (*self.base, "training")
-        held = self.store.get(key)
-        if held is None or not torch.equal(held[0], self.training):
-            self.store[key] = held = (self.training, compute())
-        return held[1]
+        if key not in self.store or not torch.equal(self.store[key][0], self.training):
+            # Let go of the last selection's features first: both at once would double the peak of a row.
+            self.store.pop(key, None)
+            self.store[key] = (self.training, compute())
+        return self.store[key][1]
 
 
 @dataclass
