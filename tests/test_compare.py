@@ -104,6 +104,17 @@ def test_a_rank_a_method_names_itself_or_a_method_left_without_any_rank_is_refus
         checked_grid(entries)
 
 
+def test_the_rows_features_are_let_go_before_the_chosen_rows_are_tested(vera, pretrained, monkeypatch):
+    held = []
+    original = compare_module.row_test
+    monkeypatch.setattr(compare_module, "row_test",
+                        lambda job, name, log: held.append(len(job.shared)) or original(job, name, log))
+    result = vera("compare", "--methods", "head,vera", "--ranks", "2", "--epochs", "1", "--set", "validation=1",
+                  "--lrs", "0.002,0.05", "--run-dir", "runs/contest")
+    assert result.code == 0, result.err
+    assert held and set(held) == {0}
+
+
 @pytest.mark.slow
 def test_compare_runs_the_grid_and_writes_table_csv_and_plot(vera, pretrained):
     result = vera("compare", *GRID, "--run-dir", "runs/cmp")

@@ -404,6 +404,8 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
             log(f"{lead}{row.trainable:,} trainable, {figures}, {row.seconds:.1f}s" + (f"; {line}" if alone else ""))
             for said_line in said:
                 log(said_line)
+        # The rows' features are of no use to the tests below, nor to the processes that run them.
+        shared.clear()
         gathered = world.from_others(ran)
         if gathered:
             log(f"{len(gathered)} more row(s) ran in the other {world.size - 1} process(es)")
