@@ -218,8 +218,9 @@ def run_adapt(cfg: AdaptConfig, log: Log = print, progress: bool = True, data: C
     In a `world` of several processes (torchrun) they train one adapter data-parallel. `epoch_log` hears
     the per-epoch lines (default: `log`). `shared` keeps what the runs that share one `data` (a comparison's rows)
     compute alike, by the base's fingerprint and test-time rule: the base's logits on the test images (on the ViT,
-    a third of a 10-shot row), and its frozen features' outputs on them and on the training images. Without `test` the test split is left
-    for `evaluate_later` (the summary's test report is None): a comparison tests only the learning rates it chose.
+    a third of a 10-shot row), and its frozen features' outputs on them and on the training images. Without `test`
+    the test split is left for `evaluate_later` (the summary's test report is None): a comparison tests only the
+    learning rates it chose.
     """
     device = world.place(resolve_device(cfg.device))
     memory = PeakMemory(device)

@@ -442,4 +442,5 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
 
         plots = life.by_writer(record)
         return life.finish(CompareSummary(run, str(base_run.path), table, plots, life.elapsed(), world.size, plan, workers,
-                                          grid_clock.ran, grid_seconds, grid_clock.rows_per_hour(grid_seconds), checked.left_out))
+                                          grid_clock.ran, grid_seconds, grid_clock.rows_per_hour(grid_seconds),
+                                          checked.left_out))
