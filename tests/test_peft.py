@@ -108,7 +108,7 @@ def test_exported_adapter_loads_in_peft_and_matches_vera_eval(vera, pretrained, 
     # The adapter folder alone says the same: a user without --base-out still learns how it was measured.
     assert json.loads(Path("exported/preprocessing.json").read_text()) == preprocessing
     assert "mirror" in preprocessing["test_time"]  # the shipped pretrain's flip
-    assert json.loads(Path("base/model.json").read_text())["name"] == "convnet"
+    assert json.loads(Path("base/model.json").read_text()) == {"name": "convnet", "tta": "flip"}
     assert peft_per_class(ConvNet, cifar_root) == ours
 
 

@@ -141,7 +141,11 @@ def _write_plain(folder: Path, state: dict[str, torch.Tensor], architecture: Mod
     """A plain model anyone can load with torch alone: its weights, its architecture
     (`ViT(ViTConfig(**vit))` or `ConvNet()`) and how to prepare its input."""
     files = {PLAIN_WEIGHTS: write_tensors(folder / PLAIN_WEIGHTS, state), **_write_preprocessing(folder, architecture)}
-    model_json = json.dumps(config_module.to_dict(architecture), indent=2).encode()
+    described = config_module.to_dict(architecture)
+    if architecture.name != "vit":
+        # The ViT's settings would read as part of a ConvNet that has none.
+        del described["vit"]
+    model_json = json.dumps(described, indent=2).encode()
     write_bytes_atomic(folder / "model.json", model_json)
     files["model.json"] = len(model_json)
     return files
