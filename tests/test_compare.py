@@ -3,6 +3,7 @@
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -11,7 +12,8 @@ from vera_cli.grid_progress import GridProgress, duration
 from vera_cli import config
 from vera_cli.config import AdapterConfig, CompareConfig
 from vera_cli.param_count import count_params
-from vera_cli.models import ConvNet
+from vera_cli.errors import VeraError
+from vera_cli.models import ConvNet, ViT, ViTConfig
 
 GRID = ["--methods", "vera,lora,head", "--ranks", "2,4", "--seeds", "2", "--epochs", "1"]
 
@@ -55,7 +57,7 @@ def checked_grid(entries: dict):
     points, own = compare_module.grid(cfg), compare_module.method_configs(cfg)
     configs = {p.name: compare_module.adapt_config(cfg, own[p.method], p, "runs/base", Path("rows") / p.name)
                for p in points}
-    checked = compare_module.check_grid(cfg, points, configs, ConvNet(), [(None, [])])
+    checked = compare_module.check_grid(cfg, points, configs, [(None, ConvNet(), [])])
     return checked.points, checked.left_out
 
 
@@ -73,13 +75,27 @@ def test_a_rank_from_the_axis_that_lora_cannot_use_leaves_its_rows_out_with_the_
     assert list(left_out) == ["lora at rank 64 on conv"] and "at most 16 here (conv2: 150 -> 16)" in left_out["lora at rank 64 on conv"]
 
 
+def test_each_base_of_a_bases_axis_is_checked_on_its_own_model():
+    cfg = config.load(CompareConfig, "compare", {"methods": ["vera"], "ranks": [4], "targets": ["attention"]})
+    points, own = compare_module.grid(cfg), compare_module.method_configs(cfg)
+    configs = {p.name: compare_module.adapt_config(cfg, own[p.method], p, "runs/vit", Path("rows") / p.name)
+               for p in points}
+    vit, convnet = SimpleNamespace(path=Path("runs/vit")), SimpleNamespace(path=Path("runs/convnet"))
+    tiny_vit = ViT(ViTConfig(patch_size=8, dim=16, depth=2, heads=2, mlp_ratio=2))
+    assert [p.name for p in compare_module.check_grid(cfg, points, configs, [(vit, tiny_vit, [])]).points] == [
+        "vera-r4-attention-replay-s0"]
+    # The ConvNet has no attention: its rows would fail one by one once the comparison ran.
+    with pytest.raises(VeraError, match=r"^row vera-r4-attention-replay-s0 on base runs/convnet: .*attention"):
+        compare_module.check_grid(cfg, points, configs, [(vit, tiny_vit, []), (convnet, ConvNet(), [])])
+
+
 def test_rows_run_seed_by_seed_and_processes_sharing_a_grid_claim_the_whole_network_rows_first():
     cfg = config.load(CompareConfig, "compare", {"methods": ["vera", "head", "full", "lora-r4@conv"], "ranks": [4],
                                                  "seeds": 2})
     points, own = compare_module.grid(cfg), compare_module.method_configs(cfg)
     configs = {p.name: compare_module.adapt_config(cfg, own[p.method], p, "runs/base", Path("rows") / p.name)
                for p in points}
-    checked = compare_module.check_grid(cfg, points, configs, ConvNet(), [(None, [])])
+    checked = compare_module.check_grid(cfg, points, configs, [(None, ConvNet(), [])])
     # Full fine-tuning and adapters on the convolutions train through the convolutions at every step.
     assert checked.whole == {"full-replay-s0", "full-replay-s1", "lora-r4-conv-replay-s0", "lora-r4-conv-replay-s1"}
     names = [p.name for p in points]

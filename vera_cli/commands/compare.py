@@ -34,7 +34,7 @@ import torch
 
 from vera_cli import config as config_module
 from vera_cli import fast
-from vera_cli.adapters.errors import RankError
+from vera_cli.adapters.errors import AdapterError, RankError
 from vera_cli.adapters.inject import inject
 from vera_cli.adapters.targets import head_name
 from vera_cli.bases import fingerprint, load_pretrained, model_config, resolve_base
@@ -242,10 +242,10 @@ class CheckedGrid:
         return sorted(names, key=lambda name: (seeds[name], shared and name not in self.whole))
 
 
-def check_grid(cfg: CompareConfig, points: list[GridPoint], configs: dict[str, AdaptConfig], model: torch.nn.Module,
-               news: list[tuple[Run, list[str]]]) -> CheckedGrid:
-    """The grid checked on copies of the base before the comparison starts, not at a row; `configs` maps each
-    point's name to its config, `news` pairs each base with the chosen classes it never saw.
+def check_grid(cfg: CompareConfig, points: list[GridPoint], configs: dict[str, AdaptConfig],
+               bases: list[tuple[Run, torch.nn.Module, list[str]]]) -> CheckedGrid:
+    """The grid checked on copies of each base before the comparison starts, not at a row; `configs` maps each
+    point's name to its config, `bases` holds each base's run, model and the chosen classes it never saw.
 
     A target that matches no layer, or new classes that nothing trained could reach, is refused. A rank from the
     ranks axis that no targeted layer can use (LoRA's min(in, out): 120 on the ConvNet's linear layers) leaves that
@@ -256,15 +256,16 @@ def check_grid(cfg: CompareConfig, points: list[GridPoint], configs: dict[str, A
     refused: dict[str, RankError] = {}
     whole: set[str] = set()
     for key, (name, adapt_cfg) in {repr(c.adapter): (name, c) for name, c in configs.items()}.items():
-        for each, new in news:
+        for each, model, new in bases:
             try:
                 settled, _ = settle_head(adapt_cfg, new, each)
                 adapted = inject(copy.deepcopy(model), settled.adapter)
                 require_learnable_head(adapted, head_name(adapted) if new else "", settled, new, each)
             except RankError as error:
                 refused[key] = error
-            except VeraError as error:
-                raise VeraError(f"row {name}: {error}") from None
+            except (VeraError, AdapterError) as error:
+                on = f" on base {each.path}" if len(bases) > 1 else ""
+                raise VeraError(f"row {name}{on}: {error}") from None
         if key not in refused and not prefix_is_frozen(adapted):
             whole.add(key)
     named = {(own.method, own.rank) for own in map(compared_method, cfg.methods) if own.rank}
@@ -318,8 +319,9 @@ def run_compare(cfg: CompareConfig, log: Log = print, progress: bool = True, res
     points = grid(cfg)
     configs = {point.name: adapt_config(cfg, own[point.method], point, str(base_run.path), Path("rows") / point.name)
                for point in points}
-    checked = check_grid(cfg, points, configs, load_pretrained(base_run, device)[0],
-                         [(each, [CLASSES[c] for c in chosen if c in held_out_by(each)]) for each in base_runs])
+    checked = check_grid(cfg, points, configs, [(each, load_pretrained(each, device)[0],
+                                                 [CLASSES[c] for c in chosen if c in held_out_by(each)])
+                                                for each in base_runs])
     points = checked.points
     for setting, reason in checked.left_out.items():
         log(f"note: {setting} is left out of the grid: {reason}")
