@@ -337,7 +337,18 @@ def test_float_and_32_bit_integer_images_are_refused_by_name_not_clipped(tmp_pat
     mode = "F" if values.dtype == np.float32 else "I"
     with Image.open(path) as image:
         assert image.mode == mode
-    with pytest.raises(UnreadableImage, match=rf"^a (float|32-bit integer) image \(mode {mode}\), .*8 or 16 bits"):
+    with pytest.raises(UnreadableImage, match=rf"^a (float|32-bit integer) image \(mode {mode}\), .*8 or 16 unsigned bits"):
+        read_image(path)
+
+
+def test_a_signed_16_bit_tiff_is_refused_as_what_it_is(tmp_path):
+    # Pillow writes no signed 16-bit TIFF itself: an unsigned one with its sample format tag set to signed.
+    path = tmp_path / "elevation.tif"
+    values = (np.arange(32 * 32, dtype=np.int16).reshape(32, 32) - 500).astype(np.uint16)
+    Image.frombuffer("I;16", (32, 32), values.tobytes(), "raw", "I;16", 0, 1).save(path, tiffinfo={339: 2})
+    with Image.open(path) as image:
+        assert image.mode == "I" and np.asarray(image).min() == -500
+    with pytest.raises(UnreadableImage, match=r"^a signed 16-bit integer image \(mode I\), .*8 or 16 unsigned bits"):
         read_image(path)
 
 

@@ -24,10 +24,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_SIZE = 32
 
 RULE = (f"images other than {IMAGE_SIZE}x{IMAGE_SIZE} RGB are converted to RGB (Pillow's convert: alpha dropped, "
-        f"grayscale and palettes expanded; 16-bit grayscale scaled to 8 bits first; 32-bit integer and float images, "
-        f"whose values have no range to scale from, refused), resized so that the short side is {IMAGE_SIZE} pixels "
-        f"(bilinear, antialiased) and cropped to the centre {IMAGE_SIZE}x{IMAGE_SIZE}; every image is first turned "
-        "upright as its EXIF orientation says (a camera's rotated photo)")
+        "grayscale and palettes expanded; 16-bit grayscale scaled to 8 bits first; signed or 32-bit integer and float "
+        "images, whose values have no range to scale from, refused), resized so that the short side is "
+        f"{IMAGE_SIZE} pixels (bilinear, antialiased) and cropped to the centre {IMAGE_SIZE}x{IMAGE_SIZE}; every image "
+        "is first turned upright as its EXIF orientation says (a camera's rotated photo)")
 
 
 class UnreadableImage(Exception):
@@ -78,26 +78,33 @@ def _size_after(width: int, height: int) -> tuple[int, int]:
 _SIXTEEN_BIT_I = ("PNG", "PPM")
 
 
-def _eight_bit(image: Image.Image, file_format: str | None) -> Image.Image:
+def _integer_kind(source: Image.Image) -> str:
+    """What a TIFF's I image holds by its tags (Pillow opens signed 16-bit samples as I too)."""
+    tags = getattr(source, "tag_v2", {})
+    bits, signed = tags.get(258, (32,))[0], tags.get(339, (1,))[0] == 2
+    return f"{'signed ' if signed and bits == 16 else ''}{bits}-bit integer"
+
+
+def _eight_bit(image: Image.Image, source: Image.Image) -> Image.Image:
     """16-bit grayscale (a PNG's or TIFF's I;16, or I from _SIXTEEN_BIT_I) as 8-bit L, 0..65535 to
     0..255: Pillow's convert would clip every value above 255, turning such an image nearly white. 32-bit integer
-    (a TIFF's I) and float (F) images are refused: their values may lie in 0..1, 0..4095 or anywhere, and
-    Pillow's convert clips them to 0..255 (a float image in 0..1 would come out black). `file_format` is the
-    file's (Pillow's `format`): an upright copy (ImageOps.exif_transpose) has none."""
-    if image.mode.startswith("I;16") or (image.mode == "I" and file_format in _SIXTEEN_BIT_I):
+    (a TIFF's I), signed 16-bit and float (F) images are refused: their values may lie in 0..1, 0..4095,
+    -1000..3000 or anywhere, and Pillow's convert clips them to 0..255 (a float image in 0..1 would come out
+    black). `source` is the image as opened: an upright copy (ImageOps.exif_transpose) has no format or tags."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and source.format in _SIXTEEN_BIT_I):
         values = np.asarray(image).astype(np.int64).clip(0, 65535)
         return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
     if image.mode in ("I", "F"):
-        kind = "float" if image.mode == "F" else "32-bit integer"
+        kind = "float" if image.mode == "F" else _integer_kind(source)
         raise UnreadableImage(f"a {kind} image (mode {image.mode}), whose values have no range to scale to 8 bits "
-                              "from: save it with 8 or 16 bits per channel")
+                              "from: save it with 8 or 16 unsigned bits per channel")
     return image
 
 
-def to_cifar(image: Image.Image, file_format: str | None = None) -> Image.Image:
-    """`RULE` applied to a Pillow image: a 32x32 RGB image. `file_format` names the file it came from where
-    `image.format` no longer does (a transposed copy)."""
-    rgb = _eight_bit(image, file_format or image.format).convert("RGB")
+def to_cifar(image: Image.Image, source: Image.Image | None = None) -> Image.Image:
+    """`RULE` applied to a Pillow image: a 32x32 RGB image. `source` is the image as opened where `image` is a
+    transposed copy, which keeps neither the file's format nor its tags."""
+    rgb = _eight_bit(image, source or image).convert("RGB")
     if rgb.size == (IMAGE_SIZE, IMAGE_SIZE):
         return rgb
     resized = rgb.resize(_size_after(*rgb.size), Image.Resampling.BILINEAR)
@@ -115,7 +122,7 @@ def read_image(path: Path) -> Picture:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 width, height, mode = image.width, image.height, image.mode
-                converted = to_cifar(ImageOps.exif_transpose(image), image.format)
+                converted = to_cifar(ImageOps.exif_transpose(image), image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UnreadableImage(f"larger than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
                               "(Image.MAX_IMAGE_PIXELS; a decompression bomb?)") from None
