@@ -85,7 +85,7 @@ def test_each_base_of_a_bases_axis_is_checked_on_its_own_model():
     assert [p.name for p in compare_module.check_grid(cfg, points, configs, [(vit, tiny_vit, [])]).points] == [
         "vera-r4-attention-replay-s0"]
     # The ConvNet has no attention: its rows would fail one by one once the comparison ran.
-    with pytest.raises(VeraError, match=r"^row vera-r4-attention-replay-s0 on base runs/convnet: .*attention"):
+    with pytest.raises(VeraError, match=r"^base runs/convnet: preset 'attention' .* matches no adaptable layer"):
         compare_module.check_grid(cfg, points, configs, [(vit, tiny_vit, []), (convnet, ConvNet(), [])])
 
 

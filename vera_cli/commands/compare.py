@@ -263,7 +263,12 @@ def check_grid(cfg: CompareConfig, points: list[GridPoint], configs: dict[str, A
                 require_learnable_head(adapted, head_name(adapted) if new else "", settled, new, each)
             except RankError as error:
                 refused[key] = error
-            except (VeraError, AdapterError) as error:
+            except AdapterError as error:
+                # A target or setting the model cannot take: the grid's, not one row's; with several bases, whose.
+                if len(bases) == 1:
+                    raise
+                raise VeraError(f"base {each.path}: {error}") from None
+            except VeraError as error:
                 on = f" on base {each.path}" if len(bases) > 1 else ""
                 raise VeraError(f"row {name}{on}: {error}") from None
         if key not in refused and not prefix_is_frozen(adapted):
