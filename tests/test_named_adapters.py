@@ -362,6 +362,17 @@ def test_layers_reading_one_input_through_one_a_share_its_down_projection(monkey
     assert torch.equal(shared.get(x, a, None, (), lambda: x @ a.t()), 2 * first)
 
 
+@pytest.mark.parametrize("build", [convnet, vit])
+def test_a_mixed_batch_under_inference_mode_gets_what_it_gets_under_no_grad(build):
+    model = with_adapters(build(), {"a": VERA_ALL, "b": VERA_ALL, "l": AdapterConfig(method="lora", rank=4)})
+    names = ["a", "b", None, "l"] * 6
+    with torch.no_grad():
+        expected = forward_mixed(model, INPUT, names)
+    with torch.inference_mode():
+        got = forward_mixed(model, INPUT, names)
+    assert (got - expected).abs().max() < 1e-6
+
+
 def test_one_adapter_s_tensors_saved_after_a_mixed_batch_hold_that_adapter_alone():
     spec = VERA_ALL
     model = with_adapters(convnet(), {f"a{i}": spec for i in range(16)})

@@ -86,6 +86,9 @@ class SharedDown:
     def get(self, x: torch.Tensor, a: torch.Tensor, rows: torch.Tensor | None, geometry: tuple,
             compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """`compute()`, the down-projection of `x`'s `rows` through `a` in a layer of `geometry`, or the last one's."""
+        if x.is_inference():
+            # torch.inference_mode keeps no version counter, so an in-place change could not be told: no sharing.
+            return compute()
         entry = self._entry
         # Identity, not ids: the entry holds x, a and rows, so none of them is freed and replaced under the same id.
         if (entry is not None and entry[0] is x and entry[1] == x._version and entry[2] is a and entry[3] is rows
