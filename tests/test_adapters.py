@@ -266,3 +266,21 @@ def test_merged_plain_model_is_the_base_architecture_with_the_same_outputs(metho
     assert not adapted_layers(plain) and projection_bank(plain) is None
     assert set(plain.state_dict()) == set(convnet().state_dict())
     assert torch.allclose(plain(INPUT), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"rank": 8 / 2}, "rank must be an integer, got 4.0"),
+    ({"rank": True}, "rank must be an integer, got True"),
+    ({"projection_seed": 1.5}, "projection_seed must be an integer, got 1.5"),
+    ({"d_init": "0.1"}, "d_init must be a number, got '0.1'"),
+    ({"dropout": None}, "dropout must be a number, got None"),
+    ({"targets": "linear"}, r"targets must be a list of strings, got 'linear' \(one: \['linear'\]\)"),
+    ({"targets": [3]}, r"targets must be a list of strings, got \[3\]$"),
+    ({"trainable": "fc5"}, r"trainable must be a list of strings, got 'fc5' \(one: \['fc5'\]\)"),
+])
+def test_settings_of_the_wrong_type_are_refused_before_a_model_is_touched(settings, message):
+    from vera_cli.adapters.config import AdapterConfig as PackageConfig
+    with pytest.raises(AdapterError, match=message):
+        PackageConfig(method="lora", **settings)
+    # Whole numbers where a float is meant are numbers.
+    assert PackageConfig(d_init=1, alpha=8, targets=("fc1",)).alpha == 8

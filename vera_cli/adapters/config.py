@@ -43,6 +43,19 @@ class AdapterConfig:
     store_projections: bool = False
 
     def __post_init__(self) -> None:
+        # Types first: a float rank (width / 4) would otherwise fail inside torch with the model half adapted.
+        for name in ("rank", "projection_seed"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer, got {value!r}")
+        for name in ("d_init", "alpha", "dropout"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{name} must be a number, got {value!r}")
+        for name in ("targets", "trainable"):
+            value = getattr(self, name)
+            # A lone string would be read letter by letter.
+            hint = f" (one: [{value!r}])" if isinstance(value, str) else ""
+            _require(isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value),
+                     f"{name} must be a list of strings, got {value!r}{hint}")
         _require(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         _require(self.sharing in SHARING_MODES, f"sharing must be one of {', '.join(SHARING_MODES)}, got {self.sharing!r}")
         _require(self.rank >= 1, f"rank must be a positive integer, got {self.rank}")
