@@ -284,3 +284,40 @@ def test_settings_of_the_wrong_type_are_refused_before_a_model_is_touched(settin
         PackageConfig(method="lora", **settings)
     # Whole numbers where a float is meant are numbers.
     assert PackageConfig(d_init=1, alpha=8, targets=("fc1",)).alpha == 8
+
+
+def test_a_layer_the_model_uses_at_two_places_is_adapted_at_both():
+    from vera_cli.adapters.named import add_adapter, delete_adapter
+    torch.manual_seed(0)
+    shared = nn.Linear(6, 6)
+    base = nn.Sequential(shared, nn.ReLU(), shared, nn.ReLU(), nn.Linear(6, 2))
+    x = torch.randn(4, 6)
+    model = inject(copy.deepcopy(base), AdapterConfig(method="lora", rank=2, targets=["0"]))
+    assert model[0] is model[2]
+    nudge(model)
+    part = model[0].parts["default"]
+    tied = nn.Linear(6, 6)
+    with torch.no_grad():
+        tied.weight.copy_(model[0].base.weight + part.delta_weight(model[0]))
+        tied.bias.copy_(model[0].base.bias)
+        expected = nn.Sequential(tied, nn.ReLU(), tied, nn.ReLU(), model[4])(x)
+        assert (model(x) - expected).abs().max() < 1e-6
+        from vera_cli.adapters.inject import merged_plain
+        plain = merged_plain(model)
+        assert plain[0] is plain[2] and type(plain[0]) is nn.Linear
+        assert (plain(x) - expected).abs().max() < 1e-6
+    named = add_adapter(copy.deepcopy(base), "a", AdapterConfig(method="vera", rank=2))
+    assert named[0] is named[2]
+    delete_adapter(named, "a")
+    assert named[0] is named[2] and type(named[0]) is nn.Linear
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(4, 4), nn.Conv2d(3, 4, 3)])
+def test_a_model_that_is_itself_one_layer_is_refused_and_left_alone(layer):
+    from vera_cli.adapters.named import add_adapter
+    for adapt in (lambda: inject(layer, AdapterConfig(method="lora", rank=2, targets=["all"])),
+                  lambda: add_adapter(layer, "a", AdapterConfig(method="vera", rank=2, targets=["all"]))):
+        with pytest.raises(AdapterError, match=rf"the model is itself a {type(layer).__name__}: adapters replace "
+                           r"layers inside a model; wrap it first \(nn.Sequential\(layer\)\)"):
+            adapt()
+        assert not layer._modules and all(p.requires_grad for p in layer.parameters())

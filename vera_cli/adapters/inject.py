@@ -50,6 +50,9 @@ def target_layers(model: nn.Module, spec: AdapterConfig) -> dict[str, nn.Module]
     """The plain layers to adapt, every one checked (kind, usable rank) before the model is touched."""
     head = head_name(model) if spec.train_head else None
     layers = {name: base_of(model.get_submodule(name)) for name in select_targets(model, spec.targets) if name != head}
+    if "" in layers:  # an adapted layer takes the plain one's place in its parent, and the model has no parent
+        raise AdapterError(f"the model is itself a {type(model).__name__}: adapters replace layers inside a model; "
+                           "wrap it first (nn.Sequential(layer))")
     if not layers:
         raise AdapterError("train_head leaves no layer to adapt: add targets other than the head")
     for name, layer in layers.items():

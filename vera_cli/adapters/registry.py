@@ -100,7 +100,12 @@ def parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    setattr(*parent(model, name), new)
+    """Put `new` wherever the module at `name` sits: a layer the model uses at several places (tied) stays one
+    layer, adapted or plain, at each of them."""
+    old = model.get_submodule(name)
+    for _, module in list(outer_modules(model)):
+        for key in [key for key, child in module._modules.items() if child is old]:
+            setattr(module, key, new)
 
 
 def drop_banks(model: nn.Module) -> list[ProjectionBank]:
