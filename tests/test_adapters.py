@@ -321,3 +321,26 @@ def test_a_model_that_is_itself_one_layer_is_refused_and_left_alone(layer):
                            r"layers inside a model; wrap it first \(nn.Sequential\(layer\)\)"):
             adapt()
         assert not layer._modules and all(p.requires_grad for p in layer.parameters())
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_the_output_projection_of_multihead_attention_is_refused_by_name_and_the_rest_adapts():
+    torch.manual_seed(0)
+    block = AttentionBlock().eval()
+    x = torch.randn(2, 5, 8)
+    expected = block(x)
+    with pytest.raises(AdapterError, match="target layer attn.out_proj is the output projection of an "
+                       "nn.MultiheadAttention, which reads its weight without calling it: leave it out of the targets"):
+        inject(block, AdapterConfig(method="lora", rank=2))
+    assert not adapted_layers(block)
+    inject(block, AdapterConfig(method="lora", rank=2, targets=["fc"]))
+    assert torch.allclose(block(x), expected, atol=1e-6)  # frozen, the attention may take its fused path

@@ -42,6 +42,9 @@ def unsupported_reason(layer: nn.Module) -> str | None:
         if layer.padding_mode != "zeros":
             return f"pads with {layer.padding_mode!r}; convolution adapters support zero padding only"
         return None
+    if isinstance(layer, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        # nn.MultiheadAttention hands this layer's weight to its attention function: a wrapper would never run.
+        return "is the output projection of an nn.MultiheadAttention, which reads its weight without calling it"
     if isinstance(layer, nn.Linear):
         return None
     return f"is a {type(layer).__name__}; adapters wrap nn.Linear and nn.Conv2d"
