@@ -97,6 +97,17 @@ def test_named_adapters_compute_as_each_alone_and_the_base_comes_back():
     assert torch.equal(model(INPUT), base(INPUT))
 
 
+def test_disabling_inside_a_disabled_block_leaves_the_outer_block_on_the_base():
+    base = convnet()
+    model = with_adapters(base, {"a": VERA_ALL})
+    with torch.no_grad():
+        with disable_adapters(model):
+            with disable_adapters(model):
+                pass
+            assert torch.equal(model(INPUT[:2]), base(INPUT[:2]))
+        assert (model(INPUT[:2]) - base(INPUT[:2])).abs().max() > 1e-3
+
+
 def test_deleting_the_active_adapter_activates_the_first_remaining_and_drops_unread_projections():
     model = with_adapters(convnet(), {"a": VERA_ALL, "b": AdapterConfig(method="vera", rank=4, projection_seed=9),
                                       "c": AdapterConfig(method="lora", rank=2)})

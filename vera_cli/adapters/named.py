@@ -54,13 +54,15 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Run the base alone inside the block; the adapters come back after it."""
     _refuse_while_merged(model, "disabling the adapters")
     layers = list(adapted_layers(model).values())
+    # Each layer's own state comes back, not "enabled": a block inside another leaves the outer one disabled.
+    before = [layer.disabled for layer in layers]
     for layer in layers:
         layer.disabled = True
     try:
         yield
     finally:
-        for layer in layers:
-            layer.disabled = False
+        for layer, disabled in zip(layers, before):
+            layer.disabled = disabled
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
