@@ -164,6 +164,16 @@ def test_adapter_files_load_under_names_sharing_projections_and_round_trip(tmp_p
         assert adapter_metadata(model, spec, name)["projection_checksum"] == adapter_metadata(single, spec)["projection_checksum"]
 
 
+def test_saving_without_a_name_while_an_adapter_added_by_name_is_active_is_refused():
+    model = inject(convnet(), VERA_ALL)
+    add_adapter(model, "a", VERA_ALL)
+    set_adapter(model, "a")
+    with pytest.raises(AdapterError, match="the active adapter 'a' was added by name: pass name='a' to save it"):
+        adapter_tensors(model, VERA_ALL)
+    set_adapter(model, "default")
+    assert set(adapter_tensors(model, VERA_ALL)) == set(adapter_tensors(model, VERA_ALL, "a"))
+
+
 def test_a_file_that_does_not_fit_leaves_nothing_behind(tmp_path):
     base = convnet()
     spec = AdapterConfig(method="lora", rank=4)

@@ -24,7 +24,8 @@ from vera_cli.adapters.errors import AdapterError
 from vera_cli.adapters.inject import attach, inject, load_into, load_trainable_state, trainable_state
 from vera_cli.adapters.named import delete_adapter
 from vera_cli.adapters.projections import RecordedProjections
-from vera_cli.adapters.registry import BANK_NAME, named_tensors, projection_bank, require
+from vera_cli.adapters.layer import DEFAULT
+from vera_cli.adapters.registry import BANK_NAME, active_adapter, named_tensors, projection_bank, require
 
 PROJECTIONS_PREFIX = BANK_NAME + "."
 
@@ -37,8 +38,12 @@ def _alone(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def adapter_tensors(model: nn.Module, spec: AdapterConfig, name: str | None = None) -> dict[str, torch.Tensor]:
+    active = active_adapter(model)
     if name is not None:
         require(model, name)
+    elif active not in (None, DEFAULT):
+        # What trains is that adapter, under the names it has inside this model, which no fresh base takes.
+        raise AdapterError(f"the active adapter {active!r} was added by name: pass name={active!r} to save it")
     state = trainable_state(model) if name is None else named_tensors(model, name)
     tensors = {key: _alone(tensor) for key, tensor in state.items()}
     bank = projection_bank(model, name)
