@@ -6,6 +6,7 @@ import copy
 import io
 import types
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -319,6 +320,7 @@ def test_positions_or_a_tensor_choose_adapters_and_a_uniform_batch_is_the_adapte
         by_name = forward_mixed(model, INPUT[:4], ["a", "b", None, "a"])
         assert torch.equal(forward_mixed(model, INPUT[:4], [0, 1, -1, 0]), by_name)
         assert torch.equal(forward_mixed(model, INPUT[:4], torch.tensor([0, 1, -1, 0])), by_name)
+        assert torch.equal(forward_mixed(model, INPUT[:4], np.array([0, 1, -1, 0])), by_name)  # a router's argmax
         assert torch.equal(forward_mixed(model, INPUT, ["b"] * len(INPUT)), alone(model, "b", INPUT))
     with pytest.raises(AdapterError, match="no adapter named 'z': the model has a, b"):
         forward_mixed(model, INPUT[:2], ["a", "z"])

@@ -17,6 +17,7 @@ Adapted layers must see the batch as their first dimension (true of the ConvNet 
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Callable, Iterator, Sequence, Union
 
 import torch
@@ -50,8 +51,9 @@ def sample_positions(names: Sequence[str], adapters: Sequence[Choice] | torch.Te
             if choice not in lookup:
                 raise AdapterError(f"no adapter named {choice!r}: the model has {', '.join(names) or 'none'}")
             positions.append(lookup[choice])
-        elif isinstance(choice, int) and not isinstance(choice, bool) and -1 <= choice < len(names):
-            positions.append(choice)
+        # Integral: numpy's integers too (a router's argmax); a bool is no position.
+        elif isinstance(choice, numbers.Integral) and not isinstance(choice, bool) and -1 <= choice < len(names):
+            positions.append(int(choice))
         else:
             raise AdapterError(f"a sample's adapter is a name, a position in 0..{len(names) - 1}, -1, None or "
                                f"{NO_ADAPTER!r}; got {choice!r}")
