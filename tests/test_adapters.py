@@ -255,6 +255,33 @@ def test_projection_checksum_mismatch_is_refused(tmp_path):
         apply_adapter(copy.deepcopy(base), tmp_path, fingerprint(base))
 
 
+@pytest.mark.parametrize("sharing", ["per-shape", "sliced"])
+def test_a_vera_adapter_saved_from_a_half_precision_copy_loads_into_a_float32_base(sharing):
+    from vera_cli.adapters.state import adapter_metadata, adapter_tensors, load_adapter
+
+    spec = AdapterConfig(method="vera", rank=8, sharing=sharing)
+    model = adapted("vera", rank=8, sharing=sharing)
+    nudge(model)
+    half = copy.deepcopy(model).half()
+    # Its projections are the seed's rounded to float16: a float32 base regenerates the seed's own, which the
+    # adapter was trained with, so the file records their checksum.
+    metadata = adapter_metadata(half, spec)
+    assert metadata["projection_checksum"] == adapter_metadata(model, spec)["projection_checksum"]
+    tensors = adapter_tensors(half, spec)
+    loaded = convnet()
+    load_adapter(loaded, metadata, tensors)
+    expected = copy.deepcopy(model)
+    with torch.no_grad():
+        for value in trainable_state(expected).values():
+            value.copy_(value.half().float())
+    assert torch.equal(loaded(INPUT), expected(INPUT))
+    # Projections changed after the seed (then rounded) are not the seed's: their own checksum, refused on load.
+    with torch.no_grad():
+        next(projection_bank(half).buffers()).add_(1)
+    with pytest.raises(AdapterError, match="checksum mismatch"):
+        load_adapter(convnet(), adapter_metadata(half, spec), tensors)
+
+
 @pytest.mark.parametrize("method, targets", [("vera", []), ("lora", []), ("vera", ["all"]), ("lora", ["all"])])
 def test_merged_plain_model_is_the_base_architecture_with_the_same_outputs(method, targets):
     from vera_cli.adapters.inject import merged_plain

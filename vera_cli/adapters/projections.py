@@ -93,6 +93,17 @@ class ProjectionBank(nn.Module):
             digest.update(buf.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return digest.hexdigest()
 
+    def saved_checksum(self) -> str:
+        """The checksum an adapter file records: of the values held, or, where they are held at a lower precision
+        (a model converted with .half() for inference) and are the seed's rounded, of the seed's float32 values,
+        which a float32 base regenerates; the rounded ones it never could."""
+        if all(buf.dtype == torch.float32 for buf in self.buffers()):
+            return self.checksum()
+        fresh = ProjectionBank(list(self.pair_shapes.values()), self.rank, self.sharing, self.seed)
+        held = dict(self.named_buffers())
+        rounded = all(torch.equal(buf.to(held[key].dtype), held[key].cpu()) for key, buf in fresh.named_buffers())
+        return fresh.seed_checksum if rounded else self.checksum()
+
 
 @dataclass
 class RecordedProjections:

@@ -22,9 +22,9 @@ from torch import nn
 from vera_cli.adapters.config import AdapterConfig
 from vera_cli.adapters.errors import AdapterError
 from vera_cli.adapters.inject import attach, inject, load_into, load_trainable_state, trainable_state
+from vera_cli.adapters.layer import DEFAULT
 from vera_cli.adapters.named import delete_adapter
 from vera_cli.adapters.projections import RecordedProjections
-from vera_cli.adapters.layer import DEFAULT
 from vera_cli.adapters.registry import BANK_NAME, active_adapter, named_tensors, projection_bank, require
 
 PROJECTIONS_PREFIX = BANK_NAME + "."
@@ -56,7 +56,8 @@ def adapter_metadata(model: nn.Module, spec: AdapterConfig, name: str | None = N
     """What it takes to rebuild the adapter on a fresh base: its config and the projections' checksum."""
     bank = projection_bank(model, name)
     return {"adapter": dataclasses.asdict(spec),
-            "projection_checksum": bank.checksum() if bank is not None else None,
+            "projection_checksum": (bank.checksum() if spec.store_projections else bank.saved_checksum())
+                                   if bank is not None else None,
             "torch": torch.__version__}
 
 
