@@ -266,6 +266,39 @@ def test_a_full_disk_while_creating_a_run_or_exporting_leaves_nothing(vera, pret
     assert not list(Path(".").glob(".exported*")) and not list(Path("runs").glob(".*partial*"))
 
 
+@pytest.mark.parametrize("out, base_out", [("x/adapter", "x"), ("x", "x/base"), ("x/adapter", "./x/")])
+def test_export_folders_one_inside_the_other_are_refused_before_anything_is_written(vera, pretrained, out, base_out):
+    assert vera("adapt", *QUICK, "--method", "lora", "--rank", "2", "--run-dir", "runs/a").code == 0
+    one_line_error(vera("export", "runs/a", "--out", out, "--base-out", base_out),
+                   f"--out {out} and --base-out {base_out} lie one inside the other")
+    assert not Path("x").exists() and not list(Path(".").glob(".x*"))
+
+
+def test_one_export_folder_named_two_ways_holds_both_parts(vera, pretrained):
+    assert vera("adapt", *QUICK, "--method", "lora", "--rank", "2", "--run-dir", "runs/a").code == 0
+    result = vera("export", "runs/a", "--out", "x", "--base-out", str(Path("x").resolve()))
+    assert result.code == 0, result.err
+    assert sorted(p.name for p in Path("x").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "model.json", "model.safetensors", "preprocessing.json"]
+    assert not list(Path(".").glob(".x*"))
+
+
+def test_an_export_stopped_between_its_two_folders_leaves_neither(vera, pretrained, monkeypatch):
+    assert vera("adapt", *QUICK, "--method", "lora", "--rank", "2", "--run-dir", "runs/a").code == 0
+    renamed = []
+
+    def interrupted_at_the_second(staging, target):
+        if renamed:
+            raise KeyboardInterrupt
+        renamed.append(target)
+        return runs_module.publish(staging, target)
+
+    monkeypatch.setattr("vera_cli.commands.export.publish", interrupted_at_the_second)
+    assert vera("export", "runs/a", "--out", "adapter", "--base-out", "base").code == 130
+    assert renamed == [Path("adapter")]
+    assert sorted(p.name for p in Path(".").iterdir()) == ["runs"]
+
+
 def test_paths_that_are_files_are_one_line_errors(vera, pretrained):
     assert vera("adapt", *QUICK, "--method", "lora", "--rank", "2", "--run-dir", "runs/a").code == 0
     Path("a-file").write_text("x")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -82,13 +83,20 @@ def peft_config(spec: AdapterConfig, targets: list[str]) -> dict:
             "init_lora_weights": True, "use_rslora": False, "use_dora": False}
 
 
-def _check_destinations(*folders: str | None) -> None:
-    for folder in filter(None, folders):
+def _check_destinations(out: str, base_out: str | None = None) -> None:
+    for folder in filter(None, (out, base_out)):
         path = Path(folder)
         if path.exists() and not path.is_dir():
             raise VeraError(f"{path} is a file: --out and --base-out name folders to create")
         if path.exists() and any(path.iterdir()):
             raise VeraError(f"{path} already exists and is not empty: choose another folder")
+    if base_out:
+        # Each folder is written whole under a temporary name and renamed into place: the outer one would no
+        # longer be new once the inner one is in it.
+        outer, inner = sorted((Path(out).resolve(), Path(base_out).resolve()), key=lambda path: len(path.parts))
+        if outer in inner.parents:
+            raise VeraError(f"--out {out} and --base-out {base_out} lie one inside the other: name two separate "
+                            "folders, or the same one for all the files")
 
 
 @dataclass
@@ -115,12 +123,27 @@ def _adapted_model(run_path: str) -> Adapted:
 @contextlib.contextmanager
 def _all_or_nothing(*folders: str | None) -> Iterator[dict[Path, Path]]:
     """Temporary folders to write each destination into, renamed into place only once all are written."""
+    named = [Path(folder) for folder in folders if folder]
+    # One folder named two ways (x, ./x/, its absolute path) is one destination.
+    places: dict[Path, Path] = {}
+    for folder in named:
+        places.setdefault(folder.resolve(), folder)
     with contextlib.ExitStack() as stack:
-        staged = {Path(folder): stack.enter_context(staged_dir(Path(folder))) for folder in folders if folder}
-        yield staged
-        for folder, staging in staged.items():
-            if not publish(staging, folder):
-                raise VeraError(f"{folder} appeared while exporting: choose another folder")
+        staged = {place: stack.enter_context(staged_dir(folder)) for place, folder in places.items()}
+        yield {folder: staged[folder.resolve()] for folder in named}
+        published: list[tuple[Path, Path]] = []
+        try:
+            for place, staging in staged.items():
+                folder = places[place]
+                if not publish(staging, folder):
+                    raise VeraError(f"{folder} appeared while exporting: choose another folder")
+                published.append((folder, staging))
+        except BaseException:
+            # A later folder taken meanwhile, or Ctrl-C between the renames: the earlier ones go back to
+            # their temporary names, which the staging removes.
+            for folder, staging in published:
+                os.rename(folder, staging)
+            raise
 
 
 def _write_preprocessing(folder: Path, architecture: ModelConfig) -> dict[str, int]:
