@@ -133,6 +133,25 @@ def test_broken_links_loops_and_unreadable_files_in_a_folder_are_named_not_dropp
         read_image(good)
 
 
+def test_a_pipe_in_a_folder_is_not_listed_but_one_named_is_read(tmp_path):
+    import os
+    import threading
+
+    from vera_cli.images import image_files
+
+    pixels = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    png = write_png(tmp_path / "good.png", pixels).read_bytes()
+    os.mkfifo(tmp_path / "pipe.png")
+    # Opening a pipe with no writer waits for one: listed, it stopped `vera predict images/` for good.
+    assert [path.name for path in image_files([str(tmp_path)])] == ["good.png"]
+    writer = threading.Thread(target=(tmp_path / "pipe.png").write_bytes, args=(png,))
+    writer.start()
+    # Named on the command line, a pipe is read as a file is: `vera predict RUN <(curl ...)`.
+    assert image_files([str(tmp_path / "pipe.png")]) == [tmp_path / "pipe.png"]
+    assert torch.equal(read_image(tmp_path / "pipe.png").pixels, torch.from_numpy(pixels).permute(2, 0, 1))
+    writer.join()
+
+
 def test_a_photo_is_turned_upright_as_its_exif_orientation_says(tmp_path):
     rng = np.random.default_rng(2)
     stored = Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))  # 48 wide, 32 high, as stored

@@ -59,8 +59,10 @@ def image_files(paths: list[str]) -> list[Path]:
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            # Not only is_file(): a broken link or a loop among the images is reported when read, not dropped.
-            files += sorted(p for p in path.iterdir() if not p.is_dir() and p.suffix.lower() in extensions)
+            # A broken link or a loop among the images is reported when read, not dropped; a pipe, socket or device
+            # is not an image file (opening a pipe waits for a writer, for ever).
+            files += sorted(p for p in path.iterdir()
+                            if (p.is_file() or not p.exists()) and p.suffix.lower() in extensions)
         else:
             files.append(path)
     return files
