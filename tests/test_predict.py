@@ -152,6 +152,35 @@ def test_a_pipe_in_a_folder_is_not_listed_but_one_named_is_read(tmp_path):
     writer.join()
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs /proc to cap the address space")
+def test_a_strip_whose_resized_image_passes_pillows_limit_is_refused_without_the_memory(tmp_path):
+    import subprocess
+    import sys
+
+    # 4 KB on disk and 2,000,000 pixels, within Pillow's limit; resized to a short side of 32 it is 32x64,000,000,
+    # 8 GB of RGB, before the crop keeps 32 rows of it.
+    Image.new("L", (1, 2_000_000), 128).save(tmp_path / "strip.png")
+    Image.new("L", (1, 80_000), 128).save(tmp_path / "thin.png")  # 32x2,560,000 resized: within the limit
+    script = f"""
+import resource
+from pathlib import Path
+from vera_cli.images import UnreadableImage, read_image
+vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 1024 * 2**20, resource.RLIM_INFINITY))
+for name in ("strip.png", "thin.png"):
+    try:
+        print(tuple(read_image(Path({str(tmp_path)!r}) / name).pixels.shape))
+    except UnreadableImage as exc:
+        print(exc)
+"""
+    said = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert said.returncode == 0, said.stderr
+    assert said.stdout.splitlines() == [
+        "1x2,000,000 pixels, which the rule would resize to 32x64,000,000, more than Pillow's limit of "
+        f"{Image.MAX_IMAGE_PIXELS:,} pixels (Image.MAX_IMAGE_PIXELS): crop it nearer to square first",
+        "(3, 32, 32)"]
+
+
 def test_a_photo_is_turned_upright_as_its_exif_orientation_says(tmp_path):
     rng = np.random.default_rng(2)
     stored = Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))  # 48 wide, 32 high, as stored
