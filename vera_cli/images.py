@@ -106,11 +106,12 @@ def _eight_bit(image: Image.Image, source: Image.Image) -> Image.Image:
 def to_cifar(image: Image.Image, source: Image.Image | None = None) -> Image.Image:
     """`RULE` applied to a Pillow image: a 32x32 RGB image. `source` is the image as opened where `image` is a
     transposed copy, which keeps neither the file's format nor its tags."""
-    size = _size_after(*image.size)
-    if size[0] * size[1] > Image.MAX_IMAGE_PIXELS:
-        # A long thin strip passes the limit only once resized: the bomb comes from the rule itself.
+    size, limit = _size_after(*image.size), Image.MAX_IMAGE_PIXELS
+    # A long thin strip passes the limit only once resized: the bomb comes from the rule itself. None: a caller
+    # turned Pillow's limit off.
+    if limit is not None and size[0] * size[1] > limit:
         raise UnreadableImage(f"{image.width:,}x{image.height:,} pixels, which the rule would resize to "
-                              f"{size[0]:,}x{size[1]:,}, more than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
+                              f"{size[0]:,}x{size[1]:,}, more than Pillow's limit of {limit:,} pixels "
                               "(Image.MAX_IMAGE_PIXELS): crop it nearer to square first")
     rgb = _eight_bit(image, source or image).convert("RGB")
     if rgb.size == (IMAGE_SIZE, IMAGE_SIZE):
