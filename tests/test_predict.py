@@ -305,9 +305,13 @@ def test_unreadable_images_are_skipped_with_one_line_each_or_refused_with_strict
     ([], "name the images to classify"),
     (["--adapters-csv", "bad.csv"], "bad.csv must start with the header line image,adapter"),
     (["missing.png", "--strict"], "missing.png: no such file"),
+    (["--adapters-csv", "nope.csv"], "error: --adapters-csv nope.csv: No such file or directory"),
+    (["--adapters-csv", "base.csv"], f"error: --adapters-csv, adapter {BASE}: {BASE} is a pretrain run; this needs an "
+                                     "adapt run"),
 ])
 def test_predict_refuses_bad_input(linked, arguments, message):
     Path("bad.csv").write_text("picture,run\nx.png,\n")
+    Path("base.csv").write_text(f"image,adapter\nx.png,{BASE}\n")
     result = linked("predict", BASE, *arguments)
     assert result.code == 2 and message in result.err, result.err
 
@@ -353,6 +357,10 @@ def test_an_adapters_csv_with_a_byte_order_mark_reads_as_one_without(tmp_path):
     marked = tmp_path / "marked.csv"
     marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
     assert read_assignments(str(marked)) == read_assignments(str(plain)) == [("a, b.png", "runs/A"), ("c.png", None)]
+    # A spreadsheet's capitalised header too.
+    capitalised = tmp_path / "capitalised.csv"
+    capitalised.write_text(plain.read_text().replace("image,adapter", "Image,Adapter"))
+    assert read_assignments(str(capitalised)) == read_assignments(str(plain))
 
 
 def test_a_16_bit_grayscale_png_is_scaled_to_8_bits_not_clipped(tmp_path):

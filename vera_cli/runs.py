@@ -190,6 +190,10 @@ def _remove_abandoned(parent: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def open_run(path: str | Path, kinds: tuple[str, ...] | None = None) -> Run:
     """A finished run of one of `kinds`; anything else is a clear error."""
     path = Path(path)
@@ -198,9 +202,9 @@ def open_run(path: str | Path, kinds: tuple[str, ...] | None = None) -> Run:
     run = Run(path)
     status = run.status
     if kinds is not None and status.get("kind") not in kinds:
-        kind = status.get("kind")
-        article = "an" if str(kind)[:1] in "aeiou" else "a"
-        raise VeraError(f"{path} is {article} {kind} run; this needs a {' or '.join(kinds)} run")
+        kind = str(status.get("kind"))
+        needed = " or ".join(kinds)
+        raise VeraError(f"{path} is {_article(kind)} {kind} run; this needs {_article(needed)} {needed} run")
     if status.get("status") != "finished":
         raise VeraError(f"{path} is {status.get('status')}, not finished: resume or repeat it before using it")
     return run

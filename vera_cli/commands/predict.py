@@ -82,7 +82,10 @@ def read_assignments(path: str) -> list[tuple[str, Optional[str]]]:
             rows = list(csv.reader(handle))
     except UnicodeDecodeError as exc:
         raise VeraError(f"{path} is not a UTF-8 text file: --adapters-csv takes a CSV of image,adapter rows") from exc
-    if not rows or [cell.strip() for cell in rows[0]] != CSV_HEADER:
+    except OSError as exc:
+        raise VeraError(f"--adapters-csv {path}: {exc.strerror or exc}") from None
+    # A spreadsheet's header may be capitalised (Image,Adapter).
+    if not rows or [cell.strip().lower() for cell in rows[0]] != CSV_HEADER:
         raise VeraError(f"{path} must start with the header line image,adapter")
     assignments = []
     for number, row in enumerate(rows[1:], start=2):
@@ -104,7 +107,10 @@ def _rows(images: list[str], adapter_runs: list[Run], csv_rows: list[tuple[str, 
         opened: dict[str, Run] = {}
         for _, adapter in csv_rows:
             if adapter is not None and adapter not in opened:
-                opened[adapter] = open_run(adapter, ("adapt",))
+                try:
+                    opened[adapter] = open_run(adapter, ("adapt",))
+                except VeraError as error:
+                    raise VeraError(f"--adapters-csv, adapter {adapter}: {error}") from None
         return [(Path(image), opened[adapter] if adapter else None) for image, adapter in csv_rows]
     files = image_files(images)
     if not files:
