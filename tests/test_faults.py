@@ -305,6 +305,13 @@ def test_paths_that_are_files_are_one_line_errors(vera, pretrained):
     one_line_error(vera("pretrain", *QUICK, "--run-dir", "a-file"), "run directory a-file already exists")
     one_line_error(vera("pretrain", *QUICK, "--run-dir", "a-file/run"), "run directory a-file/run cannot be made: a-file is a file")
     one_line_error(vera("export", "runs/a", "--out", "a-file"), "a-file is a file: --out and --base-out name folders")
+    one_line_error(vera("export", "runs/a", "--out", "x", "--base-out", "a-file/base"),
+                   "a-file/base cannot be made: a-file is a file; choose another folder")
+    assert not Path("x").exists()
+    # Refused before the evaluation runs, not by the system's 'File exists' once it has.
+    one_line_error(vera("eval", "runs/a", "--plot", "a-file/plot.png"),
+                   "--plot a-file/plot.png cannot be made: a-file is a file; choose another path")
+    assert sorted(p.name for p in Path(".").iterdir()) == ["a-file", "runs"]
 
 
 def test_moved_runs_are_found_from_another_working_directory(vera, pretrained, tmp_path):

@@ -220,8 +220,13 @@ def eval_(
     if plot is not None and (not plot.endswith(".png") or os.path.exists(plot)):
         raise VeraError(f"--plot {plot}: name a new .png file (it must not exist yet)")
     if plot is not None:
+        from vera_cli.files import blocking_file
         from vera_cli.plot import require_matplotlib
 
+        blocking = blocking_file(Path(plot))
+        if blocking is not None:
+            # Found before the evaluation, not by the system's bare 'File exists' once it has run.
+            raise VeraError(f"--plot {plot} cannot be made: {blocking} is a file; choose another path")
         require_matplotlib()
     result = evaluate_runs(run, adapter, merge, data_dir, device)
     rule = ", each image with its mirror image" if result.tta == "flip" else ""

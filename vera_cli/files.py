@@ -36,6 +36,12 @@ def unused_name(parent: Path, prefix: str) -> Path:
             return candidate
 
 
+def blocking_file(path: Path) -> Path | None:
+    """The file that sits where a folder above `path` must be made, if any: creating `path` would fail there
+    with the system's bare 'File exists' or 'Not a directory'."""
+    return next((parent for parent in Path(path).parents if parent.exists() and not parent.is_dir()), None)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = unused_name(path.parent, f".{path.name}.{os.getpid()}-")  # the pid: no other live process picks it

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from vera_cli.errors import RunInterrupted, VeraError, describe_os_error, warn
-from vera_cli.files import read_json, unused_name, write_bytes_atomic, write_json
+from vera_cli.files import blocking_file, read_json, unused_name, write_bytes_atomic, write_json
 from vera_cli.runlock import HOLDER_FILE, LOCK_FILE, RunLock
 from vera_cli.signals import interrupted
 
@@ -113,7 +113,7 @@ def ensure_new(run_dir: str | None) -> None:
         return
     if Path(run_dir).exists():
         raise VeraError(f"run directory {run_dir} already exists: choose another --run-dir or remove it")
-    blocking = next((parent for parent in Path(run_dir).parents if parent.exists() and not parent.is_dir()), None)
+    blocking = blocking_file(Path(run_dir))
     if blocking is not None:
         raise VeraError(f"run directory {run_dir} cannot be made: {blocking} is a file; choose another --run-dir")
 

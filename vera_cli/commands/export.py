@@ -34,7 +34,7 @@ from vera_cli.data import MEAN, STD
 from vera_cli.errors import VeraError
 from vera_cli.models import ModelConfig
 from vera_cli.runs import open_run, publish, staged_dir
-from vera_cli.files import write_bytes_atomic, write_tensors
+from vera_cli.files import blocking_file, write_bytes_atomic, write_tensors
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -90,6 +90,9 @@ def _check_destinations(out: str, base_out: str | None = None) -> None:
             raise VeraError(f"{path} is a file: --out and --base-out name folders to create")
         if path.exists() and any(path.iterdir()):
             raise VeraError(f"{path} already exists and is not empty: choose another folder")
+        blocking = blocking_file(path)
+        if blocking is not None:
+            raise VeraError(f"{path} cannot be made: {blocking} is a file; choose another folder")
     if base_out:
         # Each folder is written whole under a temporary name and renamed into place: the outer one would no
         # longer be new once the inner one is in it.
