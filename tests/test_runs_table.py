@@ -225,6 +225,28 @@ def test_rm_of_a_link_removes_the_link_and_never_what_it_points_to(vera, tmp_pat
     assert {p: sorted(q.name for q in p.iterdir()) for p in (inside, outside)} == before
 
 
+def test_rm_of_one_run_named_twice_removes_it_once(vera, tmp_path):
+    done = fake_run(tmp_path / "runs", "done")
+    removed = vera("runs", "rm", str(done), f"{done}/", "runs/./done", "runs/done/../done", "--yes")
+    assert removed.code == 0, removed.err
+    assert "removed 1 run(s)" in removed.err and not done.exists()
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_rm_refuses_a_run_that_is_part_of_another_run(vera, tmp_path):
+    root = tmp_path / "runs"
+    comparison = fake_run(root, "cmp", kind="compare")
+    row = fake_run(comparison / "rows", "vera-r4-replay-s0")
+    experiment = fake_run(root, "exp", kind="experiment")
+    inner = fake_run(experiment, "pretrain", kind="pretrain")
+    for part, whole in ((row, comparison), (inner, experiment)):
+        refused = vera("runs", "rm", str(part), "--yes")
+        assert refused.code == 2 and refused.err.count("\n") == 1, refused.err
+        assert f"{part} is part of the run {whole}" in refused.err and f"vera runs rm {whole}" in refused.err
+        assert (part / "status.json").is_file()
+    assert vera("runs", "rm", str(comparison), "--yes").code == 0 and not comparison.exists()
+
+
 def test_clean_removes_only_failed_runs(vera, tmp_path):
     root = tmp_path / "runs"
     for name, state in (("f1", "failed"), ("f2", "failed"), ("i", "interrupted"), ("ok", "finished")):

@@ -263,13 +263,22 @@ def _owner_gone(entry: RunEntry) -> bool:
 
 
 def runs_to_remove(paths: list[str]) -> list[RunEntry]:
-    """The runs at `paths`, checked: each is a run directory and none is running. Nothing is removed."""
-    entries = []
+    """The runs at `paths`, checked: each is a run directory of its own (not a comparison's row or an experiment's
+    part) and none is running; a run named twice is taken once. Nothing is removed."""
+    entries, seen = [], set()
     for name in paths:
         path = Path(name)
         if not (path / STATUS_FILE).exists():
             raise VeraError(f"{path} is not a run directory (no {STATUS_FILE}); vera removes only runs it made")
-        entries.append(read_entry(path, path.parent))
+        where = Path(os.path.abspath(path))  # `..` taken away first: runs/a/../b is not inside runs/a
+        # Its comparison or experiment reads it again (vera report, --resume), and would be left damaged.
+        whole = next((parent for parent in where.parents if (parent / STATUS_FILE).is_file()), None)
+        if whole is not None:
+            shown = whole if path.is_absolute() else os.path.relpath(whole)
+            raise VeraError(f"{path} is part of the run {shown}: remove that run whole, vera runs rm {shown}")
+        if where not in seen:
+            seen.add(where)
+            entries.append(read_entry(path, path.parent))
     running = [str(e.path) for e in entries if e.status == "running"]
     if running:
         raise VeraError(f"refusing to remove running run(s): {', '.join(running)}; stop them first "
