@@ -247,6 +247,31 @@ def test_rm_refuses_a_run_that_is_part_of_another_run(vera, tmp_path):
     assert vera("runs", "rm", str(comparison), "--yes").code == 0 and not comparison.exists()
 
 
+def test_rm_refuses_a_base_that_other_runs_use_unless_they_go_with_it(vera, tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    base = fake_run(root, "base", kind="pretrain")
+    adapted = fake_run(root, "adapted")  # fake runs record runs/base, from tmp_path
+    comparison = fake_run(root, "cmp", kind="compare")
+    other = fake_run(root, "other-base", kind="pretrain")
+    refused = vera("runs", "rm", "runs/base", "--yes")
+    assert refused.code == 2 and refused.err.count("\n") == 1, refused.err
+    assert "runs/base is the base of runs/adapted, runs/cmp" in refused.err
+    assert "vera runs rm runs/base runs/adapted runs/cmp" in refused.err
+    assert vera("runs", "rm", str(base), str(adapted), "--yes").code == 2  # by any name; the comparison still uses it
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # runs/base is not found from here, but beside runs/ where vera ran
+    assert vera("runs", "rm", "../runs/base", "--yes").code == 2
+    monkeypatch.chdir(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["adapted", "base", "cmp", "other-base"]
+    assert vera("runs", "rm", str(other), "--yes").code == 0
+    (root / "alias").symlink_to(base.resolve())
+    assert vera("runs", "rm", "runs/alias", "--yes").code == 0 and base.is_dir()
+    removed = vera("runs", "rm", "runs/base", "runs/adapted", str(comparison), "--yes")
+    assert removed.code == 0 and "removed 3 run(s)" in removed.err, removed.err
+    assert list(root.iterdir()) == []
+
+
 def test_clean_removes_only_failed_runs(vera, tmp_path):
     root = tmp_path / "runs"
     for name, state in (("f1", "failed"), ("f2", "failed"), ("i", "interrupted"), ("ok", "finished")):

@@ -283,7 +283,24 @@ def runs_to_remove(paths: list[str]) -> list[RunEntry]:
     if running:
         raise VeraError(f"refusing to remove running run(s): {', '.join(running)}; stop them first "
                         f"(a run whose process has died is listed as {CRASHED} and can be removed)")
+    _refuse_used_bases(entries, seen)
     return entries
+
+
+def _refuse_used_bases(entries: list[RunEntry], removed: set[Path]) -> None:
+    """Refuse to remove a base that a run beside it, staying, was trained on: that run could no longer be
+    evaluated, resumed or reported. Runs record their base as named from the folder they ran in (runs/base):
+    it is looked for from here and from the folder that holds the runs folder, where vera usually runs."""
+    for entry in entries:
+        if entry.kind != "pretrain" or entry.path.is_symlink():  # a link goes alone, the base stays
+            continue
+        target, home = os.path.realpath(entry.path), Path(os.path.abspath(entry.path)).parent.parent
+        users = [str(other.path) for other in find_runs(entry.path.parent)
+                 if other.base is not None and target in {os.path.realpath(other.base), os.path.realpath(home / other.base)}
+                 and not {Path(os.path.abspath(other.path)), *Path(os.path.abspath(other.path)).parents} & removed]
+        if users:
+            raise VeraError(f"{entry.path} is the base of {', '.join(users)}: remove them with it, "
+                            f"vera runs rm {' '.join([str(entry.path), *users])}, or keep it")
 
 
 def runs_in_state(root: Path, statuses: tuple[str, ...]) -> list[RunEntry]:
