@@ -186,6 +186,20 @@ def test_distillation_adds_nothing_where_the_model_keeps_the_base_logits():
     assert loss(drifted, rows) > F.cross_entropy(drifted, labels) + 0.01
 
 
+def test_distillation_with_no_class_to_keep_is_plain_cross_entropy():
+    # Every class trained on (or the rest held out of the base): nothing to keep close to the base.
+    torch.manual_seed(0)
+    logits, labels = torch.randn(4, 10), torch.tensor([0, 9, 4, 4])
+    loss = distillation_loss(labels, torch.randn(4, 10), [], weight=1.0, temperature=2.0)
+    assert loss(logits, torch.arange(4)) == pytest.approx(F.cross_entropy(logits, labels).item(), abs=1e-6)
+
+
+def test_distill_on_every_class_trains(pretrained, vera):
+    result = vera("adapt", *QUICK, "--classes", *CLASSES, "--set", "forgetting=distill", "--run-dir", "runs/all")
+    assert result.code == 0, result.err
+    assert summary("runs/all")["forgetting"] == "distill"
+
+
 def test_distill_forgetting_runs_end_to_end(pretrained, vera):
     result = vera("adapt", *QUICK, "--set", "forgetting=distill", "--run-dir", "runs/distill")
     assert result.code == 0, result.err

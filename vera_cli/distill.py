@@ -24,7 +24,8 @@ def rows_as_labels(split: Split) -> Split:
 def distillation_loss(labels: torch.Tensor, base_logits: torch.Tensor, kept: list[int], weight: float,
                       temperature: float, label_smoothing: float = 0.0) -> Loss:
     """cross-entropy(labels) + weight * T^2 * KL(base || model) over the `kept` classes' logits, by row."""
-    kept_ids = torch.tensor(kept, device=base_logits.device)
+    # An empty list would make a float tensor, which index_select refuses.
+    kept_ids = torch.tensor(kept, dtype=torch.long, device=base_logits.device)
     base_log_probs = F.log_softmax(base_logits.index_select(1, kept_ids) / temperature, dim=1)
 
     def loss(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
