@@ -38,8 +38,8 @@ starts from the command's own config below, so every key it leaves out has the v
 `--print-config` shows. `vera config show NAME` prints a config resolved; `--print-config` on
 pretrain, adapt, compare and experiment prints the effective config and stops.
 
-`adapt` and `count-params` load `adapt-<method>` for `--method` (else the `adapter.method` a
-`--config` file names, else `vera`); every `adapt-<method>` extends `adapt`. In an experiment file,
+`adapt` and `count-params` load `adapt-<method>` for `--method` or `--set adapter.method` (else
+the `adapter.method` a `--config` file names, else `vera`); every `adapt-<method>` extends `adapt`. In an experiment file,
 an `adapt:` section that changes the method should say `extends: adapt-<method>` to take that
 method's learning rate. `experiment` holds a whole pretrain config under `pretrain.` and a
 whole adapt config under `adapt.`. Below, each command's default config lists every key with its

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,21 @@ def test_a_file_that_names_a_method_starts_from_that_methods_config(vera, tmp_pa
     mine = vera("adapt", "--config", "mine.yaml", "--print-config", data=False)
     assert mine.code == 0, mine.err
     assert yaml.safe_load(mine.out) == yaml.safe_load(vera("adapt", "--method", "lora", "--print-config", data=False).out)
+
+
+def test_a_method_set_with_set_starts_from_that_methods_config(vera, tmp_path: Path):
+    lora = yaml.safe_load(vera("adapt", "--method", "lora", "--print-config", data=False).out)
+    assert lora["train"]["lr"] == 0.001
+    for given in (["--set", "adapter.method=lora"], ["--method", "vera", "--set", "adapter.method=lora"]):
+        result = vera("adapt", *given, "--print-config", data=False)
+        assert result.code == 0, result.err
+        assert yaml.safe_load(result.out) == lora, given
+    (tmp_path / "mine.yaml").write_text("adapter: {method: vera}\n")
+    result = vera("count-params", "--config", "mine.yaml", "--set", "adapter.method=lora", "--json", data=False)
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["method"] == "lora"
+    assert vera("adapt", "--set", "adapter.method=lorra", "--print-config", data=False).err.strip() == (
+        "error: unknown method 'lorra': choose one of vera, lora, full, head")
 
 
 def test_a_chain_of_the_users_files_starts_from_the_commands_config(tmp_path: Path):

@@ -180,8 +180,8 @@ def adapt(
                             "adapter.method": method, "adapter.rank": rank, "adapter.sharing": sharing,
                             "adapter.targets": target or None, "base": base, "logging.tensorboard": tensorboard or None,
                             "shots": shots, "adapter.train_head": train_head, "train.head_lr": head_lr}, set_)
-    run, settings = _settings(cfg.AdaptConfig, "adapt", _adapt_config_name(method, config), config, overrides, resume,
-                              print_config)
+    run, settings = _settings(cfg.AdaptConfig, "adapt", _adapt_config_name(overrides.get("adapter.method"), config), config,
+                              overrides, resume, print_config)
     summary = run_adapt(settings, log=_log, progress=not no_progress and world.is_main, resume=run,
                        world=world)
     out.print(comparison_table({"base": summary.base, summary.method: summary.test},
@@ -192,8 +192,9 @@ def adapt(
 
 
 def _adapt_config_name(method: Optional[str], config_path: Optional[str] = None) -> str:
-    """The shipped adapt-<method> config a run starts from: --method's, else the method a --config file names
-    (its learning rate is that method's), else VeRA's."""
+    """The shipped adapt-<method> config a run starts from: the method the command line gives (--method, or
+    --set adapter.method, which wins), else the method a --config file names (its learning rate is that
+    method's), else VeRA's."""
     if method is None:
         named = cfg.read_config(config_path).get("adapter") if config_path else None
         method = named.get("method", "vera") if isinstance(named, dict) else "vera"
@@ -292,7 +293,8 @@ def count_params(
 
     overrides = _overrides({"adapter.method": method, "adapter.rank": rank, "adapter.sharing": sharing,
                             "adapter.targets": target or None}, set_)
-    _, settings = _settings(cfg.AdaptConfig, "adapt", _adapt_config_name(method, config), config, overrides)
+    _, settings = _settings(cfg.AdaptConfig, "adapt", _adapt_config_name(overrides.get("adapter.method"), config), config,
+                            overrides)
     base = build_model(model)
     result = count(base, settings.adapter)
     if lora_rank is not None:
