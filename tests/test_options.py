@@ -76,6 +76,13 @@ def test_an_empty_value_is_refused_naming_the_option(vera, path, param):
     (["compare", "--methods", "vera,lora", "--head-lrs", "0.1"], "--head-lrs (head_lrs) means nothing here: it applies "
                                                                 "with a +head method"),
     (["experiment", "--set", "adapt.adapter.method=head", "--set", "adapt.adapter.rank=4"], "adapt.adapter.rank means nothing"),
+    (["experiment", "--set", "adapt.base=runs/base"], "adapt.base means nothing here: it applies with vera adapt, and "
+                                                     "this run has an experiment, which adapts the run its base names "
+                                                     "(--base), else its own pretraining; drop it"),
+    (["experiment", "--set", "pretrain.run_dir=runs/p"], "pretrain.run_dir means nothing here: it applies with vera pretrain"),
+    (["experiment", "--set", "adapt.run_dir=runs/a"], "adapt.run_dir means nothing here: it applies with vera adapt, and "
+                                                     "this run has an experiment, which writes its steps inside its own "
+                                                     "run_dir (--run-dir)"),
     (["compare", "--methods", "vera", "--set", "ranks=[]"], "ranks is empty: vera and lora need at least one"),
     (["compare", "--set", "forgetting=[]"], "forgetting is empty"),
     (["adapt", "--set", "data.dir=' '"], "data.dir is empty (' ')"),

@@ -548,6 +548,14 @@ ADAPT_RULES: list[Rule] = TRAIN_RULES + [
     ("distill_temperature", lambda c: c.forgetting == "distill", "forgetting distill", _FORGETTING),
 ]
 
+# An experiment places its own steps: it adapts its base (or what it pretrains) and writes both inside its run.
+_EXPERIMENT = lambda c: "an experiment, which writes its steps inside its own run_dir (--run-dir)"  # noqa: E731
+EXPERIMENT_RULES: list[Rule] = [
+    ("adapt.base", lambda c: False, "vera adapt",
+     lambda c: "an experiment, which adapts the run its base names (--base), else its own pretraining"),
+    ("pretrain.run_dir", lambda c: False, "vera pretrain", _EXPERIMENT),
+    ("adapt.run_dir", lambda c: False, "vera adapt", _EXPERIMENT),
+]
 
 def _ranked(methods: list[str]) -> list[ComparedMethod]:
     return [own for own in map(compared_method, methods) if own.method.partition("+")[0] not in RANKLESS]
@@ -603,6 +611,7 @@ def settle(settings: T, options: set[str], stated: set[str]) -> T:
     if isinstance(settings, AdaptConfig):
         return _settle_adapt(settings, options, stated)
     if isinstance(settings, ExperimentConfig):
+        refuse_inapplicable(settings, EXPERIMENT_RULES, options)
         refuse_inapplicable(settings.pretrain, PRETRAIN_RULES, options, "pretrain.")
         return dataclasses.replace(settings, adapt=_settle_adapt(settings.adapt, options, stated, "adapt."))
     if isinstance(settings, CompareConfig):
