@@ -210,6 +210,19 @@ def test_yaml_syntax_error_reports_the_line(tmp_path: Path):
         config.read_config(path)
 
 
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path: Path):
+    # PyYAML keeps the last: the first train section's epochs would be dropped without a word.
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  epochs: 3\nseed: 1\ntrain:\n  lr: 0.2\n")
+    with pytest.raises(VeraError, match=r"twice.yaml has the key 'train' twice \(lines 1 and 4\): keep one"):
+        config.read_config(path)
+    with pytest.raises(VeraError, match=r"--set adapter has the key 'rank' twice \(lines 1 and 1\)"):
+        config.parse_set_options(["adapter={rank: 4, rank: 8}"])
+    # A merge key's values are overridden by the mapping's own, as YAML means.
+    path.write_text("extends: pretrain\ntrain:\n  epochs: 3\nlogging:\n  <<: {plots: false, evaluations: 2}\n  plots: true\n")
+    assert config.load(PretrainConfig, path, {}).logging.plots is True
+
+
 def test_missing_config_file(tmp_path: Path):
     with pytest.raises(VeraError, match="does not exist"):
         config.read_config(tmp_path / "nope.yaml")

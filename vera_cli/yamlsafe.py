@@ -1,4 +1,4 @@
-"""YAML from files anyone may hand us: safe_load with the expansion of aliases capped.
+"""YAML from files anyone may hand us: safe_load with the expansion of aliases capped and repeated keys refused.
 
 PyYAML shares one object per anchor, so a "billion laughs" document loads in little
 memory; it explodes only when something walks it (a copy, a repr, a dump). Counting
@@ -27,6 +27,18 @@ class _CountingLoader(yaml.SafeLoader):
             raise VeraError(f"expands to more than {MAX_NODES:,} values through its aliases (*name): "
                             "a config needs far fewer; write the values out or drop the aliases")
         return node
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # PyYAML keeps a repeated key's last value: a second `train:` section would drop the first without a word.
+        # Keys that a merge (<<) brings in are meant to be overridden, and are not in node.value until flattened.
+        lines: dict[tuple[str, str], int] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                line = key.start_mark.line + 1
+                if (key.tag, key.value) in lines:
+                    raise VeraError(f"has the key {key.value!r} twice (lines {lines[key.tag, key.value]} and {line}): keep one")
+                lines[key.tag, key.value] = line
+        return super().construct_mapping(node, deep)
 
 
 def _expanded_nodes(node: yaml.Node, memo: dict[int, int]) -> int:
@@ -61,8 +73,8 @@ def _flow_depth(text: str) -> int:
 
 
 def safe_load(text: str, where: str) -> Any:
-    """yaml.safe_load, refusing oversized, deeply nested or alias-bomb documents with a VeraError
-    naming `where`; a syntax error stays a yaml.YAMLError for the caller to place."""
+    """yaml.safe_load, refusing oversized, deeply nested or alias-bomb documents and repeated keys with a
+    VeraError naming `where`; a syntax error stays a yaml.YAMLError for the caller to place."""
     if len(text) > MAX_CHARS:
         raise VeraError(f"{where} is {len(text):,} characters long, more than a config can be ({MAX_CHARS:,})")
     if _flow_depth(text) > MAX_FLOW_DEPTH:
