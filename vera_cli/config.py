@@ -557,6 +557,7 @@ EXPERIMENT_RULES: list[Rule] = [
     ("adapt.run_dir", lambda c: False, "vera adapt", _EXPERIMENT),
 ]
 
+
 def _ranked(methods: list[str]) -> list[ComparedMethod]:
     return [own for own in map(compared_method, methods) if own.method.partition("+")[0] not in RANKLESS]
 
