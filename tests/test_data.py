@@ -45,6 +45,26 @@ def test_offline_download_failure_is_explained(tmp_path, monkeypatch):
         load_cifar10(tmp_path, download=True)
 
 
+@pytest.mark.parametrize("failure", [OSError("network unreachable"), KeyboardInterrupt()])
+def test_a_failed_download_leaves_nothing_it_made(tmp_path, monkeypatch, failure):
+    import torchvision.datasets
+
+    class CutOff:
+        # As torchvision does: the folder made, part of the archive written, then the connection lost.
+        def __init__(self, root, *args, **kwargs):
+            Path(root).mkdir(parents=True, exist_ok=True)
+            (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"part")
+            raise failure
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", CutOff)
+    for root in (tmp_path / "new" / "data", tmp_path / "existing"):
+        (tmp_path / "existing").mkdir(exist_ok=True)
+        (tmp_path / "existing" / "notes.txt").write_text("mine")
+        with pytest.raises(VeraError if isinstance(failure, Exception) else KeyboardInterrupt):
+            load_cifar10(root, download=True)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["existing", "existing/notes.txt"]
+
+
 def _rewrite(root: Path, name: str, payload) -> None:
     (root / FOLDER / name).write_bytes(pickle.dumps(payload))
 

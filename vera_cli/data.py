@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import functools
 import pickle
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -173,12 +174,25 @@ def load_cifar10(data_dir: str | Path, download: bool = True) -> Cifar10:
     return data
 
 
+# The python release's archive, as torchvision names it in the data folder while it downloads.
+ARCHIVE = "cifar-10-python.tar.gz"
+
+
 def _download(root: Path) -> None:
     from torchvision.datasets import CIFAR10
 
+    # What a failed or interrupted download leaves goes with it: the folders it made, a partial archive.
+    made = next((folder for folder in reversed([root, *root.parents]) if not folder.exists()), None)
+    archive = None if (root / ARCHIVE).exists() else root / ARCHIVE
     try:
         CIFAR10(str(root), train=True, download=True)
-    except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError... when offline
+    except BaseException as exc:  # offline: URLError, RuntimeError, OSError...; or Ctrl-C
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        elif archive is not None:
+            archive.unlink(missing_ok=True)
+        if not isinstance(exc, Exception):
+            raise
         raise VeraError(
             f"could not download CIFAR-10 into {root} ({type(exc).__name__}); if this machine is offline, "
             f"copy the python release so that {root / FOLDER}/data_batch_1 exists, or pass --data-dir"
