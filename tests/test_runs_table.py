@@ -61,6 +61,11 @@ def test_filters_and_sorting(vera, tmp_path):
         "low": "none", "high": "none", "broken": None, "pre": "none"}
     wrong = vera("runs", "--sort", "accuracy")
     assert wrong.code == 2 and "cannot sort by 'accuracy': choose one of name, kind" in wrong.err
+    # A run named as the folder of runs: the empty table says why.
+    inside = vera("runs", "--runs-dir", str(tmp_path / "runs" / "pre"))
+    assert inside.code == 0 and inside.out.startswith("0 run(s) under")
+    assert f"note: {tmp_path / 'runs' / 'pre'} is a run itself; --runs-dir takes the folder that holds runs, e.g. " \
+           f"--runs-dir {tmp_path / 'runs'}" in " ".join(inside.err.split())
     wrong = vera("runs", "--status", "done")
     assert wrong.code == 2 and ("--status 'done': choose one of running, finished, interrupted, failed, crashed, "
                                 "unreadable") in wrong.err

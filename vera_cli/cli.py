@@ -469,9 +469,12 @@ def runs_list(
     if ctx.invoked_subcommand is not None:
         return
     from vera_cli import run_list as rt
+    from vera_cli.runs import STATUS_FILE
 
     root = Path(runs_dir)
     entries = rt.sort_entries(rt.select(rt.find_runs(root), kind, status, classes), sort, reverse)
+    if not entries and (root / STATUS_FILE).is_file():
+        _log(f"note: {root} is a run itself; --runs-dir takes the folder that holds runs, e.g. --runs-dir {root.parent}")
     if as_json:
         print(json.dumps([entry.to_dict() for entry in entries], indent=2))
         return
