@@ -238,6 +238,15 @@ def test_rm_of_one_run_named_twice_removes_it_once(vera, tmp_path):
     assert list((tmp_path / "runs").iterdir()) == []
 
 
+def test_rm_refuses_the_run_it_is_run_from(vera, tmp_path, monkeypatch):
+    fake_run(tmp_path / "runs", "here")
+    monkeypatch.chdir(tmp_path / "runs" / "here")
+    for name in (".", str(tmp_path / "runs" / "here")):
+        result = vera("runs", "rm", name, "--yes")
+        assert result.code == 2 and "holds the current folder: change to a folder outside it" in result.err, result.err
+    assert (tmp_path / "runs" / "here" / "status.json").is_file()
+
+
 def test_rm_refuses_a_run_that_is_part_of_another_run(vera, tmp_path):
     root = tmp_path / "runs"
     comparison = fake_run(root, "cmp", kind="compare")

@@ -276,6 +276,10 @@ def runs_to_remove(paths: list[str]) -> list[RunEntry]:
         if whole is not None:
             shown = whole if path.is_absolute() else os.path.relpath(whole)
             raise VeraError(f"{path} is part of the run {shown}: remove that run whole, vera runs rm {shown}")
+        here = Path(os.path.abspath(os.getcwd()))
+        if where == here or where in here.parents:
+            # The system refuses to remove a folder a process works in with a bare 'Device or resource busy'.
+            raise VeraError(f"{path} holds the current folder: change to a folder outside it, then remove it")
         if where not in seen:
             seen.add(where)
             entries.append(read_entry(path, path.parent))
