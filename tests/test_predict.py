@@ -381,7 +381,12 @@ def test_count_params_states_the_storage_of_many_adapters(vera):
     assert storage["lora"]["total_bytes"] == 100 * storage["lora"]["file_bytes"]
     assert storage["vera"]["file_bytes"] == result.json()["adapter_bytes"] == 2_864
     assert storage["lora"]["file_bytes"] > 4 * 36_928
-    assert vera("count-params", "--method", "head", "--adapters", "3").code == 2
+    head = vera("count-params", "--method", "head", "--adapters", "3")
+    assert head.code == 2 and "compares the storage of VeRA and LoRA adapters: use it with --method vera or lora" in head.err
+    for option, value, message in (("--adapters", "-1", "--adapters is how many adapters to store: a positive integer, got -1"),
+                                   ("--versus-lora", "0", "--versus-lora is LoRA's rank: a positive integer, got 0")):
+        wrong = vera("count-params", option, value)
+        assert wrong.code == 2 and message in wrong.err, wrong.err
 
 
 @pytest.mark.parametrize("values", [np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32),

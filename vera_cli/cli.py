@@ -300,11 +300,15 @@ def count_params(
     if lora_rank is not None:
         if settings.adapter.method != "vera":
             raise VeraError("--versus-lora sets VeRA beside LoRA: use it with --method vera")
+        if lora_rank < 1:
+            raise VeraError(f"--versus-lora is LoRA's rank: a positive integer, got {lora_rank}")
         result = versus_lora(result, base, settings.adapter, lora_rank)
     if adapters is not None:
-        if settings.adapter.method not in ("vera", "lora") or adapters < 1:
-            raise VeraError("--adapters N (N >= 1) compares the storage of VeRA and LoRA adapters: use it with "
-                            "--method vera or lora")
+        if adapters < 1:
+            raise VeraError(f"--adapters is how many adapters to store: a positive integer, got {adapters}")
+        if settings.adapter.method not in ("vera", "lora"):
+            raise VeraError("--adapters N compares the storage of VeRA and LoRA adapters: use it with --method vera or "
+                            "lora")
         result = with_storage(result, base, settings.adapter, adapters, lora_rank)
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
