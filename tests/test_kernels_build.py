@@ -3,12 +3,14 @@ they cannot run. A damaged or poisoned cache may cost a rebuild, never the run: 
 ConvNet in a child of the fork server, so a library that crashes its process fails the test instead of
 killing pytest."""
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import platform
 import shutil
+import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -291,6 +293,56 @@ def test_a_damaged_or_replaced_library_is_never_loaded_and_is_built_again(server
     damage(library_file, bad_libraries)
     bad_inode = library_file.stat().st_ino
     _assert_used_the_rebuilt_library(_trial(server, cache, cache), _kernels_folder(cache), bad_inode)
+
+
+def _fifo_for_library(library_file: Path, elsewhere: Path) -> None:
+    library_file.unlink()
+    os.mkfifo(library_file)
+
+
+def _fifo_for_record(library_file: Path, elsewhere: Path) -> None:
+    library_file.with_suffix(".json").unlink()
+    os.mkfifo(library_file.with_suffix(".json"))
+
+
+def _record_linked_to_a_fifo(library_file: Path, elsewhere: Path) -> None:
+    # As a link to /dev/zero would be read until memory ran out: this one would be waited on for ever.
+    os.mkfifo(elsewhere / "fifo")
+    library_file.with_suffix(".json").unlink()
+    library_file.with_suffix(".json").symlink_to(elsewhere / "fifo")
+
+
+@contextlib.contextmanager
+def _no_longer_than(seconds: int):
+    def waited(signum, frame):
+        pytest.fail(f"still waiting after {seconds} s")  # not an OSError, which the build would catch
+    before = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(_fifo_for_library, id="the library a FIFO"),
+    pytest.param(_fifo_for_record, id="the record a FIFO", marks=SLOW),
+    pytest.param(_record_linked_to_a_fifo, id="the record a link to a FIFO elsewhere", marks=SLOW),
+])
+def test_a_cache_entry_that_is_no_regular_file_is_never_read_and_is_built_again(cache, monkeypatch, tmp_path, damage):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    kernels.cache_clear()
+    folder = _kernels_folder(cache)
+    damage(_only_library(folder), tmp_path)
+    try:
+        with _no_longer_than(30):
+            assert library() is not None and "built for this process alone" not in kernels().how
+    finally:
+        kernels.cache_clear()
+    rebuilt = _only_library(folder)
+    assert stat.S_ISREG(rebuilt.lstat().st_mode) and stat.S_ISREG(rebuilt.with_suffix(".json").lstat().st_mode)
+    assert _recorded_digest(rebuilt) == hashlib.sha256(rebuilt.read_bytes()).hexdigest()
 
 
 def _plant(library_file: Path, replacement: Path) -> None:

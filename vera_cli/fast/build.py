@@ -8,7 +8,8 @@ in $CC) reads. The next process loads the cached library, but only once it has p
 - a fresh build is loaded first in a child process: a library that kills its loader (a sanitizer runtime
   that must come first, say) kills only that child, and torch's operators run instead;
 - its sha256 is recorded beside it (`kernels-KEY.json`), and a cached library is loaded only when its bytes
-  match: loading a truncated or foreign file can crash the process (SIGBUS), so it is never tried;
+  match: loading a truncated or foreign file can crash the process (SIGBUS), so it is never tried; it and its
+  record are read only as regular files, never through a link;
 - the cache folder is made private (0700; a looser mode is tightened), and a library is loaded only from a
   folder and file that this user owns and nobody else can write;
 - once loaded, every function the wrappers call must be there.
@@ -58,6 +59,8 @@ SYMBOLS = ("vc_cpu_supported", "vc_vector_width", *KERNELS)
 # wrapper script in $CC may add: part of the cache key.
 COMPILER_ENV = ("CFLAGS", "CPPFLAGS", "LDFLAGS", "CPATH", "C_INCLUDE_PATH", "LIBRARY_PATH", "COMPILER_PATH",
                 "GCC_EXEC_PREFIX", "LD_RUN_PATH")
+# A library's record (its digest and the compiler's name) is read up to this much: a larger file is not one.
+RECORD_BYTES = 1 << 20
 # Run in a child process on every fresh build before any process loads it.
 TRIAL = "import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); [getattr(lib, name) for name in sys.argv[2:]]"
 
@@ -170,6 +173,16 @@ def _trustworthy(info: os.stat_result) -> bool:
     return info.st_uid == os.getuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
+def _regular_file(path: Path) -> int:
+    """`path` opened for reading when it is a regular file, else OSError. Never through a link, and never waiting:
+    opening a FIFO waits for a writer, and a link to /dev/zero reads without end."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise OSError(f"{path} is not a regular file")
+    return descriptor
+
+
 def _verified(folder: Path, name: str) -> ctypes.CDLL | None:
     """The library `name` in `folder` when it passes every check, else None; one that fails is never loaded.
 
@@ -178,12 +191,12 @@ def _verified(folder: Path, name: str) -> ctypes.CDLL | None:
     """
     alias = folder / f".{name}-{secrets.token_hex(8)}.so"
     try:
-        recorded = json.loads((folder / f"{name}.json").read_bytes())["sha256"]
+        with open(_regular_file(folder / f"{name}.json"), "rb") as record:
+            recorded = json.loads(record.read(RECORD_BYTES))["sha256"]
         os.link(folder / f"{name}.so", alias, follow_symlinks=False)
-        descriptor = os.open(alias, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        descriptor = _regular_file(alias)
         try:
-            info = os.fstat(descriptor)
-            sound = (stat.S_ISREG(info.st_mode) and _trustworthy(info) and _trustworthy(os.stat(folder))
+            sound = (_trustworthy(os.fstat(descriptor)) and _trustworthy(os.stat(folder))
                      and _sha256(descriptor) == recorded)
         finally:
             os.close(descriptor)
